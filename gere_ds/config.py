@@ -1,0 +1,364 @@
+"""Run configuration: typed, documented dataclasses loaded from YAML with dotted CLI overrides.
+
+Every knob of a run lives here with a one-line doc (``metadata["doc"]``). Loading validates types
+and names; a mistake stops the run with one line naming the file, line and field, e.g.::
+
+    configs/x.yaml:14: replay.stratgy: unknown key (did you mean 'strategy'?)
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+import yaml
+
+from gere_ds.errors import InputError
+
+STRATEGIES = ("none", "replay", "tm", "kl", "l1", "l2")
+EVAL_MODES = ("rank", "generate")
+
+
+def doc(text: str, default: Any = dataclasses.MISSING, default_factory: Any = dataclasses.MISSING):
+    """A dataclass field carrying its one-line documentation."""
+    kw: dict[str, Any] = {"metadata": {"doc": text}}
+    if default is not dataclasses.MISSING:
+        kw["default"] = default
+    if default_factory is not dataclasses.MISSING:
+        kw["default_factory"] = default_factory
+    return field(**kw)
+
+
+@dataclass
+class TaskConfig:
+    name: str = doc("short task name, used in logs, metrics and file names")
+    train: str = doc("training split: .jsonl/.json/.csv/.parquet, read with `datasets`")
+    test: str = doc("test split, same format as train", default="")
+    instruction: str = doc("the task instruction placed before the options", default="")
+    labels: list[str] = doc("the fixed label set; every example's label must be one of them",
+                            default_factory=list)
+    text_field: str = doc("column holding the input text (O-LoRA CL_Benchmark: sentence)",
+                          default="sentence")
+    label_field: str = doc("column holding the label (O-LoRA CL_Benchmark: label)", default="label")
+
+
+@dataclass
+class ReplayConfig:
+    data: str = doc("general replay set: one JSON object per line with a 'text' field", default="")
+    num_samples: int = doc("use the first N documents of the replay file", default=1000)
+    max_len: int = doc("replay texts are cut to this many tokens (no BOS); reference 563",
+                       default=563)
+    strategy: str = doc("none | replay | tm | kl | l1 | l2 (see docs/method)", default="tm")
+    weight: Union[float, str] = doc("weight w of the strategy term: a number or 'dy'", default=100.0)
+    threshold_k: float = doc("thresholds are mu +- k*sigma per hidden dimension", default=1.0)
+    per_batch: int = doc("0: replay shuffled into each task's data; k>0: exactly k per global batch",
+                         default=0)
+    teacher_batch_size: int = doc("replay samples per forward in the teacher pass, per rank",
+                                  default=4)
+    teacher_cache: str = doc("directory for the teacher cache; empty = <output_dir>/teacher "
+                             "(per-rank files, no shared filesystem needed)", default="")
+    kl_temperature: float = doc("temperature T of the kl strategy", default=2.0)
+    kl_topk: int = doc("teacher log-probs kept per replay token for the kl strategy", default=64)
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = doc("epochs per task", default=3)
+    lr: float = doc("peak learning rate (AdamW)", default=3.0e-6)
+    min_lr_ratio: float = doc("cosine decays to lr * min_lr_ratio at the end of each task",
+                              default=0.0)
+    warmup_steps: int = doc("linear warm-up optimizer steps at the start of each task", default=10)
+    weight_decay: float = doc("AdamW weight decay", default=0.0)
+    adam_betas: list[float] = doc("AdamW betas", default_factory=lambda: [0.9, 0.999])
+    grad_clip: float = doc("gradient-norm clipping (0 = off)", default=1.0)
+    micro_batch_size: int = doc("rows per rank per forward", default=1)
+    grad_accum: int = doc("micro-steps per optimizer step", default=66)
+    max_source_len: int = doc("prompt tokens kept (truncated from the left of the text)",
+                              default=512)
+    max_target_len: int = doc("answer tokens kept (label + eos)", default=50)
+    seed: int = doc("seed of data order, replay assignment and initialisation", default=42)
+    bf16: bool = doc("bf16 mixed precision (fp32 master weights)", default=True)
+    gradient_checkpointing: bool = doc("recompute activations in backward to save memory",
+                                       default=True)
+    reset_optimizer_per_task: bool = doc("fresh AdamW moments at each task (reference: one "
+                                         "Trainer per task)", default=True)
+    max_steps_per_task: int = doc("stop each task after this many optimizer steps (0 = no cap)",
+                                  default=0)
+    log_every: int = doc("optimizer steps between logged scalars", default=1)
+    max_bad_steps: int = doc("abort after this many non-finite losses in a row", default=5)
+
+
+@dataclass
+class GeneralEvalConfig:
+    name: str = doc("name of the general-ability score, e.g. mmlu")
+    kind: str = doc("mmlu (multiple choice JSONL) | perplexity (text file)")
+    path: str = doc("data file")
+    shots: int = doc("k-shot examples for mmlu", default=0)
+    max_examples: int = doc("cap on examples (0 = all)", default=0)
+
+
+@dataclass
+class EvalConfig:
+    enabled: bool = doc("evaluate the base model and the model after each task", default=True)
+    mode: str = doc("rank (label log-likelihood) | generate (greedy decoding)", default="rank")
+    max_examples: int = doc("cap each test set to a seeded sample of this size (0 = all)",
+                            default=0)
+    batch_size: int = doc("rows per rank per evaluation forward", default=8)
+    max_new_tokens: int = doc("generate mode: tokens to decode", default=8)
+    general: list[GeneralEvalConfig] = doc("general-ability evaluations", default_factory=list)
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = doc("checkpoint every N optimizer steps within a task (0 = task ends only)",
+                           default=0)
+    keep_last: int = doc("mid-task checkpoints kept (task-end checkpoints are kept)", default=2)
+    export_hf: bool = doc("export a Hugging Face folder after every task", default=False)
+
+
+@dataclass
+class RunConfig:
+    model: str = doc("Hugging Face AutoModelForCausalLM folder (the base model = the teacher)")
+    output_dir: str = doc("run directory: config, teacher cache, checkpoints, logs, metrics")
+    tasks: list[TaskConfig] = doc("tasks, trained in this order")
+    deepspeed: str = doc("DeepSpeed JSON config; batch keys are filled from `train`",
+                         default="ds_configs/zero3.json")
+    tokenizer: str = doc("tokenizer folder (empty = the model folder)", default="")
+    trust_remote_code: bool = doc("allow model code from the model folder", default=False)
+    resume: str = doc("auto | never | path to a checkpoint", default="auto")
+    replay: ReplayConfig = doc("general sample replay", default_factory=ReplayConfig)
+    train: TrainConfig = doc("optimisation", default_factory=TrainConfig)
+    eval: EvalConfig = doc("evaluation", default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = doc("checkpointing", default_factory=CheckpointConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def strategy_needs_teacher(self) -> bool:
+        return self.replay.strategy in ("tm", "kl", "l1", "l2")
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+class _Marks:
+    """Line numbers of YAML keys, by dotted path (e.g. 'replay.strategy', 'tasks.0.name')."""
+
+    def __init__(self, file: str) -> None:
+        self.file = file
+        self.lines: dict[str, int] = {}
+
+    def line(self, path: str) -> int | None:
+        while path:
+            if path in self.lines:
+                return self.lines[path]
+            path = path.rpartition(".")[0]
+        return None
+
+    def error(self, path: str, message: str) -> InputError:
+        return InputError(message, file=self.file, line=self.line(path), field=path or None)
+
+
+def _record_marks(node: yaml.Node, path: str, marks: _Marks) -> None:
+    if isinstance(node, yaml.MappingNode):
+        for key_node, value_node in node.value:
+            sub = f"{path}.{key_node.value}" if path else str(key_node.value)
+            marks.lines[sub] = key_node.start_mark.line + 1
+            _record_marks(value_node, sub, marks)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            sub = f"{path}.{i}" if path else str(i)
+            marks.lines[sub] = item.start_mark.line + 1
+            _record_marks(item, sub, marks)
+
+
+def _strip_optional(tp: Any) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0]
+    return tp
+
+
+def _coerce(value: Any, tp: Any, path: str, marks: _Marks) -> Any:
+    tp = _strip_optional(tp)
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise marks.error(path, f"expected a mapping, got {type(value).__name__}")
+        return _build(tp, value, path, marks)
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise marks.error(path, f"expected a list, got {type(value).__name__}")
+        return [_coerce(v, item_tp, f"{path}.{i}", marks) for i, v in enumerate(value)]
+    if origin in (Union, types.UnionType):  # float | str (replay.weight)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            return value
+        raise marks.error(path, f"expected a number or a string, got {value!r}")
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise marks.error(path, f"expected true/false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise marks.error(path, f"expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise marks.error(path, f"expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if value is None:
+            return ""
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise marks.error(path, f"expected a string, got {value!r}")
+        return str(value)
+    return value
+
+
+def _build(cls: type, raw: dict[str, Any], path: str, marks: _Marks) -> Any:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in fields:
+            sub = f"{path}.{key}" if path else str(key)
+            close = difflib.get_close_matches(str(key), list(fields), n=1, cutoff=0.5)
+            hint = f" (did you mean '{close[0]}'?)" if close else \
+                f" (valid keys: {', '.join(fields)})"
+            raise marks.error(sub, f"unknown key{hint}")
+    kwargs: dict[str, Any] = {}
+    for name, f in fields.items():
+        sub = f"{path}.{name}" if path else name
+        if name in raw:
+            kwargs[name] = _coerce(raw[name], hints[name], sub, marks)
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise marks.error(path, f"missing required key '{sub}'")
+    return cls(**kwargs)
+
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise InputError(f"override {item!r} is not key=value", file="<command line>")
+    key, _, text = item.partition("=")
+    try:
+        value = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError:
+        value = text
+    return key.strip().split("."), value
+
+
+def _apply_override(raw: dict[str, Any], keys: list[str], value: Any, marks: _Marks) -> None:
+    node: Any = raw
+    for i, key in enumerate(keys[:-1]):
+        if isinstance(node, list):
+            if not key.isdigit() or int(key) >= len(node):
+                raise InputError(f"no list item {key}", file="<command line>",
+                                 field=".".join(keys))
+            node = node[int(key)]
+        else:
+            node = node.setdefault(key, {})
+    last = keys[-1]
+    if isinstance(node, list):
+        if not last.isdigit() or int(last) >= len(node):
+            raise InputError(f"no list item {last}", file="<command line>", field=".".join(keys))
+        node[int(last)] = value
+    else:
+        node[last] = value
+    marks.lines[".".join(keys)] = 0  # overrides carry no YAML line
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    """Read a YAML run config, apply ``key=value`` overrides, validate and return it."""
+    path = str(path)
+    if not Path(path).is_file():
+        raise InputError("config file not found", file=path)
+    text = Path(path).read_text()
+    marks = _Marks(path)
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        raise InputError(f"invalid YAML: {getattr(err, 'problem', err)}", file=path,
+                         line=mark.line + 1 if mark else None) from None
+    if node is not None:
+        _record_marks(node, "", marks)
+    raw = raw or {}
+    if not isinstance(raw, dict):
+        raise InputError("the config must be a mapping of keys", file=path)
+    for item in overrides or []:
+        keys, value = _parse_override(item)
+        try:
+            _apply_override(raw, keys, value, marks)
+        except (AttributeError, TypeError):
+            raise InputError("cannot set this key", file="<command line>",
+                             field=".".join(keys)) from None
+    try:
+        cfg = _build(RunConfig, raw, "", marks)
+    except InputError as err:
+        if err.line == 0:  # came from an override
+            raise InputError(err.detail, file="<command line>", field=err.field) from None
+        raise
+    validate(cfg, marks)
+    return cfg
+
+
+def validate(cfg: RunConfig, marks: _Marks | None = None) -> None:
+    """Value checks that types alone cannot express."""
+    marks = marks or _Marks("<config>")
+    r, t = cfg.replay, cfg.train
+    if not cfg.tasks:
+        raise marks.error("tasks", "at least one task is required")
+    names = [task.name for task in cfg.tasks]
+    for i, task in enumerate(cfg.tasks):
+        if not task.name:
+            raise marks.error(f"tasks.{i}.name", "empty task name")
+        if names.count(task.name) > 1:
+            raise marks.error(f"tasks.{i}.name", f"duplicate task name {task.name!r}")
+        if not task.labels:
+            raise marks.error(f"tasks.{i}.labels", "a task needs its label set")
+        if len(set(task.labels)) != len(task.labels):
+            raise marks.error(f"tasks.{i}.labels", "labels must be distinct")
+    if r.strategy not in STRATEGIES:
+        close = difflib.get_close_matches(r.strategy, STRATEGIES, n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise marks.error("replay.strategy",
+                          f"unknown strategy {r.strategy!r}{hint}; one of {', '.join(STRATEGIES)}")
+    if isinstance(r.weight, str) and r.weight != "dy":
+        raise marks.error("replay.weight", f"must be a number or 'dy', got {r.weight!r}")
+    if r.strategy != "none" and not r.data:
+        raise marks.error("replay.data", f"strategy {r.strategy!r} needs a replay data file")
+    for key in ("num_samples", "max_len", "teacher_batch_size", "kl_topk"):
+        if getattr(r, key) < 1:
+            raise marks.error(f"replay.{key}", "must be >= 1")
+    if r.per_batch < 0:
+        raise marks.error("replay.per_batch", "must be >= 0")
+    if r.kl_temperature <= 0:
+        raise marks.error("replay.kl_temperature", "must be > 0")
+    for key in ("epochs", "micro_batch_size", "grad_accum", "max_source_len", "max_target_len",
+                "log_every"):
+        if getattr(t, key) < 1:
+            raise marks.error(f"train.{key}", "must be >= 1")
+    if t.lr <= 0:
+        raise marks.error("train.lr", "must be > 0")
+    if cfg.eval.mode not in EVAL_MODES:
+        raise marks.error("eval.mode", f"must be one of {', '.join(EVAL_MODES)}")
+    if cfg.resume not in ("auto", "never") and not cfg.resume:
+        raise marks.error("resume", "auto | never | a checkpoint path")
+
+
+def save_resolved(cfg: RunConfig, path: str | Path) -> None:
+    """Write the resolved config as YAML, atomically."""
+    path = Path(path)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    tmp.replace(path)
+
