@@ -1,0 +1,146 @@
+"""Compare runs side by side: AP, BWT, FWT, forgetting, general scores and F1.
+
+Usage::
+
+    python eval/compare.py RUN_DIR [RUN_DIR ...] [--out DIR] [--names a,b]
+
+Each RUN_DIR is a run's output directory holding ``metrics.json`` (written by
+``gere_ds.evaluation.report.write_report``), or the path of a metrics.json itself. The markdown
+table is printed and saved to ``<out>/compare.md``; ``<out>/compare.png`` is a grouped bar chart.
+``--out`` defaults to the current directory; ``--names`` (comma-separated, one per run) defaults
+to the run directory names. A missing or unreadable run stops with one line on stderr (exit 2).
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import sys
+from typing import Any, Optional, Sequence
+
+SUMMARY = ("AP", "BWT", "FWT", "forgetting")
+
+
+class CompareError(Exception):
+    """One-line user error."""
+
+
+def _fmt(v: Optional[float]) -> str:
+    return "-" if v is None else f"{float(v):.2f}"
+
+
+def _atomic_write(path: str, data: bytes) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+    os.replace(tmp, path)
+
+
+def load_run(path: str) -> dict[str, Any]:
+    """The metrics.json of a run directory (or the file itself)."""
+    file = path if path.endswith(".json") else os.path.join(path, "metrics.json")
+    if not os.path.exists(path):
+        raise CompareError(f"{path}: no such run directory")
+    if not os.path.isfile(file):
+        raise CompareError(f"{file}: not found (has the run been evaluated?)")
+    try:
+        with open(file, encoding="utf-8") as fh:
+            data = json.load(fh)
+    except (OSError, json.JSONDecodeError) as err:
+        raise CompareError(f"{file}: unreadable metrics ({err})") from None
+    if not isinstance(data, dict) or "AP" not in data:
+        raise CompareError(f"{file}: not a gere-ds metrics.json (no 'AP' key)")
+    return data
+
+
+def _run_name(path: str) -> str:
+    p = os.path.abspath(path)
+    if p.endswith(".json"):
+        p = os.path.dirname(p)
+    return os.path.basename(p.rstrip(os.sep)) or p
+
+
+def build_table(names: Sequence[str], runs: Sequence[dict[str, Any]]) -> tuple[str, list, list]:
+    """(markdown, metric names, values[metric][run]) for the runs."""
+    general: list[str] = []
+    for r in runs:
+        for g in (r.get("general_final") or {}):
+            if g not in general:
+                general.append(g)
+    metrics = list(SUMMARY) + general + ["F1"]
+    values: list[list[Optional[float]]] = []
+    for m in metrics:
+        if m in SUMMARY or m == "F1":
+            values.append([r.get(m) for r in runs])
+        else:
+            values.append([(r.get("general_final") or {}).get(m) for r in runs])
+    header = ["metric"] + list(names)
+    lines = ["| " + " | ".join(header) + " |",
+             "|" + "|".join(["---"] + ["---:"] * len(names)) + "|"]
+    tasks_row = ["tasks trained"] + [f"{r.get('completed_tasks', '?')}/{r.get('num_tasks', '?')}"
+                                     for r in runs]
+    lines.append("| " + " | ".join(tasks_row) + " |")
+    for m, vals in zip(metrics, values):
+        label = m
+        if m == "F1":
+            used = {r.get("F1_general") for r in runs if r.get("F1_general")}
+            if len(used) == 1:
+                label = f"F1 ({used.pop()}, AP)"
+        lines.append("| " + " | ".join([label] + [_fmt(v) for v in vals]) + " |")
+    return "\n".join(lines) + "\n", metrics, values
+
+
+def bar_chart(names: Sequence[str], metrics: Sequence[str],
+              values: Sequence[Sequence[Optional[float]]]) -> bytes:
+    """PNG bytes of a grouped bar chart (one group per metric, one bar per run)."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(max(6.0, 1.2 * len(metrics) * max(1, len(names)) * 0.5 + 2), 4.5),
+                 dpi=100)
+    ax = fig.add_subplot(1, 1, 1)
+    width = 0.8 / max(1, len(names))
+    for j, name in enumerate(names):
+        xs, ys = [], []
+        for i, vals in enumerate(values):
+            if vals[j] is not None:
+                xs.append(i - 0.4 + width * (j + 0.5))
+                ys.append(float(vals[j]))
+        bars = ax.bar(xs, ys, width=width, label=name)
+        ax.bar_label(bars, fmt="%.1f", fontsize=7)
+    ax.axhline(0, color="black", linewidth=0.8)
+    ax.set_xticks(range(len(metrics)), labels=list(metrics))
+    ax.set_ylabel("percent")
+    ax.set_title("Run comparison")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    ap = argparse.ArgumentParser(description="Compare gere-ds runs side by side.")
+    ap.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run output directories")
+    ap.add_argument("--out", default=".", help="folder for compare.md and compare.png")
+    ap.add_argument("--names", default="", help="comma-separated display names, one per run")
+    args = ap.parse_args(argv)
+    try:
+        names = [n.strip() for n in args.names.split(",")] if args.names else \
+            [_run_name(p) for p in args.runs]
+        if len(names) != len(args.runs):
+            raise CompareError(f"--names has {len(names)} names for {len(args.runs)} runs")
+        runs = [load_run(p) for p in args.runs]
+        table, metrics, values = build_table(names, runs)
+        os.makedirs(args.out, exist_ok=True)
+        _atomic_write(os.path.join(args.out, "compare.md"), table.encode("utf-8"))
+        _atomic_write(os.path.join(args.out, "compare.png"), bar_chart(names, metrics, values))
+    except CompareError as err:
+        print(f"compare: {err}", file=sys.stderr)
+        return 2
+    print(table, end="")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

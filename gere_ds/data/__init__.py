@@ -1,0 +1,1 @@
+"""Task sets, prompts, the general replay set, collation and samplers."""

@@ -1,0 +1,94 @@
+"""Rank/world helpers and collective wrappers that also work in a single plain process."""
+from __future__ import annotations
+
+import datetime
+import os
+from typing import Any
+
+import torch
+import torch.distributed as tdist
+
+
+def is_initialized() -> bool:
+    return tdist.is_available() and tdist.is_initialized()
+
+
+def rank() -> int:
+    return tdist.get_rank() if is_initialized() else int(os.environ.get("RANK", 0))
+
+
+def world_size() -> int:
+    return tdist.get_world_size() if is_initialized() else int(os.environ.get("WORLD_SIZE", 1))
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", 0))
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def init(timeout_s: float = 1800.0) -> None:
+    """Start the process group through DeepSpeed (gloo on CPU, NCCL on GPU).
+
+    The timeout bounds every collective, so a dead rank makes the others fail instead of
+    hanging forever.
+    """
+    if is_initialized():
+        return
+    os.environ.setdefault("DS_ACCELERATOR", "cpu" if not torch.cuda.is_available() else "cuda")
+    import deepspeed
+
+    deepspeed.init_distributed(timeout=datetime.timedelta(seconds=timeout_s))
+    from deepspeed.accelerator import get_accelerator
+
+    if get_accelerator().device_name() == "cuda":
+        torch.cuda.set_device(local_rank())
+
+
+def device() -> torch.device:
+    from deepspeed.accelerator import get_accelerator
+
+    name = get_accelerator().device_name()
+    return torch.device(name, local_rank()) if name == "cuda" else torch.device(name)
+
+
+def barrier() -> None:
+    if is_initialized():
+        tdist.barrier()
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """In-place sum over ranks (identity in one process); returns the tensor."""
+    if is_initialized() and world_size() > 1:
+        tdist.all_reduce(tensor, op=tdist.ReduceOp.SUM)
+    return tensor
+
+
+def all_reduce_max(tensor: torch.Tensor) -> torch.Tensor:
+    if is_initialized() and world_size() > 1:
+        tdist.all_reduce(tensor, op=tdist.ReduceOp.MAX)
+    return tensor
+
+
+def all_gather_object(obj: Any) -> list[Any]:
+    if not is_initialized() or world_size() == 1:
+        return [obj]
+    out: list[Any] = [None] * world_size()
+    tdist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    if not is_initialized() or world_size() == 1:
+        return obj
+    box = [obj]
+    tdist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank if ``flag`` is true on at least one rank."""
+    t = torch.tensor([1.0 if flag else 0.0], device=device() if is_initialized() else "cpu")
+    return bool(all_reduce_max(t).item() > 0)

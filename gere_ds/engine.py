@@ -1,0 +1,129 @@
+"""Model, tokenizer and DeepSpeed engine: the DeepSpeed JSON is filled from the run config.
+
+Under ZeRO-3 an `HfDeepSpeedConfig` is created BEFORE `from_pretrained`, so the weights are
+loaded straight into partitions (an 8B model never materialises on one rank). transformers keeps
+that object by weakref only: the Engine holds it for the whole run.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from gere_ds.config import RunConfig
+from gere_ds.errors import InputError
+
+
+def resolve_ds_config(cfg: RunConfig, world_size: int) -> dict[str, Any]:
+    """Load the DeepSpeed JSON and fill "auto" values from the run config.
+
+    Explicit values that disagree with the run config stop the run with one line.
+    """
+    path = Path(cfg.deepspeed)
+    if not path.is_file():
+        raise InputError("DeepSpeed config not found", file=str(path), field="deepspeed")
+    try:
+        ds = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise InputError(f"invalid JSON: {err.msg}", file=str(path), line=err.lineno) from None
+    t = cfg.train
+    wanted = {
+        ("train_micro_batch_size_per_gpu",): t.micro_batch_size,
+        ("gradient_accumulation_steps",): t.grad_accum,
+        ("train_batch_size",): t.micro_batch_size * t.grad_accum * world_size,
+        ("gradient_clipping",): t.grad_clip,
+        ("bf16", "enabled"): t.bf16,
+    }
+    opt = ds.get("optimizer")
+    if isinstance(opt, dict):
+        wanted.update({("optimizer", "params", "lr"): t.lr,
+                       ("optimizer", "params", "betas"): list(t.adam_betas),
+                       ("optimizer", "params", "weight_decay"): t.weight_decay})
+    for keys, value in wanted.items():
+        node = ds
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+        current = node.get(keys[-1], "auto")
+        if current == "auto":
+            node[keys[-1]] = value
+        elif current != value:
+            name = ".".join(keys)
+            raise InputError(f"{name}={current!r} disagrees with the run config ({value!r}); "
+                             f"set it to \"auto\" or make them equal", file=str(path), field=name)
+    if ds.get("fp16", {}).get("enabled") is True and t.bf16:
+        raise InputError("fp16 and bf16 both enabled", file=str(path), field="fp16.enabled")
+    return ds
+
+
+def zero_stage(ds: dict[str, Any]) -> int:
+    return int(ds.get("zero_optimization", {}).get("stage", 0))
+
+
+def load_tokenizer(cfg: RunConfig, log: Callable[[str], None]):
+    from transformers import AutoTokenizer
+
+    folder = cfg.tokenizer or cfg.model
+    tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=cfg.trust_remote_code)
+    if tok.eos_token_id is None:
+        raise InputError("tokenizer has no eos token (needed to end answers)", file=folder)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+        log(f"tokenizer has no pad token: using eos ({tok.eos_token!r}) for padding")
+    return tok
+
+
+def check_model_folder(cfg: RunConfig) -> None:
+    folder = Path(cfg.model)
+    if not folder.is_dir():
+        raise InputError("model folder not found", file=cfg.model, field="model")
+    if not (folder / "config.json").is_file():
+        raise InputError("not a Hugging Face model folder (config.json missing)", file=cfg.model,
+                         field="model")
+
+
+@dataclass
+class Engine:
+    engine: Any  # deepspeed.DeepSpeedEngine
+    tokenizer: Any
+    ds_config: dict[str, Any]
+    hf_ds_config: Any  # keeps ZeRO-3 partitioned loading alive (weakref in transformers)
+
+    @property
+    def module(self) -> torch.nn.Module:
+        return self.engine.module
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Logits [B, T, V] from one engine forward (collective under ZeRO-3)."""
+        return self.engine(input_ids=input_ids, attention_mask=attention_mask,
+                           use_cache=False).logits
+
+    def set_lr(self, lr: float) -> None:
+        for group in self.engine.optimizer.param_groups:
+            group["lr"] = lr
+
+    def reset_optimizer_state(self) -> None:
+        """Fresh AdamW moments (step 0), keeping the fp32 master weights."""
+        inner = getattr(self.engine.optimizer, "optimizer", self.engine.optimizer)
+        inner.state.clear()
+
+
+def build_engine(cfg: RunConfig, world_size: int, log: Callable[[str], None]) -> Engine:
+    import deepspeed
+    from transformers import AutoModelForCausalLM
+    from transformers.integrations import HfDeepSpeedConfig
+
+    ds = resolve_ds_config(cfg, world_size)
+    tokenizer = load_tokenizer(cfg, log)
+    hf_ds = HfDeepSpeedConfig(ds) if zero_stage(ds) == 3 else None
+    dtype = torch.bfloat16 if cfg.train.bf16 else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=dtype,
+                                                 trust_remote_code=cfg.trust_remote_code)
+    model.config.use_cache = False
+    if cfg.train.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    engine, _, _, _ = deepspeed.initialize(model=model, config=ds,
+                                           model_parameters=model.parameters())
+    return Engine(engine=engine, tokenizer=tokenizer, ds_config=ds, hf_ds_config=hf_ds)

@@ -1,0 +1,809 @@
+"""Model-agnostic scorers: task accuracy (rank / generate), MMLU-style multiple choice, perplexity.
+
+Every scorer takes
+
+* ``forward(input_ids: LongTensor[B, T], attention_mask: LongTensor[B, T]) -> FloatTensor[B, T, V]``
+  returning next-token logits (position p predicts token p+1), e.g. ``model_forward(engine)`` for
+  a DeepSpeed engine or ``model_forward(model)`` for a plain Hugging Face model, and
+* a Hugging Face tokenizer (anything with ``__call__(text, add_special_tokens=...)`` giving
+  ``input_ids``, ``eos_token_id``, ``pad_token_id`` and ``decode``).
+
+Batches are right-padded (pad id = ``tokenizer.pad_token_id``, else the eos id) with an attention
+mask; with causal attention and right padding the real positions never see the padding, so no
+position ids are needed. Scorers run under ``torch.no_grad()``; putting the model in eval mode is
+the caller's job.
+
+Prompts (method.md, "Task format and prompts")
+----------------------------------------------
+``prompt = build_prompt(instruction, labels, text)`` =
+``{instruction}\\nOption: {", ".join(labels)}\\n{text}\\nAnswer:`` and ``target = {label}<eos>``.
+The source is tokenized WITH the tokenizer's special tokens (a BOS if the tokenizer adds one), the
+target WITHOUT, and the eos id is appended to the target. A source longer than
+``max_source_len`` tokens keeps its special prefix (BOS) and the LAST tokens of the prompt, i.e.
+the start of the prompt (instruction, options, start of the text) is dropped so that the end of
+the text and ``Answer:`` always survive.
+
+Modes
+-----
+* ``rank`` (default): every (example, label) pair is one row ``source + label_ids + [eos]``; the
+  score of a label is the mean log-probability of its target tokens (eos included) given the
+  source (length-normalised log-likelihood). The prediction is the best label (first on ties).
+* ``generate``: greedy decoding of ``max_new_tokens`` tokens, stopping per row at eos, decoded
+  with ``skip_special_tokens`` and compared to the gold label by normalised exact match
+  (:func:`normalize_answer`: lower-case, punctuation removed, whitespace collapsed and stripped).
+  Without a ``generate_fn`` the decoding loop calls ``forward`` on the whole growing sequence at
+  every step (no KV cache: simple, works for any callable and is ZeRO-3 safe because every batch
+  runs exactly ``max_new_tokens`` forwards, even when all rows have finished early). With a
+  ``generate_fn(input_ids, attention_mask, max_new_tokens) -> LongTensor[B, T + new]`` (e.g.
+  ``model.generate`` with ``synced_gpus=True`` under ZeRO-3) the prompts are LEFT-padded, the
+  returned sequences are expected to include the prompt (Hugging Face convention), and keeping
+  the ranks in step is the callable's job.
+
+Distributed
+-----------
+If ``torch.distributed`` is initialized, rank r scores rows r::world. Every rank runs the same
+number of batches, ``ceil(ceil(n / world) / batch_size)`` (a function of the global row count only),
+and a rank whose shard runs out runs a dummy batch (the first global row) whose result is thrown
+away: under ZeRO-3 every forward is a collective. Results are all-gathered with
+``all_gather_object`` so every rank returns the same full result. Within a shard, rows are sorted
+by length (longest first) to reduce padding; results are returned in the original order.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import string
+import unicodedata
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional, Sequence, TypeVar
+
+import torch
+
+from gere_ds.data.prompts import build_prompt
+from gere_ds.errors import InputError
+
+ForwardFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+GenerateFn = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
+EVAL_MODES = ("rank", "generate")
+LETTERS = string.ascii_uppercase
+MMLU_HEADER = "The following are multiple choice questions (with answers) about {subject}.\n\n"
+
+_T = TypeVar("_T")
+
+
+# ============================================================================ data and loading
+
+
+@dataclass
+class TaskExample:
+    """One test example of a classification task."""
+
+    text: str
+    label: str
+    line: Optional[int] = None  #: 1-based line in the source file (None when unknown)
+
+
+@dataclass
+class MMLUExample:
+    """One multiple-choice question; ``answer`` is the 0-based index of the right option."""
+
+    question: str
+    options: list[str]
+    answer: int
+    subject: str = ""
+    line: Optional[int] = None
+
+
+def _json_array_items(text: str) -> list[tuple[int, Any]]:
+    """(1-based line of the element's start, element) for a top-level JSON array."""
+    dec = json.JSONDecoder()
+    pos = text.index("[") + 1
+    out: list[tuple[int, Any]] = []
+    n = len(text)
+    while True:
+        while pos < n and text[pos] in " \t\r\n,":
+            pos += 1
+        if pos >= n:
+            raise ValueError("unterminated JSON array")
+        if text[pos] == "]":
+            return out
+        line = text.count("\n", 0, pos) + 1
+        obj, pos = dec.raw_decode(text, pos)
+        out.append((line, obj))
+
+
+def read_rows(path: str) -> list[tuple[Optional[int], str, Any]]:
+    """Read a data file as ``(line, where, row)`` triples.
+
+    ``line`` is the 1-based line of the row (None for parquet and nested JSON), ``where`` a field
+    prefix naming the row when the line is unknown (``"[12]."``, else ``""``).
+    Formats: ``.jsonl`` (one object per line, blank lines skipped), ``.json`` (a JSON array, an
+    object with an ``Instances`` array (O-LoRA CL_Benchmark), or JSON lines), ``.csv`` (header
+    row), ``.parquet``.
+    """
+    if not path:
+        raise InputError("no file given")
+    if not os.path.isfile(path):
+        raise InputError("file not found", file=path)
+    ext = os.path.splitext(path)[1].lower()
+    if ext == ".parquet":
+        import pyarrow.parquet as pq
+
+        return [(None, f"[{i + 1}].", row) for i, row in enumerate(pq.read_table(path).to_pylist())]
+    with open(path, encoding="utf-8") as fh:
+        text = fh.read()
+    if ext == ".csv":
+        import csv
+        import io
+
+        reader = csv.DictReader(io.StringIO(text))
+        rows = []
+        for row in reader:
+            rows.append((reader.line_num, "", row))
+        return rows
+    stripped = text.lstrip()
+    if ext == ".json" and stripped.startswith("["):
+        try:
+            return [(line, "", obj) for line, obj in _json_array_items(text)]
+        except (ValueError, json.JSONDecodeError) as err:
+            raise InputError(f"invalid JSON: {err}", file=path) from None
+    if ext == ".json" and stripped.startswith("{"):
+        try:
+            whole = json.loads(text)
+        except json.JSONDecodeError:
+            whole = None  # JSON lines with a .json name
+        if isinstance(whole, dict):
+            items = whole.get("Instances")
+            if not isinstance(items, list):
+                raise InputError("a JSON object file needs an 'Instances' list", file=path)
+            return [(None, f"Instances[{i + 1}].", row) for i, row in enumerate(items)]
+    rows = []
+    for lineno, raw in enumerate(text.splitlines(), start=1):
+        if not raw.strip():
+            continue
+        try:
+            rows.append((lineno, "", json.loads(raw)))
+        except json.JSONDecodeError as err:
+            raise InputError(f"invalid JSON: {err.msg}", file=path, line=lineno) from None
+    return rows
+
+
+def _row_error(path: str, line: Optional[int], where: str, fld: str, msg: str) -> InputError:
+    return InputError(msg, file=path, line=line, field=f"{where}{fld}")
+
+
+def _require_mapping(path: str, line: Optional[int], where: str, row: Any) -> dict:
+    if not isinstance(row, dict):
+        raise InputError(f"{where}expected a JSON object, got {type(row).__name__}", file=path,
+                         line=line)
+    return row
+
+
+def _sample(items: list[_T], max_examples: int, seed: int) -> list[_T]:
+    """A seeded sample of ``max_examples`` items in file order (all of them if 0 or more)."""
+    if max_examples and 0 < max_examples < len(items):
+        keep = sorted(random.Random(seed).sample(range(len(items)), max_examples))
+        return [items[i] for i in keep]
+    return list(items)
+
+
+def load_task_examples(path: str, task_cfg: Any, max_examples: int = 0,
+                       seed: int = 42) -> list[TaskExample]:
+    """Load and validate a task's test split (``task_cfg``: a :class:`~gere_ds.config.TaskConfig`).
+
+    Every row needs ``task_cfg.text_field`` (a string) and ``task_cfg.label_field`` whose value
+    (as a string) is one of ``task_cfg.labels``; otherwise :class:`InputError` names the file, the
+    1-based line and the field. All rows are validated, then ``max_examples > 0`` keeps a seeded
+    sample (``random.Random(seed)``) in file order. An empty file is an error.
+    """
+    labels = [str(x) for x in task_cfg.labels]
+    tf, lf = task_cfg.text_field, task_cfg.label_field
+    out: list[TaskExample] = []
+    for line, where, row in read_rows(path):
+        row = _require_mapping(path, line, where, row)
+        if tf not in row or row[tf] is None:
+            raise _row_error(path, line, where, tf, "missing text field")
+        if isinstance(row[tf], (dict, list)):
+            raise _row_error(path, line, where, tf, "the text must be a string")
+        if lf not in row or row[lf] is None:
+            raise _row_error(path, line, where, lf, "missing label field")
+        label = str(row[lf])
+        if label not in labels:
+            raise _row_error(path, line, where, lf,
+                             f"label {label!r} is not one of the task's labels {labels}")
+        out.append(TaskExample(text=str(row[tf]), label=label, line=line))
+    if not out:
+        raise InputError("the test set is empty", file=path)
+    return _sample(out, max_examples, seed)
+
+
+def load_mmlu(path: str, max_examples: int = 0, seed: int = 42) -> list[MMLUExample]:
+    """Load MMLU-style rows ``{"question": str, "options": [str, ...], "answer": "A"}``.
+
+    ``answer`` is a letter (A = first option) or a 0-based integer index; ``subject`` is optional.
+    2..26 options. Bad rows raise :class:`InputError` naming the file, line and field.
+    """
+    out: list[MMLUExample] = []
+    for line, where, row in read_rows(path):
+        row = _require_mapping(path, line, where, row)
+        q = row.get("question")
+        if not isinstance(q, str) or not q.strip():
+            raise _row_error(path, line, where, "question", "missing or empty question")
+        opts = row.get("options")
+        if not isinstance(opts, list) or not 2 <= len(opts) <= len(LETTERS) or \
+                not all(isinstance(o, (str, int, float)) for o in opts):
+            raise _row_error(path, line, where, "options",
+                             f"expected a list of 2..{len(LETTERS)} strings")
+        ans = row.get("answer")
+        if isinstance(ans, bool):
+            ans = None
+        if isinstance(ans, str) and len(ans.strip()) == 1 and ans.strip().upper() in LETTERS:
+            idx = LETTERS.index(ans.strip().upper())
+        elif isinstance(ans, int):
+            idx = ans
+        else:
+            raise _row_error(path, line, where, "answer",
+                             f"expected an answer letter, got {row.get('answer')!r}")
+        if not 0 <= idx < len(opts):
+            raise _row_error(path, line, where, "answer",
+                             f"answer {row.get('answer')!r} is outside the {len(opts)} options "
+                             f"(A-{LETTERS[len(opts) - 1]})")
+        subject = row.get("subject") or ""
+        out.append(MMLUExample(question=q, options=[str(o) for o in opts], answer=idx,
+                               subject=str(subject), line=line))
+    if not out:
+        raise InputError("the multiple-choice set is empty", file=path)
+    return _sample(out, max_examples, seed)
+
+
+def load_texts(path: str, max_examples: int = 0, seed: int = 42,
+               text_field: str = "text") -> list[str]:
+    """Load held-out texts (JSONL ``{"text": str}``); empty texts are skipped."""
+    out: list[str] = []
+    for line, where, row in read_rows(path):
+        row = _require_mapping(path, line, where, row)
+        t = row.get(text_field)
+        if not isinstance(t, str):
+            raise _row_error(path, line, where, text_field, "missing text (a string)")
+        if t.strip():
+            out.append(t)
+    if not out:
+        raise InputError("no non-empty text", file=path)
+    return _sample(out, max_examples, seed)
+
+
+def find_dev_file(path: str) -> Optional[str]:
+    """The k-shot dev file next to an MMLU test file, by convention.
+
+    Tried in order: the file name with ``test`` replaced by ``dev`` (``mmlu_test.jsonl`` ->
+    ``mmlu_dev.jsonl``), ``<stem>.dev<ext>``, ``<stem>_dev<ext>``, ``dev<ext>`` in the same folder.
+    """
+    folder, name = os.path.split(path)
+    stem, ext = os.path.splitext(name)
+    cands = []
+    if "test" in name:
+        cands.append(name.replace("test", "dev"))
+    cands += [f"{stem}.dev{ext}", f"{stem}_dev{ext}", f"dev{ext}"]
+    for c in cands:
+        p = os.path.join(folder, c)
+        if c != name and os.path.isfile(p):
+            return p
+    return None
+
+
+# ============================================================================ tokens and batches
+
+
+def _ids(tokenizer: Any, text: str, special: bool) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=special)["input_ids"])
+
+
+def eos_id(tokenizer: Any) -> int:
+    eid = tokenizer.eos_token_id
+    if eid is None:
+        raise ValueError("the tokenizer has no eos token")
+    return int(eid)
+
+
+def pad_id(tokenizer: Any) -> int:
+    """``pad_token_id``, else the eos id, else 0 (padding is masked and never scored)."""
+    pid = tokenizer.pad_token_id
+    if pid is None:
+        pid = tokenizer.eos_token_id
+    return int(pid) if pid is not None else 0
+
+
+def encode_source(tokenizer: Any, prompt: str, max_len: int) -> list[int]:
+    """Token ids of ``prompt`` with special tokens, cut to ``max_len`` keeping the END.
+
+    The special prefix/suffix the tokenizer adds (e.g. a BOS) is kept; the prompt tokens right
+    after it are dropped.
+    """
+    if max_len < 1:
+        raise ValueError("max_source_len must be >= 1")
+    full = _ids(tokenizer, prompt, True)
+    if len(full) <= max_len:
+        return full
+    plain = _ids(tokenizer, prompt, False)
+    off = None
+    for o in range(len(full) - len(plain) + 1):
+        if full[o:o + len(plain)] == plain:
+            off = o
+            break
+    if off is None:  # the tokenizer rewrites the text with specials: keep the end of it
+        return full[-max_len:]
+    prefix, suffix = full[:off], full[off + len(plain):]
+    keep = max_len - len(prefix) - len(suffix)
+    if keep < 1:
+        return full[-max_len:]
+    return prefix + plain[-keep:] + suffix
+
+
+def encode_target(tokenizer: Any, label: str, max_len: Optional[int] = None) -> list[int]:
+    """``label`` ids (no special tokens) + eos id; cut to ``max_len`` tokens if given."""
+    ids = _ids(tokenizer, label, False) + [eos_id(tokenizer)]
+    return ids[:max_len] if max_len else ids
+
+
+def pad_batch(seqs: Sequence[Sequence[int]], pad: int, device: Any = None,
+              left: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pad token lists to a LongTensor batch and its attention mask (right padding by default)."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for r, s in enumerate(seqs):
+        if left:
+            ids[r, width - len(s):] = torch.tensor(s, dtype=torch.long)
+            mask[r, width - len(s):] = 1
+        else:
+            ids[r, :len(s)] = torch.tensor(s, dtype=torch.long)
+            mask[r, :len(s)] = 1
+    return ids.to(device), mask.to(device)
+
+
+def model_forward(model: Any) -> ForwardFn:
+    """A forward callable for a Hugging Face model or a DeepSpeed engine wrapping one."""
+
+    def forward(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        return out.logits if hasattr(out, "logits") else out[0]
+
+    return forward
+
+
+# ============================================================================ distribution
+
+
+def dist_info() -> tuple[int, int]:
+    """(rank, world size); (0, 1) without an initialized process group."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def num_batches(n_rows: int, world: int, batch_size: int) -> int:
+    """Batches each rank runs for ``n_rows`` global rows: ``ceil(ceil(n / world) / batch_size)``."""
+    return math.ceil(math.ceil(n_rows / world) / batch_size) if n_rows else 0
+
+
+def run_sharded(items: Sequence[_T], batch_size: int, run_batch: Callable[[list[_T]], list[Any]],
+                size: Optional[Callable[[_T], int]] = None) -> list[Any]:
+    """``run_batch`` over all items, sharded over ranks; the full result list on every rank.
+
+    ``run_batch`` gets a list of items and returns one picklable result per item; the number of
+    forwards it runs must not depend on the data. Rank r takes items r::world; every rank runs
+    :func:`num_batches` batches, the missing ones as a dummy batch (the first global item) whose
+    result is discarded. ``size`` (e.g. the token length) sorts each shard longest-first.
+    """
+    if batch_size < 1:
+        raise ValueError("batch_size must be >= 1")
+    rank, world = dist_info()
+    n = len(items)
+    if n == 0:
+        return []
+    local = list(range(rank, n, world))
+    if size is not None:
+        local.sort(key=lambda j: -size(items[j]))
+    results: dict[int, Any] = {}
+    for b in range(num_batches(n, world, batch_size)):
+        chunk = local[b * batch_size:(b + 1) * batch_size]
+        if not chunk:
+            run_batch([items[0]])  # dummy batch: keeps the ZeRO-3 collectives in step
+            continue
+        outs = run_batch([items[j] for j in chunk])
+        if len(outs) != len(chunk):
+            raise RuntimeError("run_batch returned a wrong number of results")
+        results.update(zip(chunk, outs))
+    if world > 1:
+        import torch.distributed as dist
+
+        gathered: list[Any] = [None] * world
+        dist.all_gather_object(gathered, sorted(results.items()))
+        results = {}
+        for part in gathered:
+            results.update(dict(part))
+    return [results[j] for j in range(n)]
+
+
+# ============================================================================ task scoring
+
+
+@dataclass
+class TaskScore:
+    """Accuracy of one task's test set (percent) and the per-example predictions."""
+
+    task: str
+    mode: str
+    accuracy: float
+    n: int
+    predictions: list[str]
+    correct: list[bool]
+    label_scores: Optional[list[list[float]]] = None  #: rank mode: [example][label] scores
+
+
+def normalize_answer(text: str) -> str:
+    """Lower-case, remove punctuation (ASCII and Unicode), collapse and strip whitespace."""
+    text = text.lower()
+    text = "".join(ch for ch in text
+                   if ch not in string.punctuation and not unicodedata.category(ch).startswith("P"))
+    return " ".join(text.split())
+
+
+def rank_scores(forward: ForwardFn, tokenizer: Any, sources: Sequence[Sequence[int]],
+                targets: Sequence[Sequence[int]], batch_size: int = 8,
+                device: Any = None) -> list[list[float]]:
+    """``scores[e][l]`` = mean log p(targets[l] | sources[e]) over the target tokens."""
+    rows = [(e, l) for e in range(len(sources)) for l in range(len(targets))]
+    pad = pad_id(tokenizer)
+
+    def run(batch: list[tuple[int, int]]) -> list[float]:
+        seqs = [list(sources[e]) + list(targets[l]) for e, l in batch]
+        ids, mask = pad_batch(seqs, pad, device)
+        logits = forward(ids, mask)
+        out = []
+        for r, (e, l) in enumerate(batch):
+            s, tgt = len(sources[e]), targets[l]
+            lp = torch.log_softmax(logits[r, s - 1:s - 1 + len(tgt)].float(), dim=-1)
+            tok = torch.tensor(tgt, dtype=torch.long, device=lp.device)
+            out.append(float(lp.gather(-1, tok[:, None]).mean()))
+        return out
+
+    with torch.no_grad():
+        flat = run_sharded(rows, batch_size, run,
+                           size=lambda el: len(sources[el[0]]) + len(targets[el[1]]))
+    scores = [[0.0] * len(targets) for _ in sources]
+    for (e, l), v in zip(rows, flat):
+        scores[e][l] = v
+    return scores
+
+
+def greedy_decode(forward: ForwardFn, tokenizer: Any, sources: Sequence[Sequence[int]],
+                  max_new_tokens: int, batch_size: int = 8, device: Any = None,
+                  generate_fn: Optional[GenerateFn] = None) -> list[list[int]]:
+    """Greedy continuations (eos excluded, at most ``max_new_tokens``) of every source.
+
+    Without ``generate_fn``: a KV-less loop of exactly ``max_new_tokens`` forwards per batch on
+    the right-padded growing sequences (see the module doc).
+    """
+    eos = tokenizer.eos_token_id
+    pad = pad_id(tokenizer)
+    idx = list(range(len(sources)))
+
+    def run_loop(batch: list[int]) -> list[list[int]]:
+        seqs = [list(sources[j]) for j in batch]
+        lens = [len(s) for s in seqs]
+        width = max(lens) + max_new_tokens
+        buf = torch.full((len(batch), width), pad, dtype=torch.long)
+        for r, s in enumerate(seqs):
+            buf[r, :len(s)] = torch.tensor(s, dtype=torch.long)
+        done = [False] * len(batch)
+        new: list[list[int]] = [[] for _ in batch]
+        for _ in range(max_new_tokens):  # always max_new_tokens forwards (ZeRO-3)
+            w = max(lens)
+            mask = (torch.arange(w)[None, :] < torch.tensor(lens)[:, None]).long()
+            logits = forward(buf[:, :w].to(device), mask.to(device))
+            last = torch.tensor([n - 1 for n in lens], device=logits.device)
+            nxt = logits[torch.arange(len(batch), device=logits.device), last].argmax(-1).tolist()
+            for r, t in enumerate(nxt):
+                if done[r]:
+                    continue
+                if eos is not None and t == eos:
+                    done[r] = True
+                    continue
+                buf[r, lens[r]] = t
+                lens[r] += 1
+                new[r].append(int(t))
+        return new
+
+    def run_gen(batch: list[int]) -> list[list[int]]:
+        ids, mask = pad_batch([sources[j] for j in batch], pad, device, left=True)
+        out = generate_fn(ids, mask, max_new_tokens)
+        res = []
+        for row in out[:, ids.shape[1]:].tolist():
+            toks = []
+            for t in row[:max_new_tokens]:
+                if eos is not None and t == eos:
+                    break
+                toks.append(int(t))
+            res.append(toks)
+        return res
+
+    with torch.no_grad():
+        return run_sharded(idx, batch_size, run_gen if generate_fn is not None else run_loop,
+                           size=lambda j: len(sources[j]))
+
+
+def score_task(forward: ForwardFn, tokenizer: Any, examples: Sequence[TaskExample],
+               task_cfg: Any, mode: str = "rank", batch_size: int = 8,
+               max_source_len: int = 512, max_target_len: Optional[int] = None,
+               max_new_tokens: int = 8, generate_fn: Optional[GenerateFn] = None,
+               device: Any = None) -> TaskScore:
+    """Accuracy (percent) of the model on ``examples`` of the task ``task_cfg``.
+
+    ``task_cfg`` needs ``name``, ``instruction`` and ``labels`` (a TaskConfig). ``mode`` is
+    ``rank`` or ``generate`` (module doc). The result is the same on every rank.
+    """
+    if mode not in EVAL_MODES:
+        raise ValueError(f"unknown eval mode {mode!r}; one of {', '.join(EVAL_MODES)}")
+    if not examples:
+        raise ValueError(f"task {task_cfg.name!r}: no examples to score")
+    labels = [str(x) for x in task_cfg.labels]
+    sources = [encode_source(tokenizer, build_prompt(task_cfg.instruction, labels, ex.text),
+                             max_source_len) for ex in examples]
+    golds = [ex.label for ex in examples]
+    if mode == "rank":
+        targets = [encode_target(tokenizer, lab, max_target_len) for lab in labels]
+        scores = rank_scores(forward, tokenizer, sources, targets, batch_size, device)
+        preds = [labels[max(range(len(labels)), key=lambda l: (s[l], -l))] for s in scores]
+        correct = [p == g for p, g in zip(preds, golds)]
+    else:
+        new = greedy_decode(forward, tokenizer, sources, max_new_tokens, batch_size, device,
+                            generate_fn)
+        preds = [tokenizer.decode(t, skip_special_tokens=True) for t in new]
+        correct = [normalize_answer(p) == normalize_answer(g) for p, g in zip(preds, golds)]
+        scores = None
+    acc = 100.0 * sum(correct) / len(correct)
+    return TaskScore(task=task_cfg.name, mode=mode, accuracy=acc, n=len(correct),
+                     predictions=preds, correct=correct, label_scores=scores)
+
+
+# ============================================================================ general abilities
+
+
+@dataclass
+class GeneralScore:
+    """One general-ability number: MMLU accuracy (percent) or perplexity."""
+
+    name: str
+    kind: str
+    value: float
+    n: int
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def format_mmlu_question(ex: MMLUExample, answer: bool) -> str:
+    """``{question}\\nA. {opt}\\nB. {opt}...\\nAnswer:`` (+ `` X`` when ``answer``)."""
+    lines = [ex.question.strip()]
+    lines += [f"{LETTERS[i]}. {opt}" for i, opt in enumerate(ex.options)]
+    lines.append("Answer:" + (f" {LETTERS[ex.answer]}" if answer else ""))
+    return "\n".join(lines)
+
+
+def build_mmlu_prompt(ex: MMLUExample, shots: Sequence[MMLUExample] = ()) -> str:
+    """The standard (Hendrycks et al.) MMLU prompt: optional subject header, the k solved dev
+    questions each followed by a blank line, then the question ending in ``Answer:``."""
+    head = ""
+    if ex.subject:
+        head = MMLU_HEADER.format(subject=ex.subject.replace("_", " ").strip())
+    return head + "".join(format_mmlu_question(s, True) + "\n\n" for s in shots) + \
+        format_mmlu_question(ex, False)
+
+
+def mmlu_letter_ids(tokenizer: Any, n: int) -> list[int]:
+    """The token id of `` X`` after ``Answer:`` for the first ``n`` letters."""
+    base = _ids(tokenizer, "Answer:", False)
+    out = []
+    for letter in LETTERS[:n]:
+        full = _ids(tokenizer, f"Answer: {letter}", False)
+        if full[:len(base)] == base and len(full) > len(base):
+            out.append(full[len(base)])
+        else:
+            out.append(_ids(tokenizer, f" {letter}", False)[-1])
+    if len(set(out)) != len(out):
+        raise ValueError("the tokenizer does not give distinct tokens to the answer letters")
+    return out
+
+
+def select_shots(ex: MMLUExample, dev: Sequence[MMLUExample], k: int) -> list[MMLUExample]:
+    """The first k dev questions of the same subject (all dev questions if none match or the
+    question has no subject); fewer if the dev set has fewer."""
+    if k <= 0 or not dev:
+        return []
+    same = [d for d in dev if ex.subject and d.subject == ex.subject]
+    return list((same or list(dev))[:k])
+
+
+def score_mmlu(forward: ForwardFn, tokenizer: Any, examples: Sequence[MMLUExample],
+               dev: Sequence[MMLUExample] = (), shots: int = 0, batch_size: int = 8,
+               max_len: int = 2048, device: Any = None, name: str = "mmlu") -> GeneralScore:
+    """Multiple-choice accuracy (percent): the option whose letter token has the highest
+    log-probability after ``Answer:`` wins (k-shot with ``shots`` dev questions). Prompts longer
+    than ``max_len`` tokens keep their end (the question)."""
+    if not examples:
+        raise ValueError("no multiple-choice questions to score")
+    nmax = max(len(ex.options) for ex in examples)
+    letter_ids = mmlu_letter_ids(tokenizer, nmax)
+    sources = [encode_source(tokenizer, build_mmlu_prompt(ex, select_shots(ex, dev, shots)),
+                             max_len) for ex in examples]
+    pad = pad_id(tokenizer)
+
+    def run(batch: list[int]) -> list[list[float]]:
+        ids, mask = pad_batch([sources[j] for j in batch], pad, device)
+        logits = forward(ids, mask)
+        out = []
+        for r, j in enumerate(batch):
+            lp = torch.log_softmax(logits[r, len(sources[j]) - 1].float(), dim=-1)
+            out.append([float(lp[t]) for t in letter_ids[:len(examples[j].options)]])
+        return out
+
+    with torch.no_grad():
+        scores = run_sharded(list(range(len(examples))), batch_size, run,
+                             size=lambda j: len(sources[j]))
+    preds = [max(range(len(s)), key=lambda i: (s[i], -i)) for s in scores]
+    correct = [p == ex.answer for p, ex in zip(preds, examples)]
+    return GeneralScore(name=name, kind="mmlu", value=100.0 * sum(correct) / len(correct),
+                        n=len(correct), extra={"shots": shots,
+                                               "predictions": [LETTERS[p] for p in preds]})
+
+
+def score_perplexity(forward: ForwardFn, tokenizer: Any, texts: Sequence[str],
+                     batch_size: int = 8, max_len: int = 1024, device: Any = None,
+                     add_special_tokens: bool = True, name: str = "perplexity") -> GeneralScore:
+    """Perplexity = exp(token-level mean NLL over all predicted tokens of all texts).
+
+    Each text is tokenized (with special tokens by default) and cut to its first ``max_len``
+    tokens; in a text of L tokens the tokens 2..L are predicted (L - 1 terms). The mean is over
+    all tokens of the corpus, not over texts.
+    """
+    encoded = [_ids(tokenizer, t, add_special_tokens)[:max_len] for t in texts]
+    pad = pad_id(tokenizer)
+
+    def run(batch: list[int]) -> list[tuple[float, int]]:
+        seqs = [encoded[j] if encoded[j] else [pad] for j in batch]
+        ids, mask = pad_batch(seqs, pad, device)
+        logits = forward(ids, mask)
+        out = []
+        for r, j in enumerate(batch):
+            n = len(encoded[j])
+            if n < 2:
+                out.append((0.0, 0))
+                continue
+            lp = torch.log_softmax(logits[r, :n - 1].float(), dim=-1)
+            tok = ids[r, 1:n].to(lp.device)
+            out.append((float(-lp.gather(-1, tok[:, None]).sum()), n - 1))
+        return out
+
+    with torch.no_grad():
+        parts = run_sharded(list(range(len(encoded))), batch_size, run,
+                            size=lambda j: len(encoded[j]))
+    total = sum(p[0] for p in parts)
+    count = sum(p[1] for p in parts)
+    if count == 0:
+        raise ValueError("no text has 2 or more tokens: perplexity is undefined")
+    nll = total / count
+    return GeneralScore(name=name, kind="perplexity", value=math.exp(nll), n=len(encoded),
+                        extra={"nll": nll, "tokens": count})
+
+
+GENERAL_KINDS = ("mmlu", "perplexity")
+
+
+@dataclass
+class GeneralData:
+    """A general evaluation loaded and validated (see :func:`load_general`)."""
+
+    cfg: Any
+    mmlu: list[MMLUExample] = field(default_factory=list)
+    dev: list[MMLUExample] = field(default_factory=list)
+    texts: list[str] = field(default_factory=list)
+
+
+def load_general(gcfg: Any, seed: int = 42, dev_path: Optional[str] = None) -> GeneralData:
+    """Load a :class:`~gere_ds.config.GeneralEvalConfig`'s data.
+
+    For ``mmlu`` with ``shots > 0`` the dev file is ``dev_path``, else ``gcfg.dev`` if the config
+    has such a field, else :func:`find_dev_file` next to ``gcfg.path``.
+    """
+    if gcfg.kind not in GENERAL_KINDS:
+        raise InputError(f"unknown general eval kind {gcfg.kind!r}; one of "
+                         f"{', '.join(GENERAL_KINDS)}", field=f"eval.general.{gcfg.name}.kind")
+    if gcfg.kind == "perplexity":
+        return GeneralData(cfg=gcfg, texts=load_texts(gcfg.path, gcfg.max_examples, seed))
+    rows = load_mmlu(gcfg.path, gcfg.max_examples, seed)
+    dev: list[MMLUExample] = []
+    if gcfg.shots > 0:
+        dev_path = dev_path or getattr(gcfg, "dev", "") or find_dev_file(gcfg.path)
+        if not dev_path:
+            raise InputError(f"{gcfg.shots}-shot needs a dev file (e.g. "
+                             f"{os.path.basename(gcfg.path).replace('test', 'dev')} next to it)",
+                             file=gcfg.path, field="shots")
+        dev = load_mmlu(dev_path)
+    return GeneralData(cfg=gcfg, mmlu=rows, dev=dev)
+
+
+def score_general(forward: ForwardFn, tokenizer: Any, data: GeneralData, batch_size: int = 8,
+                  max_len: int = 2048, device: Any = None) -> GeneralScore:
+    """Score one loaded general evaluation."""
+    g = data.cfg
+    if g.kind == "perplexity":
+        return score_perplexity(forward, tokenizer, data.texts, batch_size, max_len, device,
+                                name=g.name)
+    return score_mmlu(forward, tokenizer, data.mmlu, data.dev, g.shots, batch_size, max_len,
+                      device, name=g.name)
+
+
+# ============================================================================ whole evaluation
+
+
+@dataclass
+class EvalRow:
+    """One row of the accuracy matrix plus the general scores of the same model."""
+
+    accuracy: dict[str, float]  #: task name -> accuracy in percent, in task order
+    general: dict[str, float]  #: general name -> value
+    task_scores: dict[str, TaskScore] = field(default_factory=dict)
+    general_scores: dict[str, GeneralScore] = field(default_factory=dict)
+
+    def row(self) -> list[float]:
+        return list(self.accuracy.values())
+
+
+class EvalSuite:
+    """Every test set and general evaluation of a run, loaded and validated up front.
+
+    ``EvalSuite(cfg.tasks, cfg.eval, seed=cfg.train.seed, max_source_len=cfg.train.max_source_len)``
+    raises :class:`InputError` before any training if a file is bad; then
+    ``suite.evaluate(forward, tokenizer, device=...)`` gives one :class:`EvalRow` (identical on
+    every rank; every rank must call it).
+    """
+
+    def __init__(self, tasks: Sequence[Any], eval_cfg: Any, seed: int = 42,
+                 max_source_len: int = 512, max_target_len: Optional[int] = None,
+                 general_max_len: int = 2048) -> None:
+        self.tasks = list(tasks)
+        self.cfg = eval_cfg
+        self.max_source_len, self.max_target_len = max_source_len, max_target_len
+        self.general_max_len = general_max_len
+        self.examples: dict[str, list[TaskExample]] = {}
+        for i, task in enumerate(self.tasks):
+            if not task.test:
+                raise InputError(f"task {task.name!r} has no test file (needed by eval)",
+                                 field=f"tasks.{i}.test")
+            self.examples[task.name] = load_task_examples(task.test, task,
+                                                          eval_cfg.max_examples, seed)
+        self.general = [load_general(g, seed) for g in eval_cfg.general]
+
+    def evaluate(self, forward: ForwardFn, tokenizer: Any, device: Any = None,
+                 generate_fn: Optional[GenerateFn] = None,
+                 tasks: Optional[Sequence[str]] = None) -> EvalRow:
+        """Score every task (or only the names in ``tasks``) and every general evaluation."""
+        c = self.cfg
+        row = EvalRow(accuracy={}, general={})
+        for task in self.tasks:
+            if tasks is not None and task.name not in tasks:
+                continue
+            s = score_task(forward, tokenizer, self.examples[task.name], task, mode=c.mode,
+                           batch_size=c.batch_size, max_source_len=self.max_source_len,
+                           max_target_len=self.max_target_len, max_new_tokens=c.max_new_tokens,
+                           generate_fn=generate_fn, device=device)
+            row.accuracy[task.name] = s.accuracy
+            row.task_scores[task.name] = s
+        for data in self.general:
+            g = score_general(forward, tokenizer, data, c.batch_size, self.general_max_len, device)
+            row.general[g.name] = g.value
+            row.general_scores[g.name] = g
+        return row

@@ -1,0 +1,86 @@
+"""What a person watches: a log file, TensorBoard scalars, a per-step JSONL, a progress bar.
+
+Everything is written by rank 0 only; on other ranks these are no-ops (errors still go to
+stderr on every rank so a failing node names itself).
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from gere_ds import dist
+
+
+class RunLogger:
+    def __init__(self, output_dir: Path, enabled: bool | None = None) -> None:
+        self.enabled = dist.is_main() if enabled is None else enabled
+        self.output_dir = Path(output_dir)
+        self._tb = None
+        self._bar = None
+        if self.enabled:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            self._log = open(self.output_dir / "train.log", "a", buffering=1)
+            self._steps = open(self.output_dir / "train_steps.jsonl", "a", buffering=1)
+
+    # --------------------------------------------------------------- text
+    def info(self, message: str) -> None:
+        if not self.enabled:
+            return
+        line = f"[{time.strftime('%Y-%m-%d %H:%M:%S')}] {message}"
+        if self._bar is not None:
+            self._bar.write(line, file=sys.stdout)
+        else:
+            print(line, flush=True)
+        self._log.write(line + "\n")
+
+    # --------------------------------------------------------------- scalars
+    @property
+    def tb(self):
+        """The TensorBoard SummaryWriter (rank 0), or None."""
+        if self.enabled and self._tb is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(str(self.output_dir / "tensorboard"))
+        return self._tb
+
+    def scalars(self, values: dict[str, float], step: int, record: dict[str, Any] | None = None
+                ) -> None:
+        if not self.enabled:
+            return
+        for name, value in values.items():
+            self.tb.add_scalar(name, value, step)
+        row = {"global_step": step, **(record or {}), **values}
+        self._steps.write(json.dumps(row) + "\n")
+
+    # --------------------------------------------------------------- progress
+    def progress(self, total: int, desc: str, initial: int = 0) -> None:
+        if not self.enabled:
+            return
+        from tqdm import tqdm
+
+        self.close_progress()
+        self._bar = tqdm(total=total, desc=desc, initial=initial, dynamic_ncols=True,
+                         file=sys.stdout, mininterval=1.0)
+
+    def advance(self, n: int = 1, **postfix: Any) -> None:
+        if self._bar is not None:
+            self._bar.update(n)
+            if postfix:
+                self._bar.set_postfix(postfix, refresh=False)
+
+    def close_progress(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+    def close(self) -> None:
+        self.close_progress()
+        if self.enabled:
+            if self._tb is not None:
+                self._tb.flush()
+                self._tb.close()
+            self._log.close()
+            self._steps.close()

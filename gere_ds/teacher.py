@@ -1,0 +1,144 @@
+"""The teacher pass: base-model statistics on the replay set, once, before task 1.
+
+Each rank runs the base model over ITS replay shard (the samples it will train on), captures the
+final-norm output, and accumulates per-dimension sums S1, S2 and the token count in float64.
+One all-reduce gives the global mean and population std, hence the thresholds
+lo/hi = mu -+ k*sigma; then each rank codes its own samples as tri-states and writes its cache.
+Every rank runs the same number of forwards (the shorter shards run discarded dummy forwards),
+because under ZeRO-3 each forward gathers parameters collectively.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from gere_ds import dist
+from gere_ds.capture import FinalNormCapture
+from gere_ds.data.collate import collate
+from gere_ds.data.encode import Encoded
+from gere_ds.teacher_cache import (TeacherStates, check_rank_cache, load_rank_cache, rank_dir,
+                                   write_rank_cache)
+
+
+def _hash_file(h: "hashlib._Hash", path: Path, head_tail: bool = False) -> None:
+    size = path.stat().st_size
+    h.update(f"{path.name}:{size}".encode())
+    with open(path, "rb") as fh:
+        if head_tail and size > 4 << 20:  # large weights: name, size, first and last MiB
+            h.update(fh.read(1 << 20))
+            fh.seek(size - (1 << 20))
+            h.update(fh.read())
+        else:
+            while block := fh.read(1 << 22):
+                h.update(block)
+
+
+def fingerprint(model_dir: str, tokenizer_dir: str, replay_file: str, settings: dict) -> str:
+    """Identity of the teacher data: model, tokenizer, replay file and every setting it uses."""
+    h = hashlib.sha256()
+    h.update(json.dumps(settings, sort_keys=True).encode())
+    for folder, weights in ((model_dir, True), (tokenizer_dir, False)):
+        for path in sorted(Path(folder).iterdir()):
+            if path.is_file() and not path.name.startswith("."):
+                big = path.suffix in (".safetensors", ".bin", ".pt", ".gguf")
+                if weights or not big:
+                    _hash_file(h, path, head_tail=big)
+    _hash_file(h, Path(replay_file))
+    return h.hexdigest()
+
+
+def _batches(shard: list[int], batch_size: int, n_forwards: int) -> list[list[int] | None]:
+    """This rank's sample-id batches, padded with None (dummy forwards) to n_forwards."""
+    out: list[list[int] | None] = [shard[i:i + batch_size]
+                                   for i in range(0, len(shard), batch_size)]
+    return out + [None] * (n_forwards - len(out))
+
+
+@torch.no_grad()
+def teacher_pass(forward: Callable[[torch.Tensor, torch.Tensor], object],
+                 capture: FinalNormCapture, replay_ids: dict[int, list[int]], shard: list[int],
+                 hidden_size: int, threshold_k: float, batch_size: int, pad_id: int,
+                 device: torch.device, scratch: Path, progress: Callable[[int, int], None]
+                 ) -> tuple[np.ndarray, list[tuple[int, np.ndarray]]]:
+    """Run the pass; returns global thresholds [4, D] and this rank's (sample id, states)."""
+    local_batches = math.ceil(len(shard) / batch_size)
+    n_forwards = int(dist.all_reduce_max(torch.tensor([local_batches], device=device)).item())
+    s1 = torch.zeros(hidden_size, dtype=torch.float64, device=device)
+    s2 = torch.zeros(hidden_size, dtype=torch.float64, device=device)
+    count = torch.zeros(1, dtype=torch.float64, device=device)
+    # fp32 features spill to a local scratch file, so memory stays flat for big replay sets
+    tokens = sum(len(replay_ids[s]) for s in shard)
+    feats = np.lib.format.open_memmap(scratch / "features.npy", mode="w+", dtype=np.float32,
+                                      shape=(max(tokens, 1), hidden_size))
+    spans: list[tuple[int, int, int]] = []  # sample id, start row, tokens
+    row = 0
+    for i, ids in enumerate(_batches(shard, batch_size, n_forwards)):
+        real = ids is not None
+        ids = ids if real else shard[:1]
+        mb = collate([Encoded(replay_ids[s], replay_ids[s]) for s in ids], ids, pad_id).to(device)
+        forward(mb.input_ids, mb.attention_mask)
+        h = capture.pop().float()
+        progress(i + 1, n_forwards)
+        if not real:
+            continue
+        mask = mb.attention_mask.bool()
+        flat = h[mask].double()
+        s1 += flat.sum(0)
+        s2 += (flat * flat).sum(0)
+        count += flat.shape[0]
+        for b, sid in enumerate(ids):
+            n = len(replay_ids[sid])
+            feats[row:row + n] = h[b, :n].cpu().numpy()
+            spans.append((sid, row, n))
+            row += n
+    stats = dist.all_reduce_sum(torch.cat([s1, s2, count]))
+    s1, s2, n = stats[:hidden_size], stats[hidden_size:2 * hidden_size], stats[-1]
+    mu = s1 / n
+    sigma = (s2 / n - mu * mu).clamp(min=0).sqrt()
+    lo, hi = (mu - threshold_k * sigma).float(), (mu + threshold_k * sigma).float()
+    thresholds = torch.stack([lo, hi, mu.float(), sigma.float()]).cpu().numpy()
+    lo_np, hi_np = thresholds[0], thresholds[1]
+    samples = []
+    for sid, start, n in spans:
+        h = feats[start:start + n]
+        states = (h >= hi_np).astype(np.int8) - (h <= lo_np).astype(np.int8)
+        samples.append((sid, states))
+    del feats
+    return thresholds, samples
+
+
+def prepare_teacher_states(forward: Callable, capture: FinalNormCapture,
+                           replay_ids: dict[int, list[int]], shard: list[int], hidden_size: int,
+                           threshold_k: float, batch_size: int, pad_id: int,
+                           device: torch.device, cache_root: Path, fp: str,
+                           log: Callable[[str], None],
+                           progress: Callable[[int, int], None]) -> TeacherStates:
+    """Load this rank's cache if every rank's is intact, else recompute on all ranks."""
+    folder = rank_dir(cache_root, fp, dist.rank(), dist.world_size())
+    reason = check_rank_cache(folder, fp)
+    if not dist.any_rank(reason is not None):
+        log(f"teacher cache reused: {folder.parent}")
+        return load_rank_cache(folder)
+    reasons = [r for r in dist.all_gather_object(reason) if r]
+    log(f"teacher pass: computing ({reasons[0]})")
+    scratch = Path(tempfile.mkdtemp(prefix="teacher-", dir=os.environ.get("TMPDIR")))
+    try:
+        thresholds, samples = teacher_pass(forward, capture, replay_ids, shard, hidden_size,
+                                           threshold_k, batch_size, pad_id, device, scratch,
+                                           progress)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    write_rank_cache(folder, fp, thresholds, samples,
+                     {"rank": dist.rank(), "world_size": dist.world_size(),
+                      "threshold_k": threshold_k})
+    dist.barrier()
+    return load_rank_cache(folder)
