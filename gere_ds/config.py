@@ -185,6 +185,16 @@ def _strip_optional(tp: Any) -> Any:
     return tp
 
 
+def _as_number(value: Any) -> Any:
+    """PyYAML reads `3e-6` (no dot) as a string; accept it as the number it means."""
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
 def _coerce(value: Any, tp: Any, path: str, marks: _Marks) -> Any:
     tp = _strip_optional(tp)
     origin = typing.get_origin(tp)
@@ -198,6 +208,7 @@ def _coerce(value: Any, tp: Any, path: str, marks: _Marks) -> Any:
             raise marks.error(path, f"expected a list, got {type(value).__name__}")
         return [_coerce(v, item_tp, f"{path}.{i}", marks) for i, v in enumerate(value)]
     if origin in (Union, types.UnionType):  # float | str (replay.weight)
+        value = _as_number(value)
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
         if isinstance(value, str):
@@ -212,6 +223,7 @@ def _coerce(value: Any, tp: Any, path: str, marks: _Marks) -> Any:
             raise marks.error(path, f"expected an integer, got {value!r}")
         return value
     if tp is float:
+        value = _as_number(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise marks.error(path, f"expected a number, got {value!r}")
         return float(value)

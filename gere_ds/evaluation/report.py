@@ -131,7 +131,7 @@ def matrix_figure(task_names: Sequence[str], matrix: Sequence[Sequence[float]]) 
     ax.set_yticks(range(n_rows), labels=labels)
     ax.set_xlabel("task evaluated")
     ax.set_ylabel("model")
-    size = max(5, min(10, 60 / max(n_cols, 1)))
+    size = max(6.5, min(10, 100 / max(n_cols, 1)))
     for r, row in enumerate(matrix):
         for c, v in enumerate(row):
             ax.text(c, r, f"{float(v):.1f}", ha="center", va="center", fontsize=size,

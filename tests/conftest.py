@@ -1,0 +1,82 @@
+"""Shared fixtures: the tiny real setup (GPT-2 tokenizer, 2-layer Llama, 2 tasks, replay set)
+and a helper that runs scripts under the real `deepspeed` launcher with CPU ranks over gloo."""
+from __future__ import annotations
+
+import glob
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+VENV_BIN = Path(sys.executable).parent
+
+
+def ds_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", TOKENIZERS_PARALLELISM="false",
+               PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
+    return env
+
+
+def run_deepspeed(script: str | Path, args: list[str], nproc: int = 2, timeout: int = 600,
+                  extra: list[str] | None = None) -> subprocess.CompletedProcess:
+    """`deepspeed --num_gpus nproc script args...` with a free port; output captured."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [str(VENV_BIN / "deepspeed"), "--num_gpus", str(nproc), "--master_port", str(port),
+           *(extra or []), str(script), *args]
+    try:
+        return subprocess.run(cmd, cwd=REPO, env=ds_env(), capture_output=True, text=True,
+                              timeout=timeout)
+    finally:
+        for f in glob.glob("/dev/shm/deepspeed_allreduce_buffer_*"):
+            try:
+                os.remove(f)
+            except OSError:
+                pass
+
+
+def run_python(args: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], cwd=REPO, env=ds_env(), capture_output=True,
+                          text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def gpt2_tokenizer_dir(tmp_path_factory) -> Path:
+    from gere_ds.tiny_assets import gpt2_tokenizer_files
+
+    return gpt2_tokenizer_files(tmp_path_factory.mktemp("gpt2_tokenizer"))
+
+
+@pytest.fixture(scope="session")
+def tiny_paths(tmp_path_factory) -> dict[str, str]:
+    from gere_ds.tiny_assets import make_tiny_assets
+
+    return make_tiny_assets(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture
+def tiny_config(tiny_paths, tmp_path):
+    """Factory: write a tiny run config (with dict updates) and return its path."""
+    from gere_ds.tiny_assets import tiny_config_dict
+
+    def make(strategy: str = "tm", name: str = "cfg", **sections) -> Path:
+        cfg = tiny_config_dict(tiny_paths, str(tmp_path / f"run_{name}"), strategy)
+        for key, value in sections.items():
+            if isinstance(value, dict):
+                cfg.setdefault(key, {}).update(value)
+            else:
+                cfg[key] = value
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+        return path
+
+    return make
