@@ -74,6 +74,95 @@ def tm_reference(hidden: torch.Tensor, states: torch.Tensor, lo: torch.Tensor, h
     return v.sum() / (torch.count_nonzero(v) + TM_EPS)
 
 
+def topk_kl_per_token(logits: torch.Tensor, teacher_ids: torch.Tensor,
+                      teacher_logp: torch.Tensor, temperature: float) -> torch.Tensor:
+    """KL(teacher || student) at temperature T per position, over the teacher's top-k tokens.
+
+    logits [..., V] (student, any float dtype; computed in fp32), teacher_ids [..., k] (token
+    ids), teacher_logp [..., k] (the teacher's log-probabilities at temperature 1 over the FULL
+    vocabulary, as the teacher pass stores them). Returns [...] >= 0.
+
+    The approximation (docs/strategies.md): both distributions are restricted to the teacher's
+    k kept ids S and renormalised over S,
+
+        p~_j = softmax_S(log p_j / T),   q~_j = softmax_S(z_j / T),   KL_k = sum_S p~ (log p~ - log q~)
+
+    ``log p_j / T`` equals the teacher's logits over T up to a per-position constant, which the
+    renormalisation removes, so the stored T=1 log-probs serve every temperature. The student
+    side is the student's full-vocabulary log-softmax at T restricted to S and renormalised;
+    the full-vocabulary normaliser cancels in the renormalisation, so it is computed directly
+    from the k gathered logits (exactly equal, and no [N, V] fp32 tensor is built). KL_k equals
+    the full KL when the kept ids hold all the teacher's mass; in general
+    KL_full = KL(Bern(P_t(S)) || Bern(P_s(S))) + P_t(S) KL_k + P_t(not S) KL_tail, so KL_k
+    misses the mass the student moves between S and the rest. No T^2 factor (the reference's
+    ``calc_kl`` has none); multiply ``replay.weight`` by T^2 for Hinton's scaling.
+    """
+    t = float(temperature)
+    z = logits.gather(-1, teacher_ids.long()).float() / t
+    log_q = z - torch.logsumexp(z, dim=-1, keepdim=True)
+    a = teacher_logp.float() / t
+    log_p = a - torch.logsumexp(a, dim=-1, keepdim=True)
+    return (log_p.exp() * (log_p - log_q)).sum(-1)
+
+
+def topk_kl_sum_count(logits: torch.Tensor, teacher_ids: torch.Tensor,
+                      teacher_logp: torch.Tensor, mask: torch.Tensor, temperature: float
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of per-token top-k KL over valid positions, number of valid positions).
+
+    logits [B, T, V], teacher_ids / teacher_logp [B, T, k], mask [B, T] (1 = real token). Every
+    real replay position counts, the last one included (its distribution is still the teacher's);
+    padding contributes nothing to either number. sum / count = the token mean.
+    """
+    kl = topk_kl_per_token(logits, teacher_ids, teacher_logp, temperature)
+    valid = mask.bool()
+    kl = torch.where(valid, kl, kl.new_zeros(()))
+    return kl.sum(), valid.sum().to(torch.float32)
+
+
+def full_kl_per_token(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                      temperature: float) -> torch.Tensor:
+    """Exact KL(teacher || student) at temperature T over the whole vocabulary, per position
+    (the reference's ``calc_kl`` before its mean). For tests and measurements."""
+    t = float(temperature)
+    log_q = F.log_softmax(student_logits.float() / t, dim=-1)
+    log_p = F.log_softmax(teacher_logits.float() / t, dim=-1)
+    return (log_p.exp() * (log_p - log_q)).sum(-1)
+
+
+def teacher_topk(logits: torch.Tensor, k: int, chunk: int = CE_CHUNK
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The teacher's top-k (ids int32, log-probs fp32 at T=1 over the full vocabulary) per
+    position of logits [N, V]; the fp32 log-softmax runs ``chunk`` positions at a time."""
+    ids, logp = [], []
+    for start in range(0, logits.shape[0], chunk):
+        lp = F.log_softmax(logits[start:start + chunk].float(), dim=-1)
+        values, idx = lp.topk(k, dim=-1)
+        ids.append(idx.to(torch.int32))
+        logp.append(values)
+    if not ids:
+        return (logits.new_zeros((0, k), dtype=torch.int32),
+                logits.new_zeros((0, k), dtype=torch.float32))
+    return torch.cat(ids), torch.cat(logp)
+
+
+def feature_diff_sum_count(hidden: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor,
+                           p: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """L1 (p=1) / L2 (p=2) feature imitation: (sum over valid elements of |h - t| or (h - t)^2,
+    number of valid elements = real tokens * D). sum / count = the element mean.
+
+    hidden [B, T, D] student final-norm output (computed in fp32), teacher [B, T, D] (the stored
+    bf16 features, upcast), mask [B, T]. Padding contributes nothing.
+    """
+    if p not in (1, 2):
+        raise ValueError(f"p must be 1 or 2, got {p}")
+    diff = hidden.float() - teacher.float()
+    v = diff.abs() if p == 1 else diff * diff
+    valid = mask.bool()[..., None]
+    v = torch.where(valid, v, v.new_zeros(()))
+    return v.sum(), mask.sum().to(torch.float32) * hidden.shape[-1]
+
+
 # ----------------------------------------------------------------------------- combination
 
 

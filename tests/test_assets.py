@@ -102,7 +102,8 @@ def test_corrupted_file_is_detected_and_rebuilt(tmp_path: Path) -> None:
     lines: list[str] = []
     report = prepare(tmp_path, settings, ["tasks"], _locator(), log=lines.append)
     assert report.changed == ["tasks"]
-    assert "data/piqa/train.jsonl checksum mismatch" in lines[0] and "rebuilding" in lines[0]
+    assert lines[0] == "removed unfinished data/piqa/.train.jsonl.tmp-crashed of an earlier run"
+    assert "data/piqa/train.jsonl checksum mismatch" in lines[1] and "rebuilding" in lines[1]
     assert sha256_file(target) == good
     assert not stale.exists()
 

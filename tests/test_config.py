@@ -1,0 +1,101 @@
+"""Config loading: typed values, dotted overrides, one-line errors with file, line and field."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from gere_ds.config import load_config
+from gere_ds.engine import resolve_ds_config
+from gere_ds.errors import InputError
+
+BASE = """\
+model: m
+output_dir: runs/x
+tasks:
+  - name: a
+    train: a.jsonl
+    labels: ["yes", "no"]
+replay:
+  data: r.jsonl
+  strategy: tm
+train:
+  lr: 3e-6
+"""
+
+
+def _write(tmp_path, text):
+    p = tmp_path / "c.yaml"
+    p.write_text(text)
+    return p
+
+
+def test_loads_defaults_types_and_numeric_strings(tmp_path):
+    cfg = load_config(_write(tmp_path, BASE))
+    assert cfg.train.lr == 3e-6  # PyYAML reads 3e-6 as a string; we take the number
+    assert cfg.replay.weight == 100.0 and cfg.replay.max_len == 563
+    assert cfg.tasks[0].text_field == "sentence" and cfg.tasks[0].label_field == "label"
+
+
+def test_dotted_overrides(tmp_path):
+    cfg = load_config(_write(tmp_path, BASE), ["train.lr=1e-5", "replay.weight=dy",
+                                               "tasks.0.name=b", "replay.per_batch=2"])
+    assert cfg.train.lr == 1e-5 and cfg.replay.weight == "dy"
+    assert cfg.tasks[0].name == "b" and cfg.replay.per_batch == 2
+
+
+def test_unknown_key_names_line_and_closest(tmp_path):
+    text = BASE.replace("  strategy: tm", "  stratgy: tm")
+    with pytest.raises(InputError) as err:
+        load_config(_write(tmp_path, text))
+    msg = str(err.value)
+    assert "c.yaml:9:" in msg and "replay.stratgy" in msg and "did you mean 'strategy'" in msg
+
+
+def test_unknown_override_key(tmp_path):
+    with pytest.raises(InputError, match=r"<command line>.*train.lrr.*did you mean 'lr'"):
+        load_config(_write(tmp_path, BASE), ["train.lrr=1"])
+
+
+@pytest.mark.parametrize("line,needle", [
+    ("  strategy: tmx", "unknown strategy 'tmx'"),
+    ("  weight: heavy", "must be a number or 'dy'"),
+    ("  max_len: many", "expected an integer"),
+])
+def test_bad_values(tmp_path, line, needle):
+    text = BASE.replace("  strategy: tm", line if "strategy" in line else
+                        "  strategy: tm\n" + line)
+    with pytest.raises(InputError, match=needle) as err:
+        load_config(_write(tmp_path, text))
+    assert str(err.value).startswith(str(tmp_path / "c.yaml"))
+
+
+def test_missing_required_and_invalid_yaml(tmp_path):
+    with pytest.raises(InputError, match="missing required key 'model'"):
+        load_config(_write(tmp_path, BASE.replace("model: m\n", "")))
+    with pytest.raises(InputError, match=r"c.yaml:\d+: invalid YAML"):
+        load_config(_write(tmp_path, BASE + "train: [unclosed\n"))
+
+
+def test_ds_config_filled_from_run_config_or_disagreement_named(tmp_path):
+    cfg = load_config(_write(tmp_path, BASE), ["train.micro_batch_size=2", "train.grad_accum=3"])
+    ds = resolve_ds_config(cfg, world_size=4)
+    assert ds["train_batch_size"] == 24 and ds["gradient_accumulation_steps"] == 3
+    bad = json.loads(open(cfg.deepspeed).read())
+    bad["gradient_accumulation_steps"] = 5
+    p = tmp_path / "ds.json"
+    p.write_text(json.dumps(bad))
+    cfg.deepspeed = str(p)
+    with pytest.raises(InputError, match=r"ds.json: gradient_accumulation_steps: .*5.*disagrees.*3"):
+        resolve_ds_config(cfg, world_size=4)
+
+
+def test_resolved_config_round_trips(tmp_path):
+    from gere_ds.config import save_resolved
+
+    cfg = load_config(_write(tmp_path, BASE), ["replay.weight=dy"])
+    save_resolved(cfg, tmp_path / "resolved.yaml")
+    again = load_config(tmp_path / "resolved.yaml")
+    assert again == cfg
+    assert yaml.safe_load((tmp_path / "resolved.yaml").read_text())["replay"]["weight"] == "dy"

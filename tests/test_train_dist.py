@@ -1,0 +1,116 @@
+"""Real multi-rank DeepSpeed runs on CPU (gloo): distributed maths and the training entry point."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import REPO, run_deepspeed, run_python
+
+pytestmark = pytest.mark.slow
+
+
+def _steps(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "train_steps.jsonl").read_text().splitlines()]
+
+
+def test_two_ranks_equal_one_process_on_the_global_batch(tiny_config, tmp_path):
+    """Teacher thresholds, the TM value and every parameter gradient: 2 ranks == 1 process."""
+    results = {}
+    for n in (2, 1):
+        cfg = tiny_config("tm", name=f"eq{n}")
+        out = tmp_path / f"eq{n}.pt"
+        proc = run_deepspeed(REPO / "tests/dist_scripts/equivalence.py",
+                             ["--config", str(cfg), "--out", str(out)], nproc=n)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        results[n] = torch.load(out, weights_only=True)
+    two, one = results[2], results[1]
+    # replay count 9 is not divisible by 2: shards of 5 and 4, padded with a dummy forward
+    assert torch.allclose(two["thresholds"], one["thresholds"], rtol=1e-5, atol=1e-6)
+    for mode in ("tm_only", "full"):
+        a, b = two[mode], one[mode]
+        assert float(b["tm"]) > 0.01  # far from the trivial zero
+        for key in ("loss", "tm", "task_ce", "replay_ce"):
+            assert torch.allclose(a[key], b[key], rtol=1e-5), (mode, key, a[key], b[key])
+        for name, grad in b["grads"].items():
+            assert grad.abs().max() > 0 or mode == "tm_only", name
+            assert torch.allclose(a["grads"][name], grad, rtol=1e-4, atol=1e-7), (mode, name)
+
+
+@pytest.mark.parametrize("strategy", ["none", "replay", "tm"])
+def test_train_entry_point_two_tasks(tiny_config, strategy):
+    cfg = tiny_config(strategy, name=strategy, replay={"per_batch": 2},
+                      train={"max_steps_per_task": 6, "epochs": 3})
+    proc = run_deepspeed(REPO / "launch/train.py", ["--config", str(cfg)], nproc=2)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_dir = Path(str(cfg).replace("cfg", "x")).parent / f"run_{strategy}"
+    steps = _steps(run_dir)
+    assert len(steps) == 12
+    first_task = [s["train/loss"] for s in steps if s["task"] == 0]
+    assert first_task[-1] < first_task[0]  # training loss falls
+    if strategy == "tm":
+        assert steps[0]["train/tm"] == 0.0 and steps[0]["train/replay_ce"] > 0
+        assert any(s["train/tm"] > 0 for s in steps[1:])
+        for key in ("train/tm_violation_frac", "train/tm_weight"):
+            assert key in steps[0]
+    if strategy == "none":
+        assert all(s["train/replay_ce"] == 0 for s in steps)
+    else:
+        assert all(s["train/replay_ce"] > 0 for s in steps)  # per_batch=2: replay every step
+    for tag in ("task001-end", "task002-end"):
+        assert (run_dir / "checkpoints" / tag / "COMPLETE").is_file()
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "task002-end"
+    assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+    assert (run_dir / "config.yaml").is_file()
+    log = (run_dir / "train.log").read_text()
+    assert "no pad token: using eos" in log
+
+
+def _bad(tmp_path: Path, tiny_config, what: str) -> tuple[Path, list[str], str]:
+    """A config with one bad input; returns (config, overrides, expected message part)."""
+    bad = tmp_path / "bad.jsonl"
+    if what == "malformed":
+        bad.write_text('{"sentence": "a", "label": "positive"}\n{"sentence": oops}\n')
+        return tiny_config(name=what), [f"tasks.1.train={bad}"], f"{bad}:2: malformed JSON"
+    if what == "missing_field":
+        bad.write_text('{"sentence": "a", "label": "positive"}\n{"label": "positive"}\n')
+        return tiny_config(name=what), [f"tasks.0.train={bad}"], f"{bad}:2: sentence: missing"
+    if what == "bad_label":
+        bad.write_text('{"sentence": "a", "label": "neutral"}\n')
+        return (tiny_config(name=what), [f"tasks.0.train={bad}"],
+                f"{bad}:1: label: label 'neutral' is not one of")
+    if what == "empty_task":
+        bad.write_text("")
+        return tiny_config(name=what), [f"tasks.0.train={bad}"], "empty sentiment train file"
+    if what == "empty_replay":
+        bad.write_text("")
+        return tiny_config(name=what), [f"replay.data={bad}"], "empty replay file"
+    if what == "no_model":
+        return (tiny_config(name=what), [f"model={tmp_path / 'nowhere'}"],
+                "model: model folder not found")
+    if what == "unknown_key":
+        return (tiny_config(name=what), ["replay.strategi=tm"],
+                "replay.strategi: unknown key (did you mean 'strategy'?)")
+    raise AssertionError(what)
+
+
+@pytest.mark.parametrize("what", ["malformed", "missing_field", "bad_label", "empty_task",
+                                  "empty_replay", "no_model", "unknown_key"])
+def test_bad_input_one_line_and_nonzero_exit(tiny_config, tmp_path, what):
+    cfg, overrides, needle = _bad(tmp_path, tiny_config, what)
+    proc = run_python(["launch/train.py", "--config", str(cfg), *overrides])
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1 and needle in lines[0], proc.stderr[-2000:]
+    run_dir = Path(cfg).parent / f"run_{what}"
+    assert not (run_dir / "checkpoints").exists()  # nothing started
+
+
+def test_bad_input_under_the_launcher_stops_both_ranks(tiny_config, tmp_path):
+    cfg, overrides, needle = _bad(tmp_path, tiny_config, "bad_label")
+    proc = run_deepspeed(REPO / "launch/train.py", ["--config", str(cfg), *overrides], nproc=2,
+                         timeout=180)
+    assert proc.returncode != 0
+    assert sum(needle in ln for ln in proc.stderr.splitlines()) == 1
