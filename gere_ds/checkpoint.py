@@ -1,24 +1,38 @@
-"""Checkpoints: the ZeRO engine state + the trainer state, with a completion marker.
+"""Checkpoints: the ZeRO engine state + the trainer state, with completion markers.
 
 Layout::
 
-    <output_dir>/checkpoints/<tag>/           DeepSpeed's per-rank files (model + optimizer shards)
+    <output_dir>/checkpoints/<tag>/               DeepSpeed's per-rank files (model + optimizer)
     <output_dir>/checkpoints/<tag>/trainer_state.json
-    <output_dir>/checkpoints/<tag>/COMPLETE   written after every rank finished saving
-    <output_dir>/checkpoints/latest           the tag of the newest complete checkpoint (atomic)
+    <output_dir>/checkpoints/<tag>/rng_rank00001.pt   each rank's RNG states
+    <output_dir>/checkpoints/<tag>/COMPLETE.rank00001 each rank's files and their sizes, written
+                                                      after that rank's files are on disk
+    <output_dir>/checkpoints/latest                the newest complete tag (written last, atomic)
 
-A checkpoint without COMPLETE is never loaded; `latest` is written last.
+Tags: ``task002-end`` (end of task 2, kept for export and evaluation) and
+``task002-step000040`` (mid-task, the newest ``keep_last`` are kept).
+
+No shared filesystem is assumed: every rank writes and checks only its own files and markers, and
+the decision "is this checkpoint complete" is taken collectively (any rank missing -> skipped).
+A checkpoint whose marker is missing or whose files do not have the recorded sizes (truncated) is
+never loaded; the previous complete one is used instead, with a log line.
 """
 from __future__ import annotations
 
 import json
 import os
+import random
+import re
+import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
+
+import numpy as np
+import torch
 
 from gere_ds import dist
 
-COMPLETE = "COMPLETE"
+_TAG = re.compile(r"^task(\d{3})-(end|step(\d{6}))$")
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -33,22 +47,132 @@ def task_tag(task_index: int) -> str:
     return f"task{task_index + 1:03d}-end"
 
 
+def step_tag(task_index: int, step_in_task: int) -> str:
+    return f"task{task_index + 1:03d}-step{step_in_task:06d}"
+
+
+def tag_order(tag: str) -> tuple[int, int]:
+    """Sort key: (task number, step; end = after every step)."""
+    m = _TAG.match(tag)
+    if not m:
+        return (-1, -1)
+    return (int(m.group(1)), 10**9 if m.group(2) == "end" else int(m.group(3)))
+
+
+def _marker(folder: Path, rank: int) -> Path:
+    return folder / f"COMPLETE.rank{rank:05d}"
+
+
+def _own_files(folder: Path, rank: int) -> list[Path]:
+    """The files this rank wrote into a checkpoint folder (DeepSpeed names them by rank)."""
+    def mine(name: str) -> bool:
+        m = re.search(r"pp_rank_(\d+)_", name)  # zero_pp_rank_<r>_mp_rank_00_*.pt
+        return (m is not None and int(m.group(1)) == rank) or name == f"rng_rank{rank:05d}.pt"
+
+    own = [p for p in folder.iterdir() if p.is_file() and mine(p.name)]
+    if rank == 0:
+        own += [p for p in (folder / "trainer_state.json",) if p.exists()]
+    return sorted(own)
+
+
+def rng_state() -> dict[str, Any]:
+    """RNG states as tensors and lists only, so they load with ``weights_only=True``."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, internal, gauss_py = random.getstate()
+    return {"torch": torch.get_rng_state(),
+            "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
+            "python": [version, list(internal), gauss_py]}
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    version, internal, gauss_py = state["python"]
+    random.setstate((version, tuple(internal), gauss_py))
+
+
 def save_checkpoint(engine: Any, root: Path, tag: str, trainer_state: dict[str, Any]) -> Path:
-    """Save on ALL ranks (a collective); rank 0 writes the trainer state and markers last."""
+    """Save on ALL ranks (a collective). Markers are written after the files, `latest` last."""
     root = Path(root)
     folder = root / tag
-    if dist.is_main() and (folder / COMPLETE).exists():
-        (folder / COMPLETE).unlink()  # re-saving a tag: it is incomplete until done again
+    me = dist.rank()
+    if _marker(folder, me).exists():
+        _marker(folder, me).unlink()  # re-saving a tag: incomplete until done again
     dist.barrier()
     engine.save_checkpoint(str(root), tag=tag, save_latest=False)
-    dist.barrier()
-    if dist.is_main():
+    torch.save(rng_state(), folder / f"rng_rank{me:05d}.pt")
+    if me == 0:
         atomic_write_text(folder / "trainer_state.json", json.dumps(trainer_state, indent=1))
-        atomic_write_text(folder / COMPLETE, "ok\n")
+    sizes = {p.name: p.stat().st_size for p in _own_files(folder, me)}
+    atomic_write_text(_marker(folder, me), json.dumps(sizes))
+    dist.barrier()
+    if dist.local_rank() == 0:  # one writer per node: works with or without a shared disk
         atomic_write_text(root / "latest", tag + "\n")
     dist.barrier()
     return folder
 
 
-def is_complete(folder: Path) -> bool:
-    return (Path(folder) / COMPLETE).is_file() and (Path(folder) / "trainer_state.json").is_file()
+def local_problem(folder: Path) -> str | None:
+    """Why this rank cannot trust ``folder`` (None if its part is complete and intact)."""
+    me = dist.rank()
+    marker = _marker(folder, me)
+    if not marker.is_file():
+        return "no completion marker"
+    try:
+        sizes = json.loads(marker.read_text())
+    except json.JSONDecodeError:
+        return "unreadable completion marker"
+    for name, size in sizes.items():
+        path = folder / name
+        if not path.is_file():
+            return f"{name} missing"
+        if path.stat().st_size != size:
+            return f"{name} truncated ({path.stat().st_size} of {size} bytes)"
+    if me == 0 and "trainer_state.json" not in sizes:
+        return "trainer_state.json missing"
+    return None
+
+
+def candidate_tags(root: Path) -> list[str]:
+    """Checkpoint tags present on this node, newest first."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    tags = [p.name for p in root.iterdir() if p.is_dir() and _TAG.match(p.name)]
+    return sorted(tags, key=tag_order, reverse=True)
+
+
+def find_resume_checkpoint(root: Path, log: Callable[[str], None]) -> str | None:
+    """The newest tag that is complete on EVERY rank (collective); incomplete ones are logged."""
+    tags = dist.broadcast_object(candidate_tags(root))
+    for tag in tags:
+        problem = local_problem(Path(root) / tag)
+        problems = [p for p in dist.all_gather_object(problem) if p]
+        if not problems:
+            return tag
+        log(f"skipping checkpoint {tag}: {problems[0]}")
+    return None
+
+
+def load_trainer_state(folder: Path) -> dict[str, Any]:
+    """Rank 0's trainer state, broadcast to every rank (no shared disk needed)."""
+    state = json.loads((Path(folder) / "trainer_state.json").read_text()) if dist.is_main() \
+        else None
+    return dist.broadcast_object(state)
+
+
+def load_rng(folder: Path) -> None:
+    path = Path(folder) / f"rng_rank{dist.rank():05d}.pt"
+    if path.is_file():
+        set_rng_state(torch.load(path, weights_only=True))
+
+
+def prune_step_checkpoints(root: Path, keep_last: int) -> None:
+    """Remove the oldest mid-task checkpoints beyond ``keep_last`` (task ends are kept).
+
+    Called after a newer checkpoint is complete, so a crash here never leaves nothing.
+    """
+    steps = [t for t in candidate_tags(root) if not t.endswith("-end")]
+    for tag in steps[keep_last:]:
+        shutil.rmtree(Path(root) / tag, ignore_errors=True)

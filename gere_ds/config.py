@@ -90,6 +90,9 @@ class TrainConfig:
                                   default=0)
     log_every: int = doc("optimizer steps between logged scalars", default=1)
     max_bad_steps: int = doc("abort after this many non-finite losses in a row", default=5)
+    collective_timeout_s: float = doc("a collective waiting longer than this fails the job "
+                                      "(a dead rank never hangs the others forever)",
+                                      default=1800.0)
 
 
 @dataclass

@@ -74,6 +74,11 @@ def tm_reference(hidden: torch.Tensor, states: torch.Tensor, lo: torch.Tensor, h
     return v.sum() / (torch.count_nonzero(v) + TM_EPS)
 
 
+def _fp32(x: torch.Tensor) -> torch.Tensor:
+    """At least float32 (float64 stays float64: tests check exact zeros in it)."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
 def topk_kl_per_token(logits: torch.Tensor, teacher_ids: torch.Tensor,
                       teacher_logp: torch.Tensor, temperature: float) -> torch.Tensor:
     """KL(teacher || student) at temperature T per position, over the teacher's top-k tokens.
@@ -98,9 +103,9 @@ def topk_kl_per_token(logits: torch.Tensor, teacher_ids: torch.Tensor,
     ``calc_kl`` has none); multiply ``replay.weight`` by T^2 for Hinton's scaling.
     """
     t = float(temperature)
-    z = logits.gather(-1, teacher_ids.long()).float() / t
+    z = _fp32(logits.gather(-1, teacher_ids.long())) / t
     log_q = z - torch.logsumexp(z, dim=-1, keepdim=True)
-    a = teacher_logp.float() / t
+    a = _fp32(teacher_logp).to(z.dtype) / t
     log_p = a - torch.logsumexp(a, dim=-1, keepdim=True)
     return (log_p.exp() * (log_p - log_q)).sum(-1)
 
@@ -125,8 +130,8 @@ def full_kl_per_token(student_logits: torch.Tensor, teacher_logits: torch.Tensor
     """Exact KL(teacher || student) at temperature T over the whole vocabulary, per position
     (the reference's ``calc_kl`` before its mean). For tests and measurements."""
     t = float(temperature)
-    log_q = F.log_softmax(student_logits.float() / t, dim=-1)
-    log_p = F.log_softmax(teacher_logits.float() / t, dim=-1)
+    log_q = F.log_softmax(_fp32(student_logits) / t, dim=-1)
+    log_p = F.log_softmax(_fp32(teacher_logits) / t, dim=-1)
     return (log_p.exp() * (log_p - log_q)).sum(-1)
 
 
@@ -156,7 +161,7 @@ def feature_diff_sum_count(hidden: torch.Tensor, teacher: torch.Tensor, mask: to
     """
     if p not in (1, 2):
         raise ValueError(f"p must be 1 or 2, got {p}")
-    diff = hidden.float() - teacher.float()
+    diff = _fp32(hidden) - _fp32(teacher)
     v = diff.abs() if p == 1 else diff * diff
     valid = mask.bool()[..., None]
     v = torch.where(valid, v, v.new_zeros(()))

@@ -20,6 +20,7 @@ class RunLogger:
         self.output_dir = Path(output_dir)
         self._tb = None
         self._bar = None
+        self._purge_step: int | None = None
         if self.enabled:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             self._log = open(self.output_dir / "train.log", "a", buffering=1)
@@ -43,7 +44,9 @@ class RunLogger:
         if self.enabled and self._tb is None:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(str(self.output_dir / "tensorboard"))
+            # after a resume, events beyond the checkpoint's step are dropped (no duplicates)
+            self._tb = SummaryWriter(str(self.output_dir / "tensorboard"),
+                                     purge_step=self._purge_step)
         return self._tb
 
     def scalars(self, values: dict[str, float], step: int, record: dict[str, Any] | None = None
@@ -54,6 +57,20 @@ class RunLogger:
             self.tb.add_scalar(name, value, step)
         row = {"global_step": step, **(record or {}), **values}
         self._steps.write(json.dumps(row) + "\n")
+
+    def truncate_steps_after(self, global_step: int) -> None:
+        """On resume: forget per-step records beyond the checkpoint (they will be redone)."""
+        self._purge_step = global_step + 1
+        if not self.enabled:
+            return
+        path = self.output_dir / "train_steps.jsonl"
+        self._steps.close()
+        rows = [ln for ln in path.read_text().splitlines()
+                if ln.strip() and json.loads(ln)["global_step"] <= global_step]
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(r + "\n" for r in rows))
+        tmp.replace(path)
+        self._steps = open(path, "a", buffering=1)
 
     # --------------------------------------------------------------- progress
     def progress(self, total: int, desc: str, initial: int = 0) -> None:

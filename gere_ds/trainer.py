@@ -8,8 +8,9 @@ One optimizer step, as data:
 from __future__ import annotations
 
 import math
+import signal
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -17,7 +18,8 @@ import torch
 
 from gere_ds import dist
 from gere_ds.capture import FinalNormCapture
-from gere_ds.checkpoint import save_checkpoint, task_tag
+from gere_ds.checkpoint import (find_resume_checkpoint, load_rng, load_trainer_state,
+                                local_problem, prune_step_checkpoints, save_checkpoint, step_tag, task_tag)
 from gere_ds.config import RunConfig, save_resolved
 from gere_ds.data.collate import MicroBatch, collate
 from gere_ds.data.encode import Encoded, encode_example, encode_replay
@@ -26,6 +28,7 @@ from gere_ds.data.sampler import ContinualSampler, Row, replay_shard
 from gere_ds.data.tasks import Example, load_examples
 from gere_ds.engine import Engine, build_engine, check_model_folder, resolve_ds_config
 from gere_ds.errors import InputError
+from gere_ds.evaluation.scoring import EvalSuite
 from gere_ds.losses import LocalTerms, StepLoss, combine, tm_sum_count, token_ce_sum
 from gere_ds.run_log import RunLogger
 from gere_ds.teacher import fingerprint, prepare_teacher_states
@@ -47,6 +50,7 @@ class Inputs:
 
     train_sets: list[list[Example]]
     replay_texts: list[str]
+    eval_suite: EvalSuite | None = None
 
 
 def validate_inputs(cfg: RunConfig, world_size: int) -> Inputs:
@@ -64,7 +68,36 @@ def validate_inputs(cfg: RunConfig, world_size: int) -> Inputs:
         if cfg.replay.per_batch >= global_batch:
             raise InputError(f"per_batch={cfg.replay.per_batch} must be smaller than the global "
                              f"batch ({global_batch})", field="replay.per_batch")
-    return Inputs(train_sets, replay)
+    suite = None
+    if cfg.eval.enabled:
+        suite = EvalSuite(cfg.tasks, cfg.eval, seed=cfg.train.seed,
+                          max_source_len=cfg.train.max_source_len,
+                          max_target_len=cfg.train.max_target_len)
+    return Inputs(train_sets, replay, suite)
+
+
+class Preempted(Exception):
+    """SIGTERM/SIGUSR1 arrived: a checkpoint was saved at a step boundary on every rank."""
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (e.g. the loss stayed non-finite); the message says why."""
+
+
+@dataclass
+class Progress:
+    """Where the run stands in the task sequence; saved in every checkpoint."""
+
+    task_index: int = 0  # the task being trained, or the next one
+    task_done: bool = False  # task_index finished training (its end checkpoint exists)
+    epoch: int = 0
+    step: int = 0  # optimizer steps done in this epoch
+    step_in_task: int = 0
+    global_step: int = 0
+    bad_steps_in_a_row: int = 0
+    skipped_steps: int = 0
+    matrix: list[list[float]] = field(default_factory=list)  # row 0 = base model
+    general: dict[str, list[float]] = field(default_factory=dict)
 
 
 @dataclass
@@ -92,7 +125,9 @@ class ContinualTrainer:
         self.out = Path(cfg.output_dir)
         self.log = log or RunLogger(self.out)
         self.world, self.rank = dist.world_size(), dist.rank()
-        self.global_step = 0
+        self.progress = Progress()
+        self._stop_signal: int | None = None
+        self._bad_micro_steps = 0
         self.engine: Engine | None = None
         self.teacher: TeacherStates | None = None
         self._encoded: dict[tuple[int, int], Encoded] = {}
@@ -106,6 +141,8 @@ class ContinualTrainer:
             self.out.mkdir(parents=True, exist_ok=True)
             save_resolved(cfg, self.out / "config.yaml")
         torch.manual_seed(cfg.train.seed)
+        for sig in (signal.SIGTERM, signal.SIGUSR1):  # Slurm pre-emption
+            signal.signal(sig, self._on_signal)
         self.engine = build_engine(cfg, self.world, self.log.info)
         self.device = dist.device()
         self.tokenizer = self.engine.tokenizer
@@ -170,29 +207,39 @@ class ContinualTrainer:
 
     # ------------------------------------------------------------------ teacher
     def prepare_teacher(self) -> None:
+        """The teacher data of this rank's replay shard (states / top-k / features), from the
+        cache when every rank's cache is intact, else from one pass of the base model."""
+        from gere_ds.teacher import check_kl_topk, prepare_teacher_data, teacher_settings
+        from gere_ds.teacher_cache import STRATEGY_KIND
+
         r = self.cfg.replay
-        if r.strategy != "tm":
+        if r.strategy not in STRATEGY_KIND:
             return
+        if r.strategy == "kl":  # before any teacher work: one clear line
+            check_kl_topk(r.kl_topk, int(self.engine.module.config.vocab_size), self.cfg.model)
         cache_root = Path(r.teacher_cache) if r.teacher_cache else self.out / "teacher"
-        settings = {"strategy": r.strategy, "num_samples": r.num_samples, "max_len": r.max_len,
-                    "threshold_k": r.threshold_k, "world_size": self.world,
-                    "seed": self.cfg.train.seed, "bf16": self.cfg.train.bf16,
-                    "n_replay": len(self.inputs.replay_texts)}
+        settings = teacher_settings(r.strategy, num_samples=r.num_samples, max_len=r.max_len,
+                                    world_size=self.world, seed=self.cfg.train.seed,
+                                    bf16=self.cfg.train.bf16,
+                                    n_replay=len(self.inputs.replay_texts),
+                                    threshold_k=r.threshold_k, kl_topk=r.kl_topk)
         fp = fingerprint(self.cfg.model, self.cfg.tokenizer or self.cfg.model, r.data, settings)
         self.engine.engine.eval()
         n_fwd = math.ceil(len(self.shard) / r.teacher_batch_size)
         self.log.progress(n_fwd, "teacher pass")
         try:
-            self.teacher = prepare_teacher_states(
-                self.engine.forward, self.capture, self._replay_ids, self.shard, self.hidden_size,
-                r.threshold_k, r.teacher_batch_size, self.tokenizer.pad_token_id, self.device,
-                cache_root, fp, self.log.info, lambda i, n: self.log.advance(1))
+            self.teacher = prepare_teacher_data(
+                STRATEGY_KIND[r.strategy], self.engine.forward, self.capture, self._replay_ids,
+                self.shard, self.hidden_size, r.teacher_batch_size, self.tokenizer.pad_token_id,
+                self.device, cache_root, fp, self.log.info, lambda i, n: self.log.advance(1),
+                threshold_k=r.threshold_k, kl_topk=r.kl_topk)
         finally:
             self.log.close_progress()
             self.engine.engine.train()
         self.teacher_fingerprint = fp
-        self._lo = self.teacher.lo.to(self.device)
-        self._hi = self.teacher.hi.to(self.device)
+        if r.strategy == "tm":
+            self._lo = self.teacher.lo.to(self.device)
+            self._hi = self.teacher.hi.to(self.device)
 
     # ------------------------------------------------------------------ one micro-step
     def local_terms(self, logits: torch.Tensor, hidden: torch.Tensor, mb: MicroBatch,
@@ -203,13 +250,29 @@ class ContinualTrainer:
         zero = task_sum.new_zeros(())
         reg_sum, reg_count, reg_elems = zero, zero, zero
         picked = [i for i, sid in enumerate(replay_ids) if sid >= 0]
-        if self.cfg.replay.strategy == "tm" and picked:
+        strategy = self.cfg.replay.strategy
+        if strategy in ("tm", "kl", "l1", "l2") and picked:
+            from gere_ds.losses import feature_diff_sum_count, topk_kl_sum_count
+
             ids = [replay_ids[i] for i in picked]
             sel = torch.tensor(picked, device=hidden.device)
-            states = self.teacher.batch(ids, width=mb.input_ids.shape[1]).to(self.device)
-            reg_sum, reg_count, reg_elems = tm_sum_count(
-                hidden.index_select(0, sel), states, self._lo, self._hi,
-                mb.attention_mask.index_select(0, sel))
+            width = mb.input_ids.shape[1]
+            mask = mb.attention_mask.index_select(0, sel)
+            if strategy == "tm":
+                states = self.teacher.batch(ids, width=width).to(self.device)
+                reg_sum, reg_count, reg_elems = tm_sum_count(
+                    hidden.index_select(0, sel), states, self._lo, self._hi, mask)
+            elif strategy == "kl":  # token mean of KL(teacher || student) over the top-k
+                top_ids, top_logp = self.teacher.batch(ids, width=width)
+                reg_sum, reg_count = topk_kl_sum_count(
+                    logits.index_select(0, sel), top_ids.to(self.device),
+                    top_logp.to(self.device), mask, self.cfg.replay.kl_temperature)
+                reg_elems = reg_count
+            else:  # l1 / l2: element mean of |h - t| or (h - t)^2
+                feats = self.teacher.batch(ids, width=width).to(self.device)
+                reg_sum, reg_count = feature_diff_sum_count(
+                    hidden.index_select(0, sel), feats, mask, 1 if strategy == "l1" else 2)
+                reg_elems = reg_count
         tokens = mb.attention_mask.sum().to(torch.float32)
         return LocalTerms(task_sum, task_count, replay_sum, replay_count, reg_sum, reg_count,
                           reg_elems, tokens)
@@ -219,39 +282,85 @@ class ContinualTrainer:
         logits = self.engine.forward(mb.input_ids, mb.attention_mask)
         hidden = self.capture.pop()
         sl = combine(self.local_terms(logits, hidden, mb, replay_ids), self.cfg.replay.weight)
-        self.engine.engine.backward(sl.local_loss)
+        # sl.loss is global, so every rank takes the same branch (collectives stay in step);
+        # a non-finite micro-batch contributes no gradient
+        if bool(torch.isfinite(sl.loss)):
+            self.engine.engine.backward(sl.local_loss)
+        else:
+            self._bad_micro_steps += 1
         self.engine.engine.step()
         return sl
 
     # ------------------------------------------------------------------ one task
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        self._stop_signal = signum
+
     def train_task(self, task_index: int) -> None:
-        cfg, t = self.cfg, self.cfg.train
+        """Train one task from where self.progress stands (its start, or a resumed step)."""
+        cfg, t, p = self.cfg, self.cfg.train, self.progress
         task = cfg.tasks[task_index]
         sampler = self._sampler(task_index)
         total = self._steps_for(task_index)
-        if t.reset_optimizer_per_task:
+        if p.step_in_task == 0 and t.reset_optimizer_per_task:
             self.engine.reset_optimizer_state()
-        self.log.progress(total, f"task {task_index + 1}/{len(cfg.tasks)} {task.name}")
-        step_in_task = 0
+        self.log.progress(total, f"task {task_index + 1}/{len(cfg.tasks)} {task.name}",
+                          initial=p.step_in_task)
         tick = time.perf_counter()
-        for epoch in range(t.epochs):
-            for step in range(sampler.steps_per_epoch()):
-                if step_in_task >= total:
+        for epoch in range(p.epoch, t.epochs):
+            for step in range(p.step if epoch == p.epoch else 0, sampler.steps_per_epoch()):
+                if p.step_in_task >= total:
                     break
-                lr = lr_at(step_in_task, total, t.lr, t.warmup_steps, t.min_lr_ratio)
+                lr = lr_at(p.step_in_task, total, t.lr, t.warmup_steps, t.min_lr_ratio)
                 self.engine.set_lr(lr)
                 stats = StepStats()
+                self._bad_micro_steps = 0
                 for rows in sampler.step_micro_batches(epoch, step):
                     stats.add(self.micro_step(task_index, rows))
-                step_in_task += 1
-                self.global_step += 1
-                sampler.state.epoch, sampler.state.step = epoch, step + 1
-                if step_in_task % t.log_every == 0 or step_in_task == total:
+                p.epoch, p.step = epoch, step + 1
+                p.step_in_task += 1
+                p.global_step += 1
+                self._count_bad_step(task_index)
+                if p.step_in_task % t.log_every == 0 or p.step_in_task == total:
                     now = time.perf_counter()
-                    self._log_step(stats, lr, now - tick, task_index, epoch, step_in_task)
+                    self._log_step(stats, lr, now - tick, task_index, epoch, p.step_in_task)
                     tick = now
                 self.log.advance(1)
+                self._maybe_checkpoint(task_index, total)
         self.log.close_progress()
+
+    def _count_bad_step(self, task_index: int) -> None:
+        p = self.progress
+        if not self._bad_micro_steps:
+            p.bad_steps_in_a_row = 0
+            return
+        p.bad_steps_in_a_row += 1
+        p.skipped_steps += 1
+        self.log.info(f"non-finite loss at task {task_index + 1} step {p.step_in_task}: "
+                      f"{self._bad_micro_steps} micro-batch(es) skipped "
+                      f"({p.bad_steps_in_a_row} step(s) in a row, {p.skipped_steps} in all)")
+        if p.bad_steps_in_a_row >= self.cfg.train.max_bad_steps:
+            raise TrainingError(f"loss non-finite for {p.bad_steps_in_a_row} steps in a row "
+                                f"(train.max_bad_steps={self.cfg.train.max_bad_steps}) at task "
+                                f"{task_index + 1} step {p.step_in_task}; lower train.lr or "
+                                f"check the data; last good checkpoint kept")
+
+    def _maybe_checkpoint(self, task_index: int, total: int) -> None:
+        """Periodic checkpoints, and the pre-emption checkpoint (decided on all ranks)."""
+        every = self.cfg.checkpoint.every_steps
+        p = self.progress
+        periodic = bool(every) and p.step_in_task % every == 0 and p.step_in_task < total
+        stop = dist.any_rank(self._stop_signal is not None)
+        if periodic or stop:
+            tag = step_tag(task_index, p.step_in_task)
+            save_checkpoint(self.engine.engine, self.ckpt_root, tag, self.trainer_state())
+            if dist.local_rank() == 0:  # after the new one is complete
+                prune_step_checkpoints(self.ckpt_root, self.cfg.checkpoint.keep_last)
+            dist.barrier()
+            self.log.info(f"checkpoint {tag}")
+        if stop:
+            raise Preempted(f"pre-empted (signal) at task {task_index + 1} step "
+                            f"{p.step_in_task}: checkpoint saved; re-run the same command to "
+                            f"resume")
 
     def _log_step(self, stats: StepStats, lr: float, seconds: float, task_index: int,
                   epoch: int, step_in_task: int) -> None:
@@ -261,26 +370,125 @@ class ContinualTrainer:
                   "train/replay_ce": m["replay_ce"], "train/lr": lr,
                   "train/grad_norm": float(grad_norm) if grad_norm is not None else 0.0,
                   "train/tokens_per_s": m["tokens"] / max(seconds, 1e-9)}
-        if self.cfg.replay.strategy == "tm":
+        strategy = self.cfg.replay.strategy
+        if strategy == "tm":
             values.update({"train/tm": m["reg"], "train/tm_violation_frac": m["violation_frac"],
                            "train/tm_weight": m["reg_weight"]})
-        self.log.scalars(values, self.global_step,
+        elif strategy in ("kl", "l1", "l2"):
+            values.update({f"train/{strategy}": m["reg"],
+                           f"train/{strategy}_weight": m["reg_weight"]})
+        self.log.scalars(values, self.progress.global_step,
                          {"task": task_index, "epoch": epoch, "step_in_task": step_in_task})
         self.log.advance(0, loss=f"{m['loss']:.4f}", lr=f"{lr:.2e}")
 
     # ------------------------------------------------------------------ the sequence
-    def trainer_state(self, task_index: int) -> dict[str, Any]:
-        return {"task_index": task_index, "tasks_done": task_index + 1,
-                "global_step": self.global_step, "world_size": self.world,
+    @property
+    def ckpt_root(self) -> Path:
+        return self.out / "checkpoints"
+
+    def trainer_state(self) -> dict[str, Any]:
+        return {"progress": asdict(self.progress), "world_size": self.world,
+                "seed": self.cfg.train.seed,
+                "task_names": [task.name for task in self.cfg.tasks],
                 "teacher_fingerprint": getattr(self, "teacher_fingerprint", None)}
+
+    def resume(self) -> None:
+        """Load the checkpoint that `resume` names (auto: the newest complete one)."""
+        mode = self.cfg.resume
+        if mode == "never":
+            if dist.any_rank(any(self.ckpt_root.glob("task*"))):
+                raise InputError(f"{self.ckpt_root} already holds checkpoints and resume=never; "
+                                 f"use a new output_dir or resume=auto", field="resume")
+            return
+        if mode == "auto":
+            root, tag = self.ckpt_root, find_resume_checkpoint(self.ckpt_root, self.log.info)
+            if tag is None:
+                return
+        else:
+            root, tag = Path(mode).parent, Path(mode).name
+            problems = [x for x in dist.all_gather_object(local_problem(Path(mode))) if x]
+            if problems:
+                raise InputError(f"not a complete checkpoint: {problems[0]}", file=mode,
+                                 field="resume")
+        folder = root / tag
+        state = load_trainer_state(folder)
+        if state["world_size"] != self.world:
+            raise InputError(f"checkpoint {folder} was written by {state['world_size']} ranks and "
+                             f"this job has {self.world}; relaunch with {state['world_size']} "
+                             f"ranks (the replay shards and data order depend on the world "
+                             f"size), or start a new output_dir", field="resume")
+        names = [task.name for task in self.cfg.tasks]
+        if state["task_names"] != names[:len(state["task_names"])]:
+            raise InputError(f"checkpoint {folder} belongs to tasks {state['task_names']}, the "
+                             f"config has {names}", field="tasks")
+        fp = getattr(self, "teacher_fingerprint", None)
+        if state.get("teacher_fingerprint") != fp:
+            raise InputError(f"checkpoint {folder} was trained against other teacher data (model, "
+                             f"replay set or settings changed); use a new output_dir",
+                             field="replay")
+        self.engine.engine.load_checkpoint(str(root), tag=tag, load_optimizer_states=True,
+                                           load_lr_scheduler_states=False)
+        load_rng(folder)
+        self.progress = Progress(**state["progress"])
+        self.log.truncate_steps_after(self.progress.global_step)
+        p = self.progress
+        self.log.info(f"resumed from {folder}: task {p.task_index + 1}, step {p.step_in_task}"
+                      f"{' (done)' if p.task_done else ''}, global step {p.global_step}")
+
+    def evaluate_row(self) -> None:
+        """Evaluate the current model on every task and general set; one more matrix row."""
+        suite = self.inputs.eval_suite
+        if suite is None:
+            return
+        p = self.progress
+        label = "base model" if not p.matrix else f"after task {len(p.matrix)}"
+        self.log.info(f"evaluating the {label} on {len(self.cfg.tasks)} task(s) "
+                      f"and {len(suite.general)} general set(s)")
+        self.engine.engine.eval()
+        try:
+            row = suite.evaluate(self.engine.forward, self.tokenizer, device=self.device)
+        finally:
+            self.engine.engine.train()
+        p.matrix.append(row.row())
+        for name, value in row.general.items():
+            p.general.setdefault(name, []).append(value)
+        if dist.is_main():
+            from gere_ds.evaluation.report import log_to_tensorboard, write_report
+
+            names = [task.name for task in self.cfg.tasks]
+            write_report(str(self.out), names, p.matrix, p.general)
+            log_to_tensorboard(self.log.tb, names, p.matrix, p.general, rows="last")
+        scores = ", ".join(f"{k} {v:.1f}" for k, v in {**row.accuracy, **row.general}.items())
+        self.log.info(f"{label}: {scores}")
 
     def run(self, inputs: Inputs) -> None:
         self.setup(inputs)
-        self.prepare_teacher()
-        ckpt_root = self.out / "checkpoints"
-        for i, task in enumerate(self.cfg.tasks):
-            self.train_task(i)
-            folder = save_checkpoint(self.engine.engine, ckpt_root, task_tag(i),
-                                     self.trainer_state(i))
-            self.log.info(f"task {i + 1} {task.name} done; checkpoint {folder}")
-        self.log.info(f"run complete: {self.out} (TensorBoard: {self.out / 'tensorboard'})")
+        self.prepare_teacher()  # from the BASE model, before any checkpoint is loaded
+        self.resume()
+        p = self.progress
+        if not p.matrix:
+            self.evaluate_row()
+        for i in range(p.task_index, len(self.cfg.tasks)):
+            task = self.cfg.tasks[i]
+            if not p.task_done:
+                self.train_task(i)
+                p.task_done = True
+                folder = save_checkpoint(self.engine.engine, self.ckpt_root, task_tag(i),
+                                         self.trainer_state())
+                self.log.info(f"task {i + 1} {task.name} done; checkpoint {folder}")
+                if self.cfg.checkpoint.export_hf:
+                    from gere_ds.export import export_from_engine
+
+                    export_from_engine(self.engine.module, self.tokenizer,
+                                       self.out / "hf" / task_tag(i))
+            if self.inputs.eval_suite is not None and len(p.matrix) < i + 2:
+                self.evaluate_row()
+            if i + 1 < len(self.cfg.tasks):
+                self.progress = p = Progress(task_index=i + 1, global_step=p.global_step,
+                                             skipped_steps=p.skipped_steps, matrix=p.matrix,
+                                             general=p.general)
+        where = [f"TensorBoard: {self.out / 'tensorboard'}", f"log: {self.out / 'train.log'}"]
+        if self.inputs.eval_suite is not None:
+            where = [f"metrics: {self.out / 'metrics.md'}",
+                     f"heatmap: {self.out / 'accuracy_matrix.png'}"] + where
+        self.log.info("run complete; " + "; ".join(where))

@@ -37,13 +37,24 @@ def main(argv: list[str] | None = None) -> int:
         else:
             time.sleep(2)
         return 2
-    dist.init()
+    from gere_ds.trainer import Preempted, TrainingError
+
+    dist.init(timeout_s=cfg.train.collective_timeout_s)
     trainer = ContinualTrainer(cfg)
     try:
         trainer.run(inputs)
     except InputError as err:
-        print(f"error (rank {dist.rank()}): {err}", file=sys.stderr, flush=True)
+        if dist.rank() == 0:
+            print(f"error: {err}", file=sys.stderr, flush=True)
         return 2
+    except Preempted as stop:
+        trainer.log.info(str(stop))
+        dist.barrier()
+        return 0  # documented: a pre-empted run exits 0 after its checkpoint
+    except TrainingError as err:
+        if dist.rank() == 0:
+            print(f"error: {err}", file=sys.stderr, flush=True)
+        return 1
     finally:
         trainer.log.close()
     dist.barrier()  # a clean exit without destroy_process_group (see docs/platform notes)

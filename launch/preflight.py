@@ -1,0 +1,23 @@
+"""Pre-flight check under the training launcher (the deepspeed launcher runs a script path):
+
+    deepspeed --hostfile H launch/preflight.py --config X.yaml [key=value ...] [--timeout 60]
+    deepspeed --no_ssh --hostfile H --num_nodes N --node_rank R --master_addr A \\
+        launch/preflight.py --config X.yaml
+
+Same as `python -m gere_ds.preflight` (which see); accepts the launcher's --local_rank.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a clone without install
+
+from gere_ds.preflight import main  # noqa: E402
+
+if __name__ == "__main__":
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)  # no destroy_process_group; abandoned name-lookup threads are not joined

@@ -1,0 +1,52 @@
+"""Which checkpoint a resume trusts: complete markers and recorded sizes (one process)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from gere_ds.checkpoint import (candidate_tags, find_resume_checkpoint, prune_step_checkpoints,
+                                tag_order)
+
+
+def _fake(root: Path, tag: str, complete: bool = True, truncate: bool = False) -> None:
+    folder = root / tag
+    folder.mkdir(parents=True)
+    files = {"zero_pp_rank_0_mp_rank_00_model_states.pt": b"x" * 100,
+             "zero_pp_rank_0_mp_rank_00_optim_states.pt": b"y" * 200,
+             "rng_rank00000.pt": b"r", "trainer_state.json": b"{}"}
+    for name, data in files.items():
+        (folder / name).write_bytes(data)
+    if complete:
+        (folder / "COMPLETE.rank00000").write_text(json.dumps({n: len(d) for n, d in
+                                                               files.items()}))
+    if truncate:
+        (folder / "zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(b"y" * 50)
+
+
+def test_order_of_tags():
+    tags = ["task001-end", "task002-step000003", "task002-end", "task001-step000010"]
+    assert sorted(tags, key=tag_order) == ["task001-step000010", "task001-end",
+                                           "task002-step000003", "task002-end"]
+
+
+def test_incomplete_and_truncated_checkpoints_are_skipped(tmp_path):
+    _fake(tmp_path, "task001-end")
+    _fake(tmp_path, "task002-step000002", truncate=True)
+    _fake(tmp_path, "task002-step000004", complete=False)
+    lines: list[str] = []
+    assert find_resume_checkpoint(tmp_path, lines.append) == "task001-end"
+    assert "task002-step000004: no completion marker" in lines[0]
+    assert "task002-step000002: zero_pp_rank_0_mp_rank_00_optim_states.pt truncated" in lines[1]
+
+
+def test_no_checkpoint_means_fresh_start(tmp_path):
+    assert find_resume_checkpoint(tmp_path / "none", print) is None
+
+
+def test_retention_keeps_task_ends_and_newest_steps(tmp_path):
+    for tag in ("task001-step000001", "task001-step000002", "task001-end",
+                "task002-step000001", "task002-step000002"):
+        _fake(tmp_path, tag)
+    prune_step_checkpoints(tmp_path, keep_last=2)
+    assert sorted(candidate_tags(tmp_path)) == ["task001-end", "task002-step000001",
+                                                "task002-step000002"]
