@@ -77,8 +77,8 @@ class TrainConfig:
     grad_clip: float = doc("gradient-norm clipping (0 = off)", default=1.0)
     micro_batch_size: int = doc("rows per rank per forward", default=1)
     grad_accum: int = doc("micro-steps per optimizer step", default=66)
-    max_source_len: int = doc("prompt tokens kept (truncated from the left of the text)",
-                              default=512)
+    max_source_len: int = doc("prompt tokens kept (a long prompt keeps its end, so 'Answer:' "
+                              "survives)", default=512)
     max_target_len: int = doc("answer tokens kept (label + eos)", default=50)
     seed: int = doc("seed of data order, replay assignment and initialisation", default=42)
     bf16: bool = doc("bf16 mixed precision (fp32 master weights)", default=True)

@@ -65,7 +65,7 @@ class RunLogger:
             return
         path = self.output_dir / "train_steps.jsonl"
         self._steps.close()
-        rows = [ln for ln in path.read_text().splitlines()
+        rows = [ln for ln in path.read_text().split("\n")
                 if ln.strip() and json.loads(ln)["global_step"] <= global_step]
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_text("".join(r + "\n" for r in rows))

@@ -150,6 +150,29 @@ def teacher_pass(forward: Callable[[torch.Tensor, torch.Tensor], object],
     return thresholds, samples
 
 
+def explain_miss(cache_root: Path, fp: str, settings: dict | None) -> str | None:
+    """Why no cache exists under this fingerprint when caches of other fingerprints do (the
+    folder name holds the fingerprint, so a changed input shows up as a missing folder)."""
+    others = [m for m in cache_root.glob("*/rank*-of-*/manifest.json")
+              if m.parent.parent.name != fp[:16]]
+    if not others:
+        return None
+    latest = max(others, key=lambda m: m.stat().st_mtime)
+    try:
+        old = json.loads(latest.read_text()).get("settings") or {}
+    except (OSError, json.JSONDecodeError):
+        old = {}
+    where = latest.parent.parent.name
+    if old and settings:
+        changed = [f"{k} {old.get(k)!r} -> {settings.get(k)!r}"
+                   for k in sorted(set(old) | set(settings)) if old.get(k) != settings.get(k)]
+        if changed:
+            return f"fingerprint mismatch with cache {where}: {', '.join(changed)}"
+        return (f"fingerprint mismatch with cache {where}: the model, tokenizer or replay file "
+                f"changed")
+    return f"fingerprint mismatch with cache {where} (model, tokenizer, replay data or settings)"
+
+
 @torch.no_grad()
 def stream_pass(forward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
                 capture: FinalNormCapture, replay_ids: dict[int, list[int]], shard: list[int],
@@ -185,21 +208,25 @@ def prepare_teacher_data(kind: str, forward: Callable, capture: FinalNormCapture
                          batch_size: int, pad_id: int, device: torch.device, cache_root: Path,
                          fp: str, log: Callable[[str], None],
                          progress: Callable[[int, int], None], threshold_k: float = 1.0,
-                         kl_topk: int = 64) -> TeacherData:
+                         kl_topk: int = 64, settings: dict | None = None) -> TeacherData:
     """Load this rank's cache if every rank's is intact, else recompute on all ranks.
 
     ``kind`` is "states" (tm), "topk" (kl) or "features" (l1/l2). A missing, mismatched (other
     fingerprint: model, tokenizer, replay data, settings, world size) or damaged (size or sha256)
-    cache on ANY rank makes every rank recompute, with one log line saying why.
+    cache on ANY rank makes every rank recompute, with one log line saying why. ``settings``
+    (the fingerprint's settings) are kept in the manifest, so a later miss can say what changed.
     """
     folder = rank_dir(cache_root, fp, dist.rank(), dist.world_size())
     reason = check_rank_cache(folder, fp, kind)
+    if reason is not None and not (folder / "manifest.json").is_file():
+        reason = explain_miss(Path(cache_root), fp, settings) or reason
     if not dist.any_rank(reason is not None):
         log(f"teacher cache reused: {folder.parent}")
         return load_rank_cache(folder)
     reasons = [r for r in dist.all_gather_object(reason) if r]
-    log(f"teacher pass: computing {kind} ({reasons[0]})")
-    meta = {"rank": dist.rank(), "world_size": dist.world_size(), "hidden_size": hidden_size}
+    log(f"teacher pass: computing {kind} in {folder.parent} ({reasons[0]})")
+    meta = {"rank": dist.rank(), "world_size": dist.world_size(), "hidden_size": hidden_size,
+            "settings": settings or {}}
     if kind == "states":
         scratch = Path(tempfile.mkdtemp(prefix="teacher-", dir=os.environ.get("TMPDIR")))
         try:

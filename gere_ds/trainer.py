@@ -232,7 +232,7 @@ class ContinualTrainer:
                 STRATEGY_KIND[r.strategy], self.engine.forward, self.capture, self._replay_ids,
                 self.shard, self.hidden_size, r.teacher_batch_size, self.tokenizer.pad_token_id,
                 self.device, cache_root, fp, self.log.info, lambda i, n: self.log.advance(1),
-                threshold_k=r.threshold_k, kl_topk=r.kl_topk)
+                threshold_k=r.threshold_k, kl_topk=r.kl_topk, settings=settings)
         finally:
             self.log.close_progress()
             self.engine.engine.train()

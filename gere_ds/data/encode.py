@@ -19,16 +19,21 @@ class Encoded:
 def encode_source(tokenizer, prompt: str, max_source_len: int) -> list[int]:
     """Prompt ids with the tokenizer's special tokens (BOS if it adds one).
 
-    Too-long prompts keep their END (and a leading BOS): the instruction of a long passage may
-    be cut, but "Answer:" always survives, which the label depends on.
+    Too-long prompts keep their END and the tokenizer's special prefix/suffix: the instruction of
+    a long passage may be cut, but "Answer:", which the label follows, always survives.
     """
-    ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
-    if len(ids) <= max_source_len:
-        return ids
-    bos = tokenizer.bos_token_id
-    if bos is not None and ids and ids[0] == bos and max_source_len > 1:
-        return [bos] + ids[len(ids) - (max_source_len - 1):]
-    return ids[len(ids) - max_source_len:]
+    full = tokenizer(prompt, add_special_tokens=True)["input_ids"]
+    if len(full) <= max_source_len:
+        return full
+    plain = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    for off in range(len(full) - len(plain) + 1):
+        if full[off:off + len(plain)] == plain:
+            prefix, suffix = full[:off], full[off + len(plain):]
+            keep = max_source_len - len(prefix) - len(suffix)
+            if keep >= 1:
+                return prefix + plain[len(plain) - keep:] + suffix
+            break
+    return full[len(full) - max_source_len:]
 
 
 def encode_target(tokenizer, label: str, max_target_len: int) -> list[int]:

@@ -61,6 +61,8 @@ from typing import Any, Callable, Optional, Sequence, TypeVar
 
 import torch
 
+from gere_ds.data.encode import encode_source as _train_encode_source
+from gere_ds.data.encode import encode_target as _train_encode_target
 from gere_ds.data.prompts import build_prompt
 from gere_ds.errors import InputError
 
@@ -160,7 +162,8 @@ def read_rows(path: str) -> list[tuple[Optional[int], str, Any]]:
                 raise InputError("a JSON object file needs an 'Instances' list", file=path)
             return [(None, f"Instances[{i + 1}].", row) for i, row in enumerate(items)]
     rows = []
-    for lineno, raw in enumerate(text.splitlines(), start=1):
+    # split on "\n" only: str.splitlines() also breaks at U+2028 inside JSON strings
+    for lineno, raw in enumerate(text.split("\n"), start=1):
         if not raw.strip():
             continue
         try:
@@ -316,35 +319,16 @@ def pad_id(tokenizer: Any) -> int:
 
 
 def encode_source(tokenizer: Any, prompt: str, max_len: int) -> list[int]:
-    """Token ids of ``prompt`` with special tokens, cut to ``max_len`` keeping the END.
-
-    The special prefix/suffix the tokenizer adds (e.g. a BOS) is kept; the prompt tokens right
-    after it are dropped.
-    """
+    """Prompt ids exactly as in training (keeps the special prefix and the END of the prompt)."""
     if max_len < 1:
         raise ValueError("max_source_len must be >= 1")
-    full = _ids(tokenizer, prompt, True)
-    if len(full) <= max_len:
-        return full
-    plain = _ids(tokenizer, prompt, False)
-    off = None
-    for o in range(len(full) - len(plain) + 1):
-        if full[o:o + len(plain)] == plain:
-            off = o
-            break
-    if off is None:  # the tokenizer rewrites the text with specials: keep the end of it
-        return full[-max_len:]
-    prefix, suffix = full[:off], full[off + len(plain):]
-    keep = max_len - len(prefix) - len(suffix)
-    if keep < 1:
-        return full[-max_len:]
-    return prefix + plain[-keep:] + suffix
+    return _train_encode_source(tokenizer, prompt, max_len)
 
 
 def encode_target(tokenizer: Any, label: str, max_len: Optional[int] = None) -> list[int]:
-    """``label`` ids (no special tokens) + eos id; cut to ``max_len`` tokens if given."""
-    ids = _ids(tokenizer, label, False) + [eos_id(tokenizer)]
-    return ids[:max_len] if max_len else ids
+    """``label`` ids (no special tokens) + eos id, exactly as in training."""
+    eos_id(tokenizer)
+    return _train_encode_target(tokenizer, label, max_len or 1 << 30)
 
 
 def pad_batch(seqs: Sequence[Sequence[int]], pad: int, device: Any = None,

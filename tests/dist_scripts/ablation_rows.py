@@ -1,0 +1,49 @@
+"""Launched by tests under `deepspeed --num_gpus 2`: the entry point's main() once per ablation
+row, in one launch (a launch costs most of a tiny row's time).
+
+Each row is the tiny config plus the preset's replay.strategy / replay.weight, its own
+output_dir under --results and the shared teacher cache <results>/teacher, exactly the overrides
+launch/run_ablation.py passes; rows run one after another and the first failure stops.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+
+from gere_ds import dist  # noqa: E402
+
+
+def main() -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--config", required=True)
+    p.add_argument("--results", required=True)
+    p.add_argument("--rows", required=True, help="comma-separated row names of run_ablation")
+    p.add_argument("--local_rank", type=int, default=0)
+    p.add_argument("overrides", nargs="*")
+    args = p.parse_args()
+    spec = importlib.util.spec_from_file_location("train_entry", REPO / "launch" / "train.py")
+    train = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train)
+    spec = importlib.util.spec_from_file_location("run_ablation",
+                                                  REPO / "launch" / "run_ablation.py")
+    ablation = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ablation)
+    results = Path(args.results)
+    for row in args.rows.split(","):
+        argv = ["--config", args.config,
+                *ablation.row_overrides(row, results, args.overrides)]
+        rc = train.main(argv)
+        if dist.is_main():
+            print(f"ROW {row} rc={rc}", flush=True)
+        if rc != 0:
+            return rc
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,35 @@
+"""The real pretrained demo model (SmolLM2-135M-Instruct) for a few steps on one real task under
+2 ZeRO-3 ranks, with the TM loss and evaluation. Builds the assets if they are not there yet."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, run_deepspeed, run_python
+
+pytestmark = [pytest.mark.slow, pytest.mark.smoke]
+
+
+def test_demo_model_few_steps_one_task(tmp_path):
+    prep = run_python(["launch/prepare_assets.py"], timeout=900)
+    assert prep.returncode == 0, prep.stderr[-3000:]
+    out = tmp_path / "demo_smoke"
+    overrides = [f"output_dir={out}", "tasks=[{name: boolq, train: assets/data/boolq/train.jsonl,"
+                 " test: assets/data/boolq/test.jsonl, instruction: 'Read the passage and answer"
+                 " the question with True or False.', labels: ['True', 'False']}]",
+                 "replay.num_samples=40", "train.max_steps_per_task=3", "eval.max_examples=8",
+                 "eval.general.0.max_examples=8", "eval.general.1.max_examples=4",
+                 "checkpoint.every_steps=0"]
+    proc = run_deepspeed(REPO / "launch/train.py", ["--config", "configs/demo.yaml", *overrides],
+                         timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    steps = [json.loads(x) for x in (out / "train_steps.jsonl").read_text().splitlines()]
+    assert len(steps) == 3 and steps[0]["train/tm"] == 0.0 and steps[0]["train/replay_ce"] > 0
+    assert all(s["train/loss"] == s["train/loss"] for s in steps)  # finite, not NaN
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert len(metrics["matrix"]) == 2 and len(metrics["matrix"][0]) == 1
+    assert set(metrics["general"]) == {"mmlu", "heldout_ppl"}
+    assert (out / "checkpoints" / "task001-end").is_dir()
+    assert Path(out / "accuracy_matrix.png").stat().st_size > 1000
