@@ -168,6 +168,42 @@ def worker(args: argparse.Namespace) -> None:
         memory[name] = {"rss_start_mib": m.start / common.MIB, "rss_peak_mib": m.peak / common.MIB,
                         "step_extra_mib": (m.peak - m.start) / common.MIB}
 
+    # ---------------------------------------------------------------- each term in isolation
+    # the strategy term alone (teacher fetch + loss forward + its backward) on the real shapes of
+    # the mixed batch, many repetitions interleaved: a precise number for the overhead that the
+    # step-level ratios above measure only within the machine's noise
+    term_ms = term_costs(tr, teachers, mixed_rows, args.term_reps)
+
+    # ---------------------------------------------------------------- (c) teacher pass vs epoch
+    # rounds of [tm teacher pass into a fresh cache folder, one real epoch of train_task(0) with
+    # tm]; the engine keeps training (the timing does not depend on the weights)
+    eng.engine.backward, eng.engine.step = raw_backward, raw_step
+    use("tm" if "tm" in teachers else "replay")
+    tr.log.tb  # create the TensorBoard writer now, not inside the first timed epoch
+    cache0 = tr.cfg.replay.teacher_cache
+    teacher_vs_epoch = []
+    for r in range(args.epoch_reps):
+        tr.cfg.replay.teacher_cache = f"{cache0}-epochbench{r}"
+        dist.barrier()
+        t0 = time.perf_counter()
+        if "tm" in teachers:
+            tr.prepare_teacher()
+        t_teacher = time.perf_counter() - t0
+        tr.progress = type(tr.progress)()
+        dist.barrier()
+        t0 = time.perf_counter()
+        tr.train_task(0)
+        t_epoch = time.perf_counter() - t0
+        teacher_vs_epoch.append({"teacher_s": t_teacher, "epoch_s": t_epoch,
+                                 "steps": tr.progress.step_in_task})
+    tr.cfg.replay.teacher_cache = cache0
+    epoch_shape = {"task_rows": len(inputs.train_sets[0]), "replay_rows": len(inputs.replay_texts),
+                   "steps_per_epoch": tr._sampler(0).steps_per_epoch(),
+                   "replay_tokens_rank": sum(len(tr._replay_ids[i]) for i in tr.shard),
+                   "task_tokens_rank": sum(len(tr._encode(0, i).input_ids)
+                                           for i in range(rank, len(inputs.train_sets[0]), W)),
+                   "teacher_batch_size": tr.cfg.replay.teacher_batch_size}
+
     # ---------------------------------------------------------------- per-step collective cost
     dist.barrier()
     n_calls = 20
@@ -178,7 +214,9 @@ def worker(args: argparse.Namespace) -> None:
 
     local = {"rank": rank, "times": times, "phases": phases, "memory": memory,
              "max_rss_mib": common.max_rss_bytes() / common.MIB, "teacher_s": teacher_s,
-             "any_rank_ms": any_rank_ms}
+             "any_rank_ms": any_rank_ms, "teacher_vs_epoch": teacher_vs_epoch,
+             "term_ms": term_ms,
+             "epoch_shape": epoch_shape}
     gathered = dist.all_gather_object(local)
     if rank == 0:
         out = {"world_size": W, "micro_batch": B, "rows": {"none": task_rows, "mixed": mixed_rows},
@@ -187,6 +225,60 @@ def worker(args: argparse.Namespace) -> None:
                "P1_checks": checks, "teacher_manifests": manifests(tr, teachers)}
         Path(args.result).write_text(json.dumps(out, default=str))
     dist.barrier()  # clean exit without destroy_process_group (docs/platform.md)
+
+
+def term_costs(tr, teachers: dict, rows, reps: int) -> dict[str, float]:
+    """Median ms of each loss term's own work (fetch + forward + backward), this rank."""
+    import torch
+
+    from gere_ds.losses import (feature_diff_sum_count, tm_sum_count, token_ce_sum,
+                                topk_kl_sum_count)
+
+    tr.cfg.replay.strategy = "replay"
+    mb, rid = tr.make_batch(0, rows)
+    with torch.no_grad():
+        logits = tr.engine.forward(mb.input_ids, mb.attention_mask)
+        hidden = tr.capture.pop()
+    picked = [i for i, sid in enumerate(rid) if sid >= 0]
+    ids = [rid[i] for i in picked]
+    sel = torch.tensor(picked)
+    width = mb.input_ids.shape[1]
+    mask = mb.attention_mask.index_select(0, sel)
+
+    def leaf(t: torch.Tensor) -> torch.Tensor:
+        return t.detach().clone().requires_grad_(True)
+
+    def replay_ce() -> None:
+        token_ce_sum(leaf(logits), mb.labels, mb.is_replay)[0].backward()
+
+    fns = {"replay CE (all strategies but none)": replay_ce}
+    if "tm" in teachers:
+        t = teachers["tm"]
+
+        def tm() -> None:
+            states = t["teacher"].batch(ids, width=width)
+            tm_sum_count(leaf(hidden.index_select(0, sel)), states, t["lo"], t["hi"],
+                         mask)[0].backward()
+        fns["tm term"] = tm
+    if "kl" in teachers:
+        def kl() -> None:
+            top_ids, top_logp = teachers["kl"]["teacher"].batch(ids, width=width)
+            topk_kl_sum_count(leaf(logits.index_select(0, sel)), top_ids, top_logp, mask,
+                              tr.cfg.replay.kl_temperature)[0].backward()
+        fns["kl term"] = kl
+    if "l2" in teachers:
+        def l2() -> None:
+            feats = teachers["l2"]["teacher"].batch(ids, width=width)
+            feature_diff_sum_count(leaf(hidden.index_select(0, sel)), feats, mask,
+                                   2)[0].backward()
+        fns["l2 term"] = l2
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(reps + 1):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {k: 1e3 * common.median(v[1:]) for k, v in times.items()}
 
 
 def manifests(tr, teachers: dict) -> dict:
@@ -233,6 +325,7 @@ def summarise(raw: dict) -> dict:
     return {"variants": rows, "per_round_s": per_round,
             "max_rss_mib_per_rank": [r["max_rss_mib"] for r in ranks],
             "teacher_pass_s_rank0": ranks[0]["teacher_s"],
+            "term_ms": {k: max(r["term_ms"][k] for r in ranks) for k in ranks[0]["term_ms"]},
             "any_rank_ms": common.median(r["any_rank_ms"] for r in ranks)}
 
 
@@ -261,12 +354,95 @@ def report(summary: dict, raw: dict) -> str:
         out.append("\nproposal P1 (LM head on supervised positions only), step time vs as is:")
         out.append(common.table(["strategy", "P1 / as-is (median of rounds)", "loss rel. diff"],
                                 p1))
+    base = v.get("replay", {}).get("step_s", {}).get("median", float("nan"))
+    out.append("\neach loss term alone (teacher fetch + forward + backward, real shapes; slowest "
+               "rank's median), as a share of the median `replay` step:")
+    out.append(common.table(["term", "ms", "% of replay step"],
+                            [[k, ms, 100 * ms / 1e3 / base]
+                             for k, ms in summary["term_ms"].items()]))
     out.append(f"\nprocess peak RSS (ru_maxrss) MiB per rank: "
                f"{', '.join(f'{x:.0f}' for x in summary['max_rss_mib_per_rank'])}")
     out.append(f"dist.any_rank (one all-reduce + host sync, run every optimizer step by "
                f"train_task's pre-emption check): {summary['any_rank_ms']:.3f} ms per call")
     for note in raw["notes"]:
         out.append(f"note: {note}")
+    return "\n".join(out)
+
+
+def teacher_vs_epoch_summary(raw: dict) -> dict:
+    """(c): per round, the slowest rank's teacher pass and epoch; ratio medians over rounds."""
+    ranks = raw["ranks"]
+    n = len(ranks[0]["teacher_vs_epoch"])
+    teacher = [max(r["teacher_vs_epoch"][i]["teacher_s"] for r in ranks) for i in range(n)]
+    epoch = [max(r["teacher_vs_epoch"][i]["epoch_s"] for r in ranks) for i in range(n)]
+    shape = ranks[0]["epoch_shape"]
+    replay_tokens = sum(r["epoch_shape"]["replay_tokens_rank"] for r in ranks)
+    task_tokens = sum(r["epoch_shape"]["task_tokens_rank"] for r in ranks)
+    t_med, e_med = common.median(teacher), common.median(epoch)
+    return {"teacher_pass_s": common.spread(teacher), "epoch_s": common.spread(epoch),
+            "ratio": common.paired_ratio(teacher, epoch), "shape": shape,
+            "epoch_steps": ranks[0]["teacher_vs_epoch"][0]["steps"] if n else 0,
+            "replay_tokens": replay_tokens, "task_tokens": task_tokens,
+            "teacher_s_per_replay_token": t_med / max(replay_tokens, 1),
+            "epoch_s_per_token": e_med / max(replay_tokens + task_tokens, 1),
+            "first_pass_s_rank0": ranks[0]["teacher_s"]}
+
+
+def teacher_bytes(raw: dict, spec: common.ModelSpec) -> dict:
+    """(d): bytes of teacher data per replay token, measured from the cache manifests (data
+    files only) and by formula, at the bench width and at Llama-3.1-8B's; the reference stores
+    one torch.save'd fp32 [tokens, D] file per sample (its size measured here)."""
+    import io
+
+    import torch
+
+    D, k = spec.hidden, 64
+    measured = {kind: m["bytes_per_token"] for kind, m in raw["teacher_manifests"].items()}
+
+    def ref_file_bytes(tokens: int, d: int) -> int:
+        buf = io.BytesIO()
+        torch.save({"hidden_states": torch.zeros(tokens, d)}, buf)
+        return buf.getbuffer().nbytes
+
+    def formula(d: int, vocab: int, tokens: int) -> dict:
+        return {"tm (2-bit states)": d / 4, "kl (top-64 int32 id + fp16 log-prob)": 6 * k,
+                "l1/l2 (bf16 features)": 2 * d,
+                "reference (fp32 hidden-state .pt per sample)": ref_file_bytes(tokens, d) / tokens,
+                "full-vocabulary fp32 logits (naive kl)": 4 * vocab}
+    big = common.LLAMA_8B
+    at_8b = formula(big["hidden"], big["vocab"], big["replay_len"])
+    total_8b = {name: v * big["replay_samples"] * big["replay_len"] for name, v in at_8b.items()}
+    return {"bench": {"hidden": D, "vocab": 50257, "formula": formula(D, 50257, spec.seq),
+                      "measured_manifest": {{"states": "tm", "topk": "kl",
+                                             "features": "l1/l2"}.get(kk, kk): v
+                                            for kk, v in measured.items()}},
+            "llama_3_1_8b": {"hidden": big["hidden"], "vocab": big["vocab"], "per_token": at_8b,
+                             "total_bytes_1000x563": total_8b}}
+
+
+def report_teacher(summary: dict) -> str:
+    c, d = summary["teacher_vs_epoch"], summary["teacher_bytes"]
+    out = ["\n(c) teacher pass (tm, fresh cache) vs one epoch of training (tm), same run:",
+           common.table(["teacher pass s", "epoch s", "teacher/epoch (median of rounds)",
+                         "epoch steps", "replay tokens", "task tokens",
+                         "teacher ms/replay token", "epoch ms/token"],
+                        [[c["teacher_pass_s"]["median"], c["epoch_s"]["median"],
+                          c["ratio"]["median_of_ratios"], c["epoch_steps"], c["replay_tokens"],
+                          c["task_tokens"], 1e3 * c["teacher_s_per_replay_token"],
+                          1e3 * c["epoch_s_per_token"]]])]
+    out.append("first teacher pass per strategy, rank 0 s: " + ", ".join(
+        f"{k} {v:.2f}" for k, v in c["first_pass_s_rank0"].items()))
+    b, big = d["bench"], d["llama_3_1_8b"]
+    out.append(f"\n(d) teacher bytes per replay token (bench: D={b['hidden']}; Llama-3.1-8B: "
+               f"D={big['hidden']}, V={big['vocab']:,}; total for 1000 samples x 563 tokens):")
+    rows = []
+    meas = b["measured_manifest"]
+    for name, v in b["formula"].items():
+        key = name.split(" ")[0]
+        rows.append([name, v, meas.get(key, float("nan")), big["per_token"][name],
+                     f"{big['total_bytes_1000x563'][name] / 1e9:.2f} GB"])
+    out.append(common.table(["teacher data", "B/token bench (formula)",
+                             "B/token bench (manifest)", "B/token 8B", "8B total"], rows))
     return "\n".join(out)
 
 
@@ -278,6 +454,10 @@ def main() -> int:
     p.add_argument("--out", default=None, help="results folder (default bench/results)")
     p.add_argument("--assets", default=None, help="assets folder (default bench/results/assets)")
     p.add_argument("--no-proposals", action="store_true", help="skip the P1 variants")
+    p.add_argument("--term-reps", type=int, default=None,
+                   help="repetitions of each isolated loss term (default 30; smoke 2)")
+    p.add_argument("--epoch-reps", type=int, default=None,
+                   help="rounds of [teacher pass, one epoch] (default 3; smoke 1)")
     # worker side
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--config", help=argparse.SUPPRESS)
@@ -291,6 +471,8 @@ def main() -> int:
     spec = common.SMOKE if args.smoke else common.FULL
     reps = args.reps or (1 if args.smoke else 7)
     warmup = args.warmup if args.warmup is not None else 1
+    epoch_reps = args.epoch_reps or (1 if args.smoke else 3)
+    term_reps = args.term_reps or (2 if args.smoke else 30)
     out_dir = Path(args.out) if args.out else common.RESULTS
     assets = Path(args.assets) if args.assets else common.RESULTS / "assets"
     machine = common.machine_info()
@@ -303,7 +485,8 @@ def main() -> int:
                                   tmp / "cfg.yaml")
         result = tmp / "result.json"
         wargs = ["--worker", "--config", str(cfg), "--result", str(result), "--reps", str(reps),
-                 "--warmup", str(warmup)] + (["--no-proposals"] if args.no_proposals else [])
+                 "--warmup", str(warmup), "--epoch-reps", str(epoch_reps),
+                 "--term-reps", str(term_reps)] + (["--no-proposals"] if args.no_proposals else [])
         t0 = time.perf_counter()
         code, tail = common.launch(Path(__file__), wargs, nproc=W,
                                    log=out_dir / "logs" / f"{NAME}{'-smoke' if args.smoke else ''}.log")
@@ -314,6 +497,8 @@ def main() -> int:
             return 1
         raw = json.loads(result.read_text())
     summary = summarise(raw)
+    summary["teacher_vs_epoch"] = teacher_vs_epoch_summary(raw)
+    summary["teacher_bytes"] = teacher_bytes(raw, spec)
     machine["load_average_end"] = __import__("os").getloadavg()
     payload = {"benchmark": NAME, "smoke": args.smoke, "machine": machine, "model": spec.__dict__,
                "world_size": W, "reps": reps, "warmup": warmup, "wall_s": wall,
@@ -327,6 +512,7 @@ def main() -> int:
           f"{spec.micro_batch} x {W} ranks; {reps} rounds (+{warmup} warm-up); load average "
           f"{machine['load_average'][0]:.2f} -> {machine['load_average_end'][0]:.2f}")
     print(report(summary, raw))
+    print(report_teacher(summary))
     print(f"\nwritten: {path}")
     return 0
 

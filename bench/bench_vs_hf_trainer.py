@@ -110,14 +110,17 @@ def make_trainer_class():
         reference's GeRe loss (see the module docstring)."""
 
         thresholds: tuple = ()
+        last_terms: dict = {}
 
         def _get_train_sampler(self, *args, **kwargs):
             return SequentialSampler(self.train_dataset)
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             if "gere" not in inputs:
-                return super().compute_loss(model, inputs, return_outputs=return_outputs,
-                                            num_items_in_batch=num_items_in_batch)
+                out = super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                           num_items_in_batch=num_items_in_batch)
+                self.last_terms = {"loss": (out[0] if return_outputs else out).detach()}
+                return out
             total_ce = torch.zeros((), requires_grad=True)
             loss = None
             g, ori = inputs["gere"], inputs["ori"]
@@ -147,6 +150,8 @@ def make_trainer_class():
             if g is not None and ori is not None:
                 total_ce = total_ce / 2
             loss = total_ce + W_TM * margin if margin is not None else total_ce
+            self.last_terms = {"loss": loss.detach(), "ce": total_ce.detach(),
+                               "tm": margin.detach() if margin is not None else None}
             return (loss, None) if return_outputs else loss
 
     return RefStyleTrainer
@@ -259,13 +264,20 @@ def worker(args: argparse.Namespace) -> None:
     notes = []
 
     # ------------------------------------------------------------------ gere-ds steps
+    first_losses: dict[str, dict] = {}
+
     def gere_step(name: str):
         tr.cfg.replay.strategy = "none" if name.startswith("gere_none") else "tm"
         rows = task_rows if name.startswith("gere_none") else mixed_rows
         tr._bad_micro_steps = 0
         if name.endswith("+P1"):
-            return proposals.pick_micro_step(tr, rows)
-        return tr.micro_step(0, rows)
+            sl = proposals.pick_micro_step(tr, rows)
+        else:
+            sl = tr.micro_step(0, rows)
+        if name not in first_losses:  # global values (identical on every rank)
+            first_losses[name] = {"loss": sl.loss, "ce": sl.loss - sl.reg_weight * sl.reg,
+                                  "tm": sl.reg}
+        return sl
 
     times: dict[str, list[float]] = {}
     memory: dict[str, dict[str, float]] = {}
@@ -354,6 +366,8 @@ def worker(args: argparse.Namespace) -> None:
                 s = state.global_step - 1
                 mode, rnd = modes[s], s // 2 if solo is None else s
                 hf_name = f"hf_{mode}"
+                if hf_name not in first_losses:  # rank 0's local loss (HF reduces per rank)
+                    first_losses[hf_name] = dict(self.trainer.last_terms)
                 if self.peak is not None:
                     self.peak.__exit__()
                     memory[hf_name] = {"rss_peak_mib": self.peak.peak / common.MIB,
@@ -378,15 +392,28 @@ def worker(args: argparse.Namespace) -> None:
                             record(name, time.perf_counter() - t0, rnd)
                 self._arm(s + 1)
 
+        interleave = Interleave()
         trainer = Trainer(model=model, args=targs, train_dataset=dataset,
                           data_collator=Collator(tok, cfg.replay.max_len, hidden_dir, rank),
-                          callbacks=[Interleave()])
+                          callbacks=[interleave])
+        interleave.trainer = trainer
         trainer.train()
+        wrapped = trainer.model_wrapped
+        hf_checks = {"is_deepspeed_enabled": bool(trainer.is_deepspeed_enabled),
+                     "engine": type(wrapped).__name__,
+                     "zero_stage": wrapped.zero_optimization_stage()
+                     if hasattr(wrapped, "zero_optimization_stage") else None,
+                     "bf16": wrapped.bfloat16_enabled() if hasattr(wrapped, "bfloat16_enabled")
+                     else None, "world_size": trainer.args.world_size,
+                     "optimizer": type(getattr(wrapped, "optimizer", None)).__name__}
+        notes.append(f"HF Trainer engine: {hf_checks}")
         hf_steps = trainer.state.global_step
         if hf_steps != len(modes):
             notes.append(f"rank {rank}: the Trainer ran {hf_steps} steps, {len(modes)} planned")
 
-    local = {"rank": rank, "times": times, "memory": memory,
+    first = {n: {k: (float(v) if v is not None else None) for k, v in d.items()}
+             for n, d in first_losses.items()}
+    local = {"rank": rank, "times": times, "memory": memory, "first_losses": first,
              "max_rss_mib": common.max_rss_bytes() / common.MIB, "notes": notes}
     gathered = dist.all_gather_object(local)
     if rank == 0:
@@ -440,7 +467,9 @@ def summarise(raw: dict, tokens: dict[str, int], solos: dict[str, dict]) -> dict
                       "step_s": common.spread(sr.get(name, [])),
                       "step_rss_peak_mib_per_rank": [r["memory"].get(name, {}).get("rss_peak_mib")
                                                      for r in sraw["ranks"]]}
+    notes = sorted({n for r in raw["ranks"] for n in r["notes"]})
     return {"variants": variants, "ratios": ratios, "per_round_s": rounds,
+            "first_losses": raw["ranks"][0].get("first_losses", {}), "notes": notes,
             "max_rss_mib_per_rank_interleaved": [r["max_rss_mib"] for r in raw["ranks"]],
             "solo": solo}
 
@@ -468,6 +497,15 @@ def report(s: dict) -> str:
             [[n, mib(v["max_rss_mib_per_rank"]), mib(v["step_rss_peak_mib_per_rank"]),
               v["step_s"]["median"]] if v else [n, "failed", "-", "-"]
              for n, v in s["solo"].items()]))
+    fl = s.get("first_losses", {})
+    if fl:
+        out.append("\nloss at each variant's first step (rank 0; same initial weights, lr 1e-5):")
+        out.append(common.table(["variant", "loss", "CE", "TM"],
+                                [[n, d.get("loss"), d.get("ce", float("nan")),
+                                  d.get("tm") if d.get("tm") is not None else float("nan")]
+                                 for n, d in fl.items()]))
+    for note in s.get("notes", []):
+        out.append(f"note: {note}")
     return "\n".join(out)
 
 

@@ -124,6 +124,10 @@ def paired_ratio(num: list[float], den: list[float]) -> dict[str, float]:
 
 def table(headers: list[str], rows: list[list[Any]]) -> str:
     def fmt(v: Any) -> str:
+        if isinstance(v, bool):
+            return str(v)
+        if isinstance(v, int):
+            return f"{v:,}"
         if isinstance(v, float):
             if v != v:
                 return "-"

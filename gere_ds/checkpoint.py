@@ -24,6 +24,8 @@ import os
 import random
 import re
 import shutil
+import socket
+import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
@@ -31,14 +33,18 @@ import numpy as np
 import torch
 
 from gere_ds import dist
+from gere_ds.errors import InputError
 
 _TAG = re.compile(r"^task(\d{3})-(end|step(\d{6}))$")
 
 
 def atomic_write_text(path: Path, text: str) -> None:
+    """Write to a unique temp file in the same folder, then rename (several nodes may write the
+    same marker on a shared disk, and container pids repeat across nodes)."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text)
     os.replace(tmp, path)
 
 
@@ -144,14 +150,26 @@ def candidate_tags(root: Path) -> list[str]:
 
 
 def find_resume_checkpoint(root: Path, log: Callable[[str], None]) -> str | None:
-    """The newest tag that is complete on EVERY rank (collective); incomplete ones are logged."""
-    tags = dist.broadcast_object(candidate_tags(root))
+    """The newest tag that is complete on EVERY rank (collective); incomplete ones are logged.
+
+    If some rank holds checkpoints but none is complete everywhere (node-local output dirs after
+    a requeue onto other nodes), stop with one line instead of silently starting over.
+    """
+    seen = dist.all_gather_object((socket.gethostname(), candidate_tags(root)))
+    tags = sorted({t for _, ts in seen for t in ts}, key=tag_order, reverse=True)
     for tag in tags:
         problem = local_problem(Path(root) / tag)
         problems = [p for p in dist.all_gather_object(problem) if p]
         if not problems:
             return tag
         log(f"skipping checkpoint {tag}: {problems[0]}")
+    if tags:
+        have = sorted({h for h, ts in seen if ts})
+        lack = sorted({h for h, ts in seen if not ts})
+        raise InputError(f"checkpoints exist on {', '.join(have)} but none is complete on every "
+                         f"rank{' (none on ' + ', '.join(lack) + ')' if lack else ''}; the "
+                         f"output_dir looks node-local: copy {root} to every node, or set "
+                         f"resume=never to start over", field="resume")
     return None
 
 

@@ -90,7 +90,8 @@ def topk_kl_per_token(logits: torch.Tensor, teacher_ids: torch.Tensor,
     The approximation (docs/strategies.md): both distributions are restricted to the teacher's
     k kept ids S and renormalised over S,
 
-        p~_j = softmax_S(log p_j / T),   q~_j = softmax_S(z_j / T),   KL_k = sum_S p~ (log p~ - log q~)
+        p~_j = softmax_S(log p_j / T),   q~_j = softmax_S(z_j / T),
+        KL_k = sum_S p~ (log p~ - log q~)
 
     ``log p_j / T`` equals the teacher's logits over T up to a per-position constant, which the
     renormalisation removes, so the stored T=1 log-probs serve every temperature. The student

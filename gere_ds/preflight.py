@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import hashlib
+import json
 import os
 import platform
 import re
@@ -32,9 +33,10 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from gere_ds.errors import InputError
 
@@ -76,7 +78,7 @@ def resolve_hosts(hosts: list[str], timeout: float) -> dict[str, str | None]:
     for t in threads.values():
         t.join(max(deadline - time.monotonic(), 0))
     late = f"name lookup gave no answer within {timeout:g} s"
-    return {h: answers[h] if h in answers else late for h in hosts}
+    return {h: answers.get(h, late) for h in hosts}
 
 
 class Watchdog:
@@ -190,14 +192,15 @@ def check_launch(args: argparse.Namespace) -> list[str]:
 def _check_ssh(hosts: list[str], timeout: float) -> list[str]:
     """Passwordless ssh to every host (what `deepspeed --hostfile` without --no_ssh needs)."""
     if shutil.which("ssh") is None:
-        return ["ssh is not installed here; `deepspeed --hostfile` needs passwordless ssh "
-                "(or use --no_ssh with one launcher per node)"]
+        return [("ssh is not installed here; `deepspeed --hostfile` needs passwordless ssh "
+                 "(or use --no_ssh with one launcher per node)")]
     problems = []
     for host in hosts:
         cmd = ["ssh", "-o", "BatchMode=yes", "-o", f"ConnectTimeout={max(int(timeout), 1)}",
                host, "true"]
         try:
-            r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout + 5)
+            r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout + 5,
+                               check=False)
         except subprocess.TimeoutExpired:
             problems.append(f"host {host!r}: ssh gave no answer within {timeout:g} s")
             continue
@@ -265,7 +268,7 @@ def versions() -> dict[str, str]:
         out["cuda"] = str(torch.version.cuda)
         try:
             out["nccl"] = ".".join(map(str, torch.cuda.nccl.version()))
-        except Exception:  # noqa: BLE001 - informational only
+        except Exception:  # noqa: BLE001, S110 (informational only)
             pass
     h = hashlib.sha1()
     root = Path(__file__).resolve().parent
@@ -287,8 +290,6 @@ def check_model(cfg: Any, info: dict[str, Any]) -> str:
         raise InputError("no weight files (*.safetensors / *.bin) in the model folder",
                          file=cfg.model, field="model")
     for index in folder.glob("*.index.json"):
-        import json
-
         shards = set(json.loads(index.read_text()).get("weight_map", {}).values())
         missing = sorted(s for s in shards if not (folder / s).is_file())
         if missing:
@@ -319,8 +320,16 @@ def check_data(cfg: Any, info: dict[str, Any]) -> str:
             n += len(rows)
             path = Path(task.train if split == "train" else task.test)
             prints[str(path)] = _fingerprint_file(path)
+    general = cfg.eval.general if cfg.eval.enabled else []
+    for i, g in enumerate(general):
+        path = Path(g.path)
+        if not path.is_file():
+            raise InputError(f"general evaluation {g.name!r} file not found", file=g.path,
+                             field=f"eval.general.{i}.path")
+        prints[str(path)] = _fingerprint_file(path)
     info["data_files"] = prints
-    return f"{len(cfg.tasks)} task(s), {n} examples"
+    extra = f", {len(general)} general set(s)" if general else ""
+    return f"{len(cfg.tasks)} task(s), {n} examples{extra}"
 
 
 def check_replay(cfg: Any, world: int, info: dict[str, Any]) -> str | None:
@@ -365,7 +374,7 @@ def check_writable(folder: Path) -> str:
 
 def check_output(cfg: Any, info: dict[str, Any]) -> str:
     folders = [("output_dir", Path(cfg.output_dir))]
-    if cfg.replay.teacher_cache and cfg.replay.strategy == "tm":
+    if cfg.replay.teacher_cache and cfg.strategy_needs_teacher():
         folders.append(("replay.teacher_cache", Path(cfg.replay.teacher_cache)))
     details = []
     for key, folder in folders:
@@ -480,7 +489,7 @@ def render_table(rows: list[Row], shared: dict[int, str]) -> str:
         cells.append(shared.get(r.rank, "-"))
         body.append(cells)
     widths = [max(len(x[i]) for x in [head, *body]) for i in range(len(head))]
-    fmt = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
+    fmt = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()
     return "\n".join([fmt(head), fmt(["-" * w for w in widths]), *map(fmt, body)])
 
 
@@ -588,7 +597,7 @@ def run_distributed(args: argparse.Namespace) -> int:
     t0 = time.monotonic()
     try:
         dist.init(timeout_s=args.timeout)
-    except Exception as err:  # noqa: BLE001 - one line, whatever the backend raised
+    except Exception as err:  # noqa: BLE001 (one line, whatever the backend raised)
         print(f"preflight: FAIL {who}: process group: {join_hint} "
               f"(after {time.monotonic() - t0:.0f} s: {_one_line(err)[:300]})",
               file=sys.stderr, flush=True)
@@ -650,7 +659,7 @@ def run_distributed(args: argparse.Namespace) -> int:
         dog.enter("final barrier", args.timeout + 20, stall_hint)
         tdist.barrier()
         dog.leave()
-    except Exception as err:  # noqa: BLE001 - a collective failed or timed out
+    except Exception as err:  # noqa: BLE001 (one line, whatever the backend raised)
         print(f"preflight: FAIL {who}: collectives: {stall_hint} ({_one_line(err)[:300]})",
               file=sys.stderr, flush=True)
         os._exit(EXIT_STALLED)
@@ -677,7 +686,7 @@ def _prebuild_comm_op() -> None:
         builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
         if builder is not None and __compatible_ops__.get(builder.NAME, False):
             builder.load(verbose=False)
-    except Exception:  # noqa: BLE001 - init_distributed will try again and report
+    except Exception:  # noqa: BLE001, S110 (init_distributed builds it again and reports)
         pass
 
 

@@ -31,7 +31,7 @@ from gere_ds.errors import InputError
 from gere_ds.evaluation.scoring import EvalSuite
 from gere_ds.losses import LocalTerms, StepLoss, combine, tm_sum_count, token_ce_sum
 from gere_ds.run_log import RunLogger
-from gere_ds.teacher import fingerprint, prepare_teacher_states
+from gere_ds.teacher import check_kl_topk, fingerprint
 from gere_ds.teacher_cache import TeacherStates
 
 
@@ -68,6 +68,12 @@ def validate_inputs(cfg: RunConfig, world_size: int) -> Inputs:
         if cfg.replay.per_batch >= global_batch:
             raise InputError(f"per_batch={cfg.replay.per_batch} must be smaller than the global "
                              f"batch ({global_batch})", field="replay.per_batch")
+    if cfg.replay.strategy == "kl":  # before the model is loaded: one clear line
+        import json
+
+        vocab = json.loads((Path(cfg.model) / "config.json").read_text()).get("vocab_size")
+        if vocab:
+            check_kl_topk(cfg.replay.kl_topk, int(vocab), cfg.model)
     suite = None
     if cfg.eval.enabled:
         suite = EvalSuite(cfg.tasks, cfg.eval, seed=cfg.train.seed,
@@ -491,4 +497,10 @@ class ContinualTrainer:
         if self.inputs.eval_suite is not None:
             where = [f"metrics: {self.out / 'metrics.md'}",
                      f"heatmap: {self.out / 'accuracy_matrix.png'}"] + where
+        import resource
+
+        peak_gb = [kb / 2**20 for kb in dist.all_gather_object(
+            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)]
+        self.log.info("peak memory per rank (RSS): "
+                      + ", ".join(f"rank {r} {gb:.2f} GiB" for r, gb in enumerate(peak_gb)))
         self.log.info("run complete; " + "; ".join(where))

@@ -14,7 +14,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a clone without install
 
-from gere_ds.preflight import main  # noqa: E402
+from gere_ds.preflight import main
 
 if __name__ == "__main__":
     code = main()

@@ -15,8 +15,9 @@ strategy reuse one teacher pass (the weight is not part of the teacher fingerpri
 
 ``<results>/ablation.json`` records each row's command, exit code and time, written after every
 row; paths in the base config and ``--results`` are relative to the current directory (the
-rows run there). A row already recorded as done is skipped (``--force`` reruns it), and a row that failed
-or was interrupted is relaunched and resumes from its latest checkpoint (``resume: auto``).
+rows run there). A row already recorded as done is skipped (``--force`` reruns it), and a row
+that failed or was interrupted is relaunched and resumes from its latest checkpoint
+(``resume: auto``).
 When every selected row has its metrics, ``eval/compare.py`` writes ``<results>/compare.md``.
 
 ``--write-presets DIR`` writes each row as a complete run config (``DIR/<row>.yaml`` = the base

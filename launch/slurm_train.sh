@@ -19,6 +19,8 @@
 #   PREFLIGHT          1 (default) = run the pre-flight check before training; 0 = skip
 #   PREFLIGHT_TIMEOUT  seconds for the pre-flight rendezvous and collectives (default 120)
 #   NODE_TMP           node-local scratch (default: $SLURM_TMPDIR, $TMPDIR or /tmp)
+#   SRUN_ARGS          extra arguments for the srun steps, e.g. "--gpus-per-node=8" where steps
+#                      do not see the job's GPUs by default, or "--cpu-bind=none"
 #   NCCL_SOCKET_IFNAME / NCCL_IB_HCA / NCCL_IB_DISABLE / GLOO_SOCKET_IFNAME: network interfaces
 #
 #SBATCH --job-name=gere-ds
@@ -101,10 +103,14 @@ echo "[$(date '+%F %T')] job ${SLURM_JOB_ID} (restart ${SLURM_RESTART_COUNT:-0})
 
 # one task per node; each node's launcher output (all its ranks) goes to its own log file;
 # a node whose launcher fails ends the step on every node (no half-alive job)
+# (the one task gets all the node's CPUs: by default a step task is bound to one CPU, and all
+# of the node's ranks would share it)
+STEP_ARGS=(--nodes="$SLURM_NNODES" --ntasks-per-node=1 --kill-on-bad-exit=1
+           --output="$LOG_DIR/%x-%j-node%n.log" --open-mode=append)
+[[ -n "${SLURM_CPUS_ON_NODE:-}" ]] && STEP_ARGS+=(--cpus-per-task="$SLURM_CPUS_ON_NODE")
+read -r -a EXTRA_SRUN_ARGS <<< "${SRUN_ARGS:-}"
 run_on_nodes() {
-    srun --nodes="$SLURM_NNODES" --ntasks-per-node=1 --kill-on-bad-exit=1 \
-        --output="$LOG_DIR/%x-%j-node%n.log" --open-mode=append \
-        bash "$SELF" --node-task "$@" &
+    srun "${STEP_ARGS[@]}" "${EXTRA_SRUN_ARGS[@]}" bash "$SELF" --node-task "$@" &
     local step=$! next_notice=0
     while kill -0 "$step" 2>/dev/null; do
         # after a pre-emption notice, repeat it every 10 s: ranks still starting up (their

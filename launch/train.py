@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import argparse
 import os
+import socket
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a clone without install
@@ -23,23 +23,41 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def _report(errors: list[tuple[str, str | None]]) -> bool:
+    """Rank 0 prints each distinct error once (naming the hosts when they differ)."""
+    bad = [(host, msg) for host, msg in errors if msg]
+    if bad and dist.rank() == 0:
+        distinct = sorted({msg for _, msg in bad})
+        for msg in distinct:
+            hosts = sorted({host for host, m in bad if m == msg})
+            where = f" (on {', '.join(hosts)})" if len(distinct) > 1 or len(hosts) < len(
+                {h for h, _ in errors}) else ""
+            print(f"error{where}: {msg}", file=sys.stderr, flush=True)
+    return bool(bad)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    error, cfg, inputs = None, None, None
     try:
         cfg = load_config(args.config, args.overrides)
-        from gere_ds.trainer import ContinualTrainer, validate_inputs
+        from gere_ds.trainer import validate_inputs
 
         inputs = validate_inputs(cfg, dist.world_size())
     except InputError as err:
-        # every rank finds the same error; rank 0 says it once
-        if dist.rank() == 0:
-            print(f"error: {err}", file=sys.stderr, flush=True)
-        else:
-            time.sleep(2)
+        error = str(err)
+    timeout = cfg.train.collective_timeout_s if cfg else 1800.0
+    if dist.world_size() > 1:
+        # every rank validated its own files (nodes may differ): agree before any work
+        dist.init(timeout_s=timeout)
+        if _report(dist.all_gather_object((socket.gethostname(), error))):
+            return 2
+    elif error:
+        print(f"error: {error}", file=sys.stderr, flush=True)
         return 2
-    from gere_ds.trainer import Preempted, TrainingError
+    from gere_ds.trainer import ContinualTrainer, Preempted, TrainingError
 
-    dist.init(timeout_s=cfg.train.collective_timeout_s)
+    dist.init(timeout_s=timeout)
     trainer = ContinualTrainer(cfg)
     try:
         trainer.run(inputs)

@@ -37,7 +37,9 @@ def run_deepspeed(script: str | Path, args: list[str], nproc: int = 2, timeout: 
         return subprocess.run(cmd, cwd=REPO, env=ds_env(), capture_output=True, text=True,
                               timeout=timeout)
     finally:
-        for f in glob.glob("/dev/shm/deepspeed_allreduce_buffer_*"):
+        # only this job's shm buffers (named after its master port): other DeepSpeed jobs on
+        # the machine keep theirs
+        for f in glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{port}_*"):
             try:
                 os.remove(f)
             except OSError:

@@ -9,9 +9,18 @@ import time
 from pathlib import Path
 
 import pytest
+from dist_scripts.launchers import (
+    DEEPSPEED,
+    REPO,
+    clean_shm,
+    ds_env,
+    free_port,
+    our_lines,
+    run_nodes,
+    run_one,
+    write_hostfile,
+)
 
-from dist_scripts.launchers import (DEEPSPEED, REPO, clean_shm, ds_env, free_port, our_lines,
-                                    run_nodes, run_one, write_hostfile)
 from gere_ds import preflight
 from gere_ds.errors import InputError
 
@@ -21,7 +30,8 @@ PREFLIGHT = REPO / "launch" / "preflight.py"
 def _preflight(*args: str, timeout: float = 120) -> tuple[subprocess.CompletedProcess, float]:
     t0 = time.monotonic()
     r = subprocess.run([sys.executable, "-m", "gere_ds.preflight", *args], cwd=REPO,
-                       env=ds_env(), capture_output=True, text=True, timeout=timeout)
+                       env=ds_env(), capture_output=True, text=True, timeout=timeout,
+                       check=False)
     return r, time.monotonic() - t0
 
 
@@ -52,7 +62,7 @@ def test_hostfile_ok(tmp_path):
 def test_malformed_hostfile_one_line(tmp_path, text, expect):
     hf = tmp_path / "hostfile"
     hf.write_text(text)
-    r, seconds = _preflight("--hostfile", str(hf))
+    r, _ = _preflight("--hostfile", str(hf))
     assert r.returncode == 2
     lines = _fail_lines(r.stderr)
     assert len(lines) == 1 and expect in lines[0], r.stderr
@@ -149,8 +159,8 @@ def test_single_process_files_only(tiny_config):
     r, _ = _preflight("--config", str(cfg), "tasks.1.train=/nonexistent/train.jsonl")
     assert r.returncode == 1
     assert _fail_lines(r.stdout) == [
-        f"preflight: FAIL host {preflight.socket.gethostname()} (node 0, rank 0): data: "
-        "/nonexistent/train.jsonl: topic train file not found"]
+        (f"preflight: FAIL host {preflight.socket.gethostname()} (node 0, rank 0): data: "
+         "/nonexistent/train.jsonl: topic train file not found")]
 
 
 # ----------------------------------------------------------------------------- under the launcher
@@ -212,7 +222,7 @@ def test_missing_peer_fails_within_timeout(tiny_config, tmp_path):
            str(PREFLIGHT), "--config", str(cfg), "--timeout", "10"]
     try:
         r = subprocess.run(cmd, cwd=REPO, env=ds_env(), capture_output=True, text=True,
-                           timeout=240)
+                           timeout=240, check=False)
     finally:
         clean_shm(port)
     seconds = time.monotonic() - t0

@@ -13,8 +13,9 @@ from gere_ds.losses import (LocalTerms, combine, feature_diff_sum_count, full_kl
                             teacher_topk, topk_kl_per_token, topk_kl_sum_count)
 
 # The stated tolerance of the top-k approximation (k=64, T=2, a teacher whose top-64 tokens hold
-# >= 85% of its T=2 probability): |KL_k - KL_full| / KL_full <= 15%.
-TOPK_REL_TOL = 0.15
+# >= 90% of its T=2 probability): |KL_k - KL_full| / KL_full <= 10% (measured: 2.5%; see
+# docs/strategies.md for how the error follows the kept mass).
+TOPK_REL_TOL = 0.10
 
 
 def _logits(seed: int, B: int = 3, T: int = 6, V: int = 40, dtype=torch.float32):
@@ -203,9 +204,9 @@ def tiny_teacher_student(gpt2_tokenizer_dir):
     width = min(len(i) for i in ids)
     data = torch.tensor([i[:width] for i in ids])
     train, held_out = data[:64], data[64:]
-    opt = torch.optim.Adam(teacher.parameters(), lr=3e-2)
+    opt = torch.optim.Adam(teacher.parameters(), lr=5e-2)
     g = torch.Generator().manual_seed(0)
-    for _ in range(40):
+    for _ in range(15):
         b = train[torch.randint(0, len(train), (4,), generator=g)]
         loss = teacher(input_ids=b, labels=b).loss
         opt.zero_grad()
@@ -213,8 +214,8 @@ def tiny_teacher_student(gpt2_tokenizer_dir):
         opt.step()
     teacher.eval()
     with torch.no_grad():
-        # sharpen: 40 steps leave a flat tail over the 50k unused GPT-2 tokens; a pretrained LM
-        # keeps most of its mass on few tokens (here the top 64 hold ~85-90% at T=2)
+        # sharpen: 15 steps leave a flat tail over the 50k unused GPT-2 tokens; a pretrained LM
+        # keeps most of its mass on few tokens (here the top 64 hold ~96% at T=2)
         teacher.model.norm.weight.mul_(2.0)
         student = LlamaForCausalLM(cfg)
         student.load_state_dict(teacher.state_dict())
@@ -240,7 +241,7 @@ def test_topk_kl_close_to_full_kl_on_a_tiny_model(tiny_teacher_student):
     cos = float(torch.nn.functional.cosine_similarity(zs1.grad.flatten(), zs2.grad.flatten(), 0))
     print(f"\ntop-{k} KL at T={T}: {float(approx):.6f} vs full {float(full):.6f}: relative "
           f"error {rel:.2%}; teacher mass kept {float(kept):.3f}; gradient cosine {cos:.3f}")
-    assert float(kept) >= 0.85
+    assert float(kept) >= 0.90
     assert rel <= TOPK_REL_TOL
     assert cos >= 0.9
     # more kept ids, smaller error; all ids kept: exact

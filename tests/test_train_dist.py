@@ -60,12 +60,46 @@ def test_train_entry_point_two_tasks(tiny_config, strategy):
     else:
         assert all(s["train/replay_ce"] > 0 for s in steps)  # per_batch=2: replay every step
     for tag in ("task001-end", "task002-end"):
-        assert (run_dir / "checkpoints" / tag / "COMPLETE").is_file()
+        for rank in (0, 1):
+            assert (run_dir / "checkpoints" / tag / f"COMPLETE.rank{rank:05d}").is_file()
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == "task002-end"
     assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
     assert (run_dir / "config.yaml").is_file()
     log = (run_dir / "train.log").read_text()
     assert "no pad token: using eos" in log
+    # evaluation: base model + after each task -> a 3 x 2 matrix, files and TensorBoard
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert len(metrics["matrix"]) == 3 and all(len(r) == 2 for r in metrics["matrix"])
+    assert metrics["tasks"] == ["sentiment", "topic"]
+    assert "| base |" in (run_dir / "metrics.md").read_text().replace("**", "")
+    assert (run_dir / "accuracy_matrix.png").stat().st_size > 1000
+    if strategy == "tm":
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+        acc = EventAccumulator(str(run_dir / "tensorboard"))
+        acc.Reload()
+        tags = set(acc.Tags()["scalars"])
+        assert {"eval/sentiment/acc", "eval/topic/acc", "eval/AP", "train/tm",
+                "train/tm_violation_frac", "train/tm_weight", "train/grad_norm"} <= tags
+        # the finished run's checkpoints, re-evaluated by eval/evaluate.py in one process,
+        # give the matrix the run computed under ZeRO-3 on 2 ranks
+        proc = run_python(["eval/evaluate.py", "--config", str(run_dir / "config.yaml"),
+                           "--run", str(run_dir), "--out", str(run_dir / "re_eval")])
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        again = json.loads((run_dir / "re_eval" / "metrics.json").read_text())
+        assert again["matrix"] == metrics["matrix"]
+
+
+def test_two_rank_evaluation_equals_one_process(tiny_config, tiny_paths, tmp_path):
+    cfg = tiny_config("tm", name="evalonly")
+    args = ["--config", str(cfg), "--model", tiny_paths["model"]]
+    one = run_python(["eval/evaluate.py", *args, "--out", str(tmp_path / "one")])
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = run_deepspeed(REPO / "eval/evaluate.py", [*args, "--out", str(tmp_path / "two")])
+    assert two.returncode == 0, two.stderr[-3000:]
+    a = json.loads((tmp_path / "one" / "metrics.json").read_text())
+    b = json.loads((tmp_path / "two" / "metrics.json").read_text())
+    assert a["matrix"] == b["matrix"] and len(a["matrix"]) == 1
 
 
 def _bad(tmp_path: Path, tiny_config, what: str) -> tuple[Path, list[str], str]:

@@ -74,7 +74,7 @@ def run_nodes(script: str | Path, node_args: list[list[str]], workdir: Path,
                "--num_gpus", str(gpus_per_node), "--node_rank", str(r), "--master_addr",
                master_addr, "--master_port", str(port), *(launcher_extra or []), str(script),
                *args]
-        log = open(workdir / f"node{r}_{port}.log", "w+")
+        log = open(workdir / f"node{r}_{port}.log", "w+")  # noqa: SIM115 - closed below
         logs.append(log)
         starts.append(time.monotonic())
         procs.append(subprocess.Popen(cmd, cwd=REPO, env=ds_env(), stdout=log,
@@ -111,7 +111,7 @@ def run_one(script: str | Path, args: list[str], nproc: int, timeout: float = 60
     t0 = time.monotonic()
     try:
         p = subprocess.run(cmd, cwd=REPO, env=ds_env(), capture_output=True, text=True,
-                           timeout=timeout)
+                           timeout=timeout, check=False)
     finally:
         clean_shm(port)
     return NodeResult(0, p.returncode, p.stdout + p.stderr, time.monotonic() - t0)

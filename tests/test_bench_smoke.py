@@ -1,0 +1,76 @@
+"""The benchmarks run end to end in --smoke mode (tiny model, one short round) so they cannot
+rot: each launches `deepspeed --num_gpus 2` itself, prints its table and writes its JSON with the
+machine, the versions and the ratios against the baseline measured in the same run."""
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, ds_env
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def bench_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bench")
+    return root / "results", root / "assets"
+
+
+def _run(script: str, out: Path, assets: Path) -> dict:
+    proc = subprocess.run([sys.executable, f"bench/{script}.py", "--smoke", "--out", str(out),
+                           "--assets", str(assets)], cwd=REPO, env=ds_env(),
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-3000:])
+    path = out / f"{script}-smoke.json"
+    assert path.is_file() and str(path) in proc.stdout
+    data = json.loads(path.read_text())
+    machine = data["machine"]
+    for key in ("cpu_model", "usable_cpus", "torch", "deepspeed", "transformers"):
+        assert machine.get(key), key
+    assert data["smoke"] is True and data["world_size"] == 2
+    return data | {"stdout": proc.stdout}
+
+
+def test_bench_strategies_smoke(bench_dirs):
+    from gere_ds.config import STRATEGIES
+
+    data = _run("bench_strategies", *bench_dirs)
+    v = data["summary"]["variants"]
+    expected = [s for s in ("none", "replay", "tm", "kl", "l2") if s in STRATEGIES]
+    for s in expected:
+        assert s in v, (s, data["raw"]["notes"])
+        assert v[s]["tokens_per_s"] > 0 and math.isfinite(v[s]["step_s"]["median"])
+        assert all(x > 0 for x in v[s]["rss_peak_mib_per_rank"])
+    assert math.isfinite(v["tm"]["vs_replay"]["median_of_ratios"])
+    # P1 (LM head on supervised positions) changes no number
+    for s, check in data["raw"]["P1_checks"].items():
+        assert check["rel_diff"] < 1e-3, (s, check)
+    c = data["summary"]["teacher_vs_epoch"]
+    assert c["teacher_pass_s"]["median"] > 0 and c["epoch_s"]["median"] > 0
+    assert c["epoch_steps"] > 0
+    b = data["summary"]["teacher_bytes"]
+    hidden = data["model"]["hidden"]
+    assert b["bench"]["measured_manifest"]["tm"] == pytest.approx(hidden / 4, rel=0.05)
+    assert b["llama_3_1_8b"]["per_token"]["tm (2-bit states)"] == 1024
+    assert "(d) teacher bytes per replay token" in data["stdout"]
+
+
+def test_bench_vs_hf_trainer_smoke(bench_dirs):
+    data = _run("bench_vs_hf_trainer", *bench_dirs)
+    s = data["summary"]
+    for name in ("hf_plain", "gere_none", "hf_ref", "gere_tm"):
+        assert s["variants"][name]["tokens_per_s"] > 0, name
+    for key in ("gere_none/hf_plain", "gere_tm/hf_ref"):
+        assert math.isfinite(s["ratios"][key]["median_of_ratios"]), key
+    # the baseline really is a ZeRO-3 DeepSpeed engine over both ranks, bf16
+    note = next(n for n in s["notes"] if n.startswith("HF Trainer engine"))
+    assert "'zero_stage': 3" in note and "'world_size': 2" in note and "'bf16': True" in note
+    # both sides start from the same weights: their first CE on the same rows agree
+    fl = s["first_losses"]
+    assert fl["hf_ref"]["ce"] == pytest.approx(fl["gere_tm"]["ce"], rel=0.02)
