@@ -61,8 +61,44 @@ def _run_name(path: str) -> str:
     return os.path.basename(p.rstrip(os.sep)) or p
 
 
+def merge_seeds(names: Sequence[str], runs: Sequence[dict[str, Any]]
+                ) -> tuple[list[str], list[dict[str, Any]]]:
+    """Runs sharing a name (e.g. seeds of one strategy) -> one column of means.
+
+    Each merged run carries ``_std`` (metric -> population std over the seeds) and ``_n``.
+    """
+    order: list[str] = []
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for name, run in zip(names, runs):
+        if name not in groups:
+            order.append(name)
+        groups.setdefault(name, []).append(run)
+    merged = []
+    for name in order:
+        group = groups[name]
+        keys = list(SUMMARY) + ["F1"]
+        gen = {g for r in group for g in (r.get("general_final") or {})}
+        out: dict[str, Any] = dict(group[0])
+        out["general_final"], out["_std"], out["_n"] = {}, {}, len(group)
+
+        def stats(vals: list[Any]) -> tuple[Optional[float], Optional[float]]:
+            vals = [float(v) for v in vals if v is not None]
+            if not vals:
+                return None, None
+            mean = sum(vals) / len(vals)
+            return mean, (sum((v - mean) ** 2 for v in vals) / len(vals)) ** 0.5
+
+        for k in keys:
+            out[k], out["_std"][k] = stats([r.get(k) for r in group])
+        for g in sorted(gen):
+            out["general_final"][g], out["_std"][g] = stats(
+                [(r.get("general_final") or {}).get(g) for r in group])
+        merged.append(out)
+    return order, merged
+
+
 def build_table(names: Sequence[str], runs: Sequence[dict[str, Any]]) -> tuple[str, list, list]:
-    """(markdown, metric names, values[metric][run]) for the runs."""
+    """(markdown, metric names, values[metric][run]) for the runs (mean ± std for merged seeds)."""
     general: list[str] = []
     for r in runs:
         for g in (r.get("general_final") or {}):
@@ -81,13 +117,18 @@ def build_table(names: Sequence[str], runs: Sequence[dict[str, Any]]) -> tuple[s
     tasks_row = ["tasks trained"] + [f"{r.get('completed_tasks', '?')}/{r.get('num_tasks', '?')}"
                                      for r in runs]
     lines.append("| " + " | ".join(tasks_row) + " |")
+    if any(r.get("_n", 1) > 1 for r in runs):
+        lines.append("| " + " | ".join(["seeds"] + [str(r.get("_n", 1)) for r in runs]) + " |")
     for m, vals in zip(metrics, values):
         label = m
         if m == "F1":
             used = {r.get("F1_general") for r in runs if r.get("F1_general")}
             if len(used) == 1:
                 label = f"F1 ({used.pop()}, AP)"
-        lines.append("| " + " | ".join([label] + [_fmt(v) for v in vals]) + " |")
+        cells = [_fmt(v) + (f" ± {r['_std'][m]:.2f}" if r.get("_n", 1) > 1 and v is not None
+                            and r["_std"].get(m) is not None else "")
+                 for v, r in zip(vals, runs)]
+        lines.append("| " + " | ".join([label] + cells) + " |")
     return "\n".join(lines) + "\n", metrics, values
 
 
@@ -123,7 +164,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap = argparse.ArgumentParser(description="Compare gere-ds runs side by side.")
     ap.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run output directories")
     ap.add_argument("--out", default=".", help="folder for compare.md and compare.png")
-    ap.add_argument("--names", default="", help="comma-separated display names, one per run")
+    ap.add_argument("--names", default="", help="comma-separated display names, one per run; "
+                    "runs given the same name (seeds) are averaged: mean ± std")
     args = ap.parse_args(argv)
     try:
         names = [n.strip() for n in args.names.split(",")] if args.names else \
@@ -131,6 +173,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if len(names) != len(args.runs):
             raise CompareError(f"--names has {len(names)} names for {len(args.runs)} runs")
         runs = [load_run(p) for p in args.runs]
+        names, runs = merge_seeds(names, runs)  # repeated names = seeds of one row
         table, metrics, values = build_table(names, runs)
         os.makedirs(args.out, exist_ok=True)
         _atomic_write(os.path.join(args.out, "compare.md"), table.encode("utf-8"))

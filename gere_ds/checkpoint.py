@@ -119,25 +119,30 @@ def save_checkpoint(engine: Any, root: Path, tag: str, trainer_state: dict[str, 
     return folder
 
 
-def local_problem(folder: Path) -> str | None:
-    """Why this rank cannot trust ``folder`` (None if its part is complete and intact)."""
-    me = dist.rank()
-    marker = _marker(folder, me)
+def rank_problem(folder: Path, rank: int) -> str | None:
+    """Why ``rank``'s part of ``folder`` cannot be trusted (None: complete and intact)."""
+    folder = Path(folder)
+    marker = _marker(folder, rank)
     if not marker.is_file():
-        return "no completion marker"
+        return "no completion marker" + (f" of rank {rank}" if rank else "")
     try:
         sizes = json.loads(marker.read_text())
     except json.JSONDecodeError:
-        return "unreadable completion marker"
+        return f"unreadable completion marker {marker.name}"
     for name, size in sizes.items():
         path = folder / name
         if not path.is_file():
             return f"{name} missing"
         if path.stat().st_size != size:
             return f"{name} truncated ({path.stat().st_size} of {size} bytes)"
-    if me == 0 and "trainer_state.json" not in sizes:
+    if rank == 0 and "trainer_state.json" not in sizes:
         return "trainer_state.json missing"
     return None
+
+
+def local_problem(folder: Path) -> str | None:
+    """Why this rank cannot trust ``folder`` (None if its part is complete and intact)."""
+    return rank_problem(folder, dist.rank())
 
 
 def candidate_tags(root: Path) -> list[str]:

@@ -29,7 +29,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 from gere_ds import dist
-from gere_ds.checkpoint import task_tag
+from gere_ds.checkpoint import rank_problem, task_tag
 from gere_ds.errors import InputError
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
@@ -319,20 +319,12 @@ def checkpoint_problem(folder: str | Path) -> str | None:
     except (json.JSONDecodeError, ValueError, TypeError, AttributeError):
         return "unreadable trainer_state.json"
     for r in range(world):
-        marker = folder / f"COMPLETE.rank{r:05d}"
-        if not marker.is_file():
+        problem = rank_problem(folder, r)
+        if problem and problem.startswith("no completion marker"):
             return (f"incomplete: no COMPLETE marker of rank {r} of {world} (without a shared "
                     f"disk, copy every node's files of this checkpoint into one folder first)")
-        try:
-            sizes = json.loads(marker.read_text())
-        except json.JSONDecodeError:
-            return f"unreadable completion marker {marker.name}"
-        for name, size in sizes.items():
-            path = folder / name
-            if not path.is_file():
-                return f"incomplete: {name} missing"
-            if path.stat().st_size != size:
-                return f"{name} truncated ({path.stat().st_size} of {size} bytes)"
+        if problem:
+            return problem if "truncated" in problem else f"incomplete: {problem}"
     return None
 
 

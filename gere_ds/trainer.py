@@ -288,12 +288,12 @@ class ContinualTrainer:
         logits = self.engine.forward(mb.input_ids, mb.attention_mask)
         hidden = self.capture.pop()
         sl = combine(self.local_terms(logits, hidden, mb, replay_ids), self.cfg.replay.weight)
-        # sl.loss is global, so every rank takes the same branch (collectives stay in step);
-        # a non-finite micro-batch contributes no gradient
-        if bool(torch.isfinite(sl.loss)):
-            self.engine.engine.backward(sl.local_loss)
-        else:
+        # A non-finite loss (sl.loss is global: every rank sees it) is counted here; DeepSpeed
+        # finds the non-finite gradient norm at the boundary and skips that optimizer step.
+        # (Skipping backward instead would leave ZeRO-3 without gradients to step on.)
+        if not bool(torch.isfinite(sl.loss)):
             self._bad_micro_steps += 1
+        self.engine.engine.backward(sl.local_loss)
         self.engine.engine.step()
         return sl
 
@@ -336,14 +336,16 @@ class ContinualTrainer:
 
     def _count_bad_step(self, task_index: int) -> None:
         p = self.progress
-        if not self._bad_micro_steps:
+        skipped = not self.engine.engine.was_step_applied()  # DeepSpeed saw non-finite grads
+        if not self._bad_micro_steps and not skipped:
             p.bad_steps_in_a_row = 0
             return
         p.bad_steps_in_a_row += 1
         p.skipped_steps += 1
-        self.log.info(f"non-finite loss at task {task_index + 1} step {p.step_in_task}: "
-                      f"{self._bad_micro_steps} micro-batch(es) skipped "
-                      f"({p.bad_steps_in_a_row} step(s) in a row, {p.skipped_steps} in all)")
+        self.log.info(f"non-finite loss or gradients at task {task_index + 1} step "
+                      f"{p.step_in_task} ({self._bad_micro_steps} of "
+                      f"{self.cfg.train.grad_accum} micro-batches): optimizer step skipped "
+                      f"({p.bad_steps_in_a_row} in a row, {p.skipped_steps} in all)")
         if p.bad_steps_in_a_row >= self.cfg.train.max_bad_steps:
             raise TrainingError(f"loss non-finite for {p.bad_steps_in_a_row} steps in a row "
                                 f"(train.max_bad_steps={self.cfg.train.max_bad_steps}) at task "

@@ -60,3 +60,13 @@ def test_compare_default_names_and_errors(runs, tmp_path):
     assert p.returncode == 2 and "metrics.json: not found" in p.stderr
     p = _run(*runs, "--names", "only_one", "--out", str(tmp_path / "o"))
     assert p.returncode == 2 and "--names has 1 names for 2 runs" in p.stderr
+
+
+def test_runs_with_one_name_are_seeds_averaged(runs, tmp_path):
+    a, b = runs
+    p = _run(a, b, "--out", str(tmp_path / "seeds"), "--names", "tm,tm")
+    assert p.returncode == 0, p.stderr
+    lines = p.stdout.splitlines()
+    assert lines[0] == "| metric | tm |"
+    assert "| seeds | 2 |" in lines
+    assert "| AP | 75.75 ± 5.75 |" in lines  # (70 + 81.5) / 2, population std

@@ -119,12 +119,14 @@ def _fake_run(tiny_paths, tmp_path: Path, markers: bool) -> Path:
     folder = run / "checkpoints" / "task001-end"
     folder.mkdir(parents=True)
     (run / "config.yaml").write_text(yaml.safe_dump(tiny_config_dict(tiny_paths, str(run))))
-    (folder / "trainer_state.json").write_text(json.dumps({"world_size": 2}))
+    state = json.dumps({"world_size": 2})
+    (folder / "trainer_state.json").write_text(state)
     for r in range(2):
         (folder / f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt").write_bytes(b"x" * 10)
     if markers:
         (folder / "COMPLETE.rank00000").write_text(
-            json.dumps({"zero_pp_rank_0_mp_rank_00_optim_states.pt": 10}))
+            json.dumps({"zero_pp_rank_0_mp_rank_00_optim_states.pt": 10,
+                        "trainer_state.json": len(state)}))
         (folder / "COMPLETE.rank00001").write_text(
             json.dumps({"zero_pp_rank_1_mp_rank_00_optim_states.pt": 99}))  # truncated file
     return run

@@ -45,7 +45,7 @@ def test_train_entry_point_two_tasks(tiny_config, strategy):
                       train={"max_steps_per_task": 6, "epochs": 3})
     proc = run_deepspeed(REPO / "launch/train.py", ["--config", str(cfg)], nproc=2)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    run_dir = Path(str(cfg).replace("cfg", "x")).parent / f"run_{strategy}"
+    run_dir = cfg.parent / f"run_{strategy}"
     steps = _steps(run_dir)
     assert len(steps) == 12
     first_task = [s["train/loss"] for s in steps if s["task"] == 0]
@@ -100,6 +100,21 @@ def test_two_rank_evaluation_equals_one_process(tiny_config, tiny_paths, tmp_pat
     a = json.loads((tmp_path / "one" / "metrics.json").read_text())
     b = json.loads((tmp_path / "two" / "metrics.json").read_text())
     assert a["matrix"] == b["matrix"] and len(a["matrix"]) == 1
+
+
+def test_non_finite_loss_skips_steps_then_aborts(tiny_config):
+    cfg = tiny_config("tm", name="nan", replay={"per_batch": 2}, eval={"enabled": False},
+                      train={"lr": 1e12, "warmup_steps": 0, "max_bad_steps": 2,
+                             "max_steps_per_task": 8})
+    proc = run_deepspeed(REPO / "launch/train.py", ["--config", str(cfg)])
+    assert proc.returncode == 1
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and "loss non-finite for 2 steps in a row" in errors[0]
+    run_dir = cfg.parent / "run_nan"
+    steps = _steps(run_dir)
+    assert steps[0]["train/loss"] == steps[0]["train/loss"]  # first step finite
+    assert any(s["train/loss"] != s["train/loss"] for s in steps)  # then NaN, counted
+    assert "optimizer step skipped (1 in a row" in (run_dir / "train.log").read_text()
 
 
 def _bad(tmp_path: Path, tiny_config, what: str) -> tuple[Path, list[str], str]:

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Regenerates the strategy comparison of docs/results.md: the paper's rows on the demo model and
+# task sequence with a SHORT schedule (so that it fits a 2-core CPU), for each seed, then one
+# table with mean ± std over the seeds.   Usage: bash launch/run_comparison.sh [SEEDS...]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+SEEDS=("${@:-1 2}")
+ROWS=none,replay,replay_kl_w1,replay_l1_w1,replay_l2_w1,replay_tm_w1,replay_tm_w100,replay_tm_wdy
+SHORT=(train.max_steps_per_task=10 train.lr=5.0e-5 train.warmup_steps=2 train.max_source_len=192
+       replay.num_samples=200 replay.max_len=64 eval.max_examples=40
+       eval.general.0.max_examples=60 eval.general.1.max_examples=20 checkpoint.every_steps=0)
+export OMP_NUM_THREADS=1 DS_ACCELERATOR=cpu TOKENIZERS_PARALLELISM=false
+export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$PWD/.cache/torch_extensions}"
+.venv/bin/python launch/prepare_assets.py
+for seed in ${SEEDS[*]}; do
+  .venv/bin/python launch/run_ablation.py --rows "$ROWS" --results "runs/comparison/seed$seed" \
+    --keep-going "${SHORT[@]}" "train.seed=$seed"
+done
+runs=(); names=()
+for row in ${ROWS//,/ }; do
+  for seed in ${SEEDS[*]}; do
+    if [ -f "runs/comparison/seed$seed/$row/metrics.json" ]; then
+      runs+=("runs/comparison/seed$seed/$row"); names+=("$row")
+    fi
+  done
+done
+.venv/bin/python eval/compare.py "${runs[@]}" --names "$(IFS=,; echo "${names[*]}")" \
+  --out runs/comparison
