@@ -18,14 +18,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
+import common
 
 NAME = "bench_strategies"
 WANTED = ["none", "replay", "tm", "kl", "l2"]
@@ -37,13 +36,13 @@ PICK = ["none", "replay", "tm"]  # strategies measured with proposal P1 too
 
 
 def worker(args: argparse.Namespace) -> None:
+    import proposals
     import torch
 
+    import gere_ds.trainer as trainer_mod
     from gere_ds import dist
     from gere_ds.config import STRATEGIES, load_config
     from gere_ds.trainer import ContinualTrainer, validate_inputs
-    import gere_ds.trainer as trainer_mod
-    import proposals
 
     cfg = load_config(args.config)
     W = dist.world_size()
@@ -179,7 +178,7 @@ def worker(args: argparse.Namespace) -> None:
     # tm]; the engine keeps training (the timing does not depend on the weights)
     eng.engine.backward, eng.engine.step = raw_backward, raw_step
     use("tm" if "tm" in teachers else "replay")
-    tr.log.tb  # create the TensorBoard writer now, not inside the first timed epoch
+    _ = tr.log.tb  # create the TensorBoard writer now, not inside the first timed epoch
     cache0 = tr.cfg.replay.teacher_cache
     teacher_vs_epoch = []
     for r in range(args.epoch_reps):
@@ -231,8 +230,12 @@ def term_costs(tr, teachers: dict, rows, reps: int) -> dict[str, float]:
     """Median ms of each loss term's own work (fetch + forward + backward), this rank."""
     import torch
 
-    from gere_ds.losses import (feature_diff_sum_count, tm_sum_count, token_ce_sum,
-                                topk_kl_sum_count)
+    from gere_ds.losses import (
+        feature_diff_sum_count,
+        tm_sum_count,
+        token_ce_sum,
+        topk_kl_sum_count,
+    )
 
     tr.cfg.replay.strategy = "replay"
     mb, rid = tr.make_batch(0, rows)
@@ -502,7 +505,7 @@ def main() -> int:
     machine["load_average_end"] = __import__("os").getloadavg()
     payload = {"benchmark": NAME, "smoke": args.smoke, "machine": machine, "model": spec.__dict__,
                "world_size": W, "reps": reps, "warmup": warmup, "wall_s": wall,
-               "command": common.command_line(args.smoke, "bench/bench_strategies.py"),
+               "command": common.command_line(),
                "launcher": "deepspeed --num_gpus 2 (CPU ranks, gloo), ZeRO-3, bf16, torch AdamW",
                "summary": summary, "raw": raw}
     path = common.write_result(NAME, args.smoke, payload, out_dir)

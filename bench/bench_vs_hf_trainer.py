@@ -38,7 +38,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
+import common
 
 NAME = "bench_vs_hf_trainer"
 IGNORE = -100
@@ -110,7 +110,7 @@ def make_trainer_class():
         reference's GeRe loss (see the module docstring)."""
 
         thresholds: tuple = ()
-        last_terms: dict = {}
+        last_terms: dict | None = None
 
         def _get_train_sampler(self, *args, **kwargs):
             return SequentialSampler(self.train_dataset)
@@ -214,6 +214,7 @@ def write_reference_teacher(tr, rows, hidden_dir: Path) -> None:
 
 
 def worker(args: argparse.Namespace) -> None:
+    import proposals
     import torch
     from transformers import AutoModelForCausalLM, TrainerCallback, TrainingArguments
 
@@ -221,7 +222,6 @@ def worker(args: argparse.Namespace) -> None:
     from gere_ds.config import load_config
     from gere_ds.engine import resolve_ds_config
     from gere_ds.trainer import ContinualTrainer, validate_inputs
-    import proposals
 
     cfg = load_config(args.config)
     W = dist.world_size()
@@ -233,7 +233,6 @@ def worker(args: argparse.Namespace) -> None:
     stats_file = work / "ref_stats.pt"
     solo = args.solo
     want_gere = solo is None or solo.startswith("gere")
-    want_hf = solo is None or solo.startswith("hf")
 
     # ------------------------------------------------------------------ gere-ds engine
     tr = None
@@ -246,8 +245,8 @@ def worker(args: argparse.Namespace) -> None:
         from gere_ds.engine import load_tokenizer
 
         tok = load_tokenizer(cfg, lambda m: None)
-    task_rows, mixed_rows, hf_rows = build_rows(tok, cfg, rank, W, inputs.replay_texts,
-                                                inputs.train_sets)
+    task_rows, mixed_rows, _ = build_rows(tok, cfg, rank, W, inputs.replay_texts,
+                                          inputs.train_sets)
     if solo is None:
         write_reference_teacher(tr, mixed_rows, hidden_dir)
         if rank == 0:
@@ -367,7 +366,7 @@ def worker(args: argparse.Namespace) -> None:
                 mode, rnd = modes[s], s // 2 if solo is None else s
                 hf_name = f"hf_{mode}"
                 if hf_name not in first_losses:  # rank 0's local loss (HF reduces per rank)
-                    first_losses[hf_name] = dict(self.trainer.last_terms)
+                    first_losses[hf_name] = dict(self.trainer.last_terms or {})
                 if self.peak is not None:
                     self.peak.__exit__()
                     memory[hf_name] = {"rss_peak_mib": self.peak.peak / common.MIB,
@@ -605,7 +604,7 @@ def main() -> int:
     machine["load_average_end"] = __import__("os").getloadavg()
     payload = {"benchmark": NAME, "smoke": args.smoke, "machine": machine, "model": spec.__dict__,
                "world_size": W, "reps": reps, "warmup": warmup, "wall_s": wall,
-               "command": common.command_line(args.smoke, "bench/bench_vs_hf_trainer.py"),
+               "command": common.command_line(),
                "launcher": "deepspeed --num_gpus 2 (CPU ranks, gloo), ZeRO-3, bf16, torch AdamW; "
                            "HF Trainer and gere-ds engines in the same processes, steps "
                            "interleaved by a TrainerCallback",

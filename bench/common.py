@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import json
+import math
 import os
 import platform
 import random
@@ -22,9 +23,10 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
@@ -129,7 +131,7 @@ def table(headers: list[str], rows: list[list[Any]]) -> str:
         if isinstance(v, int):
             return f"{v:,}"
         if isinstance(v, float):
-            if v != v:
+            if math.isnan(v):
                 return "-"
             return f"{v:.3f}" if abs(v) < 100 else f"{v:,.0f}"
         return str(v)
@@ -193,7 +195,7 @@ class RssPeak:
             self.peak = max(self.peak, rss_bytes())
             time.sleep(self.interval)
 
-    def __enter__(self) -> "RssPeak":
+    def __enter__(self) -> RssPeak:  # noqa: PYI034
         malloc_trim()
         self.start = self.peak = rss_bytes()
         self._stop.clear()
@@ -201,7 +203,7 @@ class RssPeak:
         self._thread.start()
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
         self.peak = max(self.peak, rss_bytes())
@@ -384,8 +386,14 @@ def glob_maps() -> list[str]:
     return glob.glob("/proc/[0-9]*/maps")
 
 
-def command_line(smoke: bool, script: str) -> str:
-    return f"{sys.executable} {script}{' --smoke' if smoke else ''}"
+def command_line() -> str:
+    """The command that started this benchmark, as typed (relative script path)."""
+    script = Path(sys.argv[0]).resolve()
+    try:
+        script = script.relative_to(REPO)
+    except ValueError:
+        pass
+    return " ".join(["python", str(script), *sys.argv[1:]])
 
 
 # ----------------------------------------------------------------------------- worker side

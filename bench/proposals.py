@@ -14,7 +14,7 @@ keeps, but the trainer's kl code indexes [B, T, V]; left as is).
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -44,7 +44,6 @@ def supervised_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
 
     Position (b, t) predicts labels[b, t+1]; the last position of a row predicts nothing.
     """
-    B, T = labels.shape
     nxt = torch.full_like(labels, IGNORE)
     nxt[:, :-1] = labels[:, 1:]
     flat = nxt.reshape(-1)
@@ -105,3 +104,38 @@ def pick_micro_step(tr, rows, task_index: int = 0):
         tr.engine.engine.backward(sl.local_loss)
     tr.engine.engine.step()
     return sl
+
+
+class FusedCE(torch.autograd.Function):
+    """P2: per-row CE of bf16/fp32 logits [N, V] with fp32 maths and a hand-written backward
+    (softmax - one-hot, computed in place in one fp32 buffer), instead of F.cross_entropy on an
+    fp32 copy whose log_softmax backward is the slowest kernel of the CE term on CPU."""
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        x = logits.float()
+        lse = torch.logsumexp(x, dim=-1)
+        loss = lse - x.gather(1, targets[:, None]).squeeze(1)
+        ctx.save_for_backward(logits, targets, lse)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        logits, targets, lse = ctx.saved_tensors
+        p = logits.float().sub_(lse[:, None]).exp_()
+        p[torch.arange(p.shape[0], device=p.device), targets] -= 1
+        p.mul_(grad[:, None].float())
+        return p.to(logits.dtype), None
+
+
+def fused_ce_per_position(logits: torch.Tensor, targets: torch.Tensor, chunk: int = CE_CHUNK
+                          ) -> torch.Tensor:
+    """P2 applied ``chunk`` rows at a time (the fp32 buffer is at most chunk x V)."""
+    parts = [FusedCE.apply(logits[s:s + chunk], targets[s:s + chunk])
+             for s in range(0, logits.shape[0], chunk)]
+    return torch.cat(parts) if parts else logits.new_zeros((0,), dtype=torch.float32)
+
+
+def flat_supervised(labels: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Like supervised_positions, restricted to the selected rows (token_ce_sum's selection)."""
+    return supervised_positions(labels.masked_fill(~rows[:, None], IGNORE))

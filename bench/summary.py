@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
+import common
 
 
 def load(results: Path, name: str, smoke: bool) -> dict | None:
@@ -35,8 +35,8 @@ def targets(strat: dict | None, hf: dict | None) -> list[list[str]]:
         if r:
             rows.append(["gere-ds none at least as fast as the HF Trainer (time ratio <= 1)",
                          fmt_ratio(r), "met" if r["median_of_ratios"] <= 1.0 else "NOT met"])
-        for key, label in (("gere_tm/hf_ref", "gere-ds GeRe (tm) >= 1.2x faster than "
-                                              "reference-style GeRe (time ratio <= 0.833)"),
+        for key, label in (("gere_tm/hf_ref", ("gere-ds GeRe (tm) >= 1.2x faster than "
+                                               "reference-style GeRe (time ratio <= 0.833)")),
                            ("gere_tm+P1/hf_ref", "same, with proposal P1 applied")):
             r = ratios.get(key)
             if r:

@@ -7,6 +7,9 @@ the forward that the loss is computed from.
 """
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 from torch import nn
 
@@ -46,3 +49,25 @@ class FinalNormCapture:
 
     def remove(self) -> None:
         self._handle.remove()
+
+
+@contextlib.contextmanager
+def lm_head_on_positions(model: nn.Module, flat_positions: torch.Tensor) -> Iterator[None]:
+    """While active, the LM head sees only hidden[flat_positions] (rows of [B*T, D]).
+
+    CE needs logits only where a target is (the answer tokens of task rows, the next tokens of
+    replay rows), so the forward returns [N, V] instead of [B, T, V] logits: less head compute
+    and no full-vocabulary logits for prompt tokens. Only the module's input is rewritten, so
+    DeepSpeed's own hooks still gather the (possibly tied) weight under ZeRO-3.
+    """
+    head = model.get_output_embeddings()
+
+    def pre_hook(module: nn.Module, args: tuple) -> tuple:
+        h = args[0]
+        return (h.reshape(-1, h.shape[-1]).index_select(0, flat_positions), *args[1:])
+
+    handle = head.register_forward_pre_hook(pre_hook)
+    try:
+        yield
+    finally:
+        handle.remove()

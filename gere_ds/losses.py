@@ -44,6 +44,35 @@ def token_ce_sum(logits: torch.Tensor, labels: torch.Tensor, rows: torch.Tensor
     return total, keep.sum().to(torch.float32)
 
 
+def supervised_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flat positions p in [B*T] whose logits predict a target, and those targets.
+
+    Position (b, t) predicts labels[b, t + 1]; the last position of a row predicts nothing.
+    """
+    nxt = torch.full_like(labels, IGNORE)
+    nxt[:, :-1] = labels[:, 1:]
+    flat = nxt.reshape(-1)
+    pos = (flat != IGNORE).nonzero().squeeze(1)
+    return pos, flat.index_select(0, pos)
+
+
+def picked_ce_sums(logits: torch.Tensor, targets: torch.Tensor, row_is_replay: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(task CE sum, task count, replay CE sum, replay count) from logits already restricted
+    to the supervised positions ([N, V], see capture.lm_head_on_positions); fp32 in chunks.
+
+    Equal to token_ce_sum on the full logits for each row kind, without computing the LM head on
+    the prompt tokens of task rows.
+    """
+    parts = [F.cross_entropy(logits[i:i + CE_CHUNK].float(), targets[i:i + CE_CHUNK],
+                             reduction="none") for i in range(0, logits.shape[0], CE_CHUNK)]
+    ce = torch.cat(parts) if parts else logits.new_zeros((0,), dtype=torch.float32)
+    zero = ce.new_zeros(())
+    n_replay = row_is_replay.sum().to(torch.float32)
+    return (torch.where(row_is_replay, zero, ce).sum(), float(ce.shape[0]) - n_replay,
+            torch.where(row_is_replay, ce, zero).sum(), n_replay)
+
+
 def tm_violations(hidden: torch.Tensor, states: torch.Tensor, lo: torch.Tensor,
                   hi: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Elementwise TM penalty v >= 0 (method.md table), zero on padding.
@@ -202,6 +231,9 @@ class StepLoss:
     reg_weight: torch.Tensor
     violation_frac: torch.Tensor
     tokens: torch.Tensor
+    has_task: torch.Tensor  # 1.0 where the global micro-batch held task / replay / term elements
+    has_replay: torch.Tensor
+    has_reg: torch.Tensor
 
 
 def combine(terms: LocalTerms, weight: float | str, reg_eps: float = TM_EPS) -> StepLoss:
@@ -228,4 +260,5 @@ def combine(terms: LocalTerms, weight: float | str, reg_eps: float = TM_EPS) -> 
                           + w * terms.reg_sum / (creg + reg_eps))
     return StepLoss(local_loss=local_loss, loss=ce + w * reg, task_ce=task_ce,
                     replay_ce=replay_ce, reg=reg, reg_weight=w,
-                    violation_frac=creg / ereg.clamp(min=1.0), tokens=tokens)
+                    violation_frac=creg / ereg.clamp(min=1.0), tokens=tokens, has_task=has_t,
+                    has_replay=has_r, has_reg=(ereg > 0).float())

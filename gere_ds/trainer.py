@@ -17,7 +17,7 @@ from typing import Any, Callable
 import torch
 
 from gere_ds import dist
-from gere_ds.capture import FinalNormCapture
+from gere_ds.capture import FinalNormCapture, lm_head_on_positions
 from gere_ds.checkpoint import (find_resume_checkpoint, load_rng, load_trainer_state,
                                 local_problem, prune_step_checkpoints, save_checkpoint, step_tag, task_tag)
 from gere_ds.config import RunConfig, save_resolved
@@ -29,7 +29,8 @@ from gere_ds.data.tasks import Example, load_examples
 from gere_ds.engine import Engine, build_engine, check_model_folder, resolve_ds_config
 from gere_ds.errors import InputError
 from gere_ds.evaluation.scoring import EvalSuite
-from gere_ds.losses import LocalTerms, StepLoss, combine, tm_sum_count, token_ce_sum
+from gere_ds.losses import (LocalTerms, StepLoss, combine, picked_ce_sums, supervised_positions,
+                            tm_sum_count, token_ce_sum)
 from gere_ds.run_log import RunLogger
 from gere_ds.teacher import check_kl_topk, fingerprint
 from gere_ds.teacher_cache import TeacherStates
@@ -113,16 +114,25 @@ class StepStats:
     n: int = 0
     sums: dict[str, torch.Tensor] = field(default_factory=dict)
 
+    # each value is averaged over the micro-steps where it exists (a micro-batch without replay
+    # rows has no replay CE, not a replay CE of 0)
+    PRESENCE = {"loss": None, "tokens": None, "task_ce": "has_task", "replay_ce": "has_replay",
+                "reg": "has_reg", "reg_weight": "has_reg", "violation_frac": "has_reg"}
+
     def add(self, sl: StepLoss) -> None:
         self.n += 1
-        for name in ("loss", "task_ce", "replay_ce", "reg", "reg_weight", "violation_frac",
-                     "tokens"):
-            value = getattr(sl, name).detach()
-            self.sums[name] = self.sums.get(name, 0) + value
+        for name, flag in self.PRESENCE.items():
+            present = getattr(sl, flag).detach() if flag else 1.0
+            self.sums[name] = self.sums.get(name, 0) + getattr(sl, name).detach() * present
+            self.sums[f"n_{name}"] = self.sums.get(f"n_{name}", 0) + present
 
     def means(self) -> dict[str, float]:
         # the only host sync of a step, and only on logging steps
-        return {k: float(v) / (1 if k == "tokens" else self.n) for k, v in self.sums.items()}
+        out = {"tokens": float(self.sums["tokens"])}
+        for name in self.PRESENCE:
+            if name != "tokens":
+                out[name] = float(self.sums[name]) / max(float(self.sums[f"n_{name}"]), 1.0)
+        return out
 
 
 class ContinualTrainer:
@@ -249,10 +259,19 @@ class ContinualTrainer:
 
     # ------------------------------------------------------------------ one micro-step
     def local_terms(self, logits: torch.Tensor, hidden: torch.Tensor, mb: MicroBatch,
-                    replay_ids: list[int]) -> LocalTerms:
+                    replay_ids: list[int],
+                    picked: tuple[torch.Tensor, torch.Tensor] | None = None) -> LocalTerms:
+        """This rank's loss sums. ``logits`` are [B, T, V], or with ``picked`` = (positions,
+        targets) the [N, V] logits of the supervised positions only."""
         replay_rows = mb.is_replay
-        task_sum, task_count = token_ce_sum(logits, mb.labels, ~replay_rows)
-        replay_sum, replay_count = token_ce_sum(logits, mb.labels, replay_rows)
+        if picked is None:
+            task_sum, task_count = token_ce_sum(logits, mb.labels, ~replay_rows)
+            replay_sum, replay_count = token_ce_sum(logits, mb.labels, replay_rows)
+        else:
+            pos, targets = picked
+            row_is_replay = replay_rows.index_select(0, pos // mb.input_ids.shape[1])
+            task_sum, task_count, replay_sum, replay_count = picked_ce_sums(
+                logits.reshape(-1, logits.shape[-1]), targets, row_is_replay)
         zero = task_sum.new_zeros(())
         reg_sum, reg_count, reg_elems = zero, zero, zero
         picked = [i for i, sid in enumerate(replay_ids) if sid >= 0]
@@ -285,9 +304,16 @@ class ContinualTrainer:
 
     def micro_step(self, task_index: int, rows: list[Row]) -> StepLoss:
         mb, replay_ids = self.make_batch(task_index, rows)
-        logits = self.engine.forward(mb.input_ids, mb.attention_mask)
+        if self.cfg.replay.strategy == "kl":  # the KL term reads logits at every replay token
+            logits = self.engine.forward(mb.input_ids, mb.attention_mask)
+            picked = None
+        else:  # the LM head only where a target is (same loss and gradients, less work)
+            picked = supervised_positions(mb.labels)
+            with lm_head_on_positions(self.engine.module, picked[0]):
+                logits = self.engine.forward(mb.input_ids, mb.attention_mask)
         hidden = self.capture.pop()
-        sl = combine(self.local_terms(logits, hidden, mb, replay_ids), self.cfg.replay.weight)
+        sl = combine(self.local_terms(logits, hidden, mb, replay_ids, picked),
+                     self.cfg.replay.weight)
         # A non-finite loss (sl.loss is global: every rank sees it) is counted here; DeepSpeed
         # finds the non-finite gradient norm at the boundary and skips that optimizer step.
         # (Skipping backward instead would leave ZeRO-3 without gradients to step on.)

@@ -14,6 +14,7 @@ export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$PWD/.cache/torch_extension
 .venv/bin/python launch/prepare_assets.py
 for seed in ${SEEDS[*]}; do
   .venv/bin/python launch/run_ablation.py --rows "$ROWS" --results "runs/comparison/seed$seed" \
+    --launcher-args "--master_port ${MASTER_PORT:-29611}" \
     --keep-going "${SHORT[@]}" "train.seed=$seed"
 done
 runs=(); names=()

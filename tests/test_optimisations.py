@@ -17,12 +17,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import gere_ds.losses as losses
+from gere_ds import losses
 from gere_ds.capture import FinalNormCapture
 from gere_ds.data.encode import IGNORE
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-import proposals  # noqa: E402
+import proposals
 
 
 def _batch(seed: int, B: int = 4, T: int = 9, V: int = 37):
@@ -165,3 +165,45 @@ def test_proposal_p1_head_on_supervised_positions_equals_full_logits(tied):
     # the hook is gone afterwards: the next forward gives full logits again
     assert model(input_ids=ids, attention_mask=mask).logits.shape == (*ids.shape,
                                                                       model.config.vocab_size)
+
+
+def test_lm_head_on_supervised_positions_gives_the_same_loss_and_gradients():
+    """The trainer's path (LM head only where a target is) == CE on the full logits."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from gere_ds.capture import lm_head_on_positions
+    from gere_ds.losses import IGNORE, picked_ce_sums, supervised_positions, token_ce_sum
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64,
+                                         num_hidden_layers=2, num_attention_heads=4,
+                                         num_key_value_heads=2, tie_word_embeddings=True))
+    ids = torch.randint(0, 97, (3, 9))
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0
+    labels = ids.clone()
+    labels[0, :5] = IGNORE  # a task row: prompt unsupervised
+    labels[1, 6:] = IGNORE  # padding
+    labels[2, :7] = IGNORE
+    replay = torch.tensor([False, True, False])
+
+    def grads_of(loss):
+        model.zero_grad()
+        loss.backward()
+        return [p.grad.clone() for p in model.parameters()]
+
+    logits = model(input_ids=ids, attention_mask=mask).logits
+    ts, tc = token_ce_sum(logits, labels, ~replay)
+    rs, rc = token_ce_sum(logits, labels, replay)
+    full = grads_of(ts / tc + rs / rc)
+    pos, targets = supervised_positions(labels)
+    with lm_head_on_positions(model, pos):
+        picked_logits = model(input_ids=ids, attention_mask=mask).logits
+    assert picked_logits.shape[-2] == pos.numel() < ids.numel()
+    pts, ptc, prs, prc = picked_ce_sums(picked_logits.reshape(-1, 97), targets,
+                                        replay.index_select(0, pos // ids.shape[1]))
+    assert (float(ptc), float(prc)) == (float(tc), float(rc))
+    assert torch.allclose(pts, ts, rtol=1e-6) and torch.allclose(prs, rs, rtol=1e-6)
+    picked = grads_of(pts / ptc + prs / prc)
+    for a, b in zip(picked, full):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-7)

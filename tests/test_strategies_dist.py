@@ -153,9 +153,9 @@ def _free_port() -> int:
 def test_run_ablation_runs_rows_into_one_folder_and_skips_done_rows(tiny_config, tmp_path):
     results = tmp_path / "results"
     cfg = tiny_config("tm", name="runner")
-    shm_before = set(glob.glob("/dev/shm/deepspeed_allreduce_buffer_*"))
+    port = _free_port()
     args = ["launch/run_ablation.py", "--base", str(cfg), "--results", str(results),
-            "--num_gpus", "2", "--launcher-args", f"--master_port {_free_port()}",
+            "--num_gpus", "2", "--launcher-args", f"--master_port {port}",
             "--rows", "replay_l2_wdy", "train.max_steps_per_task=2"]
     try:
         proc = run_python(args, timeout=900)
@@ -170,15 +170,13 @@ def test_run_ablation_runs_rows_into_one_folder_and_skips_done_rows(tiny_config,
         again = run_python(args, timeout=300)
         assert again.returncode == 0 and "done before, skipped" in again.stdout
     finally:
-        for f in set(glob.glob("/dev/shm/deepspeed_allreduce_buffer_*")) - shm_before:
+        for f in glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{port}_*"):  # ours only
             Path(f).unlink(missing_ok=True)
 
 
-@pytest.mark.slow
 def test_kl_topk_larger_than_the_vocabulary_stops_before_training(tiny_config, tmp_path):
-    cfg = tiny_config("kl", name="bigk")
-    proc = run_deepspeed(REPO / "launch/train.py",
-                         ["--config", str(cfg), "replay.kl_topk=60000"], nproc=2, timeout=300)
+    cfg = tiny_config("kl", name="bigk")  # checked from config.json, before the model loads
+    proc = run_python(["launch/train.py", "--config", str(cfg), "replay.kl_topk=60000"])
     assert proc.returncode != 0
     lines = [ln for ln in proc.stderr.splitlines() if "error:" in ln]
     assert len(lines) == 1, proc.stderr[-3000:]

@@ -18,7 +18,8 @@ from deepspeed.utils import safe_get_full_grad  # noqa: E402
 
 from gere_ds import dist  # noqa: E402
 from gere_ds.config import load_config  # noqa: E402
-from gere_ds.losses import LocalTerms, combine  # noqa: E402
+from gere_ds.capture import lm_head_on_positions  # noqa: E402
+from gere_ds.losses import LocalTerms, combine, supervised_positions  # noqa: E402
 from gere_ds.teacher_cache import TeacherStates  # noqa: E402
 from gere_ds.trainer import ContinualTrainer, validate_inputs  # noqa: E402
 
@@ -63,8 +64,10 @@ def main() -> None:
     engine = tr.engine.engine
     for mode in ("tm_only", "full"):
         mb, replay_ids = tr.make_batch(0, rows)
-        logits = tr.engine.forward(mb.input_ids, mb.attention_mask)
-        terms = tr.local_terms(logits, tr.capture.pop(), mb, replay_ids)
+        picked = supervised_positions(mb.labels)  # the trainer's path: LM head where targets are
+        with lm_head_on_positions(tr.engine.module, picked[0]):
+            logits = tr.engine.forward(mb.input_ids, mb.attention_mask)
+        terms = tr.local_terms(logits, tr.capture.pop(), mb, replay_ids, picked)
         if mode == "tm_only":
             zero = terms.task_sum * 0
             terms = LocalTerms(zero, terms.task_count * 0, zero, terms.replay_count * 0,
