@@ -122,16 +122,23 @@ class StepStats:
     def add(self, sl: StepLoss) -> None:
         self.n += 1
         for name, flag in self.PRESENCE.items():
+            value = getattr(sl, name).detach()
             present = getattr(sl, flag).detach() if flag else 1.0
-            self.sums[name] = self.sums.get(name, 0) + getattr(sl, name).detach() * present
+            self.sums[name] = self.sums.get(name, 0) + value * present
             self.sums[f"n_{name}"] = self.sums.get(f"n_{name}", 0) + present
+            self.sums[f"all_{name}"] = self.sums.get(f"all_{name}", 0) + value
 
     def means(self) -> dict[str, float]:
         # the only host sync of a step, and only on logging steps
         out = {"tokens": float(self.sums["tokens"])}
         for name in self.PRESENCE:
-            if name != "tokens":
-                out[name] = float(self.sums[name]) / max(float(self.sums[f"n_{name}"]), 1.0)
+            if name == "tokens":
+                continue
+            n = float(self.sums[f"n_{name}"])
+            # nowhere present (e.g. no replay row in this step): the plain mean, which is 0 for
+            # the CE/TM values and the configured number for a fixed weight
+            out[name] = float(self.sums[name]) / n if n > 0 else \
+                float(self.sums[f"all_{name}"]) / self.n
         return out
 
 
