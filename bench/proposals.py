@@ -1,5 +1,6 @@
-"""Optimisations PROPOSED for gere_ds/ (not applied there yet), implemented here so the
-benchmarks can measure their gain side by side and tests can check they change no number.
+"""Optimisations measured by the benchmarks side by side with the code before them; P1 has
+since been applied in gere_ds/ (capture.lm_head_on_positions, losses.supervised_positions /
+picked_ce_sums, used by ContinualTrainer.micro_step), and this module uses those functions.
 
 P1 "LM head only where a loss needs it" (head_select + picked_terms + pick_micro_step):
 the engine forward normally runs the LM head over every position of every row ([B, T, V]
@@ -13,42 +14,18 @@ keeps, but the trainer's kl code indexes [B, T, V]; left as is).
 """
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
-
 import torch
 import torch.nn.functional as F
+
+from gere_ds.capture import lm_head_on_positions
+from gere_ds.losses import supervised_positions  # noqa: F401  (re-exported for the benchmarks)
 
 IGNORE = -100
 CE_CHUNK = 4096
 
 
-@contextlib.contextmanager
-def head_select(model: torch.nn.Module, flat_positions: torch.Tensor) -> Iterator[None]:
-    """While active, the LM head sees only hidden[flat_positions] (rows of [B*T, D])."""
-    head = model.get_output_embeddings()
-
-    def pre_hook(module: torch.nn.Module, args: tuple) -> tuple:
-        h = args[0]
-        return (h.reshape(-1, h.shape[-1]).index_select(0, flat_positions), *args[1:])
-
-    handle = head.register_forward_pre_hook(pre_hook)
-    try:
-        yield
-    finally:
-        handle.remove()
-
-
-def supervised_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Flat positions p (into [B*T]) whose logits predict a target, and the targets.
-
-    Position (b, t) predicts labels[b, t+1]; the last position of a row predicts nothing.
-    """
-    nxt = torch.full_like(labels, IGNORE)
-    nxt[:, :-1] = labels[:, 1:]
-    flat = nxt.reshape(-1)
-    pos = (flat != IGNORE).nonzero().squeeze(1)
-    return pos, flat.index_select(0, pos)
+# P1 now lives in gere_ds (the trainer's default path); the benchmarks use the same code
+head_select = lm_head_on_positions
 
 
 def ce_per_position(logits: torch.Tensor, targets: torch.Tensor, chunk: int = CE_CHUNK
