@@ -31,7 +31,7 @@ from gere_ds.data.collate import collate
 from gere_ds.data.encode import Encoded
 from gere_ds.errors import InputError
 from gere_ds.losses import teacher_topk
-from gere_ds.teacher_cache import (STRATEGY_KIND, CacheWriter, TeacherData, TeacherStates,
+from gere_ds.teacher_cache import (STRATEGY_KIND, CacheWriter, TeacherData,
                                    check_rank_cache, load_rank_cache, rank_dir, to_bf16_bits,
                                    write_rank_cache)
 
@@ -250,16 +250,3 @@ def prepare_teacher_data(kind: str, forward: Callable, capture: FinalNormCapture
     dist.barrier()
     return load_rank_cache(folder)
 
-
-def prepare_teacher_states(forward: Callable, capture: FinalNormCapture,
-                           replay_ids: dict[int, list[int]], shard: list[int], hidden_size: int,
-                           threshold_k: float, batch_size: int, pad_id: int,
-                           device: torch.device, cache_root: Path, fp: str,
-                           log: Callable[[str], None],
-                           progress: Callable[[int, int], None]) -> TeacherStates:
-    """The tm teacher (thresholds + 2-bit states): prepare_teacher_data(kind="states")."""
-    out = prepare_teacher_data("states", forward, capture, replay_ids, shard, hidden_size,
-                               batch_size, pad_id, device, cache_root, fp, log, progress,
-                               threshold_k=threshold_k)
-    assert isinstance(out, TeacherStates)
-    return out

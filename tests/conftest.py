@@ -11,26 +11,16 @@ from pathlib import Path
 import pytest
 import yaml
 
+from dist_scripts.launchers import ds_env, free_port  # noqa: E402,F401  (one copy of each)
+
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
-
-
-def ds_env() -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", TOKENIZERS_PARALLELISM="false",
-               PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    env.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
-    return env
 
 
 def run_deepspeed(script: str | Path, args: list[str], nproc: int = 2, timeout: int = 600,
                   extra: list[str] | None = None) -> subprocess.CompletedProcess:
     """`deepspeed --num_gpus nproc script args...` with a free port; output captured."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     cmd = [str(VENV_BIN / "deepspeed"), "--num_gpus", str(nproc), "--master_port", str(port),
            *(extra or []), str(script), *args]
     try:

@@ -12,7 +12,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from conftest import REPO, VENV_BIN, ds_env, run_deepspeed
+from conftest import REPO, VENV_BIN, ds_env, free_port, run_deepspeed
 
 pytestmark = pytest.mark.slow
 LOSS_KEYS = ("global_step", "task", "epoch", "step_in_task", "train/loss", "train/task_ce",
@@ -38,18 +38,10 @@ def _steps(run_dir: Path) -> list[dict]:
 
 
 def _start(cfg: Path) -> subprocess.Popen:
-    cmd = [str(VENV_BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(_port()),
+    cmd = [str(VENV_BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()),
            str(REPO / "launch/train.py"), "--config", str(cfg)]
     return subprocess.Popen(cmd, cwd=REPO, env=ds_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
-
-
-def _port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _wait_for_step(run_dir: Path, proc: subprocess.Popen, task: int, step: int) -> None:

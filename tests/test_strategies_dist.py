@@ -7,13 +7,12 @@ from __future__ import annotations
 import glob
 import importlib.util
 import json
-import socket
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import REPO, run_deepspeed, run_python
+from conftest import REPO, free_port, run_deepspeed, run_python
 
 ABLATION = REPO / "configs" / "ablation"
 
@@ -143,17 +142,11 @@ def test_every_ablation_row_completes_a_two_rank_tiny_run(tiny_config, tmp_path)
     assert kinds == ["features"] * 4 + ["states"] * 2 + ["topk"] * 2
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_run_ablation_runs_rows_into_one_folder_and_skips_done_rows(tiny_config, tmp_path):
     results = tmp_path / "results"
     cfg = tiny_config("tm", name="runner")
-    port = _free_port()
+    port = free_port()
     args = ["launch/run_ablation.py", "--base", str(cfg), "--results", str(results),
             "--num_gpus", "2", "--launcher-args", f"--master_port {port}",
             "--rows", "replay_l2_wdy", "train.max_steps_per_task=2"]
