@@ -17,7 +17,12 @@ import io
 import json
 import os
 import sys
+from pathlib import Path
 from typing import Any, Optional, Sequence
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a clone without install
+
+from gere_ds.atomic import write_bytes_atomic, write_text_atomic  # noqa: E402
 
 SUMMARY = ("AP", "BWT", "FWT", "forgetting")
 
@@ -28,13 +33,6 @@ class CompareError(Exception):
 
 def _fmt(v: Optional[float]) -> str:
     return "-" if v is None else f"{float(v):.2f}"
-
-
-def _atomic_write(path: str, data: bytes) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-    os.replace(tmp, path)
 
 
 def load_run(path: str) -> dict[str, Any]:
@@ -54,18 +52,34 @@ def load_run(path: str) -> dict[str, Any]:
     return data
 
 
-def _run_name(path: str) -> str:
+def run_name(path: str) -> str:
     p = os.path.abspath(path)
     if p.endswith(".json"):
         p = os.path.dirname(p)
     return os.path.basename(p.rstrip(os.sep)) or p
 
 
+def general_base(run: dict[str, Any]) -> dict[str, Optional[float]]:
+    """The base model's general scores (row 0 of each ``general`` series)."""
+    return {g: (vals[0] if vals else None) for g, vals in (run.get("general") or {}).items()}
+
+
+def mean_std(vals: Sequence[Any]) -> tuple[Optional[float], Optional[float]]:
+    """Mean and population std of the non-None values (None, None when there are none)."""
+    nums = [float(v) for v in vals if v is not None]
+    if not nums:
+        return None, None
+    mean = sum(nums) / len(nums)
+    return mean, (sum((v - mean) ** 2 for v in nums) / len(nums)) ** 0.5
+
+
 def merge_seeds(names: Sequence[str], runs: Sequence[dict[str, Any]]
                 ) -> tuple[list[str], list[dict[str, Any]]]:
     """Runs sharing a name (e.g. seeds of one strategy) -> one column of means.
 
-    Each merged run carries ``_std`` (metric -> population std over the seeds) and ``_n``.
+    Each merged run carries ``_std`` (metric -> population std over the seeds) and ``_n``;
+    ``general_base`` and ``general_final`` hold the means of the base and final general scores
+    (std under ``"<name> (base)"`` and ``"<name>"``).
     """
     order: list[str] = []
     groups: dict[str, list[dict[str, Any]]] = {}
@@ -76,39 +90,39 @@ def merge_seeds(names: Sequence[str], runs: Sequence[dict[str, Any]]
     merged = []
     for name in order:
         group = groups[name]
-        keys = list(SUMMARY) + ["F1"]
         gen = {g for r in group for g in (r.get("general_final") or {})}
         out: dict[str, Any] = dict(group[0])
-        out["general_final"], out["_std"], out["_n"] = {}, {}, len(group)
-
-        def stats(vals: list[Any]) -> tuple[Optional[float], Optional[float]]:
-            vals = [float(v) for v in vals if v is not None]
-            if not vals:
-                return None, None
-            mean = sum(vals) / len(vals)
-            return mean, (sum((v - mean) ** 2 for v in vals) / len(vals)) ** 0.5
-
-        for k in keys:
-            out[k], out["_std"][k] = stats([r.get(k) for r in group])
+        out["general_final"], out["general_base"], out["_std"] = {}, {}, {}
+        out["_n"] = len(group)
+        for k in list(SUMMARY) + ["F1"]:
+            out[k], out["_std"][k] = mean_std([r.get(k) for r in group])
         for g in sorted(gen):
-            out["general_final"][g], out["_std"][g] = stats(
+            out["general_final"][g], out["_std"][g] = mean_std(
                 [(r.get("general_final") or {}).get(g) for r in group])
+            out["general_base"][g], out["_std"][f"{g} (base)"] = mean_std(
+                [general_base(r).get(g) for r in group])
         merged.append(out)
     return order, merged
 
 
 def build_table(names: Sequence[str], runs: Sequence[dict[str, Any]]) -> tuple[str, list, list]:
-    """(markdown, metric names, values[metric][run]) for the runs (mean ± std for merged seeds)."""
+    """(markdown, metric names, values[metric][run]) for the runs (mean ± std for merged seeds).
+
+    Each general score gets two rows: the base model's (``<name> (base)``) and the final model's.
+    """
     general: list[str] = []
     for r in runs:
         for g in (r.get("general_final") or {}):
             if g not in general:
                 general.append(g)
-    metrics = list(SUMMARY) + general + ["F1"]
+    metrics = list(SUMMARY) + [m for g in general for m in (f"{g} (base)", g)] + ["F1"]
     values: list[list[Optional[float]]] = []
     for m in metrics:
         if m in SUMMARY or m == "F1":
             values.append([r.get(m) for r in runs])
+        elif m.endswith(" (base)"):
+            g = m[:-len(" (base)")]
+            values.append([(r.get("general_base") or general_base(r)).get(g) for r in runs])
         else:
             values.append([(r.get("general_final") or {}).get(m) for r in runs])
     header = ["metric"] + list(names)
@@ -151,7 +165,7 @@ def bar_chart(names: Sequence[str], metrics: Sequence[str],
         ax.bar_label(bars, fmt="%.1f", fontsize=7)
     ax.axhline(0, color="black", linewidth=0.8)
     ax.set_xticks(range(len(metrics)), labels=list(metrics))
-    ax.set_ylabel("percent")
+    ax.set_ylabel("percent (perplexity: as is)")
     ax.set_title("Run comparison")
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -169,15 +183,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = ap.parse_args(argv)
     try:
         names = [n.strip() for n in args.names.split(",")] if args.names else \
-            [_run_name(p) for p in args.runs]
+            [run_name(p) for p in args.runs]
         if len(names) != len(args.runs):
             raise CompareError(f"--names has {len(names)} names for {len(args.runs)} runs")
         runs = [load_run(p) for p in args.runs]
         names, runs = merge_seeds(names, runs)  # repeated names = seeds of one row
         table, metrics, values = build_table(names, runs)
         os.makedirs(args.out, exist_ok=True)
-        _atomic_write(os.path.join(args.out, "compare.md"), table.encode("utf-8"))
-        _atomic_write(os.path.join(args.out, "compare.png"), bar_chart(names, metrics, values))
+        write_text_atomic(os.path.join(args.out, "compare.md"), table)
+        write_bytes_atomic(os.path.join(args.out, "compare.png"),
+                           bar_chart(names, metrics, values))
     except CompareError as err:
         print(f"compare: {err}", file=sys.stderr)
         return 2

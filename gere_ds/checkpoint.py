@@ -20,12 +20,10 @@ never loaded; the previous complete one is used instead, with a log line.
 from __future__ import annotations
 
 import json
-import os
 import random
 import re
 import shutil
 import socket
-import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
@@ -33,19 +31,10 @@ import numpy as np
 import torch
 
 from gere_ds import dist
+from gere_ds.atomic import write_text_atomic
 from gere_ds.errors import InputError
 
 _TAG = re.compile(r"^task(\d{3})-(end|step(\d{6}))$")
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write to a unique temp file in the same folder, then rename (several nodes may write the
-    same marker on a shared disk, and container pids repeat across nodes)."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
 
 
 def task_tag(task_index: int) -> str:
@@ -109,12 +98,12 @@ def save_checkpoint(engine: Any, root: Path, tag: str, trainer_state: dict[str, 
     engine.save_checkpoint(str(root), tag=tag, save_latest=False)
     torch.save(rng_state(), folder / f"rng_rank{me:05d}.pt")
     if me == 0:
-        atomic_write_text(folder / "trainer_state.json", json.dumps(trainer_state, indent=1))
+        write_text_atomic(folder / "trainer_state.json", json.dumps(trainer_state, indent=1))
     sizes = {p.name: p.stat().st_size for p in _own_files(folder, me)}
-    atomic_write_text(_marker(folder, me), json.dumps(sizes))
+    write_text_atomic(_marker(folder, me), json.dumps(sizes))
     dist.barrier()
     if dist.local_rank() == 0:  # one writer per node: works with or without a shared disk
-        atomic_write_text(root / "latest", tag + "\n")
+        write_text_atomic(root / "latest", tag + "\n")
     dist.barrier()
     return folder
 

@@ -32,6 +32,8 @@ from typing import Any, Union
 import numpy as np
 import torch
 
+from gere_ds.atomic import write_json_atomic
+
 FORMAT_VERSION = 2
 KINDS = ("states", "topk", "features")
 STRATEGY_KIND = {"tm": "states", "kl": "topk", "l1": "features", "l2": "features"}
@@ -250,8 +252,7 @@ class CacheWriter:
                     "kind": self.kind, "row_width": self.row_width, "samples": len(index),
                     "tokens": tokens, "data_bytes": data_bytes,
                     "bytes_per_token": data_bytes / max(tokens, 1), "files": files, **self.meta}
-        (self.tmp / "manifest.json.tmp").write_text(json.dumps(manifest, indent=1))
-        os.replace(self.tmp / "manifest.json.tmp", self.tmp / "manifest.json")
+        write_json_atomic(self.tmp / "manifest.json", manifest, indent=1)
         if self.folder.exists():
             shutil.rmtree(self.folder)
         os.replace(self.tmp, self.folder)

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shlex
 import shutil
 import subprocess
@@ -37,6 +36,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from a clone without install
+
+from gere_ds.atomic import write_json_atomic  # noqa: E402
 
 # the paper's rows: Baseline (sequential fine-tuning), BaselineR (replay CE), and BaselineR plus
 # each imitation term (KL on logits, L1 / L2 on final-norm features, TM on activation states)
@@ -119,12 +120,6 @@ def write_presets(base: str, folder: Path, rows: list[str], extra: list[str]) ->
     return written
 
 
-def _save_status(path: Path, status: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(status, indent=1) + "\n")
-    os.replace(tmp, path)
-
-
 def run_row(cmd: list[str], log_path: Path) -> int:
     """Run one row, streaming its output to the console and to its launch log."""
     with open(log_path, "a", buffering=1) as log:
@@ -184,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
         rc = run_row(cmd, results / f"{row}.launch.log")
         status[row] = {"status": "done" if rc == 0 else "failed", "returncode": rc,
                        "seconds": round(time.time() - start, 1), "command": cmd}
-        _save_status(status_path, status)
+        write_json_atomic(status_path, status)
         print(f"[ablation] {row}: {'done' if rc == 0 else f'FAILED (exit {rc})'} in "
               f"{status[row]['seconds']:.0f} s", flush=True)
         if rc != 0:

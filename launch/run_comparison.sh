@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Regenerates the strategy comparison of docs/results.md: the paper's rows on the demo model and
 # task sequence with a SHORT schedule (so that it fits a 2-core CPU), for each seed, then one
-# table with mean ± std over the seeds.   Usage: bash launch/run_comparison.sh [SEEDS...]
+# table with mean ± std over the seeds (runs/comparison/compare.md, .png) and the training
+# dynamics of the replay terms (runs/comparison/dynamics.md, .png).
+# Usage: bash launch/run_comparison.sh [SEEDS...]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SEEDS=("${@:-1 2}")
@@ -27,5 +29,6 @@ for row in ${ROWS//,/ }; do
     fi
   done
 done
-.venv/bin/python eval/compare.py "${runs[@]}" --names "$(IFS=,; echo "${names[*]}")" \
-  --out runs/comparison
+names_csv="$(IFS=,; echo "${names[*]}")"
+.venv/bin/python eval/compare.py "${runs[@]}" --names "$names_csv" --out runs/comparison
+.venv/bin/python eval/dynamics.py "${runs[@]}" --names "$names_csv" --out runs/comparison

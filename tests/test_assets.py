@@ -15,7 +15,9 @@ import pytest
 
 from gere_ds.assets import STEP_ORDER, Settings, SourceLocator, prepare
 from gere_ds.assets.choices import answer_letter, parse_options
-from gere_ds.assets.files import read_jsonl, sha256_file, write_jsonl_atomic
+from gere_ds.assets.files import sha256_file
+from gere_ds.atomic import write_jsonl_atomic
+from gere_ds.data.files import read_dicts
 from gere_ds.assets.model import check_free_space
 from gere_ds.assets.overlap import OverlapIndex
 from gere_ds.assets.sources import PACKAGES, find_package_dir
@@ -151,7 +153,7 @@ def test_task_files(built: tuple[Path, list[str]]) -> None:
         for split, size in (("train", SMALL.train_size), ("test", SMALL.test_size)):
             path = Path(task[split])
             assert path == out / "data" / task["name"] / f"{split}.jsonl"  # absolute: outside the repo
-            rows = read_jsonl(path)
+            rows = read_dicts(path)
             assert len(rows) == size
             assert manifest["files"][f"data/{task['name']}/{split}.jsonl"]["rows"] == size
             for row in rows:
@@ -162,15 +164,15 @@ def test_task_files(built: tuple[Path, list[str]]) -> None:
             assert len(splits[split]) == size  # no duplicates inside a split
         assert not splits["train"] & splits["test"]
         if task["labels"][0] == "A":  # multiple choice: every option letter is in the sentence
-            row = read_jsonl(Path(task["test"]))[0]
+            row = read_dicts(Path(task["test"]))[0]
             assert all(f"\n{letter}. " in row["sentence"] for letter in task["labels"])
 
 
 @needs_data
 def test_general_files_are_disjoint_from_tasks_and_each_other(built: tuple[Path, list[str]]) -> None:
     out, _ = built
-    replay = read_jsonl(out / "data" / "general" / "replay.jsonl")
-    heldout = read_jsonl(out / "data" / "general" / "heldout.jsonl")
+    replay = read_dicts(out / "data" / "general" / "replay.jsonl")
+    heldout = read_dicts(out / "data" / "general" / "heldout.jsonl")
     assert len(replay) == SMALL.replay_size and len(heldout) == SMALL.heldout_size
     for row in replay + heldout:
         assert set(row) == {"text"}
@@ -184,7 +186,7 @@ def test_general_files_are_disjoint_from_tasks_and_each_other(built: tuple[Path,
     task_text = []
     for task in json.loads((out / "data" / "tasks.json").read_text()):
         for split in ("train", "test"):
-            task_text += [r["sentence"] for r in read_jsonl(Path(task[split]))]
+            task_text += [r["sentence"] for r in read_dicts(Path(task[split]))]
     task_index = OverlapIndex(task_text)
     assert not any(task_index.overlaps(t) for t in replay_texts + heldout_texts)
     # Exact-duplicate check of BoolQ passages against the general text.
@@ -197,8 +199,8 @@ def test_general_files_are_disjoint_from_tasks_and_each_other(built: tuple[Path,
 @needs_data
 def test_mmlu_files(built: tuple[Path, list[str]]) -> None:
     out, _ = built
-    test = read_jsonl(out / "data" / "mmlu" / "test.jsonl")
-    dev = read_jsonl(out / "data" / "mmlu" / "dev.jsonl")
+    test = read_dicts(out / "data" / "mmlu" / "test.jsonl")
+    dev = read_dicts(out / "data" / "mmlu" / "dev.jsonl")
     assert len(dev) == SMALL.mmlu_dev_size and len(test) > 2500
     for row in dev + test:
         assert {"question", "options", "answer"} <= set(row) <= {"question", "options", "answer", "subject"}
@@ -291,15 +293,15 @@ def test_atomic_jsonl_write_keeps_old_file_on_failure(tmp_path: Path) -> None:
 
     with pytest.raises(RuntimeError):
         write_jsonl_atomic(path, rows())
-    assert read_jsonl(path) == [{"a": 1}]
+    assert read_dicts(path) == [{"a": 1}]
     assert os.listdir(tmp_path) == ["x.jsonl"]
 
 
-def test_read_jsonl_names_file_and_line(tmp_path: Path) -> None:
+def test_read_dicts_names_file_and_line(tmp_path: Path) -> None:
     path = tmp_path / "bad.jsonl"
     path.write_text('{"a": 1}\n{oops\n')
-    with pytest.raises(InputError, match=r"bad.jsonl:2: not valid JSON"):
-        read_jsonl(path)
+    with pytest.raises(InputError, match=r"bad.jsonl:2: invalid JSON"):
+        read_dicts(path)
 
 
 def test_options_parsing() -> None:

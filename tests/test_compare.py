@@ -39,7 +39,9 @@ def test_compare_two_runs(runs, tmp_path):
     assert "| BWT | -30.00 | -5.00 |" in lines
     assert "| FWT | 10.00 | 10.00 |" in lines
     assert "| forgetting | 30.00 | 5.00 |" in lines
+    assert "| mmlu (base) | 60.00 | 60.00 |" in lines
     assert "| mmlu | 50.00 | 58.00 |" in lines
+    assert lines.index("| mmlu (base) | 60.00 | 60.00 |") + 1 == lines.index("| mmlu | 50.00 | 58.00 |")
     f1 = [ln for ln in lines if ln.startswith("| F1 (mmlu, AP)")]
     assert len(f1) == 1 and "58.33" in f1[0]
     assert (out / "compare.md").read_text() == p.stdout
@@ -70,3 +72,4 @@ def test_runs_with_one_name_are_seeds_averaged(runs, tmp_path):
     assert lines[0] == "| metric | tm |"
     assert "| seeds | 2 |" in lines
     assert "| AP | 75.75 ± 5.75 |" in lines  # (70 + 81.5) / 2, population std
+    assert "| mmlu (base) | 60.00 ± 0.00 |" in lines and "| mmlu | 54.00 ± 4.00 |" in lines

@@ -50,7 +50,7 @@ def test_replay_has_no_bos_and_is_cut(tok):
                                          add_special_tokens=False)["input_ids"][:20]
 
 
-def test_csv_and_parquet_read_with_datasets(tmp_path):
+def test_csv_and_parquet_rows(tmp_path):
     import pandas as pd
 
     df = pd.DataFrame({"sentence": ["a", "b"], "label": ["yes", "no"]})
@@ -62,7 +62,7 @@ def test_csv_and_parquet_read_with_datasets(tmp_path):
 
 
 @pytest.mark.parametrize("content,needle,line", [
-    ('{"sentence": "a", "label": "yes"}\n{"sentence": "b", "label": \n', "malformed JSON", 2),
+    ('{"sentence": "a", "label": "yes"}\n{"sentence": "b", "label": \n', "invalid JSON", 2),
     ('{"sentence": "a", "label": "yes"}\n{"sentence": "b"}\n', "label: missing field", 2),
     ('{"sentence": "a", "label": "yes"}\n\n{"sentence": "c", "label": "maybe"}\n',
      "label: label 'maybe' is not one of", 3),
@@ -98,3 +98,41 @@ def test_replay_takes_first_n_and_checks_text(tmp_path):
     p.write_text('{"text": "one"}\n{"txt": "two"}\n')
     with pytest.raises(InputError, match=rf"{p}:2: text: missing"):
         load_replay_texts(str(p), 5)
+
+
+def test_training_reads_the_same_formats_as_evaluation(tmp_path):
+    """One reader: O-LoRA Instances files, JSON arrays and JSON lines under .json all train."""
+    import json
+
+    rows = [{"sentence": "a", "label": "yes"}, {"sentence": "b", "label": "no"}]
+    (tmp_path / "inst.json").write_text(json.dumps({"Definition": ["x"], "Instances": rows}))
+    (tmp_path / "arr.json").write_text(json.dumps(rows, indent=1))
+    (tmp_path / "lines.json").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    for name in ("inst.json", "arr.json", "lines.json"):
+        got = load_examples(_task(tmp_path / name))
+        assert [(e.text, e.label) for e in got] == [("a", "yes"), ("b", "no")], name
+    bad = [rows[0], {"sentence": "c", "label": "maybe"}]
+    (tmp_path / "inst.json").write_text(json.dumps({"Instances": bad}))
+    with pytest.raises(InputError, match=r"inst.json: Instances\[2\]\.label: label 'maybe'"):
+        load_examples(_task(tmp_path / "inst.json"))
+    (tmp_path / "arr.json").write_text('[\n {"sentence": "a", "label": "yes"},\n 7\n]\n')
+    with pytest.raises(InputError, match=r"arr.json:3: expected a JSON object, got int"):
+        load_examples(_task(tmp_path / "arr.json"))
+
+
+def test_csv_rows_spanning_lines_are_located_at_their_start(tmp_path):
+    p = tmp_path / "t.csv"
+    p.write_text('sentence,label\n"two\nlines",yes\nb,nope\n')
+    with pytest.raises(InputError, match=rf"{p}:4: label: label 'nope'"):
+        load_examples(_task(p))
+    p.write_text('sentence,label\n"two\nlines",yes\n')
+    assert [(e.text, e.line) for e in load_examples(_task(p))] == [("two\nlines", 2)]
+
+
+def test_parquet_rows_are_named_by_index(tmp_path):
+    import pandas as pd
+
+    pd.DataFrame({"sentence": ["a", "b"], "label": ["yes", "maybe"]}).to_parquet(
+        tmp_path / "t.parquet")
+    with pytest.raises(InputError, match=r"t.parquet: \[2\]\.label: label 'maybe'"):
+        load_examples(_task(tmp_path / "t.parquet"))

@@ -273,7 +273,7 @@ def test_load_task_examples_and_errors(tmp_path):
     with pytest.raises(InputError, match=r"broken.jsonl:2: invalid JSON"):
         S.load_task_examples(broken, TASK)
     empty = _write(tmp_path / "empty.jsonl", ["", "  "])
-    with pytest.raises(InputError, match=r"empty.jsonl: the test set is empty"):
+    with pytest.raises(InputError, match=r"empty.jsonl: empty test file"):
         S.load_task_examples(empty, TASK)
     with pytest.raises(InputError, match="file not found"):
         S.load_task_examples(str(tmp_path / "missing.jsonl"), TASK)

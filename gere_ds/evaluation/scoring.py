@@ -50,7 +50,6 @@ by length (longest first) to reduce padding; results are returned in the origina
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import random
@@ -63,7 +62,9 @@ import torch
 
 from gere_ds.data.encode import encode_source as _train_encode_source
 from gere_ds.data.encode import encode_target as _train_encode_target
+from gere_ds.data.files import read_rows
 from gere_ds.data.prompts import build_prompt
+from gere_ds.data.tasks import Example, read_examples
 from gere_ds.errors import InputError
 
 ForwardFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -78,13 +79,7 @@ _T = TypeVar("_T")
 # ============================================================================ data and loading
 
 
-@dataclass
-class TaskExample:
-    """One test example of a classification task."""
-
-    text: str
-    label: str
-    line: Optional[int] = None  #: 1-based line in the source file (None when unknown)
+TaskExample = Example  # one example type for training and evaluation
 
 
 @dataclass
@@ -96,92 +91,6 @@ class MMLUExample:
     answer: int
     subject: str = ""
     line: Optional[int] = None
-
-
-def _json_array_items(text: str) -> list[tuple[int, Any]]:
-    """(1-based line of the element's start, element) for a top-level JSON array."""
-    dec = json.JSONDecoder()
-    pos = text.index("[") + 1
-    out: list[tuple[int, Any]] = []
-    n = len(text)
-    while True:
-        while pos < n and text[pos] in " \t\r\n,":
-            pos += 1
-        if pos >= n:
-            raise ValueError("unterminated JSON array")
-        if text[pos] == "]":
-            return out
-        line = text.count("\n", 0, pos) + 1
-        obj, pos = dec.raw_decode(text, pos)
-        out.append((line, obj))
-
-
-def read_rows(path: str) -> list[tuple[Optional[int], str, Any]]:
-    """Read a data file as ``(line, where, row)`` triples.
-
-    ``line`` is the 1-based line of the row (None for parquet and nested JSON), ``where`` a field
-    prefix naming the row when the line is unknown (``"[12]."``, else ``""``).
-    Formats: ``.jsonl`` (one object per line, blank lines skipped), ``.json`` (a JSON array, an
-    object with an ``Instances`` array (O-LoRA CL_Benchmark), or JSON lines), ``.csv`` (header
-    row), ``.parquet``.
-    """
-    if not path:
-        raise InputError("no file given")
-    if not os.path.isfile(path):
-        raise InputError("file not found", file=path)
-    ext = os.path.splitext(path)[1].lower()
-    if ext == ".parquet":
-        import pyarrow.parquet as pq
-
-        return [(None, f"[{i + 1}].", row) for i, row in enumerate(pq.read_table(path).to_pylist())]
-    with open(path, encoding="utf-8") as fh:
-        text = fh.read()
-    if ext == ".csv":
-        import csv
-        import io
-
-        reader = csv.DictReader(io.StringIO(text))
-        rows = []
-        for row in reader:
-            rows.append((reader.line_num, "", row))
-        return rows
-    stripped = text.lstrip()
-    if ext == ".json" and stripped.startswith("["):
-        try:
-            return [(line, "", obj) for line, obj in _json_array_items(text)]
-        except (ValueError, json.JSONDecodeError) as err:
-            raise InputError(f"invalid JSON: {err}", file=path) from None
-    if ext == ".json" and stripped.startswith("{"):
-        try:
-            whole = json.loads(text)
-        except json.JSONDecodeError:
-            whole = None  # JSON lines with a .json name
-        if isinstance(whole, dict):
-            items = whole.get("Instances")
-            if not isinstance(items, list):
-                raise InputError("a JSON object file needs an 'Instances' list", file=path)
-            return [(None, f"Instances[{i + 1}].", row) for i, row in enumerate(items)]
-    rows = []
-    # split on "\n" only: str.splitlines() also breaks at U+2028 inside JSON strings
-    for lineno, raw in enumerate(text.split("\n"), start=1):
-        if not raw.strip():
-            continue
-        try:
-            rows.append((lineno, "", json.loads(raw)))
-        except json.JSONDecodeError as err:
-            raise InputError(f"invalid JSON: {err.msg}", file=path, line=lineno) from None
-    return rows
-
-
-def _row_error(path: str, line: Optional[int], where: str, fld: str, msg: str) -> InputError:
-    return InputError(msg, file=path, line=line, field=f"{where}{fld}")
-
-
-def _require_mapping(path: str, line: Optional[int], where: str, row: Any) -> dict:
-    if not isinstance(row, dict):
-        raise InputError(f"{where}expected a JSON object, got {type(row).__name__}", file=path,
-                         line=line)
-    return row
 
 
 def _sample(items: list[_T], max_examples: int, seed: int) -> list[_T]:
@@ -196,30 +105,11 @@ def load_task_examples(path: str, task_cfg: Any, max_examples: int = 0,
                        seed: int = 42) -> list[TaskExample]:
     """Load and validate a task's test split (``task_cfg``: a :class:`~gere_ds.config.TaskConfig`).
 
-    Every row needs ``task_cfg.text_field`` (a string) and ``task_cfg.label_field`` whose value
-    (as a string) is one of ``task_cfg.labels``; otherwise :class:`InputError` names the file, the
-    1-based line and the field. All rows are validated, then ``max_examples > 0`` keeps a seeded
-    sample (``random.Random(seed)``) in file order. An empty file is an error.
+    Rows are read and validated exactly as for training (:func:`gere_ds.data.tasks.read_examples`:
+    bad rows name the file, the 1-based line and the field); then ``max_examples > 0`` keeps a
+    seeded sample (``random.Random(seed)``) in file order.
     """
-    labels = [str(x) for x in task_cfg.labels]
-    tf, lf = task_cfg.text_field, task_cfg.label_field
-    out: list[TaskExample] = []
-    for line, where, row in read_rows(path):
-        row = _require_mapping(path, line, where, row)
-        if tf not in row or row[tf] is None:
-            raise _row_error(path, line, where, tf, "missing text field")
-        if isinstance(row[tf], (dict, list)):
-            raise _row_error(path, line, where, tf, "the text must be a string")
-        if lf not in row or row[lf] is None:
-            raise _row_error(path, line, where, lf, "missing label field")
-        label = str(row[lf])
-        if label not in labels:
-            raise _row_error(path, line, where, lf,
-                             f"label {label!r} is not one of the task's labels {labels}")
-        out.append(TaskExample(text=str(row[tf]), label=label, line=line))
-    if not out:
-        raise InputError("the test set is empty", file=path)
-    return _sample(out, max_examples, seed)
+    return _sample(read_examples(path, task_cfg, what="test"), max_examples, seed)
 
 
 def load_mmlu(path: str, max_examples: int = 0, seed: int = 42) -> list[MMLUExample]:
@@ -229,16 +119,16 @@ def load_mmlu(path: str, max_examples: int = 0, seed: int = 42) -> list[MMLUExam
     2..26 options. Bad rows raise :class:`InputError` naming the file, line and field.
     """
     out: list[MMLUExample] = []
-    for line, where, row in read_rows(path):
-        row = _require_mapping(path, line, where, row)
+    for located in read_rows(path, what="multiple-choice"):
+        row = located.data
         q = row.get("question")
         if not isinstance(q, str) or not q.strip():
-            raise _row_error(path, line, where, "question", "missing or empty question")
+            raise located.error(path, "question", "missing or empty question")
         opts = row.get("options")
         if not isinstance(opts, list) or not 2 <= len(opts) <= len(LETTERS) or \
                 not all(isinstance(o, (str, int, float)) for o in opts):
-            raise _row_error(path, line, where, "options",
-                             f"expected a list of 2..{len(LETTERS)} strings")
+            raise located.error(path, "options",
+                                f"expected a list of 2..{len(LETTERS)} strings")
         ans = row.get("answer")
         if isinstance(ans, bool):
             ans = None
@@ -247,17 +137,15 @@ def load_mmlu(path: str, max_examples: int = 0, seed: int = 42) -> list[MMLUExam
         elif isinstance(ans, int):
             idx = ans
         else:
-            raise _row_error(path, line, where, "answer",
-                             f"expected an answer letter, got {row.get('answer')!r}")
+            raise located.error(path, "answer",
+                                f"expected an answer letter, got {row.get('answer')!r}")
         if not 0 <= idx < len(opts):
-            raise _row_error(path, line, where, "answer",
-                             f"answer {row.get('answer')!r} is outside the {len(opts)} options "
-                             f"(A-{LETTERS[len(opts) - 1]})")
+            raise located.error(path, "answer",
+                                   f"answer {row.get('answer')!r} is outside the {len(opts)} "
+                                f"options (A-{LETTERS[len(opts) - 1]})")
         subject = row.get("subject") or ""
         out.append(MMLUExample(question=q, options=[str(o) for o in opts], answer=idx,
-                               subject=str(subject), line=line))
-    if not out:
-        raise InputError("the multiple-choice set is empty", file=path)
+                               subject=str(subject), line=located.line))
     return _sample(out, max_examples, seed)
 
 
@@ -265,11 +153,11 @@ def load_texts(path: str, max_examples: int = 0, seed: int = 42,
                text_field: str = "text") -> list[str]:
     """Load held-out texts (JSONL ``{"text": str}``); empty texts are skipped."""
     out: list[str] = []
-    for line, where, row in read_rows(path):
-        row = _require_mapping(path, line, where, row)
+    for located in read_rows(path, what="text"):
+        row = located.data
         t = row.get(text_field)
         if not isinstance(t, str):
-            raise _row_error(path, line, where, text_field, "missing text (a string)")
+            raise located.error(path, text_field, "missing text (a string)")
         if t.strip():
             out.append(t)
     if not out:

@@ -1,0 +1,208 @@
+"""What the replay terms did during training: one table and one figure from the runs' step logs.
+
+Usage::
+
+    python eval/dynamics.py RUN_DIR [RUN_DIR ...] [--names a,b] [--out DIR]
+
+Each RUN_DIR holds ``train_steps.jsonl`` (one line per optimizer step, written by the trainer).
+Runs given the same name (seeds of one row) are averaged. For each row the table gives the mean
+task CE and replay CE over training, the replay CE at the last step, and, for the imitation
+strategies, the regulariser's mean value and median weight (over the steps where the term is not 0); for ``tm`` also the fraction of
+activation elements outside their teacher state (the violating fraction) at the start of
+training, its mean and at the end. ``<out>/dynamics.md`` is the table, ``<out>/dynamics.png``
+the replay CE, violating fraction and weight against the optimizer step. A missing or malformed
+log stops with one line on stderr naming the file and line (exit 2).
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import math
+import os
+import statistics
+import sys
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a clone without install
+
+from compare import CompareError, run_name, mean_std  # noqa: E402  (eval/compare.py)
+
+from gere_ds.atomic import write_bytes_atomic, write_text_atomic  # noqa: E402
+
+STEPS_FILE = "train_steps.jsonl"
+REGULARISERS = ("tm", "kl", "l1", "l2")
+
+
+def load_steps(run_dir: str) -> list[dict[str, Any]]:
+    """The step records of a run, in order."""
+    path = os.path.join(run_dir, STEPS_FILE)
+    if not os.path.isfile(path):
+        raise CompareError(f"{path}: not found (did the run train?)")
+    steps = []
+    with open(path, encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise CompareError(f"{path}:{lineno}: invalid JSON ({err.msg})") from None
+            if not isinstance(rec, dict) or "global_step" not in rec:
+                raise CompareError(f"{path}:{lineno}: global_step: missing")
+            steps.append(rec)
+    if not steps:
+        raise CompareError(f"{path}: no steps logged")
+    return steps
+
+
+def run_strategy(run_dir: str) -> str:
+    """The replay strategy a run was configured with (its saved ``config.yaml``)."""
+    import yaml
+
+    path = os.path.join(run_dir, "config.yaml")
+    try:
+        with open(path, encoding="utf-8") as fh:
+            cfg = yaml.safe_load(fh)
+        return str(cfg["replay"]["strategy"])
+    except (OSError, yaml.YAMLError, KeyError, TypeError) as err:
+        raise CompareError(f"{path}: cannot read replay.strategy ({err})") from None
+
+
+def _finite(values: Sequence[Any]) -> list[float]:
+    return [float(v) for v in values if v is not None and math.isfinite(float(v))]
+
+
+def summarise(steps: list[dict[str, Any]], strategy: str) -> dict[str, Optional[float]]:
+    """One run's numbers for the table (None where the run did not log that quantity)."""
+    def col(key: str) -> list[float]:
+        if key == "train/replay_ce" and strategy == "none":
+            return []  # no replay rows: the logged 0 is not a measurement
+        return _finite([s.get(key) for s in steps])
+
+    def mean(key: str) -> Optional[float]:
+        vals = col(key)
+        return sum(vals) / len(vals) if vals else None
+
+    out: dict[str, Optional[float]] = {
+        "task_ce": mean("train/task_ce"), "replay_ce": mean("train/replay_ce"),
+        "replay_ce_last": (col("train/replay_ce") or [None])[-1],
+        "reg": None, "reg_weight": None, "viol_first": None, "viol": None, "viol_last": None}
+    for name in REGULARISERS:
+        if col(f"train/{name}"):
+            out["reg"] = mean(f"train/{name}")
+            # steps where the term is 0 are left out: there w = dy is CE / 1e-8 (the first step)
+            weights = _finite([s.get(f"train/{name}_weight") for s in steps
+                               if s.get(f"train/{name}") not in (None, 0, 0.0)])
+            out["reg_weight"] = statistics.median(weights) if weights else None
+    viol = col("train/tm_violation_frac")
+    if viol:
+        # the first step's fraction is 0 by construction (the model is the teacher): report
+        # the second step as "start"
+        out["viol_first"] = viol[1] if len(viol) > 1 else viol[0]
+        out["viol"], out["viol_last"] = sum(viol) / len(viol), viol[-1]
+    return out
+
+
+COLUMNS = (("task_ce", "task CE (mean)", 3), ("replay_ce", "replay CE (mean)", 3),
+           ("replay_ce_last", "replay CE (last step)", 3), ("reg", "regulariser (mean)", 4),
+           ("reg_weight", "weight (median)", 1), ("viol_first", "TM violating % (step 2)", 2),
+           ("viol", "TM violating % (mean)", 2), ("viol_last", "TM violating % (last)", 2))
+
+
+def build_table(names: Sequence[str], summaries: Sequence[Sequence[dict[str, Any]]]) -> str:
+    """Markdown: one row per name, mean ± std over its runs (seeds)."""
+    lines = ["| row | seeds | " + " | ".join(label for _, label, _ in COLUMNS) + " |",
+             "|---|---:|" + "---:|" * len(COLUMNS)]
+    for name, group in zip(names, summaries):
+        cells = []
+        for key, _, digits in COLUMNS:
+            scale = 100.0 if key.startswith("viol") else 1.0
+            mean, std = mean_std([s[key] * scale if s[key] is not None else None for s in group])
+            if mean is None:
+                cells.append("-")
+            else:
+                cells.append(f"{mean:.{digits}f}" + (f" ± {std:.{digits}f}" if len(group) > 1
+                                                       else ""))
+        lines.append(f"| {name} | {len(group)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _mean_curve(runs: Sequence[list[dict[str, Any]]], key: str) -> tuple[list[int], list[float]]:
+    by_step: dict[int, list[float]] = {}
+    for steps in runs:
+        for s in steps:
+            v = s.get(key)
+            if v is not None and math.isfinite(float(v)):
+                by_step.setdefault(int(s["global_step"]), []).append(float(v))
+    xs = sorted(by_step)
+    return xs, [sum(by_step[x]) / len(by_step[x]) for x in xs]
+
+
+def figure(names: Sequence[str], runs: Sequence[Sequence[list[dict[str, Any]]]]) -> bytes:
+    """PNG: replay CE, TM violating fraction and TM weight against the optimizer step."""
+    from matplotlib.figure import Figure  # no pyplot: no GUI backend
+
+    panels = (("train/replay_ce", "replay CE", False),
+              ("train/tm_violation_frac", "TM violating fraction", False),
+              ("train/tm_weight", "TM weight (log)", True))
+    fig = Figure(figsize=(15, 4), dpi=100)
+    for i, (key, title, log) in enumerate(panels):
+        ax = fig.add_subplot(1, len(panels), i + 1)
+        for name, group in zip(names, runs):
+            xs, ys = _mean_curve(group, key)
+            if log:  # drop the dy weight of a step where the term is exactly 0
+                xs, ys = zip(*[(x, y) for x, y in zip(xs, ys) if 0 < y < 1e6]) if any(
+                    0 < y < 1e6 for y in ys) else ([], [])
+            if xs:
+                ax.plot(xs, ys, label=name, linewidth=1.2)
+        if log:
+            ax.set_yscale("log")
+        ax.set_title(title)
+        ax.set_xlabel("optimizer step")
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    ap = argparse.ArgumentParser(description="Training dynamics of gere-ds runs.")
+    ap.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run output directories")
+    ap.add_argument("--out", default=".", help="folder for dynamics.md and dynamics.png")
+    ap.add_argument("--names", default="", help="comma-separated names, one per run; runs with "
+                    "the same name (seeds) are averaged")
+    args = ap.parse_args(argv)
+    try:
+        names = [n.strip() for n in args.names.split(",")] if args.names else \
+            [run_name(p) for p in args.runs]
+        if len(names) != len(args.runs):
+            raise CompareError(f"--names has {len(names)} names for {len(args.runs)} runs")
+        order: list[str] = []
+        groups: dict[str, list[list[dict[str, Any]]]] = {}
+        summaries: dict[str, list[dict[str, Optional[float]]]] = {}
+        for name, run in zip(names, args.runs):
+            if name not in groups:
+                order.append(name)
+            steps, strategy = load_steps(run), run_strategy(run)
+            summaries.setdefault(name, []).append(summarise(steps, strategy))
+            if strategy == "none":  # no replay rows: the logged replay CE of 0 is not plotted
+                steps = [{k: v for k, v in s.items() if k != "train/replay_ce"} for s in steps]
+            groups.setdefault(name, []).append(steps)
+        runs = [groups[n] for n in order]
+        table = build_table(order, [summaries[n] for n in order])
+        os.makedirs(args.out, exist_ok=True)
+        write_text_atomic(os.path.join(args.out, "dynamics.md"), table)
+        write_bytes_atomic(os.path.join(args.out, "dynamics.png"), figure(order, runs))
+    except CompareError as err:
+        print(f"dynamics: {err}", file=sys.stderr)
+        return 2
+    print(table, end="")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,45 @@
+"""Atomic file writes: a unique temporary name in the destination folder, flushed to disk, then
+``os.replace``-d into place. A crash never leaves a half-written file that a later run would
+trust, and several nodes writing the same file on a shared disk never share a temporary name
+(mkstemp, not the pid: container pids repeat across nodes)."""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+TMP_MARK = ".tmp-"  # part of every temporary name, so stale ones can be found and removed
+
+
+def write_bytes_atomic(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` (parents created) via a temp file + fsync + os.replace."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}{TMP_MARK}", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    write_bytes_atomic(path, text.encode("utf-8"))
+
+
+def write_json_atomic(path: str | Path, obj: Any, indent: int = 2) -> None:
+    write_text_atomic(path, json.dumps(obj, indent=indent, ensure_ascii=False) + "\n")
+
+
+def write_jsonl_atomic(path: str | Path, rows: Iterable[dict[str, Any]]) -> int:
+    """Write one JSON object per line; returns the number of rows written."""
+    lines = [json.dumps(row, ensure_ascii=False) for row in rows]
+    write_text_atomic(path, "".join(line + "\n" for line in lines))
+    return len(lines)
