@@ -1,9 +1,12 @@
-"""Atomic file writes: a unique temporary name in the destination folder, flushed to disk, then
-``os.replace``-d into place. A crash never leaves a half-written file that a later run would
+"""Atomic file writes and file checksums.
+
+A write goes to a unique temporary name in the destination folder, is flushed to disk, then
+``os.replace``-d into place: a crash never leaves a half-written file that a later run would
 trust, and several nodes writing the same file on a shared disk never share a temporary name
 (mkstemp, not the pid: container pids repeat across nodes)."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -43,3 +46,12 @@ def write_jsonl_atomic(path: str | Path, rows: Iterable[dict[str, Any]]) -> int:
     lines = [json.dumps(row, ensure_ascii=False) for row in rows]
     write_text_atomic(path, "".join(line + "\n" for line in lines))
     return len(lines)
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
+    """Hex sha256 of a file, read in chunks (model weights and caches are hundreds of MB)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()

@@ -21,18 +21,16 @@ sha256 check is never read: the teacher pass recomputes it.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Union
 
 import numpy as np
 import torch
 
-from gere_ds.atomic import write_json_atomic
+from gere_ds.atomic import sha256_file, write_json_atomic
 
 FORMAT_VERSION = 2
 KINDS = ("states", "topk", "features")
@@ -58,29 +56,16 @@ def unpack_states(packed: np.ndarray, count: int) -> np.ndarray:
     return _DECODE[codes.reshape(-1)[:count]]
 
 
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
 def rank_dir(root: Path, fingerprint: str, rank: int, world: int) -> Path:
     return Path(root) / fingerprint[:16] / f"rank{rank:05d}-of-{world:05d}"
 
 
-@dataclass
-class TeacherStates:
-    """Thresholds and the tri-states of this rank's replay samples, memory-mapped."""
+class _SampleCache:
+    """What the three cache kinds share: an index ``sample id -> (tokens, byte offsets...)`` over
+    memory-mapped data files, per-sample reads (``get``) and zero-padded batches."""
 
-    lo: torch.Tensor
-    hi: torch.Tensor
-    mu: torch.Tensor
-    sigma: torch.Tensor
-    hidden_size: int
-    _index: dict[int, tuple[int, int]]  # sample id -> (tokens, byte offset)
-    _packed: np.ndarray
+    def __init__(self, index: dict[int, tuple[int, ...]]) -> None:
+        self._index = index
 
     def has(self, sample_id: int) -> bool:
         return sample_id in self._index
@@ -88,39 +73,50 @@ class TeacherStates:
     @property
     def sample_ids(self) -> list[int]:
         return sorted(self._index)
+
+    def _padded(self, sample_ids: list[int], width: int,
+                parts: tuple[tuple[tuple[int, ...], torch.dtype], ...]) -> list[torch.Tensor]:
+        """One zero tensor [B, width, *shape] per (shape, dtype) part, filled with what ``get``
+        returns for each sample (cut at ``width``; the padding is masked out of the loss)."""
+        outs = [torch.zeros((len(sample_ids), width, *shape), dtype=dtype)
+                for shape, dtype in parts]
+        for b, sid in enumerate(sample_ids):
+            got = self.get(sid)  # type: ignore[attr-defined]
+            for out, part in zip(outs, got if isinstance(got, tuple) else (got,)):
+                out[b, :part.shape[0]] = part[:width]
+        return outs
+
+
+class TeacherStates(_SampleCache):
+    """Thresholds and the tri-states of this rank's replay samples, memory-mapped."""
+
+    def __init__(self, thresholds: torch.Tensor, index: dict[int, tuple[int, int]],
+                 packed: np.ndarray) -> None:
+        super().__init__(index)  # sample id -> (tokens, byte offset in states.bin)
+        self.lo, self.hi, self.mu, self.sigma = thresholds
+        self.hidden_size = int(thresholds.shape[1])
+        self._packed = packed  # uint8 memmap
 
     def get(self, sample_id: int) -> torch.Tensor:
         """int8 [tokens, D] tri-states of one replay sample."""
         tokens, offset = self._index[sample_id]
         n = tokens * self.hidden_size
-        nbytes = (n + 3) // 4
-        states = unpack_states(np.asarray(self._packed[offset:offset + nbytes]), n)
+        states = unpack_states(np.asarray(self._packed[offset:offset + (n + 3) // 4]), n)
         return torch.from_numpy(states.reshape(tokens, self.hidden_size))
 
     def batch(self, sample_ids: list[int], width: int) -> torch.Tensor:
-        """int8 [B, width, D], zero-padded (padding is masked out of the loss)."""
-        out = torch.zeros((len(sample_ids), width, self.hidden_size), dtype=torch.int8)
-        for b, sid in enumerate(sample_ids):
-            s = self.get(sid)
-            out[b, :s.shape[0]] = s[:width]
-        return out
+        """int8 [B, width, D], zero-padded."""
+        return self._padded(sample_ids, width, (((self.hidden_size,), torch.int8),))[0]
 
 
-class TeacherTopK:
+class TeacherTopK(_SampleCache):
     """The teacher's top-k ids and log-probs of this rank's replay samples, memory-mapped."""
 
     def __init__(self, k: int, index: dict[int, tuple[int, int, int]], ids: np.ndarray,
                  logp: np.ndarray) -> None:
+        super().__init__(index)  # sample id -> (tokens, byte offset in topk_ids, in topk_logp)
         self.k = k
-        self._index = index  # sample id -> (tokens, byte offset in topk_ids, in topk_logp)
         self._ids, self._logp = ids, logp  # uint8 memmaps
-
-    def has(self, sample_id: int) -> bool:
-        return sample_id in self._index
-
-    @property
-    def sample_ids(self) -> list[int]:
-        return sorted(self._index)
 
     def get(self, sample_id: int) -> tuple[torch.Tensor, torch.Tensor]:
         """int32 ids [tokens, k] and float16 log-probs [tokens, k] of one replay sample."""
@@ -132,32 +128,20 @@ class TeacherTopK:
                 torch.from_numpy(logp.reshape(tokens, self.k)))
 
     def batch(self, sample_ids: list[int], width: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """ids int64 [B, width, k] and log-probs float32 [B, width, k], zero-padded (padding is
-        masked out of the loss)."""
-        ids = torch.zeros((len(sample_ids), width, self.k), dtype=torch.long)
-        logp = torch.zeros((len(sample_ids), width, self.k), dtype=torch.float32)
-        for b, sid in enumerate(sample_ids):
-            i, lp = self.get(sid)
-            ids[b, :i.shape[0]] = i[:width]
-            logp[b, :lp.shape[0]] = lp[:width]
+        """ids int64 [B, width, k] and log-probs float32 [B, width, k], zero-padded."""
+        ids, logp = self._padded(sample_ids, width,
+                                 (((self.k,), torch.long), ((self.k,), torch.float32)))
         return ids, logp
 
 
-class TeacherFeatures:
+class TeacherFeatures(_SampleCache):
     """The teacher's bf16 final-norm features of this rank's replay samples, memory-mapped."""
 
     def __init__(self, hidden_size: int, index: dict[int, tuple[int, int]],
                  data: np.ndarray) -> None:
+        super().__init__(index)  # sample id -> (tokens, byte offset in features.bin)
         self.hidden_size = hidden_size
-        self._index = index  # sample id -> (tokens, byte offset in features.bin)
         self._data = data  # uint8 memmap
-
-    def has(self, sample_id: int) -> bool:
-        return sample_id in self._index
-
-    @property
-    def sample_ids(self) -> list[int]:
-        return sorted(self._index)
 
     def get(self, sample_id: int) -> torch.Tensor:
         """bfloat16 [tokens, D] features of one replay sample."""
@@ -167,12 +151,8 @@ class TeacherFeatures:
         return torch.from_numpy(raw).view(torch.bfloat16).reshape(tokens, self.hidden_size)
 
     def batch(self, sample_ids: list[int], width: int) -> torch.Tensor:
-        """bfloat16 [B, width, D], zero-padded (padding is masked out of the loss)."""
-        out = torch.zeros((len(sample_ids), width, self.hidden_size), dtype=torch.bfloat16)
-        for b, sid in enumerate(sample_ids):
-            f = self.get(sid)
-            out[b, :f.shape[0]] = f[:width]
-        return out
+        """bfloat16 [B, width, D], zero-padded."""
+        return self._padded(sample_ids, width, (((self.hidden_size,), torch.bfloat16),))[0]
 
 
 TeacherData = Union[TeacherStates, TeacherTopK, TeacherFeatures]
@@ -316,11 +296,9 @@ def load_rank_cache(folder: Path) -> TeacherData:
     index = np.load(folder / "index.npy", allow_pickle=False)
     if kind == "states":
         thresholds = np.load(folder / "thresholds.npy", allow_pickle=False)
-        t = torch.from_numpy(thresholds.copy())
-        return TeacherStates(lo=t[0], hi=t[1], mu=t[2], sigma=t[3],
-                             hidden_size=thresholds.shape[1],
-                             _index={int(s): (int(n), int(o)) for s, n, o in index},
-                             _packed=_memmap(folder / "states.bin"))
+        return TeacherStates(torch.from_numpy(thresholds.copy()),
+                             {int(s): (int(n), int(o)) for s, n, o in index},
+                             _memmap(folder / "states.bin"))
     if kind == "topk":
         return TeacherTopK(int(manifest["row_width"]),
                            {int(s): (int(n), int(a), int(b)) for s, n, a, b in index},

@@ -15,13 +15,12 @@ import pytest
 
 from gere_ds.assets import STEP_ORDER, Settings, SourceLocator, prepare
 from gere_ds.assets.choices import answer_letter, parse_options
-from gere_ds.assets.files import sha256_file
-from gere_ds.atomic import write_jsonl_atomic
-from gere_ds.data.files import read_dicts
 from gere_ds.assets.model import check_free_space
 from gere_ds.assets.overlap import OverlapIndex
 from gere_ds.assets.sources import PACKAGES, find_package_dir
 from gere_ds.assets.wikitext import clean_wikitext, split_paragraphs
+from gere_ds.atomic import sha256_file, write_jsonl_atomic
+from gere_ds.data.files import read_dicts
 from gere_ds.errors import InputError
 
 REPO = Path(__file__).resolve().parents[1]

@@ -11,8 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gere_ds.assets.files import sha256_file
-from gere_ds.atomic import write_json_atomic
+from gere_ds.atomic import sha256_file, write_json_atomic
 
 MANIFEST_NAME = "manifest.json"
 FORMAT_VERSION = 1

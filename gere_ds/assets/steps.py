@@ -7,7 +7,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gere_ds.assets.files import sha256_file
 from gere_ds.assets.general import drop_overlapping, split_general
 from gere_ds.assets.manifest import FileRecord, record_file
 from gere_ds.assets.mmlu import MMLU_SOURCE, load_mmlu, split_mmlu
@@ -23,7 +22,7 @@ from gere_ds.assets.tasks import (
     split_examples,
 )
 from gere_ds.assets.wikitext import iter_articles
-from gere_ds.atomic import write_json_atomic, write_jsonl_atomic
+from gere_ds.atomic import sha256_file, write_json_atomic, write_jsonl_atomic
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 MODEL_SUBDIR = f"models/{MODEL_DIRNAME}"
