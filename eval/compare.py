@@ -174,18 +174,27 @@ def bar_chart(names: Sequence[str], metrics: Sequence[str],
     return buf.getvalue()
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    ap = argparse.ArgumentParser(description="Compare gere-ds runs side by side.")
+def runs_cli(description: str, outputs: str, argv: Optional[Sequence[str]]
+             ) -> tuple[argparse.Namespace, list[str]]:
+    """Parse ``RUN_DIR... [--out DIR] [--names a,b]`` (shared with eval/dynamics.py); returns the
+    arguments and one name per run (the folder names by default)."""
+    ap = argparse.ArgumentParser(description=description)
     ap.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run output directories")
-    ap.add_argument("--out", default=".", help="folder for compare.md and compare.png")
+    ap.add_argument("--out", default=".", help=f"folder for {outputs}")
     ap.add_argument("--names", default="", help="comma-separated display names, one per run; "
                     "runs given the same name (seeds) are averaged: mean ± std")
     args = ap.parse_args(argv)
+    names = [n.strip() for n in args.names.split(",")] if args.names else \
+        [run_name(p) for p in args.runs]
+    if len(names) != len(args.runs):
+        raise CompareError(f"--names has {len(names)} names for {len(args.runs)} runs")
+    return args, names
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
-        names = [n.strip() for n in args.names.split(",")] if args.names else \
-            [run_name(p) for p in args.runs]
-        if len(names) != len(args.runs):
-            raise CompareError(f"--names has {len(names)} names for {len(args.runs)} runs")
+        args, names = runs_cli("Compare gere-ds runs side by side.",
+                               "compare.md and compare.png", argv)
         runs = [load_run(p) for p in args.runs]
         names, runs = merge_seeds(names, runs)  # repeated names = seeds of one row
         table, metrics, values = build_table(names, runs)

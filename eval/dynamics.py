@@ -15,7 +15,6 @@ log stops with one line on stderr naming the file and line (exit 2).
 """
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import math
@@ -27,7 +26,7 @@ from typing import Any, Optional, Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a clone without install
 
-from compare import CompareError, run_name, mean_std  # noqa: E402  (eval/compare.py)
+from compare import CompareError, mean_std, runs_cli  # noqa: E402  (eval/compare.py)
 
 from gere_ds.atomic import write_bytes_atomic, write_text_atomic  # noqa: E402
 
@@ -170,17 +169,9 @@ def figure(names: Sequence[str], runs: Sequence[Sequence[list[dict[str, Any]]]])
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    ap = argparse.ArgumentParser(description="Training dynamics of gere-ds runs.")
-    ap.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run output directories")
-    ap.add_argument("--out", default=".", help="folder for dynamics.md and dynamics.png")
-    ap.add_argument("--names", default="", help="comma-separated names, one per run; runs with "
-                    "the same name (seeds) are averaged")
-    args = ap.parse_args(argv)
     try:
-        names = [n.strip() for n in args.names.split(",")] if args.names else \
-            [run_name(p) for p in args.runs]
-        if len(names) != len(args.runs):
-            raise CompareError(f"--names has {len(names)} names for {len(args.runs)} runs")
+        args, names = runs_cli("Training dynamics of gere-ds runs.",
+                               "dynamics.md and dynamics.png", argv)
         order: list[str] = []
         groups: dict[str, list[list[dict[str, Any]]]] = {}
         summaries: dict[str, list[dict[str, Optional[float]]]] = {}
