@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tempfile
 import time
@@ -451,53 +450,30 @@ def report_teacher(summary: dict) -> str:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--smoke", action="store_true", help="tiny model, one short round")
-    p.add_argument("--reps", type=int, default=None, help="timed rounds (default 7; smoke 1)")
-    p.add_argument("--warmup", type=int, default=None, help="untimed rounds (default 1)")
-    p.add_argument("--out", default=None, help="results folder (default bench/results)")
-    p.add_argument("--assets", default=None, help="assets folder (default bench/results/assets)")
+    p = common.bench_parser(__doc__, "tiny model, one short round")
     p.add_argument("--no-proposals", action="store_true", help="skip the P1 variants")
     p.add_argument("--term-reps", type=int, default=None,
                    help="repetitions of each isolated loss term (default 30; smoke 2)")
     p.add_argument("--epoch-reps", type=int, default=None,
                    help="rounds of [teacher pass, one epoch] (default 3; smoke 1)")
-    # worker side
-    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--config", help=argparse.SUPPRESS)
-    p.add_argument("--result", help=argparse.SUPPRESS)
-    p.add_argument("--local_rank", type=int, default=0, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
-        worker(args)  # its result file is written and every rank has passed a barrier
-        sys.stdout.flush()
-        sys.stderr.flush()
-        # skip interpreter teardown: at-exit hooks of the process group (and of the HF
-        # Trainer's accelerate state) occasionally abort with -6 after all work is done
-        os._exit(0)
+        common.run_worker_and_exit(worker, args)
 
-    spec = common.SMOKE if args.smoke else common.FULL
-    reps = args.reps or (1 if args.smoke else 7)
-    warmup = args.warmup if args.warmup is not None else 1
+    run = common.bench_run(NAME, args)
     epoch_reps = args.epoch_reps or (1 if args.smoke else 3)
     term_reps = args.term_reps or (2 if args.smoke else 30)
-    out_dir = Path(args.out) if args.out else common.RESULTS
-    assets = Path(args.assets) if args.assets else common.RESULTS / "assets"
-    machine = common.machine_info()
-    W = 2
-    paths = common.build_assets(spec, assets, n_task=2 * spec.micro_batch * W,
-                                n_replay=2 * spec.micro_batch * W)
     with tempfile.TemporaryDirectory(prefix="bench-strat-") as tmp:
         tmp = Path(tmp)
-        cfg = common.write_config(common.run_config(paths, spec, tmp / "run", "tm"),
+        cfg = common.write_config(common.run_config(run.paths, run.spec, tmp / "run", "tm"),
                                   tmp / "cfg.yaml")
         result = tmp / "result.json"
-        wargs = ["--worker", "--config", str(cfg), "--result", str(result), "--reps", str(reps),
-                 "--warmup", str(warmup), "--epoch-reps", str(epoch_reps),
+        wargs = ["--worker", "--config", str(cfg), "--result", str(result), "--reps",
+                 str(run.reps), "--warmup", str(run.warmup), "--epoch-reps", str(epoch_reps),
                  "--term-reps", str(term_reps)] + (["--no-proposals"] if args.no_proposals else [])
         t0 = time.perf_counter()
-        code, tail = common.launch(Path(__file__), wargs, nproc=W,
-                                   log=out_dir / "logs" / f"{NAME}{'-smoke' if args.smoke else ''}.log")
+        code, tail = common.launch(Path(__file__), wargs, nproc=common.WORLD,
+                                   log=run.out_dir / "logs" / f"{run.log_tag}.log")
         wall = time.perf_counter() - t0
         if code != 0 or not result.is_file():
             print(tail, file=sys.stderr)
@@ -506,19 +482,11 @@ def main() -> int:
         raw = json.loads(result.read_text())
     summary = summarise(raw)
     summary["teacher_vs_epoch"] = teacher_vs_epoch_summary(raw)
-    summary["teacher_bytes"] = teacher_bytes(raw, spec)
-    machine["load_average_end"] = __import__("os").getloadavg()
-    payload = {"benchmark": NAME, "smoke": args.smoke, "machine": machine, "model": spec.__dict__,
-               "world_size": W, "reps": reps, "warmup": warmup, "wall_s": wall,
-               "command": common.command_line(),
-               "launcher": "deepspeed --num_gpus 2 (CPU ranks, gloo), ZeRO-3, bf16, torch AdamW",
-               "summary": summary, "raw": raw}
-    path = common.write_result(NAME, args.smoke, payload, out_dir)
-    print(f"{NAME}: {machine['cpu_model']}, {machine['usable_cpus']} cpus, torch "
-          f"{machine['torch']}, deepspeed {machine['deepspeed']}, transformers "
-          f"{machine['transformers']}; model {spec.tag}, seq {spec.seq}, micro batch "
-          f"{spec.micro_batch} x {W} ranks; {reps} rounds (+{warmup} warm-up); load average "
-          f"{machine['load_average'][0]:.2f} -> {machine['load_average_end'][0]:.2f}")
+    summary["teacher_bytes"] = teacher_bytes(raw, run.spec)
+    payload = run.payload(wall, "deepspeed --num_gpus 2 (CPU ranks, gloo), ZeRO-3, bf16, "
+                          "torch AdamW", summary=summary, raw=raw)
+    path = common.write_result(NAME, args.smoke, payload, run.out_dir)
+    print(run.header())
     print(report(summary, raw))
     print(report_teacher(summary))
     print(f"\nwritten: {path}")

@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
 import sys
 import tempfile
 import time
@@ -537,48 +536,25 @@ def count_tokens(paths, spec, W) -> dict[str, int]:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--smoke", action="store_true", help="tiny model, one round, no solo launches")
-    p.add_argument("--reps", type=int, default=None, help="timed rounds (default 7; smoke 1)")
-    p.add_argument("--warmup", type=int, default=None, help="untimed rounds (default 1)")
+    p = common.bench_parser(__doc__, "tiny model, one round, no solo launches")
     p.add_argument("--solo", dest="solo_launches", action="store_true", default=None,
                    help="also run the one-engine memory launches (default: on unless --smoke)")
     p.add_argument("--no-solo", dest="solo_launches", action="store_false")
-    p.add_argument("--out", default=None)
-    p.add_argument("--assets", default=None)
-    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--worker-solo", dest="solo", default=None, help=argparse.SUPPRESS)
-    p.add_argument("--config", help=argparse.SUPPRESS)
     p.add_argument("--work", help=argparse.SUPPRESS)
-    p.add_argument("--result", help=argparse.SUPPRESS)
-    p.add_argument("--local_rank", type=int, default=0, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
-        worker(args)  # its result file is written and every rank has passed a barrier
-        sys.stdout.flush()
-        sys.stderr.flush()
-        # skip interpreter teardown: at-exit hooks of the process group (and of the HF
-        # Trainer's accelerate state) occasionally abort with -6 after all work is done
-        os._exit(0)
+        common.run_worker_and_exit(worker, args)
 
-    spec = common.SMOKE if args.smoke else common.FULL
-    reps = args.reps or (1 if args.smoke else 7)
-    warmup = args.warmup if args.warmup is not None else 1
+    run = common.bench_run(NAME, args)
     solo_launches = (not args.smoke) if args.solo_launches is None else args.solo_launches
-    out_dir = Path(args.out) if args.out else common.RESULTS
-    assets = Path(args.assets) if args.assets else common.RESULTS / "assets"
-    machine = common.machine_info()
-    W = 2
-    paths = common.build_assets(spec, assets, n_task=2 * spec.micro_batch * W,
-                                n_replay=2 * spec.micro_batch * W)
-    tag = f"{NAME}{'-smoke' if args.smoke else ''}"
     t_start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="bench-hf-") as tmp:
         tmp = Path(tmp)
-        run_cfg = common.run_config(paths, spec, tmp / "run", "tm",
+        run_cfg = common.run_config(run.paths, run.spec, tmp / "run", "tm",
                                     teacher_cache=tmp / "teacher_cache")
 
-        def run(solo: str | None, reps_: int, warmup_: int) -> dict | None:
+        def launch(solo: str | None, reps_: int, warmup_: int) -> dict | None:
             c = copy.deepcopy(run_cfg)
             if solo == "gere_none":
                 c["replay"]["strategy"] = "none"
@@ -588,38 +564,29 @@ def main() -> int:
                      str(result), "--reps", str(reps_), "--warmup", str(warmup_)]
             if solo:
                 wargs += ["--worker-solo", solo]
-            code, tail = common.launch(Path(__file__), wargs, nproc=W,
-                                       log=out_dir / "logs" / f"{tag}-{solo or 'main'}.log")
+            log = run.out_dir / "logs" / f"{run.log_tag}-{solo or 'main'}.log"
+            code, tail = common.launch(Path(__file__), wargs, nproc=common.WORLD, log=log)
             if code != 0 or not result.is_file():
                 print(tail, file=sys.stderr)
                 print(f"error: worker {solo or 'main'} failed (exit {code})", file=sys.stderr)
                 return None
             return json.loads(result.read_text())
 
-        raw = run(None, reps, warmup)
+        raw = launch(None, run.reps, run.warmup)
         if raw is None:
             return 1
         solos: dict[str, dict | None] = {}
         if solo_launches:
             for name in SOLO:  # alternating: hf, gere, hf, gere
-                solos[name] = run(name, 2, 1)
+                solos[name] = launch(name, 2, 1)
     wall = time.perf_counter() - t_start
-    tokens = count_tokens(paths, spec, W)
-    summary = summarise(raw, tokens, solos)
-    machine["load_average_end"] = __import__("os").getloadavg()
-    payload = {"benchmark": NAME, "smoke": args.smoke, "machine": machine, "model": spec.__dict__,
-               "world_size": W, "reps": reps, "warmup": warmup, "wall_s": wall,
-               "command": common.command_line(),
-               "launcher": "deepspeed --num_gpus 2 (CPU ranks, gloo), ZeRO-3, bf16, torch AdamW; "
-                           "HF Trainer and gere-ds engines in the same processes, steps "
-                           "interleaved by a TrainerCallback",
-               "summary": summary, "raw": raw, "solo_raw": solos}
-    path = common.write_result(NAME, args.smoke, payload, out_dir)
-    print(f"{NAME}: {machine['cpu_model']}, {machine['usable_cpus']} cpus, torch "
-          f"{machine['torch']}, deepspeed {machine['deepspeed']}, transformers "
-          f"{machine['transformers']}; model {spec.tag}, seq {spec.seq}, micro batch "
-          f"{spec.micro_batch} x {W} ranks; {reps} rounds (+{warmup} warm-up); load average "
-          f"{machine['load_average'][0]:.2f} -> {machine['load_average_end'][0]:.2f}")
+    summary = summarise(raw, count_tokens(run.paths, run.spec, common.WORLD), solos)
+    payload = run.payload(wall, "deepspeed --num_gpus 2 (CPU ranks, gloo), ZeRO-3, bf16, torch "
+                          "AdamW; HF Trainer and gere-ds engines in the same processes, steps "
+                          "interleaved by a TrainerCallback",
+                          summary=summary, raw=raw, solo_raw=solos)
+    path = common.write_result(NAME, args.smoke, payload, run.out_dir)
+    print(run.header())
     print(report(summary))
     print(f"\nwritten: {path}")
     return 0

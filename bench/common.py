@@ -9,6 +9,7 @@ interleaved step by step, and reported as ratios of medians.
 """
 from __future__ import annotations
 
+import argparse
 import ctypes
 import json
 import math
@@ -26,7 +27,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
@@ -147,11 +148,92 @@ def table(headers: list[str], rows: list[list[Any]]) -> str:
 
 def write_result(name: str, smoke: bool, payload: dict[str, Any], out_dir: Path | None = None
                  ) -> Path:
+    from gere_ds.atomic import write_text_atomic
+
     out_dir = Path(out_dir) if out_dir else RESULTS
-    out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{name}{'-smoke' if smoke else ''}.json"
-    path.write_text(json.dumps(payload, indent=1, default=str))
+    write_text_atomic(path, json.dumps(payload, indent=1, default=str))
     return path
+
+
+# ----------------------------------------------------------------------------- driver
+
+
+WORLD = 2  # ranks of every benchmark launch
+
+
+def bench_parser(doc: str, smoke_help: str) -> argparse.ArgumentParser:
+    """The options every benchmark script takes (driver and hidden worker side); a script adds
+    its own."""
+    p = argparse.ArgumentParser(description=doc.splitlines()[0])
+    p.add_argument("--smoke", action="store_true", help=smoke_help)
+    p.add_argument("--reps", type=int, default=None, help="timed rounds (default 7; smoke 1)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed rounds (default 1)")
+    p.add_argument("--out", default=None, help="results folder (default bench/results)")
+    p.add_argument("--assets", default=None, help="assets folder (default bench/results/assets)")
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--config", help=argparse.SUPPRESS)
+    p.add_argument("--result", help=argparse.SUPPRESS)
+    p.add_argument("--local_rank", type=int, default=0, help=argparse.SUPPRESS)
+    return p
+
+
+def run_worker_and_exit(worker: Callable[[argparse.Namespace], None],
+                        args: argparse.Namespace) -> NoReturn:
+    """Run the worker side; it writes its result file and passes a barrier on every rank."""
+    worker(args)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # skip interpreter teardown: at-exit hooks of the process group (and of the HF Trainer's
+    # accelerate state) occasionally abort with -6 after all work is done
+    os._exit(0)
+
+
+@dataclass
+class BenchRun:
+    """The driver's settings, resolved from the common options."""
+
+    name: str
+    smoke: bool
+    spec: ModelSpec
+    reps: int
+    warmup: int
+    out_dir: Path
+    paths: dict[str, str]
+    machine: dict[str, Any]
+
+    @property
+    def log_tag(self) -> str:
+        return f"{self.name}{'-smoke' if self.smoke else ''}"
+
+    def payload(self, wall_s: float, launcher: str, **extra: Any) -> dict[str, Any]:
+        """The result JSON: machine (with the load average at the end), model, command."""
+        self.machine["load_average_end"] = os.getloadavg()
+        return {"benchmark": self.name, "smoke": self.smoke, "machine": self.machine,
+                "model": self.spec.__dict__, "world_size": WORLD, "reps": self.reps,
+                "warmup": self.warmup, "wall_s": wall_s, "command": command_line(),
+                "launcher": launcher, **extra}
+
+    def header(self) -> str:
+        m = self.machine
+        return (f"{self.name}: {m['cpu_model']}, {m['usable_cpus']} cpus, torch {m['torch']}, "
+                f"deepspeed {m['deepspeed']}, transformers {m['transformers']}; model "
+                f"{self.spec.tag}, seq {self.spec.seq}, micro batch {self.spec.micro_batch} x "
+                f"{WORLD} ranks; {self.reps} rounds (+{self.warmup} warm-up); load average "
+                f"{m['load_average'][0]:.2f} -> {m['load_average_end'][0]:.2f}")
+
+
+def bench_run(name: str, args: argparse.Namespace) -> BenchRun:
+    """Resolve the common options and build the benchmark's model and data."""
+    spec = SMOKE if args.smoke else FULL
+    assets = Path(args.assets) if args.assets else RESULTS / "assets"
+    return BenchRun(name=name, smoke=args.smoke, spec=spec,
+                    reps=args.reps or (1 if args.smoke else 7),
+                    warmup=args.warmup if args.warmup is not None else 1,
+                    out_dir=Path(args.out) if args.out else RESULTS,
+                    paths=build_assets(spec, assets, n_task=2 * spec.micro_batch * WORLD,
+                                       n_replay=2 * spec.micro_batch * WORLD),
+                    machine=machine_info())
 
 
 # ----------------------------------------------------------------------------- memory
