@@ -1,13 +1,11 @@
 """Launched by tests under `deepspeed --num_gpus {1,2}`: for kl, l1 and l2, one global
 micro-batch's loss values and full parameter gradients, saved by rank 0 for comparison.
 
-Modelled on equivalence.py. The global batch is fixed: GLOBAL_ROWS rows; with W ranks, rank r
-takes rows r*n/W .. (r+1)*n/W, so 1 process sees exactly the union of the 2 ranks' micro-batches.
+Modelled on equivalence.py, on the same fixed global batch (global_batch.GLOBAL_ROWS).
 The teacher data is random (seeded, identical on every rank) so every term is far from zero.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -18,40 +16,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from deepspeed.utils import safe_get_full_grad  # noqa: E402
 
 from gere_ds import dist  # noqa: E402
-from gere_ds.config import load_config  # noqa: E402
-from gere_ds.data.encode import encode_replay  # noqa: E402
 from gere_ds.losses import LocalTerms, combine  # noqa: E402
 from gere_ds.teacher_cache import TeacherFeatures, TeacherTopK  # noqa: E402
-from gere_ds.trainer import ContinualTrainer, validate_inputs  # noqa: E402
+from global_batch import encode_whole_replay_set, parse_args, trainer_on_global_batch  # noqa: E402,I001
 
-# (is_replay, index): task rows and replay rows mixed, replay ids from every shard
-GLOBAL_ROWS = [(False, 0), (True, 0), (True, 3), (False, 5),
-               (True, 1), (False, 2), (True, 8), (True, 4)]
 TOPK = 16
 # (name, weight, keep the CE terms)
 MODES = (("reg_only", 1.0, False), ("full_w100", 100.0, True), ("full_dy", "dy", True))
 
 
 def main() -> None:
-    p = argparse.ArgumentParser()
-    p.add_argument("--config", required=True)
-    p.add_argument("--out", required=True)
-    p.add_argument("--local_rank", type=int, default=0)
-    p.add_argument("overrides", nargs="*")
-    args = p.parse_args()
-    W = dist.world_size()
-    n = len(GLOBAL_ROWS) // W
-    cfg = load_config(args.config, args.overrides + [f"train.micro_batch_size={n}",
-                                                     "train.grad_accum=1", "train.lr=1e-30",
-                                                     "replay.strategy=kl"])
-    inputs = validate_inputs(cfg, W)
-    dist.init()
-    tr = ContinualTrainer(cfg)
-    tr.setup(inputs)
-    rows = GLOBAL_ROWS[dist.rank() * n:(dist.rank() + 1) * n]
-    # every replay id must be encodable on this rank: encode the whole replay set
-    tr._replay_ids = {i: encode_replay(tr.tokenizer, t, cfg.replay.max_len)
-                      for i, t in enumerate(inputs.replay_texts)}
+    args = parse_args()
+    cfg, inputs, tr, rows = trainer_on_global_batch(args, ["replay.strategy=kl"])
+    encode_whole_replay_set(tr, cfg, inputs)
     vocab = int(tr.engine.module.config.vocab_size)
     g = torch.Generator().manual_seed(0)
     topk, feats = {}, {}
