@@ -122,7 +122,7 @@ def _bad(tmp_path: Path, tiny_config, what: str) -> tuple[Path, list[str], str]:
     bad = tmp_path / "bad.jsonl"
     if what == "malformed":
         bad.write_text('{"sentence": "a", "label": "positive"}\n{"sentence": oops}\n')
-        return tiny_config(name=what), [f"tasks.1.train={bad}"], f"{bad}:2: malformed JSON"
+        return tiny_config(name=what), [f"tasks.1.train={bad}"], f"{bad}:2: invalid JSON"
     if what == "missing_field":
         bad.write_text('{"sentence": "a", "label": "positive"}\n{"label": "positive"}\n')
         return tiny_config(name=what), [f"tasks.0.train={bad}"], f"{bad}:2: sentence: missing"
