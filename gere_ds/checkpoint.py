@@ -180,11 +180,15 @@ def load_rng(folder: Path) -> None:
         set_rng_state(torch.load(path, weights_only=True))
 
 
-def prune_step_checkpoints(root: Path, keep_last: int) -> None:
-    """Remove the oldest mid-task checkpoints beyond ``keep_last`` (task ends are kept).
+def prune_checkpoints(root: Path, keep_last: int, keep_task_ends: int = 0) -> None:
+    """Remove the oldest mid-task checkpoints beyond ``keep_last`` and, when ``keep_task_ends``
+    > 0, the oldest task-end ones beyond it (0 keeps every task end).
 
     Called after a newer checkpoint is complete, so a crash here never leaves nothing.
     """
-    steps = [t for t in candidate_tags(root) if not t.endswith("-end")]
-    for tag in steps[keep_last:]:
+    tags = candidate_tags(root)  # newest first
+    doomed = [t for t in tags if not t.endswith("-end")][keep_last:]
+    if keep_task_ends > 0:
+        doomed += [t for t in tags if t.endswith("-end")][keep_task_ends:]
+    for tag in doomed:
         shutil.rmtree(Path(root) / tag, ignore_errors=True)

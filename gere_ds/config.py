@@ -17,6 +17,7 @@ from typing import Any, Union
 
 import yaml
 
+from gere_ds.atomic import write_text_atomic
 from gere_ds.errors import InputError
 
 STRATEGIES = ("none", "replay", "tm", "kl", "l1", "l2")
@@ -120,6 +121,8 @@ class CheckpointConfig:
     every_steps: int = doc("checkpoint every N optimizer steps within a task (0 = task ends only)",
                            default=0)
     keep_last: int = doc("mid-task checkpoints kept (task-end checkpoints are kept)", default=2)
+    keep_task_ends: int = doc("task-end checkpoints kept, newest first (0 = all of them; "
+                              "eval/evaluate.py --run re-scores only those kept)", default=0)
     export_hf: bool = doc("export a Hugging Face folder after every task", default=False)
 
 
@@ -368,12 +371,12 @@ def validate(cfg: RunConfig, marks: _Marks | None = None) -> None:
         raise marks.error("eval.mode", f"must be one of {', '.join(EVAL_MODES)}")
     if cfg.resume not in ("auto", "never") and not cfg.resume:
         raise marks.error("resume", "auto | never | a checkpoint path")
+    for key in ("every_steps", "keep_last", "keep_task_ends"):
+        if getattr(cfg.checkpoint, key) < 0:
+            raise marks.error(f"checkpoint.{key}", "must be >= 0")
 
 
 def save_resolved(cfg: RunConfig, path: str | Path) -> None:
     """Write the resolved config as YAML, atomically."""
-    path = Path(path)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    tmp.replace(path)
+    write_text_atomic(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 

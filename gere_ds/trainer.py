@@ -19,7 +19,7 @@ import torch
 from gere_ds import dist
 from gere_ds.capture import FinalNormCapture, lm_head_on_positions
 from gere_ds.checkpoint import (find_resume_checkpoint, load_rng, load_trainer_state,
-                                local_problem, prune_step_checkpoints, save_checkpoint, step_tag, task_tag)
+                                local_problem, prune_checkpoints, save_checkpoint, step_tag, task_tag)
 from gere_ds.config import RunConfig, save_resolved
 from gere_ds.data.collate import MicroBatch, collate
 from gere_ds.data.encode import Encoded, encode_example, encode_replay
@@ -395,7 +395,8 @@ class ContinualTrainer:
             tag = step_tag(task_index, p.step_in_task)
             save_checkpoint(self.engine.engine, self.ckpt_root, tag, self.trainer_state())
             if dist.local_rank() == 0:  # after the new one is complete
-                prune_step_checkpoints(self.ckpt_root, self.cfg.checkpoint.keep_last)
+                prune_checkpoints(self.ckpt_root, self.cfg.checkpoint.keep_last,
+                                  self.cfg.checkpoint.keep_task_ends)
             dist.barrier()
             self.log.info(f"checkpoint {tag}")
         if stop:
@@ -516,6 +517,9 @@ class ContinualTrainer:
                 p.task_done = True
                 folder = save_checkpoint(self.engine.engine, self.ckpt_root, task_tag(i),
                                          self.trainer_state())
+                if dist.local_rank() == 0:  # after the new one is complete
+                    prune_checkpoints(self.ckpt_root, self.cfg.checkpoint.keep_last,
+                                      self.cfg.checkpoint.keep_task_ends)
                 self.log.info(f"task {i + 1} {task.name} done; checkpoint {folder}")
                 if self.cfg.checkpoint.export_hf:
                     from gere_ds.export import export_from_engine

@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from gere_ds.checkpoint import (candidate_tags, find_resume_checkpoint, prune_step_checkpoints,
+from gere_ds.checkpoint import (candidate_tags, find_resume_checkpoint, prune_checkpoints,
                                 tag_order)
 
 
@@ -47,6 +47,16 @@ def test_retention_keeps_task_ends_and_newest_steps(tmp_path):
     for tag in ("task001-step000001", "task001-step000002", "task001-end",
                 "task002-step000001", "task002-step000002"):
         _fake(tmp_path, tag)
-    prune_step_checkpoints(tmp_path, keep_last=2)
+    prune_checkpoints(tmp_path, keep_last=2)
     assert sorted(candidate_tags(tmp_path)) == ["task001-end", "task002-step000001",
                                                 "task002-step000002"]
+
+
+def test_retention_of_task_ends(tmp_path):
+    for tag in ("task001-end", "task002-step000001", "task002-end", "task003-step000001",
+                "task003-end"):
+        _fake(tmp_path, tag)
+    prune_checkpoints(tmp_path, keep_last=5, keep_task_ends=0)  # 0: every task end is kept
+    assert len(candidate_tags(tmp_path)) == 5
+    prune_checkpoints(tmp_path, keep_last=1, keep_task_ends=1)
+    assert candidate_tags(tmp_path) == ["task003-end", "task003-step000001"]

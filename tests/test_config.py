@@ -99,3 +99,10 @@ def test_resolved_config_round_trips(tmp_path):
     again = load_config(tmp_path / "resolved.yaml")
     assert again == cfg
     assert yaml.safe_load((tmp_path / "resolved.yaml").read_text())["replay"]["weight"] == "dy"
+
+
+def test_negative_checkpoint_retention_names_the_line(tmp_path):
+    path = _write(tmp_path, BASE + "checkpoint:\n  keep_task_ends: -1\n")
+    with pytest.raises(InputError) as err:
+        load_config(path)
+    assert str(err.value) == f"{path}:13: checkpoint.keep_task_ends: must be >= 0"
