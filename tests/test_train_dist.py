@@ -41,8 +41,10 @@ def test_two_ranks_equal_one_process_on_the_global_batch(tiny_config, tmp_path):
 
 @pytest.mark.parametrize("strategy", ["none", "replay", "tm"])
 def test_train_entry_point_two_tasks(tiny_config, strategy):
+    # the replay run keeps only its newest task-end checkpoint (checkpoint.keep_task_ends)
+    keep_ends = {"keep_task_ends": 1} if strategy == "replay" else {}
     cfg = tiny_config(strategy, name=strategy, replay={"per_batch": 2},
-                      train={"max_steps_per_task": 6, "epochs": 3})
+                      train={"max_steps_per_task": 6, "epochs": 3}, checkpoint=keep_ends)
     proc = run_deepspeed(REPO / "launch/train.py", ["--config", str(cfg)], nproc=2)
     assert proc.returncode == 0, proc.stderr[-3000:]
     run_dir = cfg.parent / f"run_{strategy}"
@@ -61,7 +63,8 @@ def test_train_entry_point_two_tasks(tiny_config, strategy):
         assert all(s["train/replay_ce"] > 0 for s in steps)  # per_batch=2: replay every step
     for tag in ("task001-end", "task002-end"):
         for rank in (0, 1):
-            assert (run_dir / "checkpoints" / tag / f"COMPLETE.rank{rank:05d}").is_file()
+            kept = tag == "task002-end" or not keep_ends
+            assert (run_dir / "checkpoints" / tag / f"COMPLETE.rank{rank:05d}").is_file() == kept
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == "task002-end"
     assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
     assert (run_dir / "config.yaml").is_file()
