@@ -151,7 +151,7 @@ def bar_chart(names: Sequence[str], metrics: Sequence[str],
     """PNG bytes of a grouped bar chart (one group per metric, one bar per run)."""
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(max(6.0, 1.2 * len(metrics) * max(1, len(names)) * 0.5 + 2), 4.5),
+    fig = Figure(figsize=(min(16.0, max(6.0, 0.6 * len(metrics) * max(1, len(names)) + 2)), 4.5),
                  dpi=100)
     ax = fig.add_subplot(1, 1, 1)
     width = 0.8 / max(1, len(names))
@@ -162,12 +162,12 @@ def bar_chart(names: Sequence[str], metrics: Sequence[str],
                 xs.append(i - 0.4 + width * (j + 0.5))
                 ys.append(float(vals[j]))
         bars = ax.bar(xs, ys, width=width, label=name)
-        ax.bar_label(bars, fmt="%.1f", fontsize=7)
+        ax.bar_label(bars, fmt="%.1f", fontsize=6 if len(names) > 4 else 7)
     ax.axhline(0, color="black", linewidth=0.8)
     ax.set_xticks(range(len(metrics)), labels=list(metrics))
     ax.set_ylabel("percent (perplexity: as is)")
     ax.set_title("Run comparison")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")

@@ -161,7 +161,7 @@ def figure(names: Sequence[str], runs: Sequence[Sequence[list[dict[str, Any]]]])
         ax.set_title(title)
         ax.set_xlabel("optimizer step")
         if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=7)
+            ax.legend(fontsize=7, loc="upper left")
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
