@@ -191,6 +191,13 @@ def runs_cli(description: str, outputs: str, argv: Optional[Sequence[str]]
     return args, names
 
 
+def save_outputs(out: str, stem: str, table: str, png: bytes) -> None:
+    """``<out>/<stem>.md`` and ``<out>/<stem>.png``, each written atomically."""
+    os.makedirs(out, exist_ok=True)
+    write_text_atomic(os.path.join(out, f"{stem}.md"), table)
+    write_bytes_atomic(os.path.join(out, f"{stem}.png"), png)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         args, names = runs_cli("Compare gere-ds runs side by side.",
@@ -198,10 +205,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         runs = [load_run(p) for p in args.runs]
         names, runs = merge_seeds(names, runs)  # repeated names = seeds of one row
         table, metrics, values = build_table(names, runs)
-        os.makedirs(args.out, exist_ok=True)
-        write_text_atomic(os.path.join(args.out, "compare.md"), table)
-        write_bytes_atomic(os.path.join(args.out, "compare.png"),
-                           bar_chart(names, metrics, values))
+        save_outputs(args.out, "compare", table, bar_chart(names, metrics, values))
     except CompareError as err:
         print(f"compare: {err}", file=sys.stderr)
         return 2

@@ -26,9 +26,8 @@ from typing import Any, Optional, Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a clone without install
 
-from compare import CompareError, mean_std, runs_cli  # noqa: E402  (eval/compare.py)
+from compare import CompareError, mean_std, runs_cli, save_outputs  # noqa: E402  (eval/compare.py)
 
-from gere_ds.atomic import write_bytes_atomic, write_text_atomic  # noqa: E402
 
 STEPS_FILE = "train_steps.jsonl"
 REGULARISERS = ("tm", "kl", "l1", "l2")
@@ -185,9 +184,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             groups.setdefault(name, []).append(steps)
         runs = [groups[n] for n in order]
         table = build_table(order, [summaries[n] for n in order])
-        os.makedirs(args.out, exist_ok=True)
-        write_text_atomic(os.path.join(args.out, "dynamics.md"), table)
-        write_bytes_atomic(os.path.join(args.out, "dynamics.png"), figure(order, runs))
+        save_outputs(args.out, "dynamics", table, figure(order, runs))
     except CompareError as err:
         print(f"dynamics: {err}", file=sys.stderr)
         return 2
