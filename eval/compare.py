@@ -18,13 +18,14 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Optional, Sequence, TypeVar
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a clone without install
 
 from gere_ds.atomic import write_bytes_atomic, write_text_atomic  # noqa: E402
 
 SUMMARY = ("AP", "BWT", "FWT", "forgetting")
+_T = TypeVar("_T")
 
 
 class CompareError(Exception):
@@ -73,6 +74,14 @@ def mean_std(vals: Sequence[Any]) -> tuple[Optional[float], Optional[float]]:
     return mean, (sum((v - mean) ** 2 for v in nums) / len(nums)) ** 0.5
 
 
+def group_by_name(names: Sequence[str], items: Sequence[_T]) -> tuple[list[str], list[list[_T]]]:
+    """The distinct names in first-seen order and, for each, its items (seeds of one row)."""
+    groups: dict[str, list[_T]] = {}
+    for name, item in zip(names, items):
+        groups.setdefault(name, []).append(item)
+    return list(groups), list(groups.values())
+
+
 def merge_seeds(names: Sequence[str], runs: Sequence[dict[str, Any]]
                 ) -> tuple[list[str], list[dict[str, Any]]]:
     """Runs sharing a name (e.g. seeds of one strategy) -> one column of means.
@@ -81,15 +90,9 @@ def merge_seeds(names: Sequence[str], runs: Sequence[dict[str, Any]]
     ``general_base`` and ``general_final`` hold the means of the base and final general scores
     (std under ``"<name> (base)"`` and ``"<name>"``).
     """
-    order: list[str] = []
-    groups: dict[str, list[dict[str, Any]]] = {}
-    for name, run in zip(names, runs):
-        if name not in groups:
-            order.append(name)
-        groups.setdefault(name, []).append(run)
+    order, groups = group_by_name(names, runs)
     merged = []
-    for name in order:
-        group = groups[name]
+    for group in groups:
         gen = {g for r in group for g in (r.get("general_final") or {})}
         out: dict[str, Any] = dict(group[0])
         out["general_final"], out["general_base"], out["_std"] = {}, {}, {}

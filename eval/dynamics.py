@@ -16,7 +16,6 @@ log stops with one line on stderr naming the file and line (exit 2).
 from __future__ import annotations
 
 import io
-import json
 import math
 import os
 import statistics
@@ -26,7 +25,10 @@ from typing import Any, Optional, Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a clone without install
 
-from compare import CompareError, mean_std, runs_cli, save_outputs  # noqa: E402  (eval/compare.py)
+from gere_ds.data.files import read_rows  # noqa: E402
+from gere_ds.errors import InputError  # noqa: E402
+
+from compare import CompareError, group_by_name, mean_std, runs_cli, save_outputs  # noqa: E402  (eval/compare.py)
 
 
 STEPS_FILE = "train_steps.jsonl"
@@ -34,25 +36,18 @@ REGULARISERS = ("tm", "kl", "l1", "l2")
 
 
 def load_steps(run_dir: str) -> list[dict[str, Any]]:
-    """The step records of a run, in order."""
+    """The step records of a run, in order (read by gere-ds's one row reader)."""
     path = os.path.join(run_dir, STEPS_FILE)
     if not os.path.isfile(path):
         raise CompareError(f"{path}: not found (did the run train?)")
-    steps = []
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise CompareError(f"{path}:{lineno}: invalid JSON ({err.msg})") from None
-            if not isinstance(rec, dict) or "global_step" not in rec:
-                raise CompareError(f"{path}:{lineno}: global_step: missing")
-            steps.append(rec)
-    if not steps:
-        raise CompareError(f"{path}: no steps logged")
-    return steps
+    try:
+        rows = read_rows(path, what="step log")
+        for row in rows:
+            if "global_step" not in row.data:
+                raise row.error(path, "global_step", "missing")
+    except InputError as err:
+        raise CompareError(str(err)) from None
+    return [row.data for row in rows]
 
 
 def run_strategy(run_dir: str) -> str:
@@ -72,11 +67,9 @@ def _finite(values: Sequence[Any]) -> list[float]:
     return [float(v) for v in values if v is not None and math.isfinite(float(v))]
 
 
-def summarise(steps: list[dict[str, Any]], strategy: str) -> dict[str, Optional[float]]:
+def summarise(steps: list[dict[str, Any]]) -> dict[str, Optional[float]]:
     """One run's numbers for the table (None where the run did not log that quantity)."""
     def col(key: str) -> list[float]:
-        if key == "train/replay_ce" and strategy == "none":
-            return []  # no replay rows: the logged 0 is not a measurement
         return _finite([s.get(key) for s in steps])
 
     def mean(key: str) -> Optional[float]:
@@ -171,20 +164,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         args, names = runs_cli("Training dynamics of gere-ds runs.",
                                "dynamics.md and dynamics.png", argv)
-        order: list[str] = []
-        groups: dict[str, list[list[dict[str, Any]]]] = {}
-        summaries: dict[str, list[dict[str, Optional[float]]]] = {}
-        for name, run in zip(names, args.runs):
-            if name not in groups:
-                order.append(name)
-            steps, strategy = load_steps(run), run_strategy(run)
-            summaries.setdefault(name, []).append(summarise(steps, strategy))
-            if strategy == "none":  # no replay rows: the logged replay CE of 0 is not plotted
+        runs: list[list[dict[str, Any]]] = []
+        for run in args.runs:
+            steps = load_steps(run)
+            if run_strategy(run) == "none":  # no replay rows: the logged 0 is not a measurement
                 steps = [{k: v for k, v in s.items() if k != "train/replay_ce"} for s in steps]
-            groups.setdefault(name, []).append(steps)
-        runs = [groups[n] for n in order]
-        table = build_table(order, [summaries[n] for n in order])
-        save_outputs(args.out, "dynamics", table, figure(order, runs))
+            runs.append(steps)
+        order, groups = group_by_name(names, runs)
+        table = build_table(order, [[summarise(steps) for steps in g] for g in groups])
+        save_outputs(args.out, "dynamics", table, figure(order, groups))
     except CompareError as err:
         print(f"dynamics: {err}", file=sys.stderr)
         return 2
