@@ -8,8 +8,8 @@ replay rows of the same length, as in a GeRe global batch). The strategy only ch
 so switching `trainer.cfg.replay.strategy` between steps measures exactly its cost. Reported:
 median step time over the rounds, tokens/s, the per-round ratio to `replay` (TM's overhead), a
 per-phase breakdown (make_batch / forward / loss / backward / optimizer step), and the RSS peak of
-one extra (untimed) step per strategy. Also measured: proposal P1 of bench/proposals.py (LM head
-only on supervised positions) on none / replay / tm, with its loss checked equal first.
+one extra (untimed) step per strategy. Also checked first: the trainer's path (LM head only on
+supervised positions, every strategy but kl) gives the loss of the full logits (P1_checks).
 
     python bench/bench_strategies.py            # full: hidden 384, 6 layers, seq 128, 5 rounds
     python bench/bench_strategies.py --smoke    # tiny model, one short round (for the tests)
@@ -29,19 +29,18 @@ import common
 NAME = "bench_strategies"
 WANTED = ["none", "replay", "tm", "kl", "l2"]
 TEACHER_STRATEGIES = ("tm", "kl", "l2")
-PICK = ["none", "replay", "tm"]  # strategies measured with proposal P1 too
 
 
 # ============================================================================ worker
 
 
 def worker(args: argparse.Namespace) -> None:
-    import proposals
     import torch
 
     import gere_ds.trainer as trainer_mod
     from gere_ds import dist
     from gere_ds.config import STRATEGIES, load_config
+    from gere_ds.losses import STAT_NAMES
     from gere_ds.trainer import ContinualTrainer, validate_inputs
 
     cfg = load_config(args.config)
@@ -72,7 +71,7 @@ def worker(args: argparse.Namespace) -> None:
             continue
         teacher_s[s] = time.perf_counter() - t0
         teachers[s] = {"teacher": tr.teacher, "lo": getattr(tr, "_lo", None),
-                       "hi": getattr(tr, "_hi", None)}
+                       "hi": getattr(tr, "_hi", None), "band": getattr(tr, "_band", None)}
     strategies = [s for s in WANTED
                   if s in ("none", "replay") and s in STRATEGIES or s in teachers]
 
@@ -87,23 +86,17 @@ def worker(args: argparse.Namespace) -> None:
             t = teachers[strategy]
             tr.teacher = t["teacher"]
             if t["lo"] is not None:
-                tr._lo, tr._hi = t["lo"], t["hi"]
+                tr._lo, tr._hi, tr._band = t["lo"], t["hi"], t["band"]
 
-    variants: dict[str, tuple[str, list, bool]] = {}
-    for s in strategies:
-        variants[s] = (s, task_rows if s == "none" else mixed_rows, False)
-    if not args.no_proposals:
-        for s in PICK:
-            if s in strategies:
-                variants[f"{s}+P1"] = (s, task_rows if s == "none" else mixed_rows, True)
+    variants = {s: task_rows if s == "none" else mixed_rows for s in strategies}
 
     # ---------------------------------------------------------------- phase timers (real code)
     timer = common.Timer()
     eng = tr.engine
     tr.make_batch = timer.wrap("make_batch", tr.make_batch)
     eng.forward = timer.wrap("forward", eng.forward)
-    tr.local_terms = timer.wrap("loss_terms", tr.local_terms)
-    trainer_mod.combine = timer.wrap("combine", trainer_mod.combine)
+    tr.row_terms = timer.wrap("row_terms", tr.row_terms)
+    trainer_mod.reduce_rows = timer.wrap("reduce_rows", trainer_mod.reduce_rows)
     raw_backward, raw_step = eng.engine.backward, eng.engine.step
     eng.engine.backward = timer.wrap("backward", raw_backward)
     eng.engine.step = timer.wrap("optimizer_step", raw_step)
@@ -111,32 +104,27 @@ def worker(args: argparse.Namespace) -> None:
         t["teacher"].batch = timer.wrap("teacher_fetch", t["teacher"].batch)
 
     def step(name: str):
-        strategy, rows, pick = variants[name]
-        use(strategy)
-        tr._bad_micro_steps = 0
-        if pick:
-            return proposals.pick_micro_step(tr, rows)
-        return tr.micro_step(0, rows)
+        use(name)
+        return tr.micro_step(0, variants[name])
 
-    # ---------------------------------------------------------------- P1 gives the same loss
+    # ------------------------------------------- P1: the trainer's path == the full-logits loss
     checks = {}
-    if not args.no_proposals:
-        with torch.no_grad():
-            for s in PICK:
-                if s not in strategies:
-                    continue
-                use(s)
-                rows = variants[s][1]
-                mb, rid = tr.make_batch(0, rows)
-                logits = eng.forward(mb.input_ids, mb.attention_mask)
-                full = trainer_mod.combine(tr.local_terms(logits, tr.capture.pop(), mb, rid),
-                                           tr.cfg.replay.weight)
-                picked = trainer_mod.combine(proposals.pick_forward(tr, rows),
-                                             tr.cfg.replay.weight)
-                checks[s] = {"loss": float(full.loss), "loss_P1": float(picked.loss),
-                             "rel_diff": abs(float(full.loss) - float(picked.loss))
-                             / max(abs(float(full.loss)), 1e-12)}
-        timer.reset()
+    tcfg = tr.cfg.train
+    with torch.no_grad():
+        for s in strategies:
+            if s == "kl":  # forward_loss computes kl from the full logits itself
+                continue
+            use(s)
+            mb, rid = tr.make_batch(0, variants[s])
+            logits = eng.forward(mb.input_ids, mb.attention_mask)
+            full = float(trainer_mod.reduce_rows(
+                tr.row_terms(logits, tr.capture.pop(), mb, rid), tr.cfg.replay.reduction,
+                tr.cfg.replay.weight, tcfg.micro_batch_size * tcfg.grad_accum * W,
+                tcfg.grad_accum).local_loss)
+            picked = float(tr.forward_loss(0, variants[s]).local_loss)
+            checks[s] = {"loss": full, "loss_P1": picked,
+                         "rel_diff": abs(full - picked) / max(abs(full), 1e-12)}
+    timer.reset()
 
     # ---------------------------------------------------------------- warm-up, then rounds
     names = list(variants)
@@ -146,7 +134,7 @@ def worker(args: argparse.Namespace) -> None:
     timer.reset()
     times: dict[str, list[float]] = {n: [] for n in names}
     phases: dict[str, list[dict[str, float]]] = {n: [] for n in names}
-    tokens: dict[str, float] = {}
+    tokens: dict[str, float] = {}  # this rank's non-pad tokens of the step
     for r in range(args.reps):
         order = names[r % len(names):] + names[:r % len(names)]  # rotate: no fixed position
         for name in order:
@@ -156,7 +144,7 @@ def worker(args: argparse.Namespace) -> None:
             sl = step(name)
             times[name].append(time.perf_counter() - t0)
             phases[name].append(timer.reset())
-            tokens[name] = float(sl.tokens)
+            tokens[name] = float(sl.stats[STAT_NAMES.index("tokens")])
 
     # ---------------------------------------------------------------- memory: one untimed step
     memory: dict[str, dict[str, float]] = {}
@@ -214,13 +202,14 @@ def worker(args: argparse.Namespace) -> None:
     local = {"rank": rank, "times": times, "phases": phases, "memory": memory,
              "max_rss_mib": common.max_rss_bytes() / common.MIB, "teacher_s": teacher_s,
              "any_rank_ms": any_rank_ms, "teacher_vs_epoch": teacher_vs_epoch,
-             "term_ms": term_ms,
+             "term_ms": term_ms, "tokens": tokens,
              "epoch_shape": epoch_shape}
     gathered = dist.all_gather_object(local)
     if rank == 0:
         out = {"world_size": W, "micro_batch": B, "rows": {"none": task_rows, "mixed": mixed_rows},
-               "variants": {n: {"strategy": v[0], "P1": v[2]} for n, v in variants.items()},
-               "tokens_per_step": tokens, "ranks": gathered, "notes": notes,
+               "variants": {n: {"strategy": n} for n in variants},
+               "tokens_per_step": {n: sum(r["tokens"][n] for r in gathered) for n in variants},
+               "ranks": gathered, "notes": notes,
                "P1_checks": checks, "teacher_manifests": manifests(tr, teachers)}
         Path(args.result).write_text(json.dumps(out, default=str))
     dist.barrier()  # clean exit without destroy_process_group (docs/platform.md)
@@ -230,12 +219,7 @@ def term_costs(tr, teachers: dict, rows, reps: int) -> dict[str, float]:
     """Median ms of each loss term's own work (fetch + forward + backward), this rank."""
     import torch
 
-    from gere_ds.losses import (
-        feature_diff_sum_count,
-        tm_sum_count,
-        token_ce_sum,
-        topk_kl_sum_count,
-    )
+    from gere_ds.losses import feature_diff_rows, tm_row_terms, token_ce_sum, topk_kl_rows
 
     tr.cfg.replay.strategy = "replay"
     mb, rid = tr.make_batch(0, rows)
@@ -260,20 +244,20 @@ def term_costs(tr, teachers: dict, rows, reps: int) -> dict[str, float]:
 
         def tm() -> None:
             states = t["teacher"].batch(ids, width=width)
-            tm_sum_count(leaf(hidden.index_select(0, sel)), states, t["lo"], t["hi"],
-                         mask)[0].backward()
+            tm_row_terms(leaf(hidden.index_select(0, sel)), states, t["lo"], t["hi"], mask,
+                         t["band"])[0].sum().backward()
         fns["tm term"] = tm
     if "kl" in teachers:
         def kl() -> None:
             top_ids, top_logp = teachers["kl"]["teacher"].batch(ids, width=width)
-            topk_kl_sum_count(leaf(logits.index_select(0, sel)), top_ids, top_logp, mask,
-                              tr.cfg.replay.kl_temperature)[0].backward()
+            topk_kl_rows(leaf(logits.index_select(0, sel)), top_ids, top_logp, mask,
+                         tr.cfg.replay.kl_temperature)[0].sum().backward()
         fns["kl term"] = kl
     if "l2" in teachers:
         def l2() -> None:
             feats = teachers["l2"]["teacher"].batch(ids, width=width)
-            feature_diff_sum_count(leaf(hidden.index_select(0, sel)), feats, mask,
-                                   2)[0].backward()
+            feature_diff_rows(leaf(hidden.index_select(0, sel)), feats, mask,
+                              2)[0].sum().backward()
         fns["l2 term"] = l2
     times: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(reps + 1):
@@ -321,10 +305,6 @@ def summarise(raw: dict) -> dict:
         for base in ("replay", "none"):
             if base in per_round and n != base:
                 rows[n][f"vs_{base}"] = common.paired_ratio(per_round[n], per_round[base])
-    for s in PICK:
-        if f"{s}+P1" in per_round:
-            rows[f"{s}+P1"]["vs_same_strategy"] = common.paired_ratio(per_round[f"{s}+P1"],
-                                                                       per_round[s])
     return {"variants": rows, "per_round_s": per_round,
             "max_rss_mib_per_rank": [r["max_rss_mib"] for r in ranks],
             "teacher_pass_s_rank0": ranks[0]["teacher_s"],
@@ -350,13 +330,12 @@ def report(summary: dict, raw: dict) -> str:
     out.append(common.table(["variant", *phases],
                             [[n, *(s["phases_rank0_s"].get(k, 0.0) for k in phases)]
                              for n, s in v.items()]))
-    p1 = [[s, v[f"{s}+P1"]["vs_same_strategy"]["median_of_ratios"],
-           raw["P1_checks"].get(s, {}).get("rel_diff", float("nan"))]
-          for s in PICK if f"{s}+P1" in v]
-    if p1:
-        out.append("\nproposal P1 (LM head on supervised positions only), step time vs as is:")
-        out.append(common.table(["strategy", "P1 / as-is (median of rounds)", "loss rel. diff"],
-                                p1))
+    if raw["P1_checks"]:
+        out.append("\nloss of the trainer's path (LM head on supervised positions) vs the full "
+                   "logits, same rows:")
+        out.append(common.table(["strategy", "full logits", "trainer", "rel. diff"],
+                                [[s, c["loss"], c["loss_P1"], c["rel_diff"]]
+                                 for s, c in raw["P1_checks"].items()]))
     base = v.get("replay", {}).get("step_s", {}).get("median", float("nan"))
     out.append("\neach loss term alone (teacher fetch + forward + backward, real shapes; slowest "
                "rank's median), as a share of the median `replay` step:")
@@ -451,7 +430,6 @@ def report_teacher(summary: dict) -> str:
 
 def main() -> int:
     p = common.bench_parser(__doc__, "tiny model, one short round")
-    p.add_argument("--no-proposals", action="store_true", help="skip the P1 variants")
     p.add_argument("--term-reps", type=int, default=None,
                    help="repetitions of each isolated loss term (default 30; smoke 2)")
     p.add_argument("--epoch-reps", type=int, default=None,
@@ -470,7 +448,7 @@ def main() -> int:
         result = tmp / "result.json"
         wargs = ["--worker", "--config", str(cfg), "--result", str(result), "--reps",
                  str(run.reps), "--warmup", str(run.warmup), "--epoch-reps", str(epoch_reps),
-                 "--term-reps", str(term_reps)] + (["--no-proposals"] if args.no_proposals else [])
+                 "--term-reps", str(term_reps)]
         t0 = time.perf_counter()
         code, tail = common.launch(Path(__file__), wargs, nproc=common.WORLD,
                                    log=run.out_dir / "logs" / f"{run.log_tag}.log")

@@ -15,8 +15,9 @@ steps between its steps, so every round is, interleaved on the same rows:
              every step, TM from those states against mean +- std, then a second forward for the
              task rows through Trainer.compute_loss; w = 100
   gere_tm    gere-ds `tm` step on the same mixed rows (2-bit memory-mapped teacher states)
-  + P1 rows  the same gere-ds steps with proposal P1 (bench/proposals.py: LM head only on the
-             positions that carry a loss) -- a measured proposal, not what gere_ds/ does today
+
+The gere-ds steps are ContinualTrainer.micro_step as training runs it (LM head only on the
+positions that carry a loss).
 
 Step time = the slowest rank's wall time; an HF step is measured from the end of the previous
 callback to `on_step_end` (data loading, forward, backward, optimizer step, HF bookkeeping).
@@ -43,7 +44,7 @@ import common
 NAME = "bench_vs_hf_trainer"
 IGNORE = -100
 W_TM = 100.0
-GERE_OF = {"plain": ["gere_none", "gere_none+P1"], "ref": ["gere_tm", "gere_tm+P1"]}
+GERE_OF = {"plain": ["gere_none"], "ref": ["gere_tm"]}
 SOLO = ["hf_plain", "gere_none", "hf_ref", "gere_tm"]
 
 
@@ -175,7 +176,9 @@ def build_rows(tr_or_tok, cfg, rank: int, world: int, replay_texts: list[str], t
     def enc(i: int):
         ex = train_sets[0][i]
         return encode_example(tr_or_tok, task.instruction, task.labels, ex.text, ex.label,
-                              cfg.train.max_source_len, cfg.train.max_target_len)
+                              cfg.train.max_source_len, cfg.train.max_target_len,
+                              truncate_source=cfg.train.truncate_source,
+                              option_line=task.option_line)
 
     def hf_row(mode: str, is_replay: bool, idx: int) -> dict:
         if is_replay:
@@ -214,14 +217,13 @@ def write_reference_teacher(tr, rows, hidden_dir: Path) -> None:
 
 
 def worker(args: argparse.Namespace) -> None:
-    import proposals
     import torch
     from transformers import AutoModelForCausalLM, TrainerCallback, TrainingArguments
 
     from gere_ds import dist
     from gere_ds.config import load_config
     from gere_ds.engine import resolve_ds_config
-    from gere_ds.trainer import ContinualTrainer, validate_inputs
+    from gere_ds.trainer import ContinualTrainer, StepStats, validate_inputs
 
     cfg = load_config(args.config)
     W = dist.world_size()
@@ -266,16 +268,16 @@ def worker(args: argparse.Namespace) -> None:
     first_losses: dict[str, dict] = {}
 
     def gere_step(name: str):
-        tr.cfg.replay.strategy = "none" if name.startswith("gere_none") else "tm"
-        rows = task_rows if name.startswith("gere_none") else mixed_rows
-        tr._bad_micro_steps = 0
-        if name.endswith("+P1"):
-            sl = proposals.pick_micro_step(tr, rows)
-        else:
-            sl = tr.micro_step(0, rows)
-        if name not in first_losses:  # global values (identical on every rank)
-            first_losses[name] = {"loss": sl.loss, "ce": sl.loss - sl.reg_weight * sl.reg,
-                                  "tm": sl.reg}
+        tr.cfg.replay.strategy = "none" if name == "gere_none" else "tm"
+        sl = tr.micro_step(0, task_rows if name == "gere_none" else mixed_rows)
+        if name not in first_losses:  # global values (one all-reduce; identical on every rank)
+            stats = StepStats()
+            stats.add(sl)
+            v = stats.reduce()
+            rows = v["task_rows"] + v["replay_rows"]  # CE: the row mean the loss optimises
+            first_losses[name] = {"loss": v["loss"], "tm": v["reg"],
+                                  "ce": (v["task_ce"] * v["task_rows"]
+                                         + v["replay_ce"] * v["replay_rows"]) / rows}
         return sl
 
     times: dict[str, list[float]] = {}
@@ -433,8 +435,6 @@ def per_round(raw: dict) -> dict[str, list[float]]:
 
 PAIRS = [("gere_none", "hf_plain", "gere-ds none vs HF Trainer (same task rows)"),
          ("gere_tm", "hf_ref", "gere-ds tm vs reference-style GeRe (same mixed rows)"),
-         ("gere_none+P1", "hf_plain", "gere-ds none + P1 vs HF Trainer"),
-         ("gere_tm+P1", "hf_ref", "gere-ds tm + P1 vs reference-style GeRe"),
          ("gere_tm", "hf_plain", "gere-ds tm (GeRe) vs HF Trainer plain")]
 
 
@@ -531,8 +531,7 @@ def count_tokens(paths, spec, W) -> dict[str, int]:
         shard = replay_shard(len(texts), W, r, 1)
         mixed += sum(lens[:B - B // 2]) + sum(len(encode_replay(tok, texts[s], spec.seq))
                                               for s in shard[:B // 2])
-    return {"hf_plain": plain, "gere_none": plain, "gere_none+P1": plain,
-            "hf_ref": mixed, "gere_tm": mixed, "gere_tm+P1": mixed}
+    return {"hf_plain": plain, "gere_none": plain, "hf_ref": mixed, "gere_tm": mixed}
 
 
 def main() -> int:

@@ -77,7 +77,8 @@ def evaluate_models(cfg: RunConfig, models: list[tuple[str, str]], out: Path) ->
 
     suite = EvalSuite(cfg.tasks, cfg.eval, seed=cfg.train.seed,
                       max_source_len=cfg.train.max_source_len,
-                      max_target_len=cfg.train.max_target_len)
+                      max_target_len=cfg.train.max_target_len,
+                      truncate_source=cfg.train.truncate_source)
     matrix, general, labels = [], {}, []
     for label, folder in models:
         tick = time.perf_counter()

@@ -22,6 +22,11 @@ from gere_ds.errors import InputError
 
 STRATEGIES = ("none", "replay", "tm", "kl", "l1", "l2")
 EVAL_MODES = ("rank", "generate")
+TRUNCATE_SOURCE = ("head", "tail")
+# how the per-row losses of a global batch become one number (docs/method.md, "Weighing rows")
+REDUCTIONS = ("row", "global_micro_batch")
+# the TM dead-band may hide violations up to this many threshold_k * sigma_d, no more
+MAX_TM_DEAD_BAND = 0.5
 
 
 def doc(text: str, default: Any = dataclasses.MISSING, default_factory: Any = dataclasses.MISSING):
@@ -45,6 +50,12 @@ class TaskConfig:
     text_field: str = doc("column holding the input text (O-LoRA CL_Benchmark: sentence)",
                           default="sentence")
     label_field: str = doc("column holding the label (O-LoRA CL_Benchmark: label)", default="label")
+    option_line: bool = doc("print the 'Option: <labels>' line in the prompt (false for O-LoRA's "
+                            "COPA, whose text names its choices A and B)", default=True)
+    test_only_labels: list[str] = doc("labels allowed in the test split only, never options; such "
+                                      "rows are scored and never right in rank mode (O-LoRA's "
+                                      "MNLI test has 131 rows labelled '-')",
+                                      default_factory=list)
 
 
 @dataclass
@@ -56,6 +67,13 @@ class ReplayConfig:
     strategy: str = doc("none | replay | tm | kl | l1 | l2 (see docs/method)", default="tm")
     weight: Union[float, str] = doc("weight w of the strategy term: a number or 'dy'", default=100.0)
     threshold_k: float = doc("thresholds are mu +- k*sigma per hidden dimension", default=1.0)
+    reduction: str = doc("row: the loss is the mean over the global batch's rows of each row's "
+                         "loss, dy per row (the reference recipe) | global_micro_batch: CE 1:1 "
+                         "and TM over all rows of all ranks at one micro-step", default="row")
+    tm_dead_band: float = doc("TM ignores a violation no larger than this many rounding units of "
+                              "the compute dtype (eps: 2^-7 bf16, 2^-23 fp32) times sigma_d, plus "
+                              "one rounding step: kernels that round by shape then leave TM exactly "
+                              "0 at the base model; 0 = the reference's exact test", default=32.0)
     per_batch: int = doc("0: replay shuffled into each task's data; k>0: exactly k per global batch",
                          default=0)
     teacher_batch_size: int = doc("replay samples per forward in the teacher pass, per rank",
@@ -78,8 +96,14 @@ class TrainConfig:
     grad_clip: float = doc("gradient-norm clipping (0 = off)", default=1.0)
     micro_batch_size: int = doc("rows per rank per forward", default=1)
     grad_accum: int = doc("micro-steps per optimizer step", default=66)
-    max_source_len: int = doc("prompt tokens kept (a long prompt keeps its end, so 'Answer:' "
-                              "survives)", default=512)
+    max_source_len: int = doc("prompt tokens kept, the BOS included (see truncate_source)",
+                              default=512)
+    truncate_source: str = doc("which tokens of a prompt over max_source_len are kept, in "
+                               "training and evaluation alike: the tokenizer's special prefix "
+                               "(BOS) plus, of the whole prompt (instruction, Option line, text, "
+                               "'Answer:'), 'tail' = the LAST tokens, so 'Answer:' survives; "
+                               "'head' = the FIRST tokens, the reference's "
+                               "[BOS] + prompt_ids[:max_source_len - 1]", default="tail")
     max_target_len: int = doc("answer tokens kept (label + eos)", default=50)
     seed: int = doc("seed of data order, replay assignment and initialisation", default=42)
     bf16: bool = doc("bf16 mixed precision (fp32 master weights)", default=True)
@@ -321,11 +345,11 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
                              field=".".join(keys)) from None
     try:
         cfg = _build(RunConfig, raw, "", marks)
+        validate(cfg, marks)
     except InputError as err:
         if err.line == 0:  # came from an override
             raise InputError(err.detail, file="<command line>", field=err.field) from None
         raise
-    validate(cfg, marks)
     return cfg
 
 
@@ -345,6 +369,9 @@ def validate(cfg: RunConfig, marks: _Marks | None = None) -> None:
             raise marks.error(f"tasks.{i}.labels", "a task needs its label set")
         if len(set(task.labels)) != len(task.labels):
             raise marks.error(f"tasks.{i}.labels", "labels must be distinct")
+        both = [x for x in task.test_only_labels if x in task.labels]
+        if both:
+            raise marks.error(f"tasks.{i}.test_only_labels", f"{both[0]!r} is already in labels")
     if r.strategy not in STRATEGIES:
         close = difflib.get_close_matches(r.strategy, STRATEGIES, n=1)
         hint = f" (did you mean '{close[0]}'?)" if close else ""
@@ -352,6 +379,21 @@ def validate(cfg: RunConfig, marks: _Marks | None = None) -> None:
                           f"unknown strategy {r.strategy!r}{hint}; one of {', '.join(STRATEGIES)}")
     if isinstance(r.weight, str) and r.weight != "dy":
         raise marks.error("replay.weight", f"must be a number or 'dy', got {r.weight!r}")
+    if isinstance(r.weight, float) and (r.weight < 0 or r.weight != r.weight):
+        raise marks.error("replay.weight", f"must be >= 0, got {r.weight!r}")
+    if not r.threshold_k > 0:
+        raise marks.error("replay.threshold_k", f"must be > 0, got {r.threshold_k!r}")
+    if r.reduction not in REDUCTIONS:
+        close = difflib.get_close_matches(r.reduction, REDUCTIONS, n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise marks.error("replay.reduction", f"unknown reduction {r.reduction!r}{hint}; one of "
+                                              f"{', '.join(REDUCTIONS)}")
+    band_sigmas = r.tm_dead_band * (2.0 ** -7 if t.bf16 else 2.0 ** -23)
+    if not r.tm_dead_band >= 0 or band_sigmas > MAX_TM_DEAD_BAND * r.threshold_k:
+        raise marks.error("replay.tm_dead_band",
+                          f"must be >= 0 and at most {MAX_TM_DEAD_BAND} * threshold_k sigma "
+                          f"(a wider band would hide real violations); {r.tm_dead_band!r} units "
+                          f"= {band_sigmas:.3g} sigma in {'bf16' if t.bf16 else 'fp32'}")
     if r.strategy != "none" and not r.data:
         raise marks.error("replay.data", f"strategy {r.strategy!r} needs a replay data file")
     for key in ("num_samples", "max_len", "teacher_batch_size", "kl_topk"):
@@ -367,6 +409,11 @@ def validate(cfg: RunConfig, marks: _Marks | None = None) -> None:
             raise marks.error(f"train.{key}", "must be >= 1")
     if t.lr <= 0:
         raise marks.error("train.lr", "must be > 0")
+    if t.truncate_source not in TRUNCATE_SOURCE:
+        close = difflib.get_close_matches(t.truncate_source, TRUNCATE_SOURCE, n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise marks.error("train.truncate_source", f"unknown value {t.truncate_source!r}{hint}; "
+                                                   f"one of {', '.join(TRUNCATE_SOURCE)}")
     if cfg.eval.mode not in EVAL_MODES:
         raise marks.error("eval.mode", f"must be one of {', '.join(EVAL_MODES)}")
     if cfg.resume not in ("auto", "never") and not cfg.resume:

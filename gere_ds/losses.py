@@ -1,12 +1,21 @@
-"""Loss terms and their cross-rank reduction.
+"""Loss terms per row, and the two ways of weighing rows into one loss.
 
-Every term is a ratio ``sum / count`` over the GLOBAL micro-batch (the union of all ranks'
-micro-batches at this micro-step). Each rank computes local sums with autograd and the counts;
-one all-reduce of a small detached vector gives the global counts and values. DeepSpeed averages
-gradients over ranks, so the local loss handed to ``backward`` is ``world * local_sum /
-global_count``: the averaged gradient then equals the gradient of the global loss, exactly what
-one process would compute on the global batch. The reported values are the global ones, equal on
-every rank. No `.item()` here: nothing forces a host-device sync per micro-step.
+Every term is computed per row of this rank's micro-batch (sums with autograd, counts detached:
+``RowTerms``). Then one of two reductions (docs/method.md, "Weighing rows"):
+
+- ``row`` (default, the reference recipe): the loss of an optimizer step is the mean over the B
+  rows of the global batch of each row's loss, ``l_r = CE_r`` for a task row and
+  ``l_r = CE_r + w_r * REG_r`` for a replay row (``dy``: ``w_r = CE_r / (REG_r + 1e-8)``, per
+  row). Each row's loss needs only its own row, so this needs no collective: the local loss is
+  ``world * grad_accum / B * sum(l_r)``, and DeepSpeed's mean over ranks and accumulation steps
+  gives exactly the gradient of the global mean.
+- ``global_micro_batch``: CE of task and replay tokens mixed 1:1 and the term as one ratio over
+  the union of all ranks' micro-batches at this micro-step (one small all-reduce of counts).
+
+DeepSpeed averages gradients over ranks and divides by the accumulation steps, so with either
+reduction the optimised value is ``sum over ranks and micro-steps of local_loss / (world *
+grad_accum)``: that is what ``StepLoss.stats`` carries to the log. No `.item()` here: nothing
+forces a host-device sync per micro-step.
 """
 from __future__ import annotations
 
@@ -56,26 +65,25 @@ def supervised_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     return pos, flat.index_select(0, pos)
 
 
-def picked_ce_sums(logits: torch.Tensor, targets: torch.Tensor, row_is_replay: torch.Tensor
-                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(task CE sum, task count, replay CE sum, replay count) from logits already restricted
-    to the supervised positions ([N, V], see capture.lm_head_on_positions); fp32 in chunks.
+def row_ce_sums(logits: torch.Tensor, targets: torch.Tensor, row_of: torch.Tensor,
+                n_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row [B]: (CE sum, number of targets), from logits already restricted to the
+    supervised positions ([N, V], see capture.lm_head_on_positions); fp32 in chunks.
 
-    Equal to token_ce_sum on the full logits for each row kind, without computing the LM head on
-    the prompt tokens of task rows.
+    ``row_of`` [N] is the row of each position. Equal to token_ce_sum on the full logits row by
+    row, without computing the LM head on the prompt tokens of task rows.
     """
     parts = [F.cross_entropy(logits[i:i + CE_CHUNK].float(), targets[i:i + CE_CHUNK],
                              reduction="none") for i in range(0, logits.shape[0], CE_CHUNK)]
     ce = torch.cat(parts) if parts else logits.new_zeros((0,), dtype=torch.float32)
-    zero = ce.new_zeros(())
-    n_replay = row_is_replay.sum().to(torch.float32)
-    return (torch.where(row_is_replay, zero, ce).sum(), float(ce.shape[0]) - n_replay,
-            torch.where(row_is_replay, ce, zero).sum(), n_replay)
+    sums = ce.new_zeros(n_rows).index_add(0, row_of, ce)
+    counts = torch.bincount(row_of, minlength=n_rows).to(torch.float32)
+    return sums, counts
 
 
 def tm_violations(hidden: torch.Tensor, states: torch.Tensor, lo: torch.Tensor,
                   hi: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Elementwise TM penalty v >= 0 (method.md table), zero on padding.
+    """Elementwise TM penalty v >= 0 (docs/method.md table), zero on padding.
 
     hidden [B, T, D] (any float dtype, computed in fp32), states [B, T, D] in {-1, 0, +1},
     lo/hi [D], mask [B, T].
@@ -88,17 +96,55 @@ def tm_violations(hidden: torch.Tensor, states: torch.Tensor, lo: torch.Tensor,
     return v * mask[..., None].to(v.dtype)
 
 
-def tm_sum_count(hidden: torch.Tensor, states: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor,
-                 mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(sum of violations, number of violating elements, number of valid elements)."""
+def rounding_step(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The spacing of ``dtype``'s grid at |x| (one unit in the last place), in fp32."""
+    _, exponent = torch.frexp(x.float().abs())  # |x| = m * 2^e, m in [0.5, 1)
+    eps = torch.finfo(dtype).eps  # the spacing at 1, i.e. in [1, 2) where e = 1
+    return torch.ldexp(torch.full_like(x, eps, dtype=torch.float32), exponent - 1)
+
+
+def tm_dead_band(lo: torch.Tensor, hi: torch.Tensor, sigma: torch.Tensor, units: float,
+                 compute_dtype: torch.dtype) -> torch.Tensor:
+    """Per-dimension dead-band [D]: ``units`` rounding units of the compute dtype (its eps:
+    2^-7 for bf16, 2^-23 for fp32) times sigma_d, plus one rounding step at the larger threshold
+    magnitude; all 0 when ``units`` is 0 (the reference's exact test).
+
+    Kernels that round by shape make the base model's final-norm output differ between the
+    teacher pass and training by a few rounding units of the layers below, which scale with the
+    dimension's spread sigma_d; and teacher and student values both lie on the compute dtype's
+    grid, so a threshold between two neighbouring grid points turns a one-step difference into
+    a violation of up to one step.
+    """
+    if units <= 0:
+        return torch.zeros_like(sigma, dtype=torch.float32)
+    edge = torch.maximum(lo.float().abs(), hi.float().abs())
+    return units * torch.finfo(compute_dtype).eps * sigma.float() + \
+        rounding_step(edge, compute_dtype)
+
+
+def tm_row_terms(hidden: torch.Tensor, states: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor,
+                 mask: torch.Tensor, band: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per row [B]: (sum of violations, violating elements, valid elements, elements whose
+    violation the dead-band ignored).
+
+    A violation no larger than ``band`` [D] counts as none (out of the sum and the count); a
+    larger one counts in full, exactly as the reference's.
+    """
     v = tm_violations(hidden, states, lo, hi, mask)
-    elems = mask.sum().to(torch.float32) * hidden.shape[-1]
-    return v.sum(), torch.count_nonzero(v.detach()).to(torch.float32), elems
+    hidden_by_band = v.new_zeros(v.shape[0])
+    if band is not None:
+        kept = v > band
+        hidden_by_band = ((v.detach() > 0) & ~kept).sum((1, 2)).to(torch.float32)
+        v = torch.where(kept, v, v.new_zeros(()))
+    elems = mask.sum(1).to(torch.float32) * hidden.shape[-1]
+    violating = (v.detach() > 0).sum((1, 2)).to(torch.float32)
+    return v.sum((1, 2)), violating, elems, hidden_by_band
 
 
 def tm_reference(hidden: torch.Tensor, states: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor,
                  mask: torch.Tensor) -> torch.Tensor:
-    """The reference reduction on one process: sum(v) / (count_nonzero(v) + 1e-8)."""
+    """The reference's TM of one micro-batch: sum(v) / (count_nonzero(v) + 1e-8), no dead-band."""
     v = tm_violations(hidden, states, lo, hi, mask)
     return v.sum() / (torch.count_nonzero(v) + TM_EPS)
 
@@ -140,19 +186,18 @@ def topk_kl_per_token(logits: torch.Tensor, teacher_ids: torch.Tensor,
     return (log_p.exp() * (log_p - log_q)).sum(-1)
 
 
-def topk_kl_sum_count(logits: torch.Tensor, teacher_ids: torch.Tensor,
-                      teacher_logp: torch.Tensor, mask: torch.Tensor, temperature: float
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sum of per-token top-k KL over valid positions, number of valid positions).
+def topk_kl_rows(logits: torch.Tensor, teacher_ids: torch.Tensor, teacher_logp: torch.Tensor,
+                 mask: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row [B]: (sum of per-token top-k KL over valid positions, valid positions).
 
     logits [B, T, V], teacher_ids / teacher_logp [B, T, k], mask [B, T] (1 = real token). Every
     real replay position counts, the last one included (its distribution is still the teacher's);
-    padding contributes nothing to either number. sum / count = the token mean.
+    padding contributes nothing to either number. sum / count = the row's token mean.
     """
     kl = topk_kl_per_token(logits, teacher_ids, teacher_logp, temperature)
     valid = mask.bool()
     kl = torch.where(valid, kl, kl.new_zeros(()))
-    return kl.sum(), valid.sum().to(torch.float32)
+    return kl.sum(1), valid.sum(1).to(torch.float32)
 
 
 def full_kl_per_token(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
@@ -181,10 +226,10 @@ def teacher_topk(logits: torch.Tensor, k: int, chunk: int = CE_CHUNK
     return torch.cat(ids), torch.cat(logp)
 
 
-def feature_diff_sum_count(hidden: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor,
-                           p: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """L1 (p=1) / L2 (p=2) feature imitation: (sum over valid elements of |h - t| or (h - t)^2,
-    number of valid elements = real tokens * D). sum / count = the element mean.
+def feature_diff_rows(hidden: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor,
+                      p: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """L1 (p=1) / L2 (p=2) feature imitation per row [B]: (sum over valid elements of |h - t|
+    or (h - t)^2, valid elements = real tokens * D). sum / count = the row's element mean.
 
     hidden [B, T, D] student final-norm output (computed in fp32), teacher [B, T, D] (the stored
     bf16 features, upcast), mask [B, T]. Padding contributes nothing.
@@ -195,70 +240,140 @@ def feature_diff_sum_count(hidden: torch.Tensor, teacher: torch.Tensor, mask: to
     v = diff.abs() if p == 1 else diff * diff
     valid = mask.bool()[..., None]
     v = torch.where(valid, v, v.new_zeros(()))
-    return v.sum(), mask.sum().to(torch.float32) * hidden.shape[-1]
+    return v.sum((1, 2)), mask.sum(1).to(torch.float32) * hidden.shape[-1]
 
 
-# ----------------------------------------------------------------------------- combination
+# ----------------------------------------------------------------------------- reductions
 
 
 @dataclass
-class LocalTerms:
-    """This rank's sums (with autograd) and counts (detached) for one micro-step."""
+class RowTerms:
+    """Per-row sums (with autograd) and counts (detached) of this rank's micro-batch, [B] each.
 
-    task_sum: torch.Tensor
-    task_count: torch.Tensor
-    replay_sum: torch.Tensor
-    replay_count: torch.Tensor
-    reg_sum: torch.Tensor  # the strategy term (tm / kl / l1 / l2); zeros for none/replay
+    The strategy term REG_r = reg_sum / (reg_count + 1e-8): for tm the mean over the row's
+    violating elements (reg_count = violating elements), for kl the token mean, for l1/l2 the
+    element mean. Task rows, and every row of none / replay, carry zeros there.
+    """
+
+    is_replay: torch.Tensor  # bool
+    ce_sum: torch.Tensor
+    ce_count: torch.Tensor
+    reg_sum: torch.Tensor
     reg_count: torch.Tensor
-    reg_elems: torch.Tensor  # elements the term looked at (for the violation fraction)
-    tokens: torch.Tensor  # non-pad tokens in the micro-batch (throughput)
+    reg_elems: torch.Tensor  # elements the term looked at (violation fraction)
+    reg_ignored: torch.Tensor  # tm: violating elements the dead-band ignored
+    tokens: torch.Tensor  # scalar: non-pad tokens of the micro-batch (throughput)
 
 
-STAT_NAMES = ("task_sum", "task_count", "replay_sum", "replay_count", "reg_sum", "reg_count",
-              "reg_elems", "tokens")
+# the detached values each micro-step adds to the step's log (summed over micro-steps and ranks)
+STAT_NAMES = ("loss", "task_rows", "task_ce", "replay_rows", "replay_ce", "reg", "weight",
+              "weight_rows", "violating", "reg_elems", "reg_ignored", "tokens", "nonfinite")
 
 
 @dataclass
 class StepLoss:
-    """The loss to back-propagate on this rank, and the global values to log (detached)."""
+    """The loss to back-propagate on this rank, and this rank's detached log values
+    (``stats``, ordered as STAT_NAMES), which sum over micro-steps and ranks."""
 
     local_loss: torch.Tensor
-    loss: torch.Tensor
-    task_ce: torch.Tensor
-    replay_ce: torch.Tensor
-    reg: torch.Tensor
-    reg_weight: torch.Tensor
-    violation_frac: torch.Tensor
-    tokens: torch.Tensor
-    has_task: torch.Tensor  # 1.0 where the global micro-batch held task / replay / term elements
-    has_replay: torch.Tensor
-    has_reg: torch.Tensor
+    stats: torch.Tensor
 
 
-def combine(terms: LocalTerms, weight: float | str, reg_eps: float = TM_EPS) -> StepLoss:
-    """L = a_t * CE_task + a_r * CE_replay + w * REG over the global micro-batch.
+def _stats(t: RowTerms, loss_part: torch.Tensor, ce_r: torch.Tensor, reg_r: torch.Tensor,
+           w_r: torch.Tensor, dy: bool) -> torch.Tensor:
+    """The STAT_NAMES vector of one micro-step: row sums of CE and REG (logged as row means
+    whatever the reduction) and of the weight; a dy weight only over the rows whose term is
+    non-zero (CE / 1e-8 where the term is 0 is no number to average)."""
+    replay = t.is_replay.float()
+    task = 1.0 - replay
+    weighted = replay * (reg_r > 0).float() if dy else replay
+    loss_part = loss_part.detach().float()
+    parts = [loss_part, task.sum(), (task * ce_r).sum(), replay.sum(), (replay * ce_r).sum(),
+             (replay * reg_r).sum(), (weighted * w_r).sum(), weighted.sum(),
+             (replay * t.reg_count).sum(), (replay * t.reg_elems).sum(),
+             (replay * t.reg_ignored).sum(), t.tokens.float(),
+             (~torch.isfinite(loss_part)).float()]
+    return torch.stack([x.detach().float().reshape(()) for x in parts])
 
-    a_t = a_r = 1/2 when the global micro-batch holds both task and replay tokens, else 1 for the
-    one present (reference behaviour). ``weight`` is a number or 'dy' = CE / (REG + 1e-8), both
-    detached. Every rank runs exactly one all-reduce here.
+
+def reduce_per_row(t: RowTerms, weight: float | str, global_rows: int, grad_accum: int,
+                   world: int | None = None, reg_eps: float = TM_EPS) -> StepLoss:
+    """L = (1/B) sum over the global batch's B rows of l_r (docs/method.md), with
+    l_r = CE_r for a task row and CE_r + w_r * REG_r for a replay row.
+
+    CE_r is the row's token mean; w_r is ``weight`` or, for 'dy', CE_r / (REG_r + 1e-8),
+    detached. No collective: the local loss is scaled so DeepSpeed's mean over ranks and
+    accumulation steps is the global mean.
     """
-    local = torch.stack([getattr(terms, n).detach().float().reshape(()) for n in STAT_NAMES])
-    g = dist.all_reduce_sum(local.clone())
-    st, ct, sr, cr, sreg, creg, ereg, tokens = g.unbind(0)
+    world = dist.world_size() if world is None else world
+    ce_r = t.ce_sum / t.ce_count.clamp(min=1.0)
+    reg_r = t.reg_sum / (t.reg_count + reg_eps)
+    if weight == "dy":
+        w_r = (ce_r / (reg_r + TM_EPS)).detach()
+    else:
+        w_r = ce_r.new_full(ce_r.shape, float(weight))
+    row_loss = ce_r + torch.where(t.is_replay, w_r * reg_r, reg_r.new_zeros(()))
+    local_loss = row_loss.sum() * (world * grad_accum / global_rows)
+    return StepLoss(local_loss, _stats(t, row_loss.sum() / global_rows, ce_r, reg_r, w_r,
+                                       weight == "dy"))
+
+
+def reduce_global_micro_batch(t: RowTerms, weight: float | str, grad_accum: int,
+                              world: int | None = None, reg_eps: float = TM_EPS) -> StepLoss:
+    """L = a_t * CE_task + a_r * CE_replay + w * REG over the global micro-batch (the union of
+    all ranks' micro-batches at this micro-step): token-mean CEs, REG one ratio over all replay
+    rows' elements; a_t = a_r = 1/2 when both kinds are present, else 1 for the one present.
+    ``weight`` a number or 'dy' = CE / (REG + 1e-8), detached. One all-reduce of 6 numbers.
+    """
+    world = dist.world_size() if world is None else world
+    replay = t.is_replay
+    zero = t.ce_sum.new_zeros(())
+    task_sum = torch.where(replay, zero, t.ce_sum).sum()
+    replay_sum = torch.where(replay, t.ce_sum, zero).sum()
+    reg_sum = torch.where(replay, t.reg_sum, zero).sum()
+    counts = torch.stack([torch.where(replay, zero, t.ce_count).sum(),
+                          torch.where(replay, t.ce_count, zero).sum(),
+                          torch.where(replay, t.reg_count, zero).sum()])
+    local = torch.cat([torch.stack([task_sum, replay_sum, reg_sum]).detach(), counts.detach()])
+    g = dist.all_reduce_sum(local.float().clone()) if world > 1 else local.float()
+    st, sr, sreg, ct, cr, creg = g.unbind(0)
     has_t, has_r = (ct > 0).float(), (cr > 0).float()
     both = (has_t + has_r).clamp(min=1.0)
     a_t, a_r = has_t / both, has_r / both
-    task_ce = st / ct.clamp(min=1.0)
-    replay_ce = sr / cr.clamp(min=1.0)
-    ce = a_t * task_ce + a_r * replay_ce
+    ce = a_t * st / ct.clamp(min=1.0) + a_r * sr / cr.clamp(min=1.0)
     reg = sreg / (creg + reg_eps)
     w = ce / (reg + TM_EPS) if weight == "dy" else g.new_tensor(float(weight))
-    world = float(dist.world_size())
-    local_loss = world * (a_t * terms.task_sum / ct.clamp(min=1.0)
-                          + a_r * terms.replay_sum / cr.clamp(min=1.0)
-                          + w * terms.reg_sum / (creg + reg_eps))
-    return StepLoss(local_loss=local_loss, loss=ce + w * reg, task_ce=task_ce,
-                    replay_ce=replay_ce, reg=reg, reg_weight=w,
-                    violation_frac=creg / ereg.clamp(min=1.0), tokens=tokens, has_task=has_t,
-                    has_replay=has_r, has_reg=(ereg > 0).float())
+    local_loss = world * (a_t * task_sum / ct.clamp(min=1.0) + a_r * replay_sum / cr.clamp(min=1.0)
+                          + w * reg_sum / (creg + reg_eps))
+    ce_r = t.ce_sum / t.ce_count.clamp(min=1.0)
+    reg_r = t.reg_sum / (t.reg_count + reg_eps)
+    return StepLoss(local_loss, _stats(t, local_loss / (world * grad_accum), ce_r, reg_r,
+                                       w.expand(ce_r.shape), weight == "dy"))
+
+
+def reduce_rows(t: RowTerms, reduction: str, weight: float | str, global_rows: int,
+                grad_accum: int) -> StepLoss:
+    """The configured reduction (``replay.reduction``) of one micro-step's row terms."""
+    if reduction == "row":
+        return reduce_per_row(t, weight, global_rows, grad_accum)
+    if reduction == "global_micro_batch":
+        return reduce_global_micro_batch(t, weight, grad_accum)
+    raise ValueError(f"unknown reduction {reduction!r}")
+
+
+def step_means(total: torch.Tensor) -> dict[str, float]:
+    """Log values of one optimizer step from the STAT_NAMES sums over its micro-steps and all
+    ranks. The loss is the optimised one; CEs and the term are row means; the weight is left out
+    where no replay row had a non-zero term; the violation fraction is over replay elements."""
+    s = dict(zip(STAT_NAMES, (float(x) for x in total.tolist())))
+    out = {"loss": s["loss"],
+           "task_ce": s["task_ce"] / max(s["task_rows"], 1.0),
+           "replay_ce": s["replay_ce"] / max(s["replay_rows"], 1.0),
+           "reg": s["reg"] / max(s["replay_rows"], 1.0),
+           "violation_frac": s["violating"] / max(s["reg_elems"], 1.0),
+           "ignored_frac": s["reg_ignored"] / max(s["reg_elems"], 1.0),
+           "tokens": s["tokens"], "nonfinite": s["nonfinite"],
+           "task_rows": s["task_rows"], "replay_rows": s["replay_rows"]}
+    if s["weight_rows"] > 0:
+        out["reg_weight"] = s["weight"] / s["weight_rows"]
+    return out

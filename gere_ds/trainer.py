@@ -2,8 +2,9 @@
 
 One optimizer step, as data:
   sampler rows (task example ids + replay sample ids) -> collate -> one engine forward per
-  micro-step on every rank (the hook keeps the final-norm output) -> losses.combine (one small
-  all-reduce) -> engine.backward / engine.step -> scalars to TensorBoard at log steps.
+  micro-step on every rank (the hook keeps the final-norm output) -> per-row loss terms ->
+  losses.reduce_rows (the configured weighing of rows) -> engine.backward / engine.step; after
+  the step one small all-reduce of the log values -> scalars to TensorBoard at log steps.
 """
 from __future__ import annotations
 
@@ -29,8 +30,9 @@ from gere_ds.data.tasks import Example, load_examples
 from gere_ds.engine import Engine, build_engine, check_model_folder, resolve_ds_config
 from gere_ds.errors import InputError
 from gere_ds.evaluation.scoring import EvalSuite
-from gere_ds.losses import (LocalTerms, StepLoss, combine, picked_ce_sums, supervised_positions,
-                            tm_sum_count, token_ce_sum)
+from gere_ds.losses import (RowTerms, StepLoss, feature_diff_rows, reduce_rows, row_ce_sums,
+                            step_means, supervised_positions, tm_dead_band, tm_row_terms,
+                            topk_kl_rows)
 from gere_ds.run_log import RunLogger
 from gere_ds.teacher import check_kl_topk, fingerprint
 from gere_ds.teacher_cache import TeacherStates
@@ -79,7 +81,8 @@ def validate_inputs(cfg: RunConfig, world_size: int) -> Inputs:
     if cfg.eval.enabled:
         suite = EvalSuite(cfg.tasks, cfg.eval, seed=cfg.train.seed,
                           max_source_len=cfg.train.max_source_len,
-                          max_target_len=cfg.train.max_target_len)
+                          max_target_len=cfg.train.max_target_len,
+                          truncate_source=cfg.train.truncate_source)
     return Inputs(train_sets, replay, suite)
 
 
@@ -109,37 +112,17 @@ class Progress:
 
 @dataclass
 class StepStats:
-    """Global (rank-identical) values summed over the micro-steps of one optimizer step."""
+    """This rank's log values (losses.STAT_NAMES) summed over the micro-steps of one optimizer
+    step; ``reduce`` sums them over ranks (the step's one collective for logging)."""
 
-    n: int = 0
-    sums: dict[str, torch.Tensor] = field(default_factory=dict)
-
-    # each value is averaged over the micro-steps where it exists (a micro-batch without replay
-    # rows has no replay CE, not a replay CE of 0)
-    PRESENCE = {"loss": None, "tokens": None, "task_ce": "has_task", "replay_ce": "has_replay",
-                "reg": "has_reg", "reg_weight": "has_reg", "violation_frac": "has_reg"}
+    total: torch.Tensor | None = None
 
     def add(self, sl: StepLoss) -> None:
-        self.n += 1
-        for name, flag in self.PRESENCE.items():
-            value = getattr(sl, name).detach()
-            present = getattr(sl, flag).detach() if flag else 1.0
-            self.sums[name] = self.sums.get(name, 0) + value * present
-            self.sums[f"n_{name}"] = self.sums.get(f"n_{name}", 0) + present
-            self.sums[f"all_{name}"] = self.sums.get(f"all_{name}", 0) + value
+        self.total = sl.stats if self.total is None else self.total + sl.stats
 
-    def means(self) -> dict[str, float]:
-        # the only host sync of a step, and only on logging steps
-        out = {"tokens": float(self.sums["tokens"])}
-        for name in self.PRESENCE:
-            if name == "tokens":
-                continue
-            n = float(self.sums[f"n_{name}"])
-            # nowhere present (e.g. no replay row in this step): the plain mean, which is 0 for
-            # the CE/TM values and the configured number for a fixed weight
-            out[name] = float(self.sums[name]) / n if n > 0 else \
-                float(self.sums[f"all_{name}"]) / self.n
-        return out
+    def reduce(self) -> dict[str, float]:
+        """Global values of the step, identical on every rank (one all-reduce, every rank)."""
+        return step_means(dist.all_reduce_sum(self.total.clone()))
 
 
 class ContinualTrainer:
@@ -150,7 +133,6 @@ class ContinualTrainer:
         self.world, self.rank = dist.world_size(), dist.rank()
         self.progress = Progress()
         self._stop_signal: int | None = None
-        self._bad_micro_steps = 0
         self.engine: Engine | None = None
         self.teacher: TeacherStates | None = None
         self._encoded: dict[tuple[int, int], Encoded] = {}
@@ -212,7 +194,9 @@ class ContinualTrainer:
             task, ex = self.cfg.tasks[task_index], self.inputs.train_sets[task_index][example_index]
             self._encoded[key] = encode_example(self.tokenizer, task.instruction, task.labels,
                                                 ex.text, ex.label, self.cfg.train.max_source_len,
-                                                self.cfg.train.max_target_len)
+                                                self.cfg.train.max_target_len,
+                                                truncate_source=self.cfg.train.truncate_source,
+                                                option_line=task.option_line)
         return self._encoded[key]
 
     def make_batch(self, task_index: int, rows: list[Row]) -> tuple[MicroBatch, list[int]]:
@@ -263,53 +247,59 @@ class ContinualTrainer:
         if r.strategy == "tm":
             self._lo = self.teacher.lo.to(self.device)
             self._hi = self.teacher.hi.to(self.device)
+            compute = torch.bfloat16 if self.cfg.train.bf16 else torch.float32
+            self._band = tm_dead_band(self.teacher.lo, self.teacher.hi, self.teacher.sigma,
+                                      r.tm_dead_band, compute).to(self.device)
+            self.log.info(f"TM dead-band: {r.tm_dead_band} sigma + one {compute} rounding step "
+                          f"(median {float(self._band.median()):.3g}, max "
+                          f"{float(self._band.max()):.3g}; median sigma "
+                          f"{float(self.teacher.sigma.median()):.3g})")
 
     # ------------------------------------------------------------------ one micro-step
-    def local_terms(self, logits: torch.Tensor, hidden: torch.Tensor, mb: MicroBatch,
-                    replay_ids: list[int],
-                    picked: tuple[torch.Tensor, torch.Tensor] | None = None) -> LocalTerms:
-        """This rank's loss sums. ``logits`` are [B, T, V], or with ``picked`` = (positions,
-        targets) the [N, V] logits of the supervised positions only."""
-        replay_rows = mb.is_replay
-        if picked is None:
-            task_sum, task_count = token_ce_sum(logits, mb.labels, ~replay_rows)
-            replay_sum, replay_count = token_ce_sum(logits, mb.labels, replay_rows)
-        else:
-            pos, targets = picked
-            row_is_replay = replay_rows.index_select(0, pos // mb.input_ids.shape[1])
-            task_sum, task_count, replay_sum, replay_count = picked_ce_sums(
-                logits.reshape(-1, logits.shape[-1]), targets, row_is_replay)
-        zero = task_sum.new_zeros(())
-        reg_sum, reg_count, reg_elems = zero, zero, zero
-        picked = [i for i, sid in enumerate(replay_ids) if sid >= 0]
+    def row_terms(self, logits: torch.Tensor, hidden: torch.Tensor, mb: MicroBatch,
+                  replay_ids: list[int], picked: tuple[torch.Tensor, torch.Tensor] | None = None
+                  ) -> RowTerms:
+        """This rank's per-row loss terms. ``logits`` are [B, T, V], or with ``picked`` =
+        (positions, targets) the [N, V] logits of the supervised positions only."""
+        n_rows, width = mb.input_ids.shape
+        logits_at = logits
+        if picked is None:  # full logits: take the supervised positions here
+            picked = supervised_positions(mb.labels)
+            logits_at = logits.reshape(-1, logits.shape[-1]).index_select(0, picked[0])
+        pos, targets = picked
+        ce_sum, ce_count = row_ce_sums(logits_at.reshape(-1, logits_at.shape[-1]), targets,
+                                       pos // width, n_rows)
+        zeros = ce_sum.new_zeros(n_rows)
+        reg_sum, reg_count, reg_elems, reg_ignored = zeros, zeros, zeros, zeros
+        replay_rows = [i for i, sid in enumerate(replay_ids) if sid >= 0]
         strategy = self.cfg.replay.strategy
-        if strategy in ("tm", "kl", "l1", "l2") and picked:
-            from gere_ds.losses import feature_diff_sum_count, topk_kl_sum_count
-
-            ids = [replay_ids[i] for i in picked]
-            sel = torch.tensor(picked, device=hidden.device)
-            width = mb.input_ids.shape[1]
+        if strategy in ("tm", "kl", "l1", "l2") and replay_rows:
+            ids = [replay_ids[i] for i in replay_rows]
+            sel = torch.tensor(replay_rows, device=hidden.device)
             mask = mb.attention_mask.index_select(0, sel)
             if strategy == "tm":
                 states = self.teacher.batch(ids, width=width).to(self.device)
-                reg_sum, reg_count, reg_elems = tm_sum_count(
-                    hidden.index_select(0, sel), states, self._lo, self._hi, mask)
+                parts = tm_row_terms(hidden.index_select(0, sel), states, self._lo, self._hi,
+                                     mask, self._band)
             elif strategy == "kl":  # token mean of KL(teacher || student) over the top-k
                 top_ids, top_logp = self.teacher.batch(ids, width=width)
-                reg_sum, reg_count = topk_kl_sum_count(
-                    logits.index_select(0, sel), top_ids.to(self.device),
-                    top_logp.to(self.device), mask, self.cfg.replay.kl_temperature)
-                reg_elems = reg_count
+                s_, c_ = topk_kl_rows(logits.index_select(0, sel), top_ids.to(self.device),
+                                      top_logp.to(self.device), mask,
+                                      self.cfg.replay.kl_temperature)
+                parts = (s_, c_, c_, c_.new_zeros(c_.shape))
             else:  # l1 / l2: element mean of |h - t| or (h - t)^2
                 feats = self.teacher.batch(ids, width=width).to(self.device)
-                reg_sum, reg_count = feature_diff_sum_count(
-                    hidden.index_select(0, sel), feats, mask, 1 if strategy == "l1" else 2)
-                reg_elems = reg_count
-        tokens = mb.attention_mask.sum().to(torch.float32)
-        return LocalTerms(task_sum, task_count, replay_sum, replay_count, reg_sum, reg_count,
-                          reg_elems, tokens)
+                s_, c_ = feature_diff_rows(hidden.index_select(0, sel), feats, mask,
+                                           1 if strategy == "l1" else 2)
+                parts = (s_, c_, c_, c_.new_zeros(c_.shape))
+            reg_sum, reg_count, reg_elems, reg_ignored = (
+                zeros.index_put((sel,), part.to(zeros.dtype)) for part in parts)
+        return RowTerms(mb.is_replay, ce_sum, ce_count, reg_sum, reg_count, reg_elems,
+                        reg_ignored, mb.attention_mask.sum().to(torch.float32))
 
-    def micro_step(self, task_index: int, rows: list[Row]) -> StepLoss:
+    def forward_loss(self, task_index: int, rows: list[Row]) -> StepLoss:
+        """One micro-batch: forward on the engine, per-row terms, the configured reduction.
+        Every rank calls it once per micro-step (ZeRO-3 forwards are collective)."""
         mb, replay_ids = self.make_batch(task_index, rows)
         if self.cfg.replay.strategy == "kl":  # the KL term reads logits at every replay token
             logits = self.engine.forward(mb.input_ids, mb.attention_mask)
@@ -318,14 +308,18 @@ class ContinualTrainer:
             picked = supervised_positions(mb.labels)
             with lm_head_on_positions(self.engine.module, picked[0]):
                 logits = self.engine.forward(mb.input_ids, mb.attention_mask)
-        hidden = self.capture.pop()
-        sl = combine(self.local_terms(logits, hidden, mb, replay_ids, picked),
-                     self.cfg.replay.weight)
-        # A non-finite loss (sl.loss is global: every rank sees it) is counted here; DeepSpeed
-        # finds the non-finite gradient norm at the boundary and skips that optimizer step.
-        # (Skipping backward instead would leave ZeRO-3 without gradients to step on.)
-        if not bool(torch.isfinite(sl.loss)):
-            self._bad_micro_steps += 1
+        terms = self.row_terms(logits, self.capture.pop(), mb, replay_ids, picked)
+        t = self.cfg.train
+        global_rows = t.micro_batch_size * t.grad_accum * self.world
+        return reduce_rows(terms, self.cfg.replay.reduction, self.cfg.replay.weight,
+                           global_rows, t.grad_accum)
+
+    def micro_step(self, task_index: int, rows: list[Row]) -> StepLoss:
+        """forward_loss, backward, and DeepSpeed's step (which applies the optimizer at the
+        accumulation boundary). A non-finite loss still goes through backward: DeepSpeed finds
+        the non-finite gradient norm and skips that optimizer step (skipping backward instead
+        would leave ZeRO-3 without gradients to step on)."""
+        sl = self.forward_loss(task_index, rows)
         self.engine.engine.backward(sl.local_loss)
         self.engine.engine.step()
         return sl
@@ -352,32 +346,33 @@ class ContinualTrainer:
                 lr = lr_at(p.step_in_task, total, t.lr, t.warmup_steps, t.min_lr_ratio)
                 self.engine.set_lr(lr)
                 stats = StepStats()
-                self._bad_micro_steps = 0
                 for rows in sampler.step_micro_batches(epoch, step):
                     stats.add(self.micro_step(task_index, rows))
+                values = stats.reduce()
                 p.epoch, p.step = epoch, step + 1
                 p.step_in_task += 1
                 p.global_step += 1
-                self._count_bad_step(task_index)
+                self._count_bad_step(task_index, int(values["nonfinite"]))
                 if p.step_in_task % t.log_every == 0 or p.step_in_task == total:
                     now = time.perf_counter()
-                    self._log_step(stats, lr, now - tick, task_index, epoch, p.step_in_task)
+                    self._log_step(values, lr, now - tick, task_index, epoch, p.step_in_task)
                     tick = now
                 self.log.advance(1)
                 self._maybe_checkpoint(task_index, total)
         self.log.close_progress()
 
-    def _count_bad_step(self, task_index: int) -> None:
+    def _count_bad_step(self, task_index: int, nonfinite: int) -> None:
+        """``nonfinite``: micro-batches (over all ranks) whose loss was not finite."""
         p = self.progress
         skipped = not self.engine.engine.was_step_applied()  # DeepSpeed saw non-finite grads
-        if not self._bad_micro_steps and not skipped:
+        if not nonfinite and not skipped:
             p.bad_steps_in_a_row = 0
             return
         p.bad_steps_in_a_row += 1
         p.skipped_steps += 1
         self.log.info(f"non-finite loss or gradients at task {task_index + 1} step "
-                      f"{p.step_in_task} ({self._bad_micro_steps} of "
-                      f"{self.cfg.train.grad_accum} micro-batches): optimizer step skipped "
+                      f"{p.step_in_task} ({nonfinite} of {self.cfg.train.grad_accum * self.world}"
+                      f" rank micro-batches): optimizer step skipped "
                       f"({p.bad_steps_in_a_row} in a row, {p.skipped_steps} in all)")
         if p.bad_steps_in_a_row >= self.cfg.train.max_bad_steps:
             raise TrainingError(f"loss non-finite for {p.bad_steps_in_a_row} steps in a row "
@@ -404,21 +399,21 @@ class ContinualTrainer:
                             f"{p.step_in_task}: checkpoint saved; re-run the same command to "
                             f"resume")
 
-    def _log_step(self, stats: StepStats, lr: float, seconds: float, task_index: int,
+    def _log_step(self, m: dict[str, float], lr: float, seconds: float, task_index: int,
                   epoch: int, step_in_task: int) -> None:
-        m = stats.means()
         grad_norm = self.engine.engine.get_global_grad_norm()
         values = {"train/loss": m["loss"], "train/task_ce": m["task_ce"],
                   "train/replay_ce": m["replay_ce"], "train/lr": lr,
                   "train/grad_norm": float(grad_norm) if grad_norm is not None else 0.0,
                   "train/tokens_per_s": m["tokens"] / max(seconds, 1e-9)}
         strategy = self.cfg.replay.strategy
+        if strategy in ("tm", "kl", "l1", "l2"):
+            values[f"train/{strategy}"] = m["reg"]
+            if "reg_weight" in m:  # dy: absent where no replay row had a non-zero term
+                values[f"train/{strategy}_weight"] = m["reg_weight"]
         if strategy == "tm":
-            values.update({"train/tm": m["reg"], "train/tm_violation_frac": m["violation_frac"],
-                           "train/tm_weight": m["reg_weight"]})
-        elif strategy in ("kl", "l1", "l2"):
-            values.update({f"train/{strategy}": m["reg"],
-                           f"train/{strategy}_weight": m["reg_weight"]})
+            values["train/tm_violation_frac"] = m["violation_frac"]
+            values["train/tm_ignored_frac"] = m["ignored_frac"]
         self.log.scalars(values, self.progress.global_step,
                          {"task": task_index, "epoch": epoch, "step_in_task": step_in_task})
         self.log.advance(0, loss=f"{m['loss']:.4f}", lr=f"{lr:.2e}")

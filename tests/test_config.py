@@ -62,6 +62,13 @@ def test_unknown_override_key(tmp_path):
     ("  strategy: tmx", "unknown strategy 'tmx'"),
     ("  weight: heavy", "must be a number or 'dy'"),
     ("  max_len: many", "expected an integer"),
+    ("  reduction: rows", r"c.yaml:\d+: replay.reduction: unknown reduction 'rows' \(did you mean "
+                         r"'row'\?\)"),
+    ("  weight: -1", r"c.yaml:\d+: replay.weight: must be >= 0"),
+    ("  threshold_k: -0.5", r"c.yaml:\d+: replay.threshold_k: must be > 0"),
+    ("  tm_dead_band: -1", r"c.yaml:\d+: replay.tm_dead_band: must be >= 0"),
+    # 128 bf16 units = 1 sigma: wider than half the threshold distance
+    ("  tm_dead_band: 128", r"c.yaml:\d+: replay.tm_dead_band: .*would hide real violations"),
 ])
 def test_bad_values(tmp_path, line, needle):
     text = BASE.replace("  strategy: tm", line if "strategy" in line else
@@ -69,6 +76,14 @@ def test_bad_values(tmp_path, line, needle):
     with pytest.raises(InputError, match=needle) as err:
         load_config(_write(tmp_path, text))
     assert str(err.value).startswith(str(tmp_path / "c.yaml"))
+
+
+def test_dead_band_bound_follows_the_compute_dtype(tmp_path):
+    """The same band in rounding units is 2^16 times narrower in fp32: allowed there."""
+    cfg = load_config(_write(tmp_path, BASE + "  bf16: false\n"), ["replay.tm_dead_band=1000"])
+    assert cfg.replay.tm_dead_band == 1000.0
+    with pytest.raises(InputError, match="<command line>: replay.tm_dead_band"):
+        load_config(_write(tmp_path, BASE), ["replay.tm_dead_band=1000"])
 
 
 def test_missing_required_and_invalid_yaml(tmp_path):

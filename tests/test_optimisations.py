@@ -172,7 +172,7 @@ def test_lm_head_on_supervised_positions_gives_the_same_loss_and_gradients():
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from gere_ds.capture import lm_head_on_positions
-    from gere_ds.losses import IGNORE, picked_ce_sums, supervised_positions, token_ce_sum
+    from gere_ds.losses import IGNORE, row_ce_sums, supervised_positions, token_ce_sum
 
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64,
@@ -200,9 +200,13 @@ def test_lm_head_on_supervised_positions_gives_the_same_loss_and_gradients():
     with lm_head_on_positions(model, pos):
         picked_logits = model(input_ids=ids, attention_mask=mask).logits
     assert picked_logits.shape[-2] == pos.numel() < ids.numel()
-    pts, ptc, prs, prc = picked_ce_sums(picked_logits.reshape(-1, 97), targets,
-                                        replay.index_select(0, pos // ids.shape[1]))
+    sums, counts = row_ce_sums(picked_logits.reshape(-1, 97), targets, pos // ids.shape[1], 3)
+    pts, ptc = sums[~replay].sum(), counts[~replay].sum()
+    prs, prc = sums[replay].sum(), counts[replay].sum()
     assert (float(ptc), float(prc)) == (float(tc), float(rc))
+    for row in range(3):  # and row by row
+        assert torch.allclose(sums[row], token_ce_sum(logits, labels, torch.arange(3) == row)[0],
+                              rtol=1e-6)
     assert torch.allclose(pts, ts, rtol=1e-6) and torch.allclose(prs, rs, rtol=1e-6)
     picked = grads_of(pts / ptc + prs / prc)
     for a, b in zip(picked, full):

@@ -214,7 +214,7 @@ def test_generate_fake_forward_and_forward_count(tok):
 
     res = S.score_task(forward, tok, EXAMPLES, TASK, mode="generate", batch_size=2,
                        max_new_tokens=5)
-    assert res.predictions == [" Positive!"] * 5
+    assert res.predictions == ["Positive!"] * 5  # after "Answer:", stripped (O-LoRA)
     assert res.correct == [True, False, False, True, False]  # normalised exact match
     assert res.accuracy == pytest.approx(40.0)
     assert len(calls) == math.ceil(5 / 2) * 5  # always max_new_tokens forwards per batch
@@ -236,7 +236,7 @@ def test_generate_with_generate_fn(tok):
 def test_normalize_answer():
     assert S.normalize_answer("  Not_Entailment. \n") == "notentailment"
     assert S.normalize_answer("Very   Positive!") == "very positive"
-    assert S.normalize_answer("«Oui»") == "oui"
+    assert S.normalize_answer("«Oui»") == "«oui»"  # ASCII punctuation only, as O-LoRA
 
 
 # ----------------------------------------------------------------------------- file validation

@@ -1,6 +1,5 @@
-"""The kl / l1 / l2 strategies across ranks and the ablation presets: 2 ranks == 1 process for
-values and gradients; every preset row completes a 2-rank tiny run; the ablation runner; kl_topk
-larger than the vocabulary stops before training. Real DeepSpeed launches (slow), except the
+"""The strategies across ranks and the ablation presets: every preset row completes a 2-rank
+tiny run; the ablation runner; kl_topk larger than the vocabulary stops before training. Real DeepSpeed launches (slow), except the
 check that the preset files are the base plus their row's overrides."""
 from __future__ import annotations
 
@@ -10,7 +9,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 from conftest import REPO, free_port, run_deepspeed, run_python
 
@@ -69,34 +67,6 @@ def test_runner_dry_run_prints_one_command_per_row():
 
 
 @pytest.mark.slow
-def test_two_ranks_equal_one_process_for_kl_l1_l2(tiny_config, tmp_path):
-    """Values (loss, term, weight, CEs) and every parameter gradient: 2 ranks == 1 process, for
-    the term alone, with w = 100 and with w = dy."""
-    results = {}
-    for n in (2, 1):
-        cfg = tiny_config("kl", name=f"eqs{n}")
-        out = tmp_path / f"eqs{n}.pt"
-        proc = run_deepspeed(REPO / "tests/dist_scripts/equivalence_strategies.py",
-                             ["--config", str(cfg), "--out", str(out)], nproc=n)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        results[n] = torch.load(out, weights_only=True)
-    two, one = results[2], results[1]
-    assert set(one) == {f"{s}/{m}" for s in ("kl", "l1", "l2")
-                        for m in ("reg_only", "full_w100", "full_dy")}
-    for key, b in one.items():
-        a = two[key]
-        assert float(b["reg"]) > 0.05, key  # far from the trivial zero
-        for name in ("loss", "reg", "reg_weight", "task_ce", "replay_ce"):
-            assert torch.allclose(a[name], b[name], rtol=1e-5), (key, name, a[name], b[name])
-        if key.endswith("dy"):  # dy: the term weighs as much as the CE
-            assert torch.allclose(b["reg_weight"] * b["reg"],
-                                  0.5 * (b["task_ce"] + b["replay_ce"]), rtol=1e-5)
-        for name, grad in b["grads"].items():
-            assert grad.abs().max() > 0, (key, name)
-            assert torch.allclose(a["grads"][name], grad, rtol=1e-4, atol=1e-7), (key, name)
-
-
-@pytest.mark.slow
 def test_every_ablation_row_completes_a_two_rank_tiny_run(tiny_config, tmp_path):
     """All 14 rows, each the tiny config with the preset's strategy and weight (the presets
     themselves point at the demo model), 2 optimizer steps per task, one launch."""
@@ -123,7 +93,9 @@ def test_every_ablation_row_completes_a_two_rank_tiny_run(tiny_config, tmp_path)
         if s in ("kl", "l1", "l2", "tm"):  # none / replay have no weighted term
             assert resolved.weight == preset.weight, row
         if s in ("kl", "l1", "l2", "tm"):
-            assert all(f"train/{s}" in st and f"train/{s}_weight" in st for st in steps), row
+            assert all(f"train/{s}" in st for st in steps), row
+            # a dy weight is logged only where a replay row had a non-zero term
+            assert all(f"train/{s}_weight" in st for st in steps if st[f"train/{s}"] > 0), row
             assert any(st[f"train/{s}"] > 0 for st in steps[1:]), row
             if preset.weight != "dy":
                 assert all(st[f"train/{s}_weight"] == preset.weight for st in steps), row

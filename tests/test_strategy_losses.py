@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from gere_ds.errors import InputError
-from gere_ds.losses import (LocalTerms, combine, feature_diff_sum_count, full_kl_per_token,
-                            teacher_topk, topk_kl_per_token, topk_kl_sum_count)
+from gere_ds.losses import (feature_diff_rows, full_kl_per_token, reduce_per_row, teacher_topk,
+                            topk_kl_per_token, topk_kl_rows)
 
 # The stated tolerance of the top-k approximation (k=64, T=2, a teacher whose top-64 tokens hold
 # >= 90% of its T=2 probability): |KL_k - KL_full| / KL_full <= 10% (measured: 2.5%; see
@@ -61,7 +61,7 @@ def brute_force_topk_kl(student, ids, logp, mask, temperature):
 def test_topk_kl_equals_brute_force_with_padding():
     teacher, student, mask = _logits(0), _logits(1), _mask()
     ids, logp = _topk(teacher, 7)
-    s, c = topk_kl_sum_count(student, ids, logp, mask, 2.0)
+    s, c = (x.sum() for x in topk_kl_rows(student, ids, logp, mask, 2.0))
     ref, ref_c = brute_force_topk_kl(student, ids, logp, mask, 2.0)
     assert c.item() == ref_c == int(mask.sum())
     assert torch.allclose(s.double(), ref, rtol=1e-5), (s, ref)
@@ -69,7 +69,7 @@ def test_topk_kl_equals_brute_force_with_padding():
     student2, logp2 = student.clone(), logp.clone()
     student2[0, 4:] += 50.0
     logp2[2, 1:] = -3.0
-    s2, _ = topk_kl_sum_count(student2, ids, logp2, mask, 2.0)
+    s2, _ = (x.sum() for x in topk_kl_rows(student2, ids, logp2, mask, 2.0))
     assert torch.allclose(s2, s)
 
 
@@ -92,7 +92,7 @@ def test_topk_kl_gradient_is_q_minus_p_over_t_on_the_kept_ids():
     student = _logits(5).requires_grad_(True)
     ids, logp = _topk(teacher, 5)
     T = 2.0
-    s, _ = topk_kl_sum_count(student, ids, logp, mask, T)
+    s, _ = (x.sum() for x in topk_kl_rows(student, ids, logp, mask, T))
     s.backward()
     with torch.no_grad():
         z = student.gather(-1, ids.long()) / T
@@ -110,12 +110,12 @@ def test_topk_kl_zero_with_zero_gradient_when_student_is_teacher(dtype, tol):
     if dtype == torch.float64:  # keep the teacher's log-probs in float64 too
         logp = torch.log_softmax(teacher, -1).gather(-1, ids.long())
     student = teacher.clone().requires_grad_(True)
-    s, c = topk_kl_sum_count(student, ids, logp, mask, 2.0)
+    s, c = (x.sum() for x in topk_kl_rows(student, ids, logp, mask, 2.0))
     (s / c).backward()
     assert abs(float((s / c).detach())) <= tol
     assert float(student.grad.abs().max()) <= tol
     # the cache keeps float16 log-probs: the value at step 0 is then rounding-sized, not 0
-    s16, c16 = topk_kl_sum_count(teacher.float(), ids, logp.half(), mask, 2.0)
+    s16, c16 = (x.sum() for x in topk_kl_rows(teacher.float(), ids, logp.half(), mask, 2.0))
     assert 0 <= float(s16 / c16) < 1e-5
 
 
@@ -130,7 +130,7 @@ def _features(seed: int, B: int = 3, T: int = 6, D: int = 9):
 @pytest.mark.parametrize("p", [1, 2])
 def test_feature_loss_equals_brute_force_with_padding(p):
     h, teacher, mask = _features(0), _features(1).to(torch.bfloat16), _mask()
-    s, c = feature_diff_sum_count(h, teacher, mask, p)
+    s, c = (x.sum() for x in feature_diff_rows(h, teacher, mask, p))
     total, count = 0.0, 0
     for b in range(h.shape[0]):
         for t in range(h.shape[1]):
@@ -143,7 +143,7 @@ def test_feature_loss_equals_brute_force_with_padding(p):
     assert abs(s.item() - total) <= 1e-4 * max(total, 1.0)
     h2 = h.clone()
     h2[2, 1:] += 100.0  # padding
-    assert torch.allclose(feature_diff_sum_count(h2, teacher, mask, p)[0], s)
+    assert torch.allclose(feature_diff_rows(h2, teacher, mask, p)[0].sum(), s)
 
 
 @pytest.mark.parametrize("p", [1, 2])
@@ -151,7 +151,7 @@ def test_feature_loss_zero_with_zero_gradient_when_student_is_teacher(p):
     teacher = _features(2).to(torch.bfloat16)
     mask = _mask()
     h = teacher.float().clone().requires_grad_(True)  # fp32 student == bf16 teacher
-    s, c = feature_diff_sum_count(h, teacher, mask, p)
+    s, c = (x.sum() for x in feature_diff_rows(h, teacher, mask, p))
     (s / c).backward()
     assert s.item() == 0.0
     assert torch.count_nonzero(h.grad) == 0
@@ -161,25 +161,36 @@ def test_feature_loss_zero_with_zero_gradient_when_student_is_teacher(p):
 def test_feature_loss_gradient(p):
     h = _features(3).requires_grad_(True)
     teacher, mask = _features(4).to(torch.bfloat16), _mask()
-    s, c = feature_diff_sum_count(h, teacher, mask, p)
+    s, c = (x.sum() for x in feature_diff_rows(h, teacher, mask, p))
     (s / c).backward()
     diff = h.detach() - teacher.float()
     expected = (diff.sign() if p == 1 else 2 * diff) * mask[..., None] / c
     assert torch.allclose(h.grad, expected, atol=1e-7)
 
 
-def test_combine_with_a_strategy_term_single_process():
-    """kl/l1/l2 fit LocalTerms.reg_*: REG = reg_sum / reg_count; dy weighs REG like CE."""
+def test_per_row_reduction_with_a_strategy_term():
+    """kl/l1/l2 fit RowTerms.reg_*: REG_r = reg_sum / reg_count per row; dy weighs each replay
+    row's REG like that row's CE."""
+    from gere_ds.losses import RowTerms, step_means
+
     h = _features(5).requires_grad_(True)
     teacher, mask = _features(6).to(torch.bfloat16), _mask()
-    s, c = feature_diff_sum_count(h, teacher, mask, 2)
-    terms = LocalTerms(torch.tensor(6.0), torch.tensor(3.0), torch.tensor(20.0),
-                       torch.tensor(10.0), s, c, c, torch.tensor(15.0))
-    out = combine(terms, 100.0)
-    assert torch.allclose(out.reg, (s / c).detach(), rtol=1e-6)
-    assert torch.allclose(out.loss, 2.0 + 100.0 * (s / c).detach(), rtol=1e-6)
-    dy = combine(terms, "dy")
-    assert torch.allclose(dy.reg_weight * dy.reg, torch.tensor(2.0), rtol=1e-6)
+    s, c = feature_diff_rows(h, teacher, mask, 2)
+    is_replay = torch.tensor([False, True, True])
+    zero = torch.zeros(3)
+    terms = RowTerms(is_replay, torch.tensor([6.0, 20.0, 9.0]), torch.tensor([3.0, 10.0, 3.0]),
+                     torch.where(is_replay, s, zero), torch.where(is_replay, c, zero),
+                     torch.where(is_replay, c, zero), zero, torch.tensor(15.0))
+    reg = (s / c).detach()
+    out = reduce_per_row(terms, 100.0, global_rows=3, grad_accum=1, world=1)
+    want = (2.0 + (2.0 + 100.0 * reg[1]) + (3.0 + 100.0 * reg[2])) / 3
+    assert torch.allclose(out.local_loss, want, rtol=1e-6)
+    dy = reduce_per_row(terms, "dy", global_rows=3, grad_accum=1, world=1)
+    assert torch.allclose(dy.local_loss, torch.tensor((2.0 + 4.0 + 6.0) / 3), rtol=1e-5)
+    logged = step_means(dy.stats)
+    assert logged["reg"] == pytest.approx(float(reg[1:].mean()), rel=1e-5)
+    assert logged["reg_weight"] == pytest.approx(float((torch.tensor([2.0, 3.0]) / reg[1:]).mean()),
+                                                 rel=1e-5)
 
 
 # ----------------------------------------------------------------------------- tiny model
@@ -230,7 +241,7 @@ def test_topk_kl_close_to_full_kl_on_a_tiny_model(tiny_teacher_student):
     mask = torch.ones(zt.shape[:2], dtype=torch.long)
     full = full_kl_per_token(zs, zt, T).mean()
     ids, logp = _topk(zt, k)
-    s, c = topk_kl_sum_count(zs, ids, logp.half(), mask, T)  # float16 as in the cache
+    s, c = (x.sum() for x in topk_kl_rows(zs, ids, logp.half(), mask, T))  # float16 as in the cache
     approx = s / c
     kept = torch.softmax(zt / T, -1).gather(-1, ids.long()).sum(-1).mean()
     rel = float((approx - full).abs() / full)

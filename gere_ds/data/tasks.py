@@ -18,10 +18,14 @@ class Example:
     line: Optional[int] = None  #: 1-based line in the source file (None when unknown)
 
 
-def read_examples(path: str, task: TaskConfig, what: str = "data") -> list[Example]:
+def read_examples(path: str, task: TaskConfig, what: str = "data",
+                  test: bool = False) -> list[Example]:
     """Every row of ``path`` as an Example: the text field must be a string or number and the
-    label (as a string) one of the task's labels; otherwise one error naming file, line, field."""
+    label (as a string) one of the task's labels (or, for a ``test`` split, of its
+    ``test_only_labels``); otherwise one error naming file, line, field."""
     allowed = [str(x) for x in task.labels]
+    if test:
+        allowed += [str(x) for x in getattr(task, "test_only_labels", None) or []]
     out: list[Example] = []
     for row in read_rows(path, what=what):
         for field in (task.text_field, task.label_field):
@@ -41,4 +45,4 @@ def load_examples(task: TaskConfig, split: str = "train") -> list[Example]:
     path = task.train if split == "train" else task.test
     if not path:
         raise InputError(f"task {task.name!r} has no {split} file", field=f"{split}")
-    return read_examples(path, task, what=f"{task.name} {split}")
+    return read_examples(path, task, what=f"{task.name} {split}", test=split != "train")

@@ -15,22 +15,27 @@ the caller's job.
 
 Prompts (method.md, "Task format and prompts")
 ----------------------------------------------
-``prompt = build_prompt(instruction, labels, text)`` =
+``prompt = build_prompt(instruction, labels, text, option_line)`` =
 ``{instruction}\\nOption: {", ".join(labels)}\\n{text}\\nAnswer:`` and ``target = {label}<eos>``.
 The source is tokenized WITH the tokenizer's special tokens (a BOS if the tokenizer adds one), the
 target WITHOUT, and the eos id is appended to the target. A source longer than
-``max_source_len`` tokens keeps its special prefix (BOS) and the LAST tokens of the prompt, i.e.
-the start of the prompt (instruction, options, start of the text) is dropped so that the end of
-the text and ``Answer:`` always survive.
+``max_source_len`` tokens keeps its special prefix (BOS) and, as in training
+(``train.truncate_source``), either the LAST tokens of the prompt (``tail``, the default here: the
+instruction, options and start of the text are dropped so that the end of the text and
+``Answer:`` always survive) or its FIRST tokens (``head``, the reference: the end of the text and
+``Answer:`` are lost).
 
 Modes
 -----
 * ``rank`` (default): every (example, label) pair is one row ``source + label_ids + [eos]``; the
   score of a label is the mean log-probability of its target tokens (eos included) given the
   source (length-normalised log-likelihood). The prediction is the best label (first on ties).
-* ``generate``: greedy decoding of ``max_new_tokens`` tokens, stopping per row at eos, decoded
-  with ``skip_special_tokens`` and compared to the gold label by normalised exact match
-  (:func:`normalize_answer`: lower-case, punctuation removed, whitespace collapsed and stripped).
+* ``generate``: greedy decoding of ``max_new_tokens`` tokens, stopping per row at eos; the
+  prediction is read as O-LoRA does (:func:`extract_answer`: prompt + continuation decoded with
+  ``skip_special_tokens``, the text after the LAST ``Answer:``, stripped; empty if a cut prompt
+  and its continuation have no ``Answer:``) and compared to the gold label by O-LoRA's
+  normalised exact match (:func:`normalize_answer`: lower-case, ASCII punctuation removed,
+  whitespace collapsed and stripped).
   Without a ``generate_fn`` the decoding loop calls ``forward`` on the whole growing sequence at
   every step (no KV cache: simple, works for any callable and is ZeRO-3 safe because every batch
   runs exactly ``max_new_tokens`` forwards, even when all rows have finished early). With a
@@ -54,7 +59,6 @@ import math
 import os
 import random
 import string
-import unicodedata
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence, TypeVar
 
@@ -71,6 +75,7 @@ ForwardFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 GenerateFn = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
 EVAL_MODES = ("rank", "generate")
 LETTERS = string.ascii_uppercase
+ANSWER_PREFIX = "Answer:"  # O-LoRA's: a generated answer is the text after the last one
 MMLU_HEADER = "The following are multiple choice questions (with answers) about {subject}.\n\n"
 
 _T = TypeVar("_T")
@@ -109,7 +114,7 @@ def load_task_examples(path: str, task_cfg: Any, max_examples: int = 0,
     bad rows name the file, the 1-based line and the field); then ``max_examples > 0`` keeps a
     seeded sample (``random.Random(seed)``) in file order.
     """
-    return _sample(read_examples(path, task_cfg, what="test"), max_examples, seed)
+    return _sample(read_examples(path, task_cfg, what="test", test=True), max_examples, seed)
 
 
 def load_mmlu(path: str, max_examples: int = 0, seed: int = 42) -> list[MMLUExample]:
@@ -206,11 +211,12 @@ def pad_id(tokenizer: Any) -> int:
     return int(pid) if pid is not None else 0
 
 
-def encode_source(tokenizer: Any, prompt: str, max_len: int) -> list[int]:
-    """Prompt ids exactly as in training (keeps the special prefix and the END of the prompt)."""
+def encode_source(tokenizer: Any, prompt: str, max_len: int, truncate: str = "tail") -> list[int]:
+    """Prompt ids exactly as in training: the special prefix and the END (``tail``) or the
+    START (``head``) of a too-long prompt (:func:`gere_ds.data.encode.encode_source`)."""
     if max_len < 1:
         raise ValueError("max_source_len must be >= 1")
-    return _train_encode_source(tokenizer, prompt, max_len)
+    return _train_encode_source(tokenizer, prompt, max_len, truncate)
 
 
 def encode_target(tokenizer: Any, label: str, max_len: Optional[int] = None) -> list[int]:
@@ -318,11 +324,20 @@ class TaskScore:
 
 
 def normalize_answer(text: str) -> str:
-    """Lower-case, remove punctuation (ASCII and Unicode), collapse and strip whitespace."""
-    text = text.lower()
-    text = "".join(ch for ch in text
-                   if ch not in string.punctuation and not unicodedata.category(ch).startswith("P"))
-    return " ".join(text.split())
+    """O-LoRA's (SQuAD without article removal): lower-case, remove ASCII punctuation
+    (``string.punctuation``; other characters stay), collapse and strip whitespace."""
+    exclude = set(string.punctuation)
+    return " ".join("".join(ch for ch in text.lower() if ch not in exclude).split())
+
+
+def extract_answer(tokenizer: Any, source: Sequence[int], new: Sequence[int]) -> str:
+    """The generated answer as O-LoRA reads it: prompt + continuation decoded together
+    (``skip_special_tokens``, ``clean_up_tokenization_spaces``), the text after the LAST
+    ``Answer:``, stripped; ``""`` when there is none (a prompt cut before its ``Answer:`` whose
+    continuation does not write one)."""
+    text = tokenizer.decode(list(source) + list(new), skip_special_tokens=True,
+                            clean_up_tokenization_spaces=True)
+    return text.split(ANSWER_PREFIX)[-1].strip() if ANSWER_PREFIX in text else ""
 
 
 def rank_scores(forward: ForwardFn, tokenizer: Any, sources: Sequence[Sequence[int]],
@@ -413,19 +428,22 @@ def score_task(forward: ForwardFn, tokenizer: Any, examples: Sequence[TaskExampl
                task_cfg: Any, mode: str = "rank", batch_size: int = 8,
                max_source_len: int = 512, max_target_len: Optional[int] = None,
                max_new_tokens: int = 8, generate_fn: Optional[GenerateFn] = None,
-               device: Any = None) -> TaskScore:
+               device: Any = None, truncate_source: str = "tail") -> TaskScore:
     """Accuracy (percent) of the model on ``examples`` of the task ``task_cfg``.
 
-    ``task_cfg`` needs ``name``, ``instruction`` and ``labels`` (a TaskConfig). ``mode`` is
-    ``rank`` or ``generate`` (module doc). The result is the same on every rank.
+    ``task_cfg`` needs ``name``, ``instruction`` and ``labels`` (a TaskConfig; ``option_line``
+    is read when present). ``mode`` is ``rank`` or ``generate`` (module doc);
+    ``truncate_source`` is ``train.truncate_source``. The result is the same on every rank.
     """
     if mode not in EVAL_MODES:
         raise ValueError(f"unknown eval mode {mode!r}; one of {', '.join(EVAL_MODES)}")
     if not examples:
         raise ValueError(f"task {task_cfg.name!r}: no examples to score")
     labels = [str(x) for x in task_cfg.labels]
-    sources = [encode_source(tokenizer, build_prompt(task_cfg.instruction, labels, ex.text),
-                             max_source_len) for ex in examples]
+    option_line = getattr(task_cfg, "option_line", True)
+    sources = [encode_source(tokenizer, build_prompt(task_cfg.instruction, labels, ex.text,
+                                                     option_line),
+                             max_source_len, truncate_source) for ex in examples]
     golds = [ex.label for ex in examples]
     if mode == "rank":
         targets = [encode_target(tokenizer, lab, max_target_len) for lab in labels]
@@ -435,7 +453,7 @@ def score_task(forward: ForwardFn, tokenizer: Any, examples: Sequence[TaskExampl
     else:
         new = greedy_decode(forward, tokenizer, sources, max_new_tokens, batch_size, device,
                             generate_fn)
-        preds = [tokenizer.decode(t, skip_special_tokens=True) for t in new]
+        preds = [extract_answer(tokenizer, src, t) for src, t in zip(sources, new)]
         correct = [normalize_answer(p) == normalize_answer(g) for p, g in zip(preds, golds)]
         scores = None
     acc = 100.0 * sum(correct) / len(correct)
@@ -637,7 +655,8 @@ class EvalRow:
 class EvalSuite:
     """Every test set and general evaluation of a run, loaded and validated up front.
 
-    ``EvalSuite(cfg.tasks, cfg.eval, seed=cfg.train.seed, max_source_len=cfg.train.max_source_len)``
+    ``EvalSuite(cfg.tasks, cfg.eval, seed=cfg.train.seed, max_source_len=cfg.train.max_source_len,
+    truncate_source=cfg.train.truncate_source)``
     raises :class:`InputError` before any training if a file is bad; then
     ``suite.evaluate(forward, tokenizer, device=...)`` gives one :class:`EvalRow` (identical on
     every rank; every rank must call it).
@@ -645,10 +664,11 @@ class EvalSuite:
 
     def __init__(self, tasks: Sequence[Any], eval_cfg: Any, seed: int = 42,
                  max_source_len: int = 512, max_target_len: Optional[int] = None,
-                 general_max_len: int = 2048) -> None:
+                 general_max_len: int = 2048, truncate_source: str = "tail") -> None:
         self.tasks = list(tasks)
         self.cfg = eval_cfg
         self.max_source_len, self.max_target_len = max_source_len, max_target_len
+        self.truncate_source = truncate_source
         self.general_max_len = general_max_len
         self.examples: dict[str, list[TaskExample]] = {}
         for i, task in enumerate(self.tasks):
@@ -671,7 +691,8 @@ class EvalSuite:
             s = score_task(forward, tokenizer, self.examples[task.name], task, mode=c.mode,
                            batch_size=c.batch_size, max_source_len=self.max_source_len,
                            max_target_len=self.max_target_len, max_new_tokens=c.max_new_tokens,
-                           generate_fn=generate_fn, device=device)
+                           generate_fn=generate_fn, device=device,
+                           truncate_source=self.truncate_source)
             row.accuracy[task.name] = s.accuracy
             row.task_scores[task.name] = s
         for data in self.general:

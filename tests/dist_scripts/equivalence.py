@@ -1,65 +1,87 @@
-"""Launched by tests under `deepspeed --num_gpus {1,2}`: teacher thresholds, then one global
-micro-batch's loss value and full parameter gradients, saved by rank 0 for comparison.
+"""Launched by tests under `deepspeed --num_gpus {1,2}`: the teacher thresholds, then for every
+strategy term and reduction, one optimizer step's logged values and every parameter gradient
+over the fixed global batch (global_batch.GLOBAL_ROWS), saved by rank 0 for comparison.
 
-The global batch is fixed (global_batch.GLOBAL_ROWS, split over the ranks), so 1 process sees
-exactly the union of the 2 ranks' micro-batches.
+The step is the trainer's own (ContinualTrainer.forward_loss, engine.backward, engine.step over
+GRAD_ACCUM micro-steps). The teacher data is random (seeded, identical on every rank, held for
+the whole replay set so any rank can read any row): the student is far from it, so every term and
+every gradient is far from zero, and nothing sits on a kink of |h - t| or of a TM threshold where
+rounding decides the sign.
 """
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import torch
+from deepspeed.utils import safe_get_full_grad
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from gere_ds import dist
+from gere_ds.losses import step_means
+from gere_ds.teacher_cache import TeacherFeatures, TeacherStates, TeacherTopK
+from global_batch import encode_whole_replay_set, parse_args, trainer_on_global_batch  # noqa: I001
 
-from deepspeed.utils import safe_get_full_grad  # noqa: E402
+TOPK = 16
+# (strategy, reduction, weight)
+MODES = (("tm", "row", 100.0), ("tm", "row", "dy"), ("tm", "global_micro_batch", 100.0),
+         ("tm", "global_micro_batch", "dy"), ("kl", "row", 100.0), ("kl", "row", "dy"),
+         ("l1", "row", 100.0), ("l1", "row", "dy"), ("l2", "row", 100.0), ("l2", "row", "dy"))
+LOGGED = ("loss", "task_ce", "replay_ce", "reg", "reg_weight", "violation_frac")
 
-from gere_ds import dist  # noqa: E402
-from gere_ds.capture import lm_head_on_positions  # noqa: E402
-from gere_ds.losses import LocalTerms, combine, supervised_positions  # noqa: E402
-from gere_ds.teacher_cache import TeacherStates  # noqa: E402
-from global_batch import encode_whole_replay_set, parse_args, trainer_on_global_batch  # noqa: E402,I001
 
-
-def main() -> None:
-    args = parse_args()
-    cfg, inputs, tr, rows = trainer_on_global_batch(args, [])
-    tr.prepare_teacher()
-    encode_whole_replay_set(tr, cfg, inputs)
-    # random teacher states (seeded, identical on every rank) so TM is far from zero
+def fake_teachers(tr, real_states: TeacherStates) -> dict:
+    vocab, hidden = int(tr.engine.module.config.vocab_size), tr.hidden_size
     g = torch.Generator().manual_seed(0)
-    states = {i: torch.randint(-1, 2, (len(ids), tr.hidden_size), generator=g, dtype=torch.int8)
-              for i, ids in sorted(tr._replay_ids.items())}
-    real = tr.teacher
+    states, topk, feats = {}, {}, {}
+    for sid, ids in sorted(tr._replay_ids.items()):
+        states[sid] = torch.randint(-1, 2, (len(ids), hidden), generator=g, dtype=torch.int8)
+        top_ids = torch.rand(len(ids), vocab, generator=g).topk(TOPK, dim=-1).indices
+        logp = -(torch.rand(len(ids), TOPK, generator=g) * 8).sort(dim=-1).values
+        topk[sid] = (top_ids.to(torch.int32), logp.to(torch.float16))
+        feats[sid] = torch.randn(len(ids), hidden, generator=g).to(torch.bfloat16)
 
     class FakeStates(TeacherStates):
         def get(self, sid: int) -> torch.Tensor:
             return states[sid]
 
-    tr.teacher = FakeStates(torch.stack([real.lo, real.hi, real.mu, real.sigma]), {}, None)
-    results = {"thresholds": torch.stack([real.lo, real.hi])}
+    class FakeTopK(TeacherTopK):
+        def get(self, sid: int):
+            return topk[sid]
+
+    class FakeFeatures(TeacherFeatures):
+        def get(self, sid: int):
+            return feats[sid]
+
+    r = real_states
+    return {"tm": FakeStates(torch.stack([r.lo, r.hi, r.mu, r.sigma]), {}, None),
+            "kl": FakeTopK(TOPK, {}, None, None), "l1": FakeFeatures(hidden, {}, None),
+            "l2": FakeFeatures(hidden, {}, None)}
+
+
+def main() -> None:
+    args = parse_args()
+    cfg, inputs, tr, micro = trainer_on_global_batch(args, ["replay.strategy=tm"])
+    tr.prepare_teacher()  # the real pass: thresholds and the dead-band
+    encode_whole_replay_set(tr, cfg, inputs)
+    teachers = fake_teachers(tr, tr.teacher)
+    results: dict = {"thresholds": torch.stack([tr.teacher.lo, tr.teacher.hi])}
     engine = tr.engine.engine
-    for mode in ("tm_only", "full"):
-        mb, replay_ids = tr.make_batch(0, rows)
-        picked = supervised_positions(mb.labels)  # the trainer's path: LM head where targets are
-        with lm_head_on_positions(tr.engine.module, picked[0]):
-            logits = tr.engine.forward(mb.input_ids, mb.attention_mask)
-        terms = tr.local_terms(logits, tr.capture.pop(), mb, replay_ids, picked)
-        if mode == "tm_only":
-            zero = terms.task_sum * 0
-            terms = LocalTerms(zero, terms.task_count * 0, zero, terms.replay_count * 0,
-                               terms.reg_sum, terms.reg_count, terms.reg_elems, terms.tokens)
-        sl = combine(terms, cfg.replay.weight)
-        engine.backward(sl.local_loss)
+    for strategy, reduction, weight in MODES:
+        tr.cfg.replay.strategy, tr.cfg.replay.reduction = strategy, reduction
+        tr.cfg.replay.weight = weight
+        tr.teacher = teachers[strategy]
+        stats = None
+        for m, rows in enumerate(micro):
+            sl = tr.forward_loss(0, rows)
+            stats = sl.stats if stats is None else stats + sl.stats
+            engine.backward(sl.local_loss)
+            if m + 1 < len(micro):
+                engine.step()  # not a boundary: only counts the micro-step
+        values = step_means(dist.all_reduce_sum(stats.clone()))
         grads = {}
         for name, param in engine.module.named_parameters():
             grad = safe_get_full_grad(param)  # collective: every rank calls it
             grads[name] = grad.detach().float().cpu().clone()
-        results[mode] = {"loss": sl.loss.detach().cpu(), "tm": sl.reg.detach().cpu(),
-                         "task_ce": sl.task_ce.detach().cpu(),
-                         "replay_ce": sl.replay_ce.detach().cpu(), "grads": grads}
-        engine.step()  # lr ~ 0: parameters do not move; gradients are cleared
+        results[f"{strategy}/{reduction}/{weight}"] = {
+            **{k: torch.tensor(values[k]) for k in LOGGED if k in values}, "grads": grads}
+        engine.step()  # the boundary; lr ~ 0: parameters do not move; gradients are cleared
     if dist.is_main():
         torch.save(results, args.out)
     dist.barrier()

@@ -1,0 +1,68 @@
+"""Launched by tests under `deepspeed --num_gpus 2`: TM of the BASE model (before any update)
+through the trainer's own step, for teacher passes of several batch sizes against training
+micro-batches of several rows (each replay row with task rows of other lengths, so every shape
+differs from the teacher pass's). Writes one JSON line per case from rank 0.
+
+With the dead-band TM must be exactly 0 in every case; the reference's exact test (band 0) is
+measured alongside, to show whether this machine's kernels rounded differently by shape.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from gere_ds import dist
+from gere_ds.config import load_config
+from gere_ds.losses import step_means
+from gere_ds.trainer import ContinualTrainer, validate_inputs
+
+REPLAY_ROWS = 8  # replay rows of this rank's shard scored per case
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--config", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--teacher-batch", type=int, nargs="+", default=[1, 8])
+    p.add_argument("--micro", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--local_rank", type=int, default=0)
+    p.add_argument("overrides", nargs="*")
+    args = p.parse_args()
+    cfg = load_config(args.config, args.overrides + ["eval.enabled=false"])
+    inputs = validate_inputs(cfg, dist.world_size())
+    dist.init()
+    tr = ContinualTrainer(cfg)
+    tr.setup(inputs)
+    out = Path(args.out)
+    lines = []
+    for tb in args.teacher_batch:
+        cfg.replay.teacher_batch_size = tb
+        cfg.replay.teacher_cache = str(out.parent / f"teacher_tb{tb}")  # no reuse across sizes
+        tr.prepare_teacher()
+        band = tr._band
+        for micro in args.micro:
+            for label, use_band in (("dead-band", band), ("exact", torch.zeros_like(band))):
+                tr._band = use_band
+                total = None
+                with torch.no_grad():
+                    for i, sid in enumerate(tr.shard[:REPLAY_ROWS]):
+                        rows = [(True, sid)] + [(False, (7 * i + j) % len(inputs.train_sets[0]))
+                                                for j in range(micro - 1)]
+                        st = tr.forward_loss(0, rows).stats
+                        total = st if total is None else total + st
+                m = step_means(dist.all_reduce_sum(total.clone()))
+                lines.append({"teacher_batch": tb, "micro_batch": micro, "test": label,
+                              "tm": m["reg"], "violation_frac": m["violation_frac"],
+                              "ignored_frac": m["ignored_frac"],
+                              "replay_rows": m["replay_rows"]})
+            tr._band = band
+    if dist.is_main():
+        out.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    dist.barrier()
+
+
+if __name__ == "__main__":
+    main()
