@@ -79,7 +79,8 @@ def summarise(steps: list[dict[str, Any]]) -> dict[str, Optional[float]]:
     out: dict[str, Optional[float]] = {
         "task_ce": mean("train/task_ce"), "replay_ce": mean("train/replay_ce"),
         "replay_ce_last": (col("train/replay_ce") or [None])[-1],
-        "reg": None, "reg_weight": None, "viol_first": None, "viol": None, "viol_last": None}
+        "reg": None, "reg_weight": None, "viol_first": None, "viol": None, "viol_last": None,
+        "ignored": None}
     for name in REGULARISERS:
         if col(f"train/{name}"):
             out["reg"] = mean(f"train/{name}")
@@ -93,13 +94,16 @@ def summarise(steps: list[dict[str, Any]]) -> dict[str, Optional[float]]:
         # the second step as "start"
         out["viol_first"] = viol[1] if len(viol) > 1 else viol[0]
         out["viol"], out["viol_last"] = sum(viol) / len(viol), viol[-1]
+    # violations no larger than the TM dead-band (not in the loss): what the band hides
+    out["ignored"] = mean("train/tm_ignored_frac")
     return out
 
 
 COLUMNS = (("task_ce", "task CE (mean)", 3), ("replay_ce", "replay CE (mean)", 3),
            ("replay_ce_last", "replay CE (last step)", 3), ("reg", "regulariser (mean)", 4),
            ("reg_weight", "weight (median)", 1), ("viol_first", "TM violating % (step 2)", 2),
-           ("viol", "TM violating % (mean)", 2), ("viol_last", "TM violating % (last)", 2))
+           ("viol", "TM violating % (mean)", 2), ("viol_last", "TM violating % (last)", 2),
+           ("ignored", "TM in dead-band % (mean)", 3))
 
 
 def build_table(names: Sequence[str], summaries: Sequence[Sequence[dict[str, Any]]]) -> str:
@@ -109,7 +113,7 @@ def build_table(names: Sequence[str], summaries: Sequence[Sequence[dict[str, Any
     for name, group in zip(names, summaries):
         cells = []
         for key, _, digits in COLUMNS:
-            scale = 100.0 if key.startswith("viol") else 1.0
+            scale = 100.0 if key.startswith(("viol", "ignored")) else 1.0
             mean, std = mean_std([s[key] * scale if s[key] is not None else None for s in group])
             if mean is None:
                 cells.append("-")

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Regenerates the strategy comparison of docs/results.md: the paper's rows on the demo model and
 # task sequence with a SHORT schedule (so that it fits a 2-core CPU), for each seed, then one
-# table with mean ± std over the seeds (runs/comparison/compare.md, .png) and the training
-# dynamics of the replay terms (runs/comparison/dynamics.md, .png).
+# table with mean ± std over the seeds and the training dynamics of the replay terms. The runs
+# (checkpoints, TensorBoard) stay in runs/comparison/; each run's small result files
+# (metrics.json, train_steps.jsonl, config.yaml) are copied to results/comparison/ (committed),
+# and the tables (compare.md, dynamics.md, .png) are made from those copies.
 # Usage: bash launch/run_comparison.sh [SEEDS...]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -26,10 +28,13 @@ runs=(); names=()
 for row in ${ROWS//,/ }; do
   for seed in ${SEEDS[*]}; do
     if [ -f "runs/comparison/seed$seed/$row/metrics.json" ]; then
-      runs+=("runs/comparison/seed$seed/$row"); names+=("$row")
+      keep="results/comparison/seed$seed/$row"
+      mkdir -p "$keep"
+      cp "runs/comparison/seed$seed/$row/"{metrics.json,train_steps.jsonl,config.yaml} "$keep/"
+      runs+=("$keep"); names+=("$row")
     fi
   done
 done
 names_csv="$(IFS=,; echo "${names[*]}")"
-.venv/bin/python eval/compare.py "${runs[@]}" --names "$names_csv" --out runs/comparison
-.venv/bin/python eval/dynamics.py "${runs[@]}" --names "$names_csv" --out runs/comparison
+.venv/bin/python eval/compare.py "${runs[@]}" --names "$names_csv" --out results/comparison
+.venv/bin/python eval/dynamics.py "${runs[@]}" --names "$names_csv" --out results/comparison
