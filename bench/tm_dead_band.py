@@ -18,15 +18,15 @@ For each case: TM of the reference (mean over violating elements), violating fra
 smallest dead-band (in rounding units of the dtype times sigma_d, on top of one rounding step)
 that makes TM exactly 0.
 
-    python bench/tm_dead_band.py --model assets/models/smollm2-135m-instruct \\
-        --replay assets/data/general/replay.jsonl --task assets/data/boolq/train.jsonl
+    python bench/tm_dead_band.py --dtypes bfloat16 --docs 32             # ~25 min, 2 cores
+    python bench/tm_dead_band.py --dtypes float32 --docs 8 --teacher-batch 1 8 --micro 1 2 \\
+        --append                                                          # fp32 next to it
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
 import json
-import math
 import time
 from pathlib import Path
 
@@ -35,11 +35,12 @@ import torch.nn.functional as F
 
 from gere_ds.atomic import write_json_atomic
 from gere_ds.capture import FinalNormCapture
-from gere_ds.data.encode import encode_example, encode_replay
+from gere_ds.data.collate import collate
+from gere_ds.data.encode import Encoded, encode_example, encode_replay
 from gere_ds.data.files import read_rows
 from gere_ds.losses import rounding_step, tm_dead_band, tm_violations
 
-UNITS = (4, 8, 16, 32, 64)  # dead-bands tried, in rounding units of the dtype times sigma_d
+UNITS = (8, 16, 32, 48, 64, 1024)  # dead-bands tried, in rounding units of the dtype x sigma_d
 
 
 def load_model(path: str, dtype: torch.dtype):
@@ -49,20 +50,10 @@ def load_model(path: str, dtype: torch.dtype):
     return model, AutoTokenizer.from_pretrained(path)
 
 
-def pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for b, r in enumerate(rows):
-        ids[b, :len(r)] = torch.tensor(r)
-        mask[b, :len(r)] = 1
-    return ids, mask
-
-
 @torch.no_grad()
 def final_norm(model, capture, rows: list[list[int]], pad_id: int) -> list[torch.Tensor]:
-    ids, mask = pad(rows, pad_id)
-    model(input_ids=ids, attention_mask=mask)
+    mb = collate([Encoded(r, r) for r in rows], [-1] * len(rows), pad_id)  # the trainer's padding
+    model(input_ids=mb.input_ids, attention_mask=mb.attention_mask)
     h = capture.pop()
     return [h[b, :len(r)].clone() for b, r in enumerate(rows)]
 
@@ -166,15 +157,22 @@ def main() -> None:
     p.add_argument("--teacher-batch", type=int, nargs="+", default=[1, 4, 8])
     p.add_argument("--micro", type=int, nargs="+", default=[1, 2, 4])
     p.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"])
-    p.add_argument("--out", type=Path, default=Path("bench/results/tm_dead_band.json"))
+    p.add_argument("--out", type=Path, default=Path("results/tm_dead_band.json"))
+    p.add_argument("--append", action="store_true",
+                   help="keep the cases of other dtypes already in --out (e.g. fp32 at fewer docs)")
     args = p.parse_args()
     torch.manual_seed(0)
     start = time.time()
     rows = [r for name in args.dtypes for r in measure(args, getattr(torch, name))]
-    needed = {d: max(r["needed_units"] for r in rows if r["dtype"] == d) for d in args.dtypes}
-    write_json_atomic(args.out, {"settings": {k: (str(v) if isinstance(v, Path) else v)
-                                              for k, v in vars(args).items()},
-                                 "seconds": round(time.time() - start, 1),
+    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    for r in rows:
+        r["settings"] = {k: settings[k] for k in ("docs", "max_len", "k")}
+    if args.append and args.out.is_file():
+        old = json.loads(args.out.read_text())["cases"]
+        rows = [r for r in old if r["dtype"] not in {x["dtype"] for x in rows}] + rows
+    needed = {d: max(r["needed_units"] for r in rows if r["dtype"] == d)
+              for d in sorted({r["dtype"] for r in rows})}
+    write_json_atomic(args.out, {"seconds_last_run": round(time.time() - start, 1),
                                  "needed_units": needed, "cases": rows})
     print(f"dead-band needed for TM == 0, rounding units x sigma (max over cases): {needed}")
     print(f"wrote {args.out}")

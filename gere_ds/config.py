@@ -64,16 +64,17 @@ class ReplayConfig:
     num_samples: int = doc("use the first N documents of the replay file", default=1000)
     max_len: int = doc("replay texts are cut to this many tokens (no BOS); reference 563",
                        default=563)
-    strategy: str = doc("none | replay | tm | kl | l1 | l2 (see docs/method)", default="tm")
+    strategy: str = doc("none | replay | tm | kl | l1 | l2 (see docs/method.md)", default="tm")
     weight: Union[float, str] = doc("weight w of the strategy term: a number or 'dy'", default=100.0)
     threshold_k: float = doc("thresholds are mu +- k*sigma per hidden dimension", default=1.0)
     reduction: str = doc("row: the loss is the mean over the global batch's rows of each row's "
                          "loss, dy per row (the reference recipe) | global_micro_batch: CE 1:1 "
                          "and TM over all rows of all ranks at one micro-step", default="row")
-    tm_dead_band: float = doc("TM ignores a violation no larger than this many rounding units of "
-                              "the compute dtype (eps: 2^-7 bf16, 2^-23 fp32) times sigma_d, plus "
-                              "one rounding step: kernels that round by shape then leave TM exactly "
-                              "0 at the base model; 0 = the reference's exact test", default=32.0)
+    tm_dead_band: Union[float, str] = doc(
+        "TM ignores a violation no larger than this many rounding units of the compute dtype "
+        "(eps: 2^-7 bf16, 2^-23 fp32) times sigma_d, plus one rounding step, so kernels that "
+        "round by shape leave TM exactly 0 at the base model; auto = 48 in bf16 (0.375 sigma), "
+        "1024 in fp32 (1.2e-4 sigma); 0 = the reference's exact test", default="auto")
     per_batch: int = doc("0: replay shuffled into each task's data; k>0: exactly k per global batch",
                          default=0)
     teacher_batch_size: int = doc("replay samples per forward in the teacher pass, per rank",
@@ -388,12 +389,16 @@ def validate(cfg: RunConfig, marks: _Marks | None = None) -> None:
         hint = f" (did you mean '{close[0]}'?)" if close else ""
         raise marks.error("replay.reduction", f"unknown reduction {r.reduction!r}{hint}; one of "
                                               f"{', '.join(REDUCTIONS)}")
-    band_sigmas = r.tm_dead_band * (2.0 ** -7 if t.bf16 else 2.0 ** -23)
-    if not r.tm_dead_band >= 0 or band_sigmas > MAX_TM_DEAD_BAND * r.threshold_k:
-        raise marks.error("replay.tm_dead_band",
-                          f"must be >= 0 and at most {MAX_TM_DEAD_BAND} * threshold_k sigma "
-                          f"(a wider band would hide real violations); {r.tm_dead_band!r} units "
-                          f"= {band_sigmas:.3g} sigma in {'bf16' if t.bf16 else 'fp32'}")
+    if isinstance(r.tm_dead_band, str) and r.tm_dead_band != "auto":
+        raise marks.error("replay.tm_dead_band", f"must be a number or 'auto', got "
+                                                 f"{r.tm_dead_band!r}")
+    if isinstance(r.tm_dead_band, float):
+        band_sigmas = r.tm_dead_band * (2.0 ** -7 if t.bf16 else 2.0 ** -23)
+        if not r.tm_dead_band >= 0 or band_sigmas > MAX_TM_DEAD_BAND * r.threshold_k:
+            raise marks.error("replay.tm_dead_band",
+                              f"must be >= 0 and at most {MAX_TM_DEAD_BAND} * threshold_k sigma "
+                              f"(a wider band would hide real violations); {r.tm_dead_band!r} "
+                              f"units = {band_sigmas:.3g} sigma in {'bf16' if t.bf16 else 'fp32'}")
     if r.strategy != "none" and not r.data:
         raise marks.error("replay.data", f"strategy {r.strategy!r} needs a replay data file")
     for key in ("num_samples", "max_len", "teacher_batch_size", "kl_topk"):

@@ -103,6 +103,20 @@ def rounding_step(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.ldexp(torch.full_like(x, eps, dtype=torch.float32), exponent - 1)
 
 
+# replay.tm_dead_band: auto, per compute dtype, in its rounding units. Measured on the real
+# SmolLM2-135M (bench/tm_dead_band.py), the base model's final-norm output differs between the
+# teacher's and training's batch shapes by up to 22 units x sigma in bf16 with this CPU's own
+# kernels and 37 with linear layers that accumulate in another order; in fp32 (where the noise
+# is fp32 summation order in long dot products) 57 and 311 units, and 1024 fp32 units are still
+# only 1.2e-4 sigma.
+AUTO_DEAD_BAND_UNITS = {torch.bfloat16: 48.0, torch.float16: 48.0, torch.float32: 1024.0}
+
+
+def dead_band_units(setting: float | str, compute_dtype: torch.dtype) -> float:
+    """``replay.tm_dead_band`` as a number of rounding units ('auto': per compute dtype)."""
+    return AUTO_DEAD_BAND_UNITS[compute_dtype] if setting == "auto" else float(setting)
+
+
 def tm_dead_band(lo: torch.Tensor, hi: torch.Tensor, sigma: torch.Tensor, units: float,
                  compute_dtype: torch.dtype) -> torch.Tensor:
     """Per-dimension dead-band [D]: ``units`` rounding units of the compute dtype (its eps:

@@ -30,9 +30,9 @@ from gere_ds.data.tasks import Example, load_examples
 from gere_ds.engine import Engine, build_engine, check_model_folder, resolve_ds_config
 from gere_ds.errors import InputError
 from gere_ds.evaluation.scoring import EvalSuite
-from gere_ds.losses import (RowTerms, StepLoss, feature_diff_rows, reduce_rows, row_ce_sums,
-                            step_means, supervised_positions, tm_dead_band, tm_row_terms,
-                            topk_kl_rows)
+from gere_ds.losses import (RowTerms, StepLoss, dead_band_units, feature_diff_rows, reduce_rows,
+                            row_ce_sums, step_means, supervised_positions, tm_dead_band,
+                            tm_row_terms, topk_kl_rows)
 from gere_ds.run_log import RunLogger
 from gere_ds.teacher import check_kl_topk, fingerprint
 from gere_ds.teacher_cache import TeacherStates
@@ -248,9 +248,11 @@ class ContinualTrainer:
             self._lo = self.teacher.lo.to(self.device)
             self._hi = self.teacher.hi.to(self.device)
             compute = torch.bfloat16 if self.cfg.train.bf16 else torch.float32
+            units = dead_band_units(r.tm_dead_band, compute)
             self._band = tm_dead_band(self.teacher.lo, self.teacher.hi, self.teacher.sigma,
-                                      r.tm_dead_band, compute).to(self.device)
-            self.log.info(f"TM dead-band: {r.tm_dead_band} sigma + one {compute} rounding step "
+                                      units, compute).to(self.device)
+            self.log.info(f"TM dead-band: {units:g} rounding units x sigma + one {compute} "
+                          f"rounding step "
                           f"(median {float(self._band.median()):.3g}, max "
                           f"{float(self._band.max()):.3g}; median sigma "
                           f"{float(self.teacher.sigma.median()):.3g})")

@@ -41,7 +41,7 @@ from gere_ds.atomic import write_json_atomic  # noqa: E402
 
 # the paper's rows: Baseline (sequential fine-tuning), BaselineR (replay CE), and BaselineR plus
 # each imitation term (KL on logits, L1 / L2 on final-norm features, TM on activation states)
-# at w = 1, 100 and dy (method.md, "The strategies to compare")
+# at w = 1, 100 and dy (docs/method.md, "The strategies compared")
 WEIGHTS = (("w1", "1"), ("w100", "100"), ("wdy", "dy"))
 ROWS: dict[str, list[str]] = {"none": ["replay.strategy=none"],
                               "replay": ["replay.strategy=replay"]}

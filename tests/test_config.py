@@ -67,6 +67,7 @@ def test_unknown_override_key(tmp_path):
     ("  weight: -1", r"c.yaml:\d+: replay.weight: must be >= 0"),
     ("  threshold_k: -0.5", r"c.yaml:\d+: replay.threshold_k: must be > 0"),
     ("  tm_dead_band: -1", r"c.yaml:\d+: replay.tm_dead_band: must be >= 0"),
+    ("  tm_dead_band: wide", r"c.yaml:\d+: replay.tm_dead_band: must be a number or 'auto'"),
     # 128 bf16 units = 1 sigma: wider than half the threshold distance
     ("  tm_dead_band: 128", r"c.yaml:\d+: replay.tm_dead_band: .*would hide real violations"),
 ])

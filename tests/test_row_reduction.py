@@ -178,13 +178,16 @@ def test_base_model_tm_is_exactly_zero_under_rounding_perturbations(dtype):
     The reference's test reports violations; with the default dead-band TM is exactly 0, and
     so is its gradient."""
     from gere_ds.config import ReplayConfig
+    from gere_ds.losses import dead_band_units
 
-    units = ReplayConfig().tm_dead_band
+    units = dead_band_units(ReplayConfig().tm_dead_band, dtype)
     h, states, lo, hi, sigma, mask, g = _teacher_case(dtype)
     sign = torch.randint(0, 2, h.shape, generator=g) * 2 - 1
     one_step = (h.float() + sign * rounding_step(h, dtype)).to(dtype)
     eps = torch.finfo(dtype).eps
-    noisy = (h.float() + (torch.rand(h.shape, generator=g) * 2 - 1) * 0.5 * units * eps
+    # the largest differences measured on the real model: 37 (bf16) / 58 (fp32) units x sigma
+    measured = {torch.bfloat16: 37.0, torch.float32: 58.0}[dtype]
+    noisy = (h.float() + (torch.rand(h.shape, generator=g) * 2 - 1) * measured * eps
              * sigma).to(dtype)
     band = tm_dead_band(lo, hi, sigma, units, dtype)
     for student in (one_step, noisy):
@@ -199,6 +202,6 @@ def test_base_model_tm_is_exactly_zero_under_rounding_perturbations(dtype):
 def test_dead_band_is_zero_when_switched_off_and_tiny_in_fp32():
     sigma, lo, hi = torch.ones(3), -torch.ones(3), torch.ones(3)
     assert torch.equal(tm_dead_band(lo, hi, sigma, 0, torch.bfloat16), torch.zeros(3))
-    assert float(tm_dead_band(lo, hi, sigma, 32, torch.float32).max()) < 1e-5
+    assert float(tm_dead_band(lo, hi, sigma, 1024, torch.float32).max()) < 2e-4
     assert float(tm_dead_band(lo, hi, sigma, 32, torch.bfloat16).max()) == \
         pytest.approx(32 * 2 ** -7 + 2 ** -7)

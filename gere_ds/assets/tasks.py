@@ -3,7 +3,7 @@
 Each task becomes ``{"sentence": <input text>, "label": <label string>}`` rows with a
 fixed short label set; multiple-choice tasks put their lettered options into the sentence
 and use the letters as labels, so every task is a classification over a few label strings
-(the prompt format of docs method.md: instruction, ``Option:`` labels, text, ``Answer:``).
+(the prompt format of docs/method.md: instruction, ``Option:`` labels, text, ``Answer:``).
 """
 from __future__ import annotations
 

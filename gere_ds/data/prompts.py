@@ -1,4 +1,4 @@
-"""The prompt and target format of the continual benchmark (method.md, 'Task format')."""
+"""The prompt and target format of the continual benchmark (docs/method.md, 'Tasks, prompts and metrics')."""
 from __future__ import annotations
 
 

@@ -4,7 +4,7 @@ Replay ownership: the replay set is split once into `world_size` shards (a seede
 stripe r for rank r). Rank r only ever trains on, and the teacher pass only computes teacher data
 for, its own shard; so teacher data never crosses the network and needs no shared disk.
 
-Two mixing modes (method.md, "Mixing replay into tasks"):
+Two mixing modes (docs/method.md, "Mixing replay into a task"):
 - shuffle-in (per_batch = 0): every task example and every replay document once per epoch; a
   seeded shuffle decides which global-batch slots hold replay rows;
 - batch interpolation (per_batch = k): exactly k replay rows in every global batch, drawn without

@@ -13,7 +13,7 @@ mask; with causal attention and right padding the real positions never see the p
 position ids are needed. Scorers run under ``torch.no_grad()``; putting the model in eval mode is
 the caller's job.
 
-Prompts (method.md, "Task format and prompts")
+Prompts (docs/method.md, "Tasks, prompts and metrics")
 ----------------------------------------------
 ``prompt = build_prompt(instruction, labels, text, option_line)`` =
 ``{instruction}\\nOption: {", ".join(labels)}\\n{text}\\nAnswer:`` and ``target = {label}<eos>``.
