@@ -185,8 +185,8 @@ def test_base_model_tm_is_exactly_zero_under_rounding_perturbations(dtype):
     sign = torch.randint(0, 2, h.shape, generator=g) * 2 - 1
     one_step = (h.float() + sign * rounding_step(h, dtype)).to(dtype)
     eps = torch.finfo(dtype).eps
-    # the largest differences measured on the real model: 37 (bf16) / 58 (fp32) units x sigma
-    measured = {torch.bfloat16: 37.0, torch.float32: 58.0}[dtype]
+    # the largest differences measured on the real model: 37 (bf16) / 311 (fp32) units x sigma
+    measured = {torch.bfloat16: 37.0, torch.float32: 311.0}[dtype]
     noisy = (h.float() + (torch.rand(h.shape, generator=g) * 2 - 1) * measured * eps
              * sigma).to(dtype)
     band = tm_dead_band(lo, hi, sigma, units, dtype)
