@@ -136,13 +136,15 @@ def _mean_curve(runs: Sequence[list[dict[str, Any]]], key: str) -> tuple[list[in
 
 
 def figure(names: Sequence[str], runs: Sequence[Sequence[list[dict[str, Any]]]]) -> bytes:
-    """PNG: replay CE, TM violating fraction and TM weight against the optimizer step."""
+    """PNG: replay CE, TM violating fraction, the fraction inside the dead-band (violations the
+    loss ignores) and TM weight against the optimizer step."""
     from matplotlib.figure import Figure  # no pyplot: no GUI backend
 
     panels = (("train/replay_ce", "replay CE", False),
               ("train/tm_violation_frac", "TM violating fraction", False),
+              ("train/tm_ignored_frac", "TM inside the dead-band (fraction)", False),
               ("train/tm_weight", "TM weight (log)", True))
-    fig = Figure(figsize=(15, 4), dpi=100)
+    fig = Figure(figsize=(16, 4), dpi=100)
     for i, (key, title, log) in enumerate(panels):
         ax = fig.add_subplot(1, len(panels), i + 1)
         for name, group in zip(names, runs):
