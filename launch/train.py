@@ -80,4 +80,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()  # an unexpected exception propagates: traceback and a non-zero exit
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # every file is closed and every rank passed the last barrier: skip interpreter teardown,
+    # whose at-exit hooks of the process group occasionally abort with -6 ("terminate called
+    # without an active exception") after all work is done
+    os._exit(code)

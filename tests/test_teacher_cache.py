@@ -315,4 +315,6 @@ def test_two_rank_caches_hold_disjoint_shards_covering_the_replay_set(tiny_confi
     assert (got_ids == want_ids).float().mean() > 0.95  # near-ties may swap
     steps = [json.loads(line) for line in
              (tmp_path / "run_cache2" / "train_steps.jsonl").read_text().splitlines()]
-    assert steps and all("train/kl" in s and "train/kl_weight" in s for s in steps), steps[:1]
+    assert steps and all("train/kl" in s for s in steps), steps[:1]
+    # the weight (dy) is logged where a replay row had a non-zero term
+    assert all("train/kl_weight" in s for s in steps if s["train/kl"] > 0), steps[:1]
