@@ -251,11 +251,13 @@ class ContinualTrainer:
             units = dead_band_units(r.tm_dead_band, compute)
             self._band = tm_dead_band(self.teacher.lo, self.teacher.hi, self.teacher.sigma,
                                       units, compute).to(self.device)
-            self.log.info(f"TM dead-band: {units:g} rounding units x sigma + one {compute} "
-                          f"rounding step "
-                          f"(median {float(self._band.median()):.3g}, max "
-                          f"{float(self._band.max()):.3g}; median sigma "
-                          f"{float(self.teacher.sigma.median()):.3g})")
+            if units > 0:
+                self.log.info(f"TM dead-band: {units:g} rounding units x sigma + one {compute} "
+                              f"rounding step (median {float(self._band.median()):.3g}, max "
+                              f"{float(self._band.max()):.3g}; median sigma "
+                              f"{float(self.teacher.sigma.median()):.3g})")
+            else:
+                self.log.info("TM dead-band: off (the reference's exact test)")
 
     # ------------------------------------------------------------------ one micro-step
     def row_terms(self, logits: torch.Tensor, hidden: torch.Tensor, mb: MicroBatch,

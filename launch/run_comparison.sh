@@ -19,13 +19,23 @@ SHORT=(train.max_steps_per_task=10 train.lr=5.0e-5 train.warmup_steps=2 train.ma
 export OMP_NUM_THREADS=1 DS_ACCELERATOR=cpu TOKENIZERS_PARALLELISM=false
 export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$PWD/.cache/torch_extensions}"
 .venv/bin/python launch/prepare_assets.py
+# TM with the reference's exact test (no dead-band) next to the default rows: what the band costs
+EXACT=(replay_tm_w100 replay_tm_wdy)
 for seed in ${SEEDS[*]}; do
   .venv/bin/python launch/run_ablation.py --rows "$ROWS" --results "runs/comparison/seed$seed" \
     --launcher-args "--master_port ${MASTER_PORT:-29611}" \
     --keep-going "${SHORT[@]}" "train.seed=$seed"
+  for row in "${EXACT[@]}"; do
+    out="runs/comparison/seed$seed/${row}_exact"
+    [ -f "$out/metrics.json" ] && continue
+    .venv/bin/deepspeed --num_gpus 2 --master_port "${MASTER_PORT:-29611}" launch/train.py \
+      --config "configs/ablation/$row.yaml" "${SHORT[@]}" "train.seed=$seed" \
+      "output_dir=$out" "replay.teacher_cache=runs/comparison/seed$seed/teacher" \
+      replay.tm_dead_band=0 > "runs/comparison/seed$seed/${row}_exact.launch.log" 2>&1 || true
+  done
 done
 runs=(); names=()
-for row in ${ROWS//,/ }; do
+for row in ${ROWS//,/ } "${EXACT[@]/%/_exact}"; do
   for seed in ${SEEDS[*]}; do
     if [ -f "runs/comparison/seed$seed/$row/metrics.json" ]; then
       keep="results/comparison/seed$seed/$row"
