@@ -1,5 +1,5 @@
 """Print the headline numbers of the latest benchmark results as Markdown (for
-docs/performance.md) and check them against the issue-8 targets.
+docs/performance.md) and check them against the speed targets.
 
     python bench/summary.py [--results bench/results] [--smoke]
 """
