@@ -146,14 +146,14 @@ def tm_row_terms(hidden: torch.Tensor, states: torch.Tensor, lo: torch.Tensor, h
     larger one counts in full, exactly as the reference's.
     """
     v = tm_violations(hidden, states, lo, hi, mask)
-    hidden_by_band = v.new_zeros(v.shape[0])
+    ignored = v.new_zeros(v.shape[0])
     if band is not None:
         kept = v > band
-        hidden_by_band = ((v.detach() > 0) & ~kept).sum((1, 2)).to(torch.float32)
+        ignored = ((v.detach() > 0) & ~kept).sum((1, 2)).to(torch.float32)
         v = torch.where(kept, v, v.new_zeros(()))
     elems = mask.sum(1).to(torch.float32) * hidden.shape[-1]
     violating = (v.detach() > 0).sum((1, 2)).to(torch.float32)
-    return v.sum((1, 2)), violating, elems, hidden_by_band
+    return v.sum((1, 2)), violating, elems, ignored
 
 
 def tm_reference(hidden: torch.Tensor, states: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor,
@@ -310,6 +310,11 @@ def _stats(t: RowTerms, loss_part: torch.Tensor, ce_r: torch.Tensor, reg_r: torc
     return torch.stack([x.detach().float().reshape(()) for x in parts])
 
 
+def _row_means(t: RowTerms, reg_eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row: CE_r (token mean) and REG_r = reg_sum / (reg_count + reg_eps)."""
+    return t.ce_sum / t.ce_count.clamp(min=1.0), t.reg_sum / (t.reg_count + reg_eps)
+
+
 def reduce_per_row(t: RowTerms, weight: float | str, global_rows: int, grad_accum: int,
                    world: int | None = None, reg_eps: float = TM_EPS) -> StepLoss:
     """L = (1/B) sum over the global batch's B rows of l_r (docs/method.md), with
@@ -320,8 +325,7 @@ def reduce_per_row(t: RowTerms, weight: float | str, global_rows: int, grad_accu
     accumulation steps is the global mean.
     """
     world = dist.world_size() if world is None else world
-    ce_r = t.ce_sum / t.ce_count.clamp(min=1.0)
-    reg_r = t.reg_sum / (t.reg_count + reg_eps)
+    ce_r, reg_r = _row_means(t, reg_eps)
     if weight == "dy":
         w_r = (ce_r / (reg_r + TM_EPS)).detach()
     else:
@@ -359,8 +363,7 @@ def reduce_global_micro_batch(t: RowTerms, weight: float | str, grad_accum: int,
     w = ce / (reg + TM_EPS) if weight == "dy" else g.new_tensor(float(weight))
     local_loss = world * (a_t * task_sum / ct.clamp(min=1.0) + a_r * replay_sum / cr.clamp(min=1.0)
                           + w * reg_sum / (creg + reg_eps))
-    ce_r = t.ce_sum / t.ce_count.clamp(min=1.0)
-    reg_r = t.reg_sum / (t.reg_count + reg_eps)
+    ce_r, reg_r = _row_means(t, reg_eps)
     return StepLoss(local_loss, _stats(t, local_loss / (world * grad_accum), ce_r, reg_r,
                                        w.expand(ce_r.shape), weight == "dy"))
 
