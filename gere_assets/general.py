@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import random
 
-from gere_ds.assets.overlap import OverlapIndex
-from gere_ds.assets.wikitext import Article
+from gere_assets.overlap import OverlapIndex
+from gere_assets.wikitext import Article
 from gere_ds.errors import InputError
 
 

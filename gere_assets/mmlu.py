@@ -9,8 +9,8 @@ import random
 from dataclasses import dataclass
 from typing import Any
 
-from gere_ds.assets.choices import answer_letter, parse_options
-from gere_ds.assets.sources import SourceLocator
+from gere_assets.choices import answer_letter, parse_options
+from gere_assets.sources import SourceLocator
 from gere_ds.data.files import read_dicts
 from gere_ds.errors import InputError
 

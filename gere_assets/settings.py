@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from gere_ds.assets.tasks import DEFAULT_TASKS, check_task_names
+from gere_assets.tasks import DEFAULT_TASKS, check_task_names
 from gere_ds.errors import InputError
 
 

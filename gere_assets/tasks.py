@@ -12,8 +12,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from gere_ds.assets.choices import LETTERS, answer_letter, format_options, parse_options
-from gere_ds.assets.sources import SourceLocator
+from gere_assets.choices import LETTERS, answer_letter, format_options, parse_options
+from gere_assets.sources import SourceLocator
 from gere_ds.data.files import read_dicts
 from gere_ds.errors import InputError
 

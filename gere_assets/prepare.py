@@ -8,11 +8,11 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from gere_ds.assets.files import remove_stale_temps
-from gere_ds.assets.manifest import Manifest
-from gere_ds.assets.settings import Settings
-from gere_ds.assets.sources import SourceLocator
-from gere_ds.assets.steps import STEPS
+from gere_assets.files import remove_stale_temps
+from gere_assets.manifest import Manifest
+from gere_assets.settings import Settings
+from gere_assets.sources import SourceLocator
+from gere_assets.steps import STEPS
 from gere_ds.errors import InputError
 
 Log = Callable[[str], None]

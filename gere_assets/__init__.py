@@ -4,9 +4,9 @@
 the SmolLM2-135M-Instruct model folder, the continual task sequence, the general
 replay and held-out text, and MMLU; `launch/prepare_assets.py` is the CLI.
 """
-from gere_ds.assets.prepare import STEP_ORDER, PrepareReport, prepare
-from gere_ds.assets.settings import Settings
-from gere_ds.assets.sources import SourceLocator
-from gere_ds.assets.tasks import DEFAULT_TASKS, TASKS
+from gere_assets.prepare import STEP_ORDER, PrepareReport, prepare
+from gere_assets.settings import Settings
+from gere_assets.sources import SourceLocator
+from gere_assets.tasks import DEFAULT_TASKS, TASKS
 
 __all__ = ["DEFAULT_TASKS", "STEP_ORDER", "TASKS", "PrepareReport", "Settings", "SourceLocator", "prepare"]

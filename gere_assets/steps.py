@@ -7,21 +7,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gere_ds.assets.general import drop_overlapping, split_general
-from gere_ds.assets.manifest import FileRecord, record_file
-from gere_ds.assets.mmlu import MMLU_SOURCE, load_mmlu, split_mmlu
-from gere_ds.assets.model import MODEL_DIRNAME, convert_gguf
-from gere_ds.assets.overlap import NGRAM, OverlapIndex
-from gere_ds.assets.settings import Settings
-from gere_ds.assets.sources import GGUF_NAME, PACKAGES, WIKI_DUMP, SourceLocator
-from gere_ds.assets.tasks import (
+from gere_assets.general import drop_overlapping, split_general
+from gere_assets.manifest import FileRecord, record_file
+from gere_assets.mmlu import MMLU_SOURCE, load_mmlu, split_mmlu
+from gere_assets.model import MODEL_DIRNAME, convert_gguf
+from gere_assets.overlap import NGRAM, OverlapIndex
+from gere_assets.settings import Settings
+from gere_assets.sources import GGUF_NAME, PACKAGES, WIKI_DUMP, SourceLocator
+from gere_assets.tasks import (
     TASKS,
     Example,
     load_examples,
     source_texts,
     split_examples,
 )
-from gere_ds.assets.wikitext import iter_articles
+from gere_assets.wikitext import iter_articles
 from gere_ds.atomic import sha256_file, write_json_atomic, write_jsonl_atomic
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
