@@ -124,7 +124,9 @@ class TrainConfig:
 @dataclass
 class GeneralEvalConfig:
     name: str = doc("name of the general-ability score, e.g. mmlu")
-    kind: str = doc("mmlu (multiple choice JSONL) | perplexity (text file)")
+    kind: str = doc("mmlu (lettered multiple choice JSONL) | cloze (answer texts scored as "
+                    "continuations, acc_norm reported; JSONL of context/choices/gold) | "
+                    "perplexity (text file)")
     path: str = doc("data file")
     shots: int = doc("k-shot examples for mmlu", default=0)
     max_examples: int = doc("cap on examples (0 = all)", default=0)

@@ -494,10 +494,12 @@ class ContinualTrainer:
         for name, value in row.general.items():
             p.general.setdefault(name, []).append(value)
         if dist.is_main():
+            from gere_ds.evaluation.outcomes import record_outcomes
             from gere_ds.evaluation.report import log_to_tensorboard, write_report
 
             names = [task.name for task in self.cfg.tasks]
             write_report(str(self.out), names, p.matrix, p.general)
+            record_outcomes(self.out, len(p.matrix) - 1, row, suite)
             log_to_tensorboard(self.log.tb, names, p.matrix, p.general, rows="last")
         scores = ", ".join(f"{k} {v:.1f}" for k, v in {**row.accuracy, **row.general}.items())
         self.log.info(f"{label}: {scores}")

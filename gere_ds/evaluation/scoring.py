@@ -589,7 +589,7 @@ def score_perplexity(forward: ForwardFn, tokenizer: Any, texts: Sequence[str],
                         extra={"nll": nll, "tokens": count})
 
 
-GENERAL_KINDS = ("mmlu", "perplexity")
+GENERAL_KINDS = ("mmlu", "perplexity", "cloze")
 
 
 @dataclass
@@ -600,6 +600,7 @@ class GeneralData:
     mmlu: list[MMLUExample] = field(default_factory=list)
     dev: list[MMLUExample] = field(default_factory=list)
     texts: list[str] = field(default_factory=list)
+    cloze: list[Any] = field(default_factory=list)  # ClozeQuestion (gere_ds.evaluation.cloze)
 
 
 def load_general(gcfg: Any, seed: int = 42, dev_path: Optional[str] = None) -> GeneralData:
@@ -613,6 +614,10 @@ def load_general(gcfg: Any, seed: int = 42, dev_path: Optional[str] = None) -> G
                          f"{', '.join(GENERAL_KINDS)}", field=f"eval.general.{gcfg.name}.kind")
     if gcfg.kind == "perplexity":
         return GeneralData(cfg=gcfg, texts=load_texts(gcfg.path, gcfg.max_examples, seed))
+    if gcfg.kind == "cloze":
+        from gere_ds.evaluation.cloze import load_cloze
+
+        return GeneralData(cfg=gcfg, cloze=load_cloze(gcfg.path, gcfg.max_examples))
     rows = load_mmlu(gcfg.path, gcfg.max_examples, seed)
     dev: list[MMLUExample] = []
     if gcfg.shots > 0:
@@ -632,6 +637,13 @@ def score_general(forward: ForwardFn, tokenizer: Any, data: GeneralData, batch_s
     if g.kind == "perplexity":
         return score_perplexity(forward, tokenizer, data.texts, batch_size, max_len, device,
                                 name=g.name)
+    if g.kind == "cloze":
+        from gere_ds.evaluation.cloze import score_cloze
+
+        c = score_cloze(forward, tokenizer, data.cloze, batch_size, max_len, device, name=g.name)
+        return GeneralScore(name=g.name, kind="cloze", value=c.acc_norm, n=c.n,
+                            extra={"acc": c.acc, "acc_norm": c.acc_norm, "correct": c.correct,
+                                   "correct_norm": c.correct_norm})
     return score_mmlu(forward, tokenizer, data.mmlu, data.dev, g.shots, batch_size, max_len,
                       device, name=g.name)
 

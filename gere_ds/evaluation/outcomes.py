@@ -1,0 +1,83 @@
+"""Per-example outcomes of every evaluation of a run: what paired statistics are computed from.
+
+``metrics.json`` keeps only accuracies; comparing two strategies with intervals needs to know
+which test examples each one got right. After each evaluation the main rank rewrites
+``outcomes.json`` in the run directory (atomically; a resumed run that evaluates a row again
+replaces it)::
+
+    {"test_sets": {name: sha256 of the scored examples, ...},
+     "rows": [{"row": 0, "tasks": {task: "0110..."}, "general": {name: "1011..."},
+               "general_acc": {name: "1001..."}}, ...]}
+
+``tasks`` holds one character per test example (1 = right); ``general`` the cloze sets'
+length-normalised outcomes and ``general_acc`` their raw-sum outcomes. ``test_sets`` fingerprints
+the exact examples, so rows scored on different test sets are never compared.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+from gere_ds.atomic import write_text_atomic
+
+OUTCOMES_JSON = "outcomes.json"
+
+
+def bits(correct: Iterable[bool]) -> str:
+    return "".join("1" if c else "0" for c in correct)
+
+
+def unbits(text: str) -> list[float]:
+    return [1.0 if ch == "1" else 0.0 for ch in text]
+
+
+def digest(items: Sequence[Any]) -> str:
+    """sha256 of a JSON rendering of the scored items (examples or questions), in order."""
+    blob = json.dumps([item if isinstance(item, (str, int, float, list, dict)) else repr(item)
+                       for item in items], sort_keys=True)
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:16]
+
+
+def test_set_digests(suite: Any) -> dict[str, str]:
+    """Fingerprints of every task test set and every cloze set of an EvalSuite."""
+    out = {name: digest([(ex.text, ex.label) for ex in examples])
+           for name, examples in suite.examples.items()}
+    for data in suite.general:
+        if getattr(data, "cloze", None):
+            out[data.cfg.name] = digest([(q.context, list(q.choices), q.gold)
+                                         for q in data.cloze])
+    return out
+
+
+def row_outcomes(row_index: int, eval_row: Any) -> dict[str, Any]:
+    """One evaluation's outcomes (an EvalRow of gere_ds.evaluation.scoring)."""
+    general, general_acc = {}, {}
+    for name, score in eval_row.general_scores.items():
+        if score.kind == "cloze":
+            general[name] = bits(score.extra["correct_norm"])
+            general_acc[name] = bits(score.extra["correct"])
+    return {"row": row_index,
+            "tasks": {name: bits(s.correct) for name, s in eval_row.task_scores.items()},
+            "general": general, "general_acc": general_acc}
+
+
+def record_outcomes(run_dir: str | Path, row_index: int, eval_row: Any, suite: Any) -> None:
+    """Replace row ``row_index`` (and drop any later ones) in ``run_dir/outcomes.json``."""
+    path = Path(run_dir) / OUTCOMES_JSON
+    rows: list[dict[str, Any]] = []
+    if path.is_file():
+        try:
+            rows = json.loads(path.read_text(encoding="utf-8")).get("rows", [])
+        except (OSError, ValueError):
+            rows = []  # written atomically, so only a hand-edited file gets here: start over
+    rows = [r for r in rows if r.get("row", -1) < row_index]
+    rows.append(row_outcomes(row_index, eval_row))
+    doc = {"test_sets": test_set_digests(suite), "rows": rows}
+    write_text_atomic(path, json.dumps(doc, indent=1) + "\n")
+
+
+def load_outcomes(run_dir: str | Path) -> dict[str, Any]:
+    path = Path(run_dir) / OUTCOMES_JSON
+    return json.loads(path.read_text(encoding="utf-8"))
