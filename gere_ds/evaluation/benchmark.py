@@ -1,0 +1,316 @@
+"""The continual benchmark's report: rows x seeds of small result files -> tables and pictures.
+
+A results folder holds one sub-folder per row (strategy) and, inside, one per seed::
+
+    <results>/<row>/seed<N>/{config.yaml, metrics.json, outcomes.json, train_steps.jsonl}
+
+:func:`load_benchmark` refuses, with one line naming the mismatch, a folder whose runs were not
+made under one regime (same model, tasks, schedule and evaluation; the non-``none`` rows also
+share their replay set) or whose runs scored different test examples (``outcomes.json``
+fingerprints); nothing is silently averaged. :func:`write_report` then writes ``table.md``
+(rows with 95 % intervals), ``paired.md`` (paired differences) and three pictures.
+"""
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import yaml
+
+from gere_ds.atomic import write_bytes_atomic, write_text_atomic
+from gere_ds.evaluation.outcomes import OUTCOMES_JSON, unbits
+from gere_ds.evaluation.stats import Interval, concat_examples, mean_interval, paired_difference
+
+ROW_ORDER = ("none", "replay", "tm_w100", "tm_dy", "tm_dy_exact", "kl", "l2")
+PAIRS = (("replay", "none"), ("tm_dy", "none"), ("tm_dy", "replay"), ("tm_w100", "replay"),
+         ("tm_dy", "kl"), ("tm_dy", "l2"), ("tm_dy", "tm_w100"), ("tm_dy_exact", "tm_dy"))
+# keys that may differ between rows and seeds; everything else in config.yaml is the regime
+ROW_KEYS = {"output_dir", "resume", "replay", "checkpoint"}
+SEED_KEYS = {"seed"}
+
+
+class BenchmarkError(Exception):
+    """One-line refusal: the folder does not hold one comparable benchmark."""
+
+
+@dataclass
+class Run:
+    row: str
+    seed: int
+    folder: Path
+    config: dict[str, Any]
+    metrics: dict[str, Any]
+    outcomes: dict[str, Any]
+    steps: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass
+class Benchmark:
+    tasks: list[str]
+    general: list[str]          # cloze sets (intervals from their outcomes)
+    perplexity: list[str]       # perplexity sets (point values)
+    runs: dict[str, list[Run]]  # row -> its seeds, in ROW_ORDER then name order
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise BenchmarkError(f"{path}: unreadable ({err})") from None
+
+
+def _read_steps(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()
+            if line.strip()]
+
+
+def _regime(cfg: dict[str, Any]) -> dict[str, Any]:
+    out = {k: v for k, v in cfg.items() if k not in ROW_KEYS}
+    out["train"] = {k: v for k, v in cfg.get("train", {}).items() if k not in SEED_KEYS}
+    return out
+
+
+def _replay_set(cfg: dict[str, Any]) -> dict[str, Any]:
+    r = cfg.get("replay", {})
+    return {k: r.get(k) for k in ("data", "num_samples", "max_len", "per_batch")}
+
+
+def _first_difference(a: Any, b: Any, prefix: str = "") -> str:
+    if isinstance(a, dict) and isinstance(b, dict):
+        for key in sorted(set(a) | set(b)):
+            if a.get(key) != b.get(key):
+                return _first_difference(a.get(key), b.get(key), f"{prefix}{key}.")
+    return f"{prefix.rstrip('.')}: {a!r} vs {b!r}"
+
+
+def load_run(folder: Path, row: str) -> Run:
+    seed = int(folder.name.removeprefix("seed"))
+    try:
+        config = yaml.safe_load((folder / "config.yaml").read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as err:
+        raise BenchmarkError(f"{folder / 'config.yaml'}: unreadable ({err})") from None
+    metrics = _read_json(folder / "metrics.json")
+    outcomes = _read_json(folder / OUTCOMES_JSON)
+    n_tasks = len(metrics.get("tasks", []))
+    if metrics.get("completed_tasks") != n_tasks or len(outcomes.get("rows", [])) != n_tasks + 1:
+        raise BenchmarkError(f"{folder}: unfinished run ({metrics.get('completed_tasks')} of "
+                             f"{n_tasks} tasks, {len(outcomes.get('rows', []))} evaluations)")
+    return Run(row, seed, folder, config, metrics, outcomes,
+               _read_steps(folder / "train_steps.jsonl"))
+
+
+def _row_sort_key(row: str) -> tuple[int, str]:
+    return (ROW_ORDER.index(row) if row in ROW_ORDER else len(ROW_ORDER), row)
+
+
+def load_benchmark(results: str | Path) -> Benchmark:
+    """Every finished run under ``results``, checked to be one comparable benchmark."""
+    root = Path(results)
+    folders = sorted(root.glob("*/seed*/metrics.json"))
+    if not folders:
+        raise BenchmarkError(f"{root}: no <row>/seed<N>/metrics.json under it")
+    runs = [load_run(f.parent, f.parent.parent.name) for f in folders]
+    ref = runs[0]
+    for run in runs[1:]:
+        if _regime(run.config) != _regime(ref.config):
+            raise BenchmarkError(f"{run.folder} and {ref.folder} differ in their regime ("
+                                 f"{_first_difference(_regime(run.config), _regime(ref.config))})")
+        if run.outcomes["test_sets"] != ref.outcomes["test_sets"]:
+            raise BenchmarkError(f"{run.folder} and {ref.folder} scored different test sets ("
+                                 f"{_first_difference(run.outcomes['test_sets'], ref.outcomes['test_sets'])})")
+    replayed = [r for r in runs if r.config.get("replay", {}).get("strategy") != "none"]
+    for run in replayed[1:]:
+        if _replay_set(run.config) != _replay_set(replayed[0].config):
+            raise BenchmarkError(f"{run.folder} and {replayed[0].folder} replay different data "
+                                 f"({_first_difference(_replay_set(run.config), _replay_set(replayed[0].config))})")
+    by_row: dict[str, list[Run]] = {}
+    for run in runs:
+        by_row.setdefault(run.row, []).append(run)
+    last = ref.outcomes["rows"][-1]
+    kinds = {name: vals for name, vals in ref.metrics.get("general", {}).items()}
+    perplexity = [n for n in kinds if n not in last["general"]]
+    return Benchmark(tasks=list(ref.metrics["tasks"]), general=sorted(last["general"]),
+                     perplexity=perplexity,
+                     runs={row: sorted(by_row[row], key=lambda r: r.seed)
+                           for row in sorted(by_row, key=_row_sort_key)})
+
+
+# ------------------------------------------------------------------------------ outcome vectors
+
+
+def ap_outcomes(runs: Sequence[Run], tasks: Sequence[str]) -> list[list[float]]:
+    """Per seed: every task's test outcomes after the last task (their mean is AP)."""
+    return concat_examples([[unbits(r.outcomes["rows"][-1]["tasks"][t]) for r in runs]
+                            for t in tasks])
+
+
+def bwt_outcomes(runs: Sequence[Run], tasks: Sequence[str]) -> list[list[float]]:
+    """Per seed and example of tasks 1..T-1: final outcome minus the outcome right after its own
+    task (their mean is BWT: test sets of equal size weigh tasks equally)."""
+    parts = []
+    for i, t in enumerate(tasks[:-1]):
+        parts.append([[f - o for f, o in zip(unbits(r.outcomes["rows"][-1]["tasks"][t]),
+                                             unbits(r.outcomes["rows"][i + 1]["tasks"][t]))]
+                      for r in runs])
+    return concat_examples(parts)
+
+
+def general_outcomes(runs: Sequence[Run], sets: Sequence[str], row: int = -1
+                     ) -> list[list[float]]:
+    """Per seed: the cloze sets' acc_norm outcomes at evaluation ``row`` (default: the last)."""
+    return concat_examples([[unbits(r.outcomes["rows"][row]["general"][s]) for r in runs]
+                            for s in sets])
+
+
+def _pct(iv: Interval) -> str:
+    return f"{100 * iv.mean:.1f} [{100 * iv.low:.1f}, {100 * iv.high:.1f}]"
+
+
+def _ppl(runs: Sequence[Run], name: str) -> str:
+    values = [r.metrics["general"][name][-1] for r in runs]
+    base = runs[0].metrics["general"][name][0]
+    return f"{sum(values) / len(values):.2f} (base {base:.2f})"
+
+
+def render_table(b: Benchmark) -> str:
+    """One line per row: AP, BWT and the general suite with 95 % intervals; perplexities."""
+    head = ["row", "seeds", "AP", "BWT", "general acc_norm"] + [f"{p} ppl" for p in b.perplexity]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row, runs in b.runs.items():
+        cells = [row, ",".join(str(r.seed) for r in runs),
+                 _pct(mean_interval(ap_outcomes(runs, b.tasks))),
+                 _pct(mean_interval(bwt_outcomes(runs, b.tasks))),
+                 _pct(mean_interval(general_outcomes(runs, b.general)))]
+        cells += [_ppl(runs, p) for p in b.perplexity]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def render_learning(b: Benchmark) -> str:
+    """Per task: base accuracy, right after its own training, and at the end (mean over seeds)."""
+    head = ["row", "task", "base", "after own training", "after last task"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row, runs in b.runs.items():
+        for i, task in enumerate(b.tasks):
+            vals = [[r.metrics["matrix"][k][i] for r in runs] for k in (0, i + 1, -1)]
+            cells = [row, task] + [f"{sum(v) / len(v):.1f}" for v in vals]
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def render_paired(b: Benchmark) -> str:
+    """Paired differences (percentage points) for the pairs present, over examples and seeds."""
+    head = ["difference", "seeds", "AP", "P(AP diff <= 0)", "general acc_norm", "P(gen diff <= 0)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for a, c in PAIRS:
+        if a not in b.runs or c not in b.runs:
+            continue
+        ra, rc = b.runs[a], b.runs[c]
+        ap = paired_difference(ap_outcomes(ra, b.tasks), ap_outcomes(rc, b.tasks))
+        gen = paired_difference(general_outcomes(ra, b.general), general_outcomes(rc, b.general))
+        lines.append(f"| {a} - {c} | {len(ra)} vs {len(rc)} | {_pct(ap)} | "
+                     f"{ap.p_not_above_zero:.3f} | {_pct(gen)} | {gen.p_not_above_zero:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------------------ pictures
+
+
+def _png(fig: Any) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, metadata={"Software": None})
+    return buf.getvalue()
+
+
+def forgetting_figure(b: Benchmark) -> bytes:
+    """Per task: accuracy at every evaluation point for each row (mean over seeds)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = ["base"] + [f"after {t}" for t in b.tasks]
+    fig, axes = plt.subplots(1, len(b.tasks), figsize=(4.2 * len(b.tasks), 3.6), squeeze=False)
+    for i, (task, ax) in enumerate(zip(b.tasks, axes[0])):
+        for row, runs in b.runs.items():
+            ys = [sum(r.metrics["matrix"][k][i] for r in runs) / len(runs)
+                  for k in range(len(points))]
+            ax.plot(range(len(points)), ys, marker="o", label=row)
+        ax.axvline(i + 1, color="grey", lw=0.8, ls=":")
+        ax.set_title(f"{task} (trained at step {i + 1})")
+        ax.set_xticks(range(len(points)), points, rotation=30, ha="right", fontsize=8)
+        ax.set_ylabel("accuracy (%)")
+    axes[0][-1].legend(fontsize=8)
+    fig.tight_layout()
+    return _png(fig)
+
+
+def general_figure(b: Benchmark) -> bytes:
+    """The general suite (mean acc_norm) and the perplexities after each task, per row."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n_points = len(b.tasks) + 1
+    panels = ["general acc_norm"] + [f"{p} perplexity" for p in b.perplexity]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.4 * len(panels), 3.6), squeeze=False)
+    for row, runs in b.runs.items():
+        acc = [100 * mean_interval(general_outcomes(runs, b.general, k), n_boot=1).mean
+               for k in range(n_points)]
+        axes[0][0].plot(range(n_points), acc, marker="o", label=row)
+        for ax, p in zip(axes[0][1:], b.perplexity):
+            ys = [sum(r.metrics["general"][p][k] for r in runs) / len(runs)
+                  for k in range(n_points)]
+            ax.plot(range(n_points), ys, marker="o", label=row)
+    labels = ["base"] + [f"after {t}" for t in b.tasks]
+    for ax, title in zip(axes[0], panels):
+        ax.set_title(title)
+        ax.set_xticks(range(n_points), labels, rotation=30, ha="right", fontsize=8)
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    return _png(fig)
+
+
+def violation_figure(b: Benchmark) -> bytes:
+    """TM's violating fraction of replay activation elements over training (TM rows)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    for row, runs in b.runs.items():
+        series = [[s.get("train/tm_violation_frac") for s in r.steps] for r in runs]
+        if not any(v is not None for s in series for v in s):
+            continue
+        steps = [s["global_step"] for s in runs[0].steps]
+        ys = [sum(s[k] or 0.0 for s in series) / len(series) for k in range(len(steps))]
+        ax.plot(steps, [100 * y for y in ys], label=row)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("violating elements (%)")
+    ax.set_title("TM: replay activation states outside the base model's")
+    if ax.lines:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    return _png(fig)
+
+
+def write_report(results: str | Path, out: str | Path | None = None) -> dict[str, str]:
+    """Write table.md, learning.md, paired.md and the pictures; return the markdown texts."""
+    b = load_benchmark(results)
+    out = Path(out or results)
+    out.mkdir(parents=True, exist_ok=True)
+    texts = {"table.md": render_table(b), "learning.md": render_learning(b),
+             "paired.md": render_paired(b)}
+    for name, text in texts.items():
+        write_text_atomic(out / name, text)
+    for name, make in (("forgetting.png", forgetting_figure), ("general.png", general_figure),
+                       ("violations.png", violation_figure)):
+        write_bytes_atomic(out / name, make(b))
+    return texts
