@@ -16,7 +16,7 @@ from gere_assets.steps import STEPS
 from gere_ds.errors import InputError
 
 Log = Callable[[str], None]
-STEP_ORDER: tuple[str, ...] = tuple(STEPS)  # model, tasks, general, mmlu
+STEP_ORDER: tuple[str, ...] = tuple(STEPS)  # model, tasks, general, mmlu, suite, bench
 
 
 @dataclass

