@@ -11,7 +11,7 @@ import sys
 
 # command -> (module, one-line description)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "train": ("gere_ds.commands.train", "train a task sequence (run under the deepspeed launcher)"),
+    "train": ("gere_ds.commands.train", "train a task sequence (under the deepspeed launcher)"),
     "evaluate": ("gere_ds.commands.evaluate", "score model folders or a finished run's checkpoints"),
     "export": ("gere_ds.commands.export", "write a checkpoint as a Hugging Face folder"),
     "preflight": ("gere_ds.commands.preflight", "check hosts, ranks, collectives and input files"),
