@@ -11,11 +11,12 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from gere_ds.data.prompts import build_prompt
-from gere_ds.errors import InputError
 from gere_ds.data.collate import pad_rows
 from gere_ds.data.encode import encode_source, encode_target
+from gere_ds.data.prompts import build_prompt
+from gere_ds.data.tasks import Example
 from gere_ds.engine import model_forward
+from gere_ds.errors import InputError
 from gere_ds.evaluation import batching as B
 from gere_ds.evaluation import general as G
 from gere_ds.evaluation import scoring as S
@@ -66,11 +67,11 @@ def llama(tok):
     return _tiny_llama(tok)
 
 
-EXAMPLES = [S.TaskExample("what a wonderful film", "positive"),
-            S.TaskExample("the plot was dull and far too long", "negative"),
-            S.TaskExample("it was a film", "neutral"),
-            S.TaskExample("I would watch it again tomorrow", "positive"),
-            S.TaskExample("no", "negative")]
+EXAMPLES = [Example("what a wonderful film", "positive"),
+            Example("the plot was dull and far too long", "negative"),
+            Example("it was a film", "neutral"),
+            Example("I would watch it again tomorrow", "positive"),
+            Example("no", "negative")]
 
 
 # ----------------------------------------------------------------------------- prompts, tokens

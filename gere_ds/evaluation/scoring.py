@@ -78,11 +78,8 @@ ANSWER_PREFIX = "Answer:"  # O-LoRA's: a generated answer is the text after the 
 NO_TARGET_CAP = 1 << 30  # score_task without max_target_len: labels are never cut
 
 
-TaskExample = Example  # one example type for training and evaluation
-
-
 def load_task_examples(path: str, task_cfg: Any, max_examples: int = 0,
-                       seed: int = 42) -> list[TaskExample]:
+                       seed: int = 42) -> list[Example]:
     """Load and validate a task's test split (``task_cfg``: a :class:`~gere_ds.config.TaskConfig`).
 
     Rows are read and validated exactly as for training (:func:`gere_ds.data.tasks.read_examples`:
@@ -206,7 +203,7 @@ def greedy_decode(forward: ForwardFn, tokenizer: Any, sources: Sequence[Sequence
                            size=lambda j: len(sources[j]))
 
 
-def score_task(forward: ForwardFn, tokenizer: Any, examples: Sequence[TaskExample],
+def score_task(forward: ForwardFn, tokenizer: Any, examples: Sequence[Example],
                task_cfg: Any, mode: str = "rank", batch_size: int = 8,
                max_source_len: int = 512, max_target_len: Optional[int] = None,
                max_new_tokens: int = 8, generate_fn: Optional[GenerateFn] = None,
@@ -324,7 +321,7 @@ class EvalSuite:
         self.max_source_len, self.max_target_len = max_source_len, max_target_len
         self.truncate_source = truncate_source
         self.general_max_len = general_max_len
-        self.examples: dict[str, list[TaskExample]] = {}
+        self.examples: dict[str, list[Example]] = {}
         for i, task in enumerate(self.tasks):
             if not task.test:
                 raise InputError(f"task {task.name!r} has no test file (needed by eval)",
