@@ -330,7 +330,7 @@ def build_assets(spec: ModelSpec, root: Path, n_task: int, n_replay: int, seed: 
         import torch
         from transformers import GPT2TokenizerFast, LlamaConfig, LlamaForCausalLM
 
-        from gere_ds.tiny_assets import gpt2_tokenizer_files
+        from gere_assets.tiny import gpt2_tokenizer_files
 
         tok = GPT2TokenizerFast.from_pretrained(str(gpt2_tokenizer_files(root / "tokenizer_src")))
         config = LlamaConfig(vocab_size=len(tok), hidden_size=spec.hidden,

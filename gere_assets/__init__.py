@@ -2,7 +2,7 @@
 
 `prepare(out, Settings(...), steps=...)` builds, idempotently under `out`:
 the SmolLM2-135M-Instruct model folder, the continual task sequence, the general
-replay and held-out text, and MMLU; `launch/prepare_assets.py` is the CLI.
+replay and held-out text, and MMLU; `gere-ds prepare-assets` (gere_assets.cli) is the command.
 """
 from gere_assets.prepare import STEP_ORDER, PrepareReport, prepare
 from gere_assets.settings import Settings

@@ -6,6 +6,7 @@ that object by weakref only: the Engine holds it for the whole run.
 """
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -84,21 +85,32 @@ def check_model_folder(cfg: RunConfig) -> None:
                          field="model")
 
 
+def forward_logits(model: Any, input_ids: torch.Tensor,
+                   attention_mask: torch.Tensor) -> torch.Tensor:
+    """Next-token logits [B, T, V] of a Hugging Face model or a DeepSpeed engine wrapping one
+    (position p predicts token p + 1; a collective under ZeRO-3)."""
+    return model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+
+
+def model_forward(model: Any) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """``forward(input_ids, attention_mask) -> logits`` for the scorers of gere_ds.evaluation."""
+    return functools.partial(forward_logits, model)
+
+
 @dataclass
 class Engine:
-    engine: Any  # deepspeed.DeepSpeedEngine
+    engine: Any  # deepspeed.DeepSpeedEngine (evaluation in one process: the plain HF model)
     tokenizer: Any
     ds_config: dict[str, Any]
     hf_ds_config: Any  # keeps ZeRO-3 partitioned loading alive (weakref in transformers)
 
     @property
     def module(self) -> torch.nn.Module:
-        return self.engine.module
+        return getattr(self.engine, "module", self.engine)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Logits [B, T, V] from one engine forward (collective under ZeRO-3)."""
-        return self.engine(input_ids=input_ids, attention_mask=attention_mask,
-                           use_cache=False).logits
+        return forward_logits(self.engine, input_ids, attention_mask)
 
     def set_lr(self, lr: float) -> None:
         for group in self.engine.optimizer.param_groups:
@@ -110,20 +122,55 @@ class Engine:
         inner.state.clear()
 
 
-def build_engine(cfg: RunConfig, world_size: int, log: Callable[[str], None]) -> Engine:
-    import deepspeed
+def _load_model(cfg: RunConfig, ds: dict[str, Any]) -> tuple[Any, Any]:
+    """(model, HfDeepSpeedConfig or None): under ZeRO-3 the config exists BEFORE from_pretrained,
+    so the weights load straight into partitions."""
     from transformers import AutoModelForCausalLM
     from transformers.integrations import HfDeepSpeedConfig
 
-    ds = resolve_ds_config(cfg, world_size)
-    tokenizer = load_tokenizer(cfg, log)
     hf_ds = HfDeepSpeedConfig(ds) if zero_stage(ds) == 3 else None
     dtype = torch.bfloat16 if cfg.train.bf16 else torch.float32
     model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=dtype,
                                                  trust_remote_code=cfg.trust_remote_code)
     model.config.use_cache = False
+    return model, hf_ds
+
+
+def build_engine(cfg: RunConfig, world_size: int, log: Callable[[str], None]) -> Engine:
+    """The training engine: model, AdamW from the DeepSpeed JSON, ZeRO as configured."""
+    import deepspeed
+
+    ds = resolve_ds_config(cfg, world_size)
+    tokenizer = load_tokenizer(cfg, log)
+    model, hf_ds = _load_model(cfg, ds)
     if cfg.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     engine, _, _, _ = deepspeed.initialize(model=model, config=ds,
                                            model_parameters=model.parameters())
+    return Engine(engine=engine, tokenizer=tokenizer, ds_config=ds, hf_ds_config=hf_ds)
+
+
+def build_eval_engine(cfg: RunConfig, log: Callable[[str], None]) -> Engine:
+    """An engine that only scores ``cfg.model``, in eval mode.
+
+    Under a process group: a DeepSpeed engine without an optimizer (ZeRO-3 partitions the
+    weights; every forward is a collective). In one plain process: the Hugging Face model on
+    the device of DeepSpeed's accelerator, as training would use.
+    """
+    from gere_ds import dist
+
+    check_model_folder(cfg)
+    tokenizer = load_tokenizer(cfg, log)
+    if not dist.is_initialized():
+        ds: dict[str, Any] = {}
+        model, _ = _load_model(cfg, ds)
+        module = model.to(dist.device()).eval()
+        return Engine(engine=module, tokenizer=tokenizer, ds_config=ds, hf_ds_config=None)
+    import deepspeed
+
+    ds = resolve_ds_config(cfg, dist.world_size())
+    ds.pop("optimizer", None)
+    model, hf_ds = _load_model(cfg, ds)
+    engine, _, _, _ = deepspeed.initialize(model=model, config=ds)
+    engine.eval()
     return Engine(engine=engine, tokenizer=tokenizer, ds_config=ds, hf_ds_config=hf_ds)

@@ -16,3 +16,8 @@ class InputError(ValueError):
             where = f"{file}:{line}: " if line else f"{file}: "
         what = f"{field}: " if field else ""
         super().__init__(f"{where}{what}{message}")
+
+
+def one_line(text: object) -> str:
+    """``text`` with every run of whitespace (newlines included) made one space: report cells."""
+    return " ".join(str(text).split())

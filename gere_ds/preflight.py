@@ -1,34 +1,18 @@
-"""Pre-flight check of a (multi-node) job: run it with the same launcher and arguments as training.
+"""The pre-flight checks of a (multi-node) job; `gere-ds preflight` (gere_ds.commands.preflight)
+runs them with the same launcher and arguments as training and prints the report.
 
-Three uses::
-
-    # launcher side, before anything starts: hostfile syntax, host names resolve (bounded time),
-    # node_rank inside the node count, master address resolves, optionally passwordless ssh
-    python -m gere_ds.preflight --hostfile H [--num_nodes N --node_rank R --master_addr A] [--ssh]
-
-    # every rank, same launcher as training: process group, collectives, versions, files
-    deepspeed --hostfile H launch/preflight.py --config X.yaml [key=value ...] [--timeout 60]
-
-    # one process (e.g. on a login node): the files only
-    python -m gere_ds.preflight --config X.yaml [key=value ...]
-
-Rank 0 prints one table (a row per rank: host, node, rank, local rank, one cell per check).
-Exit codes: 0 all checks passed; 1 a check failed (one line per failure, naming the host, node,
-rank and check); 2 bad launch arguments or environment (one line); 3 a peer never joined or a
-collective stalled: one line after ``--timeout`` seconds instead of a hang.
+Launcher side (no process group): hostfile syntax, host names resolve within a time limit,
+node_rank inside the node count, optional passwordless ssh. Every rank: the process group,
+collectives, versions, and the run's config, model, data, replay set and output folder, then
+cross-rank comparisons of what each rank saw. Nothing here waits without a deadline.
 """
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import hashlib
 import json
 import os
 import platform
-import re
 import shutil
-import socket
-import subprocess
 import sys
 import tempfile
 import threading
@@ -38,47 +22,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gere_ds.errors import InputError
+from gere_ds.errors import InputError, one_line
 
-EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_STALLED = 0, 1, 2, 3
+EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_STALLED = 0, 1, 2, 3  # the command's exit codes
 CHECKS = ("ranks", "all_reduce", "all_gather", "versions", "config", "model", "data", "replay",
           "output")
 # config keys that may legitimately differ between nodes (node-local paths)
 NODE_LOCAL_KEYS = ("output_dir", "replay.teacher_cache")
-HOST_LINE = re.compile(r"^(\S+)\s+slots=(\d+)\s*(#.*)?$")
 SMALL_FILE = 64 << 20  # files up to this size are fingerprinted by content, larger by size
 
 
-def _one_line(text: Any) -> str:
-    return " ".join(str(text).split())
-
-
 # ----------------------------------------------------------------------------- bounded helpers
-
-
-def resolve_hosts(hosts: list[str], timeout: float) -> dict[str, str | None]:
-    """Resolve every name in parallel; returns host -> None (ok) or why not, within ``timeout``.
-
-    getaddrinfo has no timeout of its own (a dead DNS server blocks for minutes), so each lookup
-    runs in a daemon thread that is abandoned when the deadline passes.
-    """
-    answers: dict[str, str | None] = {}
-
-    def lookup(host: str) -> None:
-        try:
-            socket.getaddrinfo(host, None)
-            answers[host] = None
-        except OSError as err:
-            answers[host] = f"does not resolve ({err.strerror or err})"
-
-    threads = {h: threading.Thread(target=lookup, args=(h,), daemon=True) for h in set(hosts)}
-    for t in threads.values():
-        t.start()
-    deadline = time.monotonic() + timeout
-    for t in threads.values():
-        t.join(max(deadline - time.monotonic(), 0))
-    late = f"name lookup gave no answer within {timeout:g} s"
-    return {h: answers.get(h, late) for h in hosts}
 
 
 class Watchdog:
@@ -116,101 +70,6 @@ class Watchdog:
                 os._exit(EXIT_STALLED)
 
 
-# ----------------------------------------------------------------------------- launcher side
-
-
-def parse_hostfile(path: str) -> list[tuple[str, int]]:
-    """(host, slots) per line of a DeepSpeed hostfile; InputError naming the line otherwise."""
-    p = Path(path)
-    if not p.is_file():
-        raise InputError("hostfile not found", file=path)
-    hosts: list[tuple[str, int]] = []
-    seen: dict[str, int] = {}
-    for lineno, raw in enumerate(p.read_text().splitlines(), start=1):
-        line = raw.strip()
-        if not line or line.startswith("#"):
-            continue
-        m = HOST_LINE.match(line)
-        if not m:
-            raise InputError(f"bad entry {line!r}: expected '<host> slots=<N>'", file=path,
-                             line=lineno)
-        host, slots = m.group(1), int(m.group(2))
-        if slots < 1:
-            raise InputError(f"host {host!r} has slots={slots}; need >= 1", file=path,
-                             line=lineno)
-        if host in seen:
-            raise InputError(f"host {host!r} listed twice (first on line {seen[host]})",
-                             file=path, line=lineno)
-        seen[host] = lineno
-        hosts.append((host, slots))
-    if not hosts:
-        raise InputError("no hosts listed (expected lines '<host> slots=<N>')", file=path)
-    return hosts
-
-
-def check_launch(args: argparse.Namespace) -> list[str]:
-    """Launcher-argument checks that need no process group; one line per problem."""
-    problems: list[str] = []
-    hosts: list[tuple[str, int]] = []
-    if args.hostfile:
-        try:
-            hosts = parse_hostfile(args.hostfile)
-        except InputError as err:
-            return [str(err)]
-    n_nodes = args.num_nodes if args.num_nodes else len(hosts) or 1
-    if args.num_nodes is not None and args.num_nodes < 1:
-        problems.append(f"--num_nodes {args.num_nodes}: must be >= 1")
-    elif hosts and n_nodes > len(hosts):
-        problems.append(f"--num_nodes {n_nodes}: the hostfile {args.hostfile} lists only "
-                        f"{len(hosts)} host(s)")
-    elif not hosts and n_nodes > 1:
-        problems.append(f"--num_nodes {n_nodes} needs a hostfile listing {n_nodes} hosts "
-                        "(the deepspeed launcher takes the world layout from it)")
-    if args.node_rank is not None and not 0 <= args.node_rank < n_nodes:
-        problems.append(f"--node_rank {args.node_rank} is outside 0..{n_nodes - 1} "
-                        f"({n_nodes} node(s))")
-    if args.master_port is not None and not 1 <= args.master_port <= 65535:
-        problems.append(f"--master_port {args.master_port}: must be in 1..65535")
-    names = [h for h, _ in hosts[:n_nodes]]
-    if args.master_addr:
-        names.append(args.master_addr)
-    if names:
-        answers = resolve_hosts(names, args.timeout)
-        for i, name in enumerate(names):
-            why = answers[name]
-            if why is None:
-                continue
-            if args.master_addr and i == len(names) - 1:
-                problems.append(f"--master_addr {name!r} {why}")
-            else:
-                problems.append(f"{args.hostfile}: host {name!r} {why}")
-    if args.ssh and hosts and not problems:
-        problems += _check_ssh([h for h, _ in hosts[:n_nodes]], args.timeout)
-    return problems
-
-
-def _check_ssh(hosts: list[str], timeout: float) -> list[str]:
-    """Passwordless ssh to every host (what `deepspeed --hostfile` without --no_ssh needs)."""
-    if shutil.which("ssh") is None:
-        return [("ssh is not installed here; `deepspeed --hostfile` needs passwordless ssh "
-                 "(or use --no_ssh with one launcher per node)")]
-    problems = []
-    for host in hosts:
-        cmd = ["ssh", "-o", "BatchMode=yes", "-o", f"ConnectTimeout={max(int(timeout), 1)}",
-               host, "true"]
-        try:
-            r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout + 5,
-                               check=False)
-        except subprocess.TimeoutExpired:
-            problems.append(f"host {host!r}: ssh gave no answer within {timeout:g} s")
-            continue
-        if r.returncode != 0:
-            why = _one_line(r.stderr.strip().splitlines()[-1] if r.stderr.strip() else
-                            f"exit {r.returncode}")
-            problems.append(f"host {host!r}: passwordless ssh failed ({why})")
-    return problems
-
-
 # ----------------------------------------------------------------------------- local checks
 
 
@@ -228,7 +87,7 @@ class Row:
 
     def set(self, check: str, ok: bool | None, detail: str = "", cell: str = "") -> None:
         cell = cell or {True: "ok", False: "FAIL", None: "-"}[ok]
-        self.results[check] = (cell, _one_line(detail))
+        self.results[check] = (cell, one_line(detail))
 
     def failures(self) -> list[tuple[str, str]]:
         return [(c, d) for c, (cell, d) in self.results.items() if cell == "FAIL"]
@@ -333,14 +192,12 @@ def check_data(cfg: Any, info: dict[str, Any]) -> str:
 
 
 def check_replay(cfg: Any, world: int, info: dict[str, Any]) -> str | None:
+    """The replay set as training checks it (gere_ds.data.replay.check_replay_inputs)."""
     if cfg.replay.strategy == "none":
         return None
-    from gere_ds.data.replay import load_replay_texts
+    from gere_ds.data.replay import check_replay_inputs
 
-    texts = load_replay_texts(cfg.replay.data, cfg.replay.num_samples)
-    if len(texts) < world:
-        raise InputError(f"{len(texts)} replay documents for {world} ranks",
-                         file=cfg.replay.data, field="replay.num_samples")
+    texts = check_replay_inputs(cfg, world)
     info["replay_files"] = {cfg.replay.data: _fingerprint_file(Path(cfg.replay.data))}
     return f"{len(texts)} documents"
 
@@ -388,20 +245,20 @@ def check_output(cfg: Any, info: dict[str, Any]) -> str:
     return "; ".join(details)
 
 
-def local_checks(row: Row, args: argparse.Namespace, world: int) -> Any:
+def local_checks(row: Row, config: str, overrides: list[str], world: int) -> Any:
     """Config, model, data, replay set and output folder as seen by this rank."""
     from gere_ds.config import load_config
     from gere_ds.engine import resolve_ds_config
 
     cfg = None
 
-    def config() -> str:
+    def load() -> str:
         nonlocal cfg
-        cfg = load_config(args.config, args.overrides)
+        cfg = load_config(config, overrides)
         resolve_ds_config(cfg, world)
-        return args.config
+        return config
 
-    _run_check(row, "config", config)
+    _run_check(row, "config", load)
     if cfg is None:
         for check in ("model", "data", "replay", "output"):
             row.set(check, None, "config did not load")
@@ -476,207 +333,71 @@ def cross_checks(rows: list[Row]) -> None:
                 if diff:
                     r.set(check, False, f"files differ from rank 0's copy: {diff}")
 
-
-# ----------------------------------------------------------------------------- report
-
-
-def render_table(rows: list[Row], shared: dict[int, str]) -> str:
-    head = ["host", "node", "rank", "local", *CHECKS, "shared_fs"]
-    body = []
-    for r in rows:
-        cells = [r.host[:28], str(r.node), str(r.rank), str(r.local_rank)]
-        cells += [r.results.get(c, ("-", ""))[0] for c in CHECKS]
-        cells.append(shared.get(r.rank, "-"))
-        body.append(cells)
-    widths = [max(len(x[i]) for x in [head, *body]) for i in range(len(head))]
-    fmt = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()
-    return "\n".join([fmt(head), fmt(["-" * w for w in widths]), *map(fmt, body)])
+# ----------------------------------------------------------------------------- collectives
 
 
-def failure_lines(rows: list[Row]) -> list[str]:
-    return [f"preflight: FAIL host {r.host} (node {r.node}, rank {r.rank}): {check}: {detail}"
-            for r in rows for check, detail in r.failures()]
-
-
-def report(rows: list[Row], shared: dict[int, str], header: str, notes: list[str]) -> str:
-    lines = [header, render_table(rows, shared), *notes]
-    fails = failure_lines(rows)
-    if fails:
-        bad_ranks = {r.rank for r in rows if r.failures()}
-        lines += fails
-        lines.append(f"preflight: FAILED: {len(fails)} check(s) on {len(bad_ranks)} of "
-                     f"{len(rows)} rank(s)")
-    else:
-        lines.append(f"preflight: all checks passed on {len(rows)} rank(s)")
-    return "\n".join(lines)
-
-
-def _notes(rows: list[Row]) -> list[str]:
-    ref = rows[0].info
-    notes = []
-    if "versions" in ref:
-        notes.append("versions: " + " | ".join(f"{k} {v}" for k, v in ref["versions"].items()))
-    if "all_reduce_ms" in ref:
-        ms = max(r.info.get("all_reduce_ms", 0.0) for r in rows)
-        world = len(rows)
-        mb = ref["bench_bytes"] / 2**20
-        bus = 2 * (world - 1) / world * ref["bench_bytes"] / max(ms / 1e3, 1e-9) / 1e9
-        notes.append(f"all_reduce {mb:g} MiB fp32: slowest rank {ms:.1f} ms, bus bandwidth "
-                     f"{bus:.2f} GB/s")
-    for r in rows:
-        if r.rank == 0 or r.node != rows[r.rank - 1].node:  # one line per node
-            cell, d = r.results.get("output", ("-", ""))
-            if cell == "ok" and d:
-                notes.append(f"output on {r.host} (node {r.node}): {d}")
-    return notes
-
-
-# ----------------------------------------------------------------------------- modes
-
-
-def _identity() -> Row:
-    env = os.environ
-    node = int(env.get("CROSS_RANK", env.get("GROUP_RANK", env.get("SLURM_NODEID", 0))))
-    return Row(host=socket.gethostname(), node=node, rank=int(env.get("RANK", 0)),
-               local_rank=int(env.get("LOCAL_RANK", 0)),
-               world_size=int(env.get("WORLD_SIZE", 1)))
-
-
-def run_single(args: argparse.Namespace) -> int:
-    """No launcher: the file checks of one process."""
-    row = _identity()
-    row.info["versions"] = versions()
-    for check in ("ranks", "all_reduce", "all_gather"):
-        row.set(check, None, "one process")
-    row.set("versions", True)
-    local_checks(row, args, 1)
-    print(report([row], {}, "preflight: 1 process (no launcher): files only", _notes([row])),
-          flush=True)
-    return EXIT_FAILED if row.failures() else EXIT_OK
-
-
-def run_distributed(args: argparse.Namespace) -> int:
-    env = os.environ
-    row = _identity()
-    who = f"host {row.host} (node {row.node}, rank {row.rank})"
-    # launcher/environment problems are the same on every rank of a node: say them once per node
-    say = row.local_rank == 0
-    missing = [v for v in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-               if v not in env]
-    if missing:
-        if say:
-            print(f"preflight: FAIL {who}: environment: {', '.join(missing)} not set "
-                  "(start it with the deepspeed launcher or torchrun)", file=sys.stderr,
-                  flush=True)
-        return EXIT_BAD_INPUT
-    world, addr, port = int(env["WORLD_SIZE"]), env["MASTER_ADDR"], env["MASTER_PORT"]
-    if not 0 <= row.rank < world:
-        print(f"preflight: FAIL {who}: environment: RANK {row.rank} is outside 0..{world - 1}",
-              file=sys.stderr, flush=True)
-        return EXIT_BAD_INPUT
-    why = resolve_hosts([addr], args.timeout)[addr]
-    if why and say:
-        print(f"preflight: FAIL {who}: master_addr: {addr!r} {why}", file=sys.stderr,
-              flush=True)
-    if why:
-        return EXIT_BAD_INPUT
-
+def check_collectives(row: Row, world: int, bench_mb: float, dog: Watchdog, limit: float) -> None:
+    """ranks, all_reduce (a sum, then a timed ``bench_mb`` MiB one) and all_gather; every rank
+    must call it (each step is a collective) under a joined process group."""
     import torch
     import torch.distributed as tdist
 
     from gere_ds import dist
 
-    dog = Watchdog(who)
-    dog.enter("building DeepSpeed's communication op", args.build_timeout,
-              "point TORCH_EXTENSIONS_DIR at a node-local folder that already holds the build")
-    _prebuild_comm_op()
-    join_hint = (f"not all {world} ranks joined at {addr}:{port}: check that every node's "
-                 "launcher started with the same --num_nodes/hostfile and --master_addr/"
-                 "--master_port, and that the port is open between nodes")
-    dog.enter("joining the process group", args.timeout + 20, join_hint)
-    t0 = time.monotonic()
-    try:
-        dist.init(timeout_s=args.timeout)
-    except Exception as err:  # noqa: BLE001 (one line, whatever the backend raised)
-        print(f"preflight: FAIL {who}: process group: {join_hint} "
-              f"(after {time.monotonic() - t0:.0f} s: {_one_line(err)[:300]})",
-              file=sys.stderr, flush=True)
-        os._exit(EXIT_STALLED)
-    init_s = time.monotonic() - t0
     stall_hint = "a peer is stuck or gone (see its node's log)"
-    try:
-        # ranks: what the launcher said vs what the process group says
-        pg_rank, pg_world = tdist.get_rank(), tdist.get_world_size()
-        if (pg_rank, pg_world) != (row.rank, world):
-            row.set("ranks", False, f"environment says rank {row.rank} of {world}, process group "
-                                    f"says {pg_rank} of {pg_world}")
-        elif torch.cuda.is_available() and row.local_rank >= torch.cuda.device_count():
-            row.set("ranks", False, f"local rank {row.local_rank} but {torch.cuda.device_count()} "
-                                    "GPU(s) visible on this node")
-        else:
-            row.set("ranks", True)
-        dev = dist.device()
-        dog.enter("all_reduce", args.timeout + 20, stall_hint)
-        t = torch.tensor([float(row.rank + 1)], device=dev)
-        tdist.all_reduce(t)
-        want = world * (world + 1) / 2
-        n = max(int(args.bench_mb * 2**20 // 4), 1)
-        big = torch.full((n,), float(row.rank + 1), device=dev)
-        tdist.barrier()
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-        t1 = time.perf_counter()
-        tdist.all_reduce(big)
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-        row.info["all_reduce_ms"] = (time.perf_counter() - t1) * 1e3
-        row.info["bench_bytes"] = n * 4
-        bad = int((big != want).sum())
-        if float(t.item()) != want:
-            row.set("all_reduce", False, f"sum of rank+1 gave {t.item():g}, expected {want:g}")
-        elif bad:
-            row.set("all_reduce", False, f"{bad} of {n} elements of the {args.bench_mb:g} MiB "
-                                         f"all_reduce are wrong (expected {want:g})")
-        else:
-            row.set("all_reduce", True)
-        del big
-        dog.enter("all_gather", args.timeout + 20, stall_hint)
-        mine = torch.tensor([row.rank], dtype=torch.int64, device=dev)
-        got = [torch.zeros_like(mine) for _ in range(world)]
-        tdist.all_gather(got, mine)
-        values = [int(g.item()) for g in got]
-        row.set("all_gather", values == list(range(world)),
-                "" if values == list(range(world)) else f"gathered {values}, expected "
-                                                        f"0..{world - 1}")
-        row.info["versions"] = versions()
-        row.set("versions", True)
-        dog.leave()
-        local_checks(row, args, world)
-        dog.enter("gathering the results", args.timeout + 20, stall_hint)
-        rows = [Row(**d) for d in dist.all_gather_object(dataclasses.asdict(row))]
-        cross_checks(rows)
-        shared = _shared_filesystem(rows, row)
-        dog.enter("final barrier", args.timeout + 20, stall_hint)
-        tdist.barrier()
-        dog.leave()
-    except Exception as err:  # noqa: BLE001 (one line, whatever the backend raised)
-        print(f"preflight: FAIL {who}: collectives: {stall_hint} ({_one_line(err)[:300]})",
-              file=sys.stderr, flush=True)
-        os._exit(EXIT_STALLED)
-    nodes = len({r.node for r in rows})
-    header = (f"preflight: {world} rank(s) on {nodes} node(s), master {addr}:{port}, backend "
-              f"{tdist.get_backend()}, process group joined in {init_s:.1f} s")
-    if row.rank == 0:
-        print(report(rows, shared, header, _notes(rows)), flush=True)
-    elif row.node != rows[0].node and row.local_rank == 0:
-        # this node's own log names its failures too (rank 0's table is on another node)
-        for line in failure_lines([r for r in rows if r.node == row.node]):
-            print(line, file=sys.stderr, flush=True)
-    failed = any(r.failures() for r in rows)
-    return EXIT_FAILED if failed else EXIT_OK
+    _check_ranks(row, world)
+    dev = dist.device()
+    dog.enter("all_reduce", limit, stall_hint)
+    t = torch.tensor([float(row.rank + 1)], device=dev)
+    tdist.all_reduce(t)
+    want = world * (world + 1) / 2
+    n = max(int(bench_mb * 2**20 // 4), 1)
+    big = torch.full((n,), float(row.rank + 1), device=dev)
+    tdist.barrier()
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    t1 = time.perf_counter()
+    tdist.all_reduce(big)
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    row.info["all_reduce_ms"] = (time.perf_counter() - t1) * 1e3
+    row.info["bench_bytes"] = n * 4
+    bad = int((big != want).sum())
+    if float(t.item()) != want:
+        row.set("all_reduce", False, f"sum of rank+1 gave {t.item():g}, expected {want:g}")
+    elif bad:
+        row.set("all_reduce", False, f"{bad} of {n} elements of the {bench_mb:g} MiB "
+                                     f"all_reduce are wrong (expected {want:g})")
+    else:
+        row.set("all_reduce", True)
+    del big
+    dog.enter("all_gather", limit, stall_hint)
+    mine = torch.tensor([row.rank], dtype=torch.int64, device=dev)
+    got = [torch.zeros_like(mine) for _ in range(world)]
+    tdist.all_gather(got, mine)
+    values = [int(g.item()) for g in got]
+    row.set("all_gather", values == list(range(world)),
+            "" if values == list(range(world)) else f"gathered {values}, expected "
+                                                    f"0..{world - 1}")
 
 
-def _prebuild_comm_op() -> None:
+def _check_ranks(row: Row, world: int) -> None:
+    """What the launcher said vs what the process group says (and a GPU per local rank)."""
+    import torch
+    import torch.distributed as tdist
+
+    pg_rank, pg_world = tdist.get_rank(), tdist.get_world_size()
+    if (pg_rank, pg_world) != (row.rank, world):
+        row.set("ranks", False, f"environment says rank {row.rank} of {world}, process group "
+                                f"says {pg_rank} of {pg_world}")
+    elif torch.cuda.is_available() and row.local_rank >= torch.cuda.device_count():
+        row.set("ranks", False, f"local rank {row.local_rank} but {torch.cuda.device_count()} "
+                                "GPU(s) visible on this node")
+    else:
+        row.set("ranks", True)
+
+
+def prebuild_comm_op() -> None:
     """Build (or load from TORCH_EXTENSIONS_DIR) the op init_distributed builds, outside the
     rendezvous timeout: a first build takes ~20 s and must not count as a missing peer."""
     try:
@@ -690,7 +411,7 @@ def _prebuild_comm_op() -> None:
         pass
 
 
-def _shared_filesystem(rows: list[Row], row: Row) -> dict[int, str]:
+def shared_filesystem(rows: list[Row], row: Row) -> dict[int, str]:
     """Does every rank see a file that rank 0 just wrote next to its output_dir? (informational)
 
     Decided from the gathered rows, so every rank takes the same branch into the collectives.
@@ -721,65 +442,10 @@ def _shared_filesystem(rows: list[Row], row: Row) -> dict[int, str]:
     return {r.rank: "yes" if s else "no" for r, s in zip(rows, sees)}
 
 
-# ----------------------------------------------------------------------------- entry
+if __name__ == "__main__":  # `python -m gere_ds.preflight`: the same as `gere-ds preflight`
+    from gere_ds.commands.preflight import main
 
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m gere_ds.preflight", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", help="run config YAML (the one training will use)")
-    p.add_argument("--timeout", type=float, default=60.0,
-                   help="seconds allowed for name lookups, joining the process group and each "
-                        "collective (default 60)")
-    p.add_argument("--build_timeout", type=float, default=900.0,
-                   help="seconds allowed to compile DeepSpeed's comm op on a first run")
-    p.add_argument("--bench_mb", type=float, default=32.0,
-                   help="size of the timed all_reduce in MiB (default 32)")
-    p.add_argument("--hostfile", help="DeepSpeed hostfile to validate ('<host> slots=<N>' lines)")
-    p.add_argument("--num_nodes", type=int, help="node count the launchers will be given")
-    p.add_argument("--node_rank", type=int, help="this node's --node_rank")
-    p.add_argument("--master_addr", help="the --master_addr the launchers will be given")
-    p.add_argument("--master_port", type=int, help="the --master_port the launchers will use")
-    p.add_argument("--ssh", action="store_true",
-                   help="also check passwordless ssh to every host (deepspeed --hostfile "
-                        "without --no_ssh needs it)")
-    p.add_argument("--local_rank", type=int, default=None, help="set by the deepspeed launcher")
-    p.add_argument("overrides", nargs="*", help="dotted key=value overrides, as for training")
-    args = p.parse_args(argv)
-    if not args.config and not (args.hostfile or args.master_addr or args.num_nodes is not None
-                                or args.node_rank is not None):
-        p.error("give --config (run checks) and/or --hostfile/--num_nodes/--node_rank/"
-                "--master_addr (launch checks)")
-    if args.timeout <= 0:
-        p.error("--timeout must be > 0")
-    return args
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    launched = "RANK" in os.environ and "WORLD_SIZE" in os.environ
-    if args.hostfile or args.master_addr or args.num_nodes is not None \
-            or args.node_rank is not None:
-        problems = check_launch(args)
-        if problems and (not launched or int(os.environ["RANK"]) == 0):
-            for line in problems:
-                print(f"preflight: FAIL launch: {line}", file=sys.stderr, flush=True)
-        if problems:
-            return EXIT_BAD_INPUT
-        if not args.config:
-            hosts = f"{args.hostfile}: " if args.hostfile else ""
-            print(f"preflight: launch arguments ok ({hosts}names resolve"
-                  f"{', ssh ok' if args.ssh else ''})", flush=True)
-            return EXIT_OK
-    if launched:
-        return run_distributed(args)
-    return run_single(args)
-
-
-if __name__ == "__main__":
     code = main()
     sys.stdout.flush()
     sys.stderr.flush()
-    # no destroy_process_group (see docs: a rare abort at exit); skip interpreter teardown of
-    # abandoned lookup threads as well
-    os._exit(code)
+    os._exit(code)  # no destroy_process_group; abandoned name-lookup threads are not joined

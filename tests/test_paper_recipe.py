@@ -11,7 +11,7 @@ import pytest
 from gere_ds.config import TaskConfig, load_config
 from gere_ds.data.encode import IGNORE, encode_example, encode_source
 from gere_ds.data.prompts import build_prompt
-from gere_ds.data.tasks import load_examples
+from gere_ds.data.tasks import Example, load_examples
 from gere_ds.errors import InputError
 from gere_ds.evaluation import scoring as S
 
@@ -173,7 +173,7 @@ def test_evaluation_cuts_the_source_like_training(tok):
 
     for mode in ("head", "tail"):
         seen.clear()
-        S.score_task(forward, tok, [S.TaskExample(text, "yes")], task, batch_size=1,
+        S.score_task(forward, tok, [Example(text, "yes")], task, batch_size=1,
                      max_source_len=24, truncate_source=mode)
         want = encode_example(tok, task.instruction, task.labels, text, "yes", 24, 8,
                               truncate_source=mode)

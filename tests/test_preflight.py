@@ -3,6 +3,7 @@ runs under the deepspeed launcher (slow): healthy, output not writable on one no
 missing, a peer that never joins, a master address that does not resolve."""
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 import time
@@ -21,7 +22,8 @@ from dist_scripts.launchers import (
     write_hostfile,
 )
 
-from gere_ds import preflight
+from gere_ds import launch_checks, preflight
+from gere_ds.commands.preflight import report
 from gere_ds.errors import InputError
 
 PREFLIGHT = REPO / "launch" / "preflight.py"
@@ -29,7 +31,7 @@ PREFLIGHT = REPO / "launch" / "preflight.py"
 
 def _preflight(*args: str, timeout: float = 120) -> tuple[subprocess.CompletedProcess, float]:
     t0 = time.monotonic()
-    r = subprocess.run([sys.executable, "-m", "gere_ds.preflight", *args], cwd=REPO,
+    r = subprocess.run([sys.executable, "-m", "gere_ds.cli", "preflight", *args], cwd=REPO,
                        env=ds_env(), capture_output=True, text=True, timeout=timeout,
                        check=False)
     return r, time.monotonic() - t0
@@ -45,7 +47,7 @@ def _fail_lines(text: str) -> list[str]:
 def test_hostfile_ok(tmp_path):
     hf = tmp_path / "hostfile"
     hf.write_text("# two nodes\nlocalhost slots=2\n\n127.0.0.1 slots=2  # second\n")
-    assert preflight.parse_hostfile(str(hf)) == [("localhost", 2), ("127.0.0.1", 2)]
+    assert launch_checks.parse_hostfile(str(hf)) == [("localhost", 2), ("127.0.0.1", 2)]
     r, _ = _preflight("--hostfile", str(hf), "--num_nodes", "2", "--node_rank", "1",
                       "--master_addr", "127.0.0.1", "--master_port", "29500")
     assert r.returncode == 0, r.stderr
@@ -68,7 +70,7 @@ def test_malformed_hostfile_one_line(tmp_path, text, expect):
     assert len(lines) == 1 and expect in lines[0], r.stderr
     assert "Traceback" not in r.stderr
     with pytest.raises(InputError):
-        preflight.parse_hostfile(str(hf))
+        launch_checks.parse_hostfile(str(hf))
 
 
 def test_node_rank_outside_node_count(tmp_path):
@@ -82,6 +84,15 @@ def test_node_rank_outside_node_count(tmp_path):
     assert r.returncode == 2 and "lists only 2 host(s)" in r.stderr
     r, _ = _preflight("--num_nodes", "2", "--node_rank", "0")
     assert r.returncode == 2 and "needs a hostfile" in r.stderr
+
+
+def test_module_spelling_and_launch_script_run_the_same_command():
+    """`python -m gere_ds.preflight` and launch/preflight.py stay equal to `gere-ds preflight`."""
+    for argv in (["-m", "gere_ds.preflight"], [str(PREFLIGHT)]):
+        r = subprocess.run([sys.executable, *argv, "--num_nodes", "2", "--node_rank", "0"],
+                           cwd=REPO, env=ds_env(), capture_output=True, text=True, timeout=120,
+                           check=False)
+        assert r.returncode == 2 and "needs a hostfile" in r.stderr, r.stderr
 
 
 def test_master_addr_that_does_not_resolve_fails_in_bounded_time(tmp_path):
@@ -104,9 +115,9 @@ def test_resolve_is_bounded_even_when_lookup_hangs(monkeypatch):
     def hang(*a, **k):
         time.sleep(30)
 
-    monkeypatch.setattr(preflight.socket, "getaddrinfo", hang)
+    monkeypatch.setattr(launch_checks.socket, "getaddrinfo", hang)
     t0 = time.monotonic()
-    answers = preflight.resolve_hosts(["a", "b"], timeout=0.5)
+    answers = launch_checks.resolve_hosts(["a", "b"], timeout=0.5)
     assert time.monotonic() - t0 < 3
     assert all("no answer within 0.5 s" in v for v in answers.values())
 
@@ -135,7 +146,7 @@ def test_cross_checks_name_the_node_and_check():
     assert set(fails) == {"versions", "model"}
     assert "torch: 2.12.0 vs 2.13.0 on rank 0" in fails["versions"]
     assert "model.safetensors: 90 vs 100" in fails["model"]
-    text = preflight.report(rows, {}, "header", [])
+    text = report(rows, {}, "header", [])
     assert "preflight: FAIL host h2 (node 1, rank 1): versions:" in text
     assert text.splitlines()[-1] == "preflight: FAILED: 2 check(s) on 1 of 2 rank(s)"
 
@@ -159,7 +170,7 @@ def test_single_process_files_only(tiny_config):
     r, _ = _preflight("--config", str(cfg), "tasks.1.train=/nonexistent/train.jsonl")
     assert r.returncode == 1
     assert _fail_lines(r.stdout) == [
-        (f"preflight: FAIL host {preflight.socket.gethostname()} (node 0, rank 0): data: "
+        (f"preflight: FAIL host {socket.gethostname()} (node 0, rank 0): data: "
          "/nonexistent/train.jsonl: topic train file not found")]
 
 
@@ -190,7 +201,7 @@ def test_output_dir_not_writable_on_one_node(tiny_config, tmp_path):
                                   ["--config", str(cfg), f"output_dir={not_a_dir}",
                                    "--timeout", "60"]], tmp_path, timeout=300)
     assert [n.returncode for n in nodes] == [1, 1], nodes[0].output[-3000:]
-    want = (f"preflight: FAIL host {preflight.socket.gethostname()} (node 1, rank 1): output: "
+    want = (f"preflight: FAIL host {socket.gethostname()} (node 1, rank 1): output: "
             f"{not_a_dir}: output_dir: exists and is not a directory")
     assert _fail_lines(nodes[0].output) == [want]  # rank 0's report
     assert _fail_lines(nodes[1].output) == [want]  # node 1's own log says it too

@@ -24,7 +24,7 @@ def _three_tasks(tiny_config, tiny_paths, name):
              "test": tiny_paths["sentiment_test"],
              "instruction": "Is the review positive or negative? Choose one from the option.",
              "labels": ["positive", "negative"]}
-    from gere_ds.tiny_assets import tiny_config_dict
+    from gere_assets.tiny import tiny_config_dict
 
     tasks = tiny_config_dict(tiny_paths, "x")["tasks"] + [third]
     return tiny_config("tm", name=name, tasks=tasks, replay={"per_batch": 2},
@@ -67,7 +67,7 @@ def reference(tmp_path_factory, tiny_paths):
     """The uninterrupted 3-task run."""
     import yaml
 
-    from gere_ds.tiny_assets import tiny_config_dict
+    from gere_assets.tiny import tiny_config_dict
 
     d = tmp_path_factory.mktemp("reference")
     cfg = tiny_config_dict(tiny_paths, str(d / "run_ref"), "tm")

@@ -1,5 +1,6 @@
 """Batch plans: shuffle-in sees everything once per epoch, BI puts exactly k replay rows in every
-global batch, replay rows stay on their owning rank, plans are deterministic and resumable."""
+global batch, replay rows stay on their owning rank, and a plan is a pure function of
+(seed, task, epoch, step), so a resumed run trains the rows the uninterrupted one does."""
 from __future__ import annotations
 
 from collections import Counter
@@ -70,20 +71,58 @@ def test_same_seed_same_stream_other_seed_other_stream():
     assert plan(a) != plan(c)
 
 
-def test_resumed_stream_equals_uninterrupted():
-    full = _samplers(2, per_batch=3)[1]
-    steps = [(e, s) for e in range(3) for s in range(full.steps_per_epoch())]
-    reference = [full.step_micro_batches(e, s) for e, s in steps]
-    resumed = _samplers(2, per_batch=3)[1]
-    cut = 5
-    state = {"epoch": steps[cut][0], "step": steps[cut][1], "task": 0, "world_size": 2,
-             "seed": 42}
-    resumed.load_state_dict(state)
-    e0, s0 = resumed.state.epoch, resumed.state.step
-    rest = [resumed.step_micro_batches(e, s) for e, s in steps if (e, s) >= (e0, s0)]
-    assert rest == reference[cut:]
-    with pytest.raises(ValueError):
-        _samplers(3, per_batch=3)[0].load_state_dict(state)
+MODES = [dict(per_batch=0), dict(per_batch=3)]  # shuffle-in, batch interpolation
+
+
+def _run(sampler, start=(0, 0), epochs=3):
+    """Every step's micro-batches from ``start`` on, in the trainer's loop order."""
+    e0, s0 = start
+    return [((e, s), sampler.step_micro_batches(e, s)) for e in range(e0, epochs)
+            for s in range(s0 if e == e0 else 0, sampler.steps_per_epoch())]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_plan_is_pure_in_seed_task_epoch_step(mode):
+    """No hidden state: a fresh sampler asked in any order answers the same; the task index and
+    the epoch change the plan."""
+    ordered = dict(_run(_samplers(2, **mode)[1]))
+    fresh = _samplers(2, **mode)[1]
+    for key in reversed(list(ordered)):
+        assert fresh.step_micro_batches(*key) == ordered[key], key
+    first = _samplers(2, **mode)[0]
+    other_task = _samplers(2, task_index=1, **mode)[0]
+    assert first.global_step_rows(0, 0) != other_task.global_step_rows(0, 0)
+    epochs = [[first.global_step_rows(e, s) for s in range(first.steps_per_epoch())]
+              for e in range(2)]
+    assert epochs[0] != epochs[1]
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("world", [2, 3])
+def test_rank_shards_are_disjoint_and_complete(world, mode):
+    """Each rank's own sampler gives its part of the global batch: together exactly the global
+    batch, replay rows only from the rank's shard, the shards a partition of the replay set."""
+    ss = _samplers(world, **mode)
+    shards = [set(s.shards[s.rank]) for s in ss]
+    assert set().union(*shards) == set(range(7)) and sum(map(len, shards)) == 7
+    for (epoch, step), _ in _run(ss[0], epochs=2):
+        parts = [sum(s.step_micro_batches(epoch, step), []) for s in ss]
+        assert sorted(sum(parts, [])) == sorted(sum(ss[0].global_step_rows(epoch, step), []))
+        assert all(len(p) == ss[0].rows_per_rank for p in parts)
+        for r, part in enumerate(parts):
+            assert {i for is_replay, i in part if is_replay} <= shards[r], (r, epoch, step)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("cut", [1, 5, 9])
+def test_resume_at_step_k_gives_the_uninterrupted_rows(mode, cut):
+    """A new process resuming at the k-th step (the trainer's Progress: epoch, step) trains
+    exactly the rows the uninterrupted run trains from there on, on every rank."""
+    for rank in range(2):
+        full = _run(_samplers(2, **mode)[rank])
+        assert cut < len(full)  # the cut lands inside the run (past an epoch end for cut=9)
+        resumed = _run(_samplers(2, **mode)[rank], start=full[cut][0])
+        assert resumed == full[cut:]
 
 
 def test_per_batch_must_be_below_global_batch():

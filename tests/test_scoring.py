@@ -11,8 +11,14 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from gere_ds.data.collate import pad_rows
+from gere_ds.data.encode import encode_source, encode_target
 from gere_ds.data.prompts import build_prompt
+from gere_ds.data.tasks import Example
+from gere_ds.engine import model_forward
 from gere_ds.errors import InputError
+from gere_ds.evaluation import batching as B
+from gere_ds.evaluation import general as G
 from gere_ds.evaluation import scoring as S
 
 TASK = SimpleNamespace(name="sent", instruction="Classify the sentiment.",
@@ -61,11 +67,11 @@ def llama(tok):
     return _tiny_llama(tok)
 
 
-EXAMPLES = [S.TaskExample("what a wonderful film", "positive"),
-            S.TaskExample("the plot was dull and far too long", "negative"),
-            S.TaskExample("it was a film", "neutral"),
-            S.TaskExample("I would watch it again tomorrow", "positive"),
-            S.TaskExample("no", "negative")]
+EXAMPLES = [Example("what a wonderful film", "positive"),
+            Example("the plot was dull and far too long", "negative"),
+            Example("it was a film", "neutral"),
+            Example("I would watch it again tomorrow", "positive"),
+            Example("no", "negative")]
 
 
 # ----------------------------------------------------------------------------- prompts, tokens
@@ -74,11 +80,11 @@ EXAMPLES = [S.TaskExample("what a wonderful film", "positive"),
 def test_prompt_and_target_tokens(tok):
     p = build_prompt("Classify.", ["a", "b"], "some text")
     assert p == "Classify.\nOption: a, b\nsome text\nAnswer:"
-    assert S.encode_source(tok, p, 512) == tok(p)["input_ids"]
-    assert S.encode_target(tok, "positive") == tok("positive", add_special_tokens=False)[
+    assert encode_source(tok, p, 512) == tok(p)["input_ids"]
+    assert encode_target(tok, "positive", 50) == tok("positive", add_special_tokens=False)[
         "input_ids"] + [tok.eos_token_id]
     # as in training: a cut label still ends with eos
-    assert S.encode_target(tok, "positive", max_len=1) == [tok.eos_token_id]
+    assert encode_target(tok, "positive", 1) == [tok.eos_token_id]
 
 
 class _BosTokenizer:
@@ -100,12 +106,12 @@ def test_source_truncation_keeps_end_and_bos(tok):
     btok = _BosTokenizer(tok)
     p = build_prompt("Classify the sentiment.", TASK.labels, "word " * 200 + "the end")
     tail = tok("\nAnswer:", add_special_tokens=False)["input_ids"]
-    ids = S.encode_source(btok, p, 20)
+    ids = encode_source(btok, p, 20)
     assert len(ids) == 20 and ids[0] == btok.bos
     assert ids[-len(tail):] == tail
     plain = tok(p, add_special_tokens=False)["input_ids"]
     assert ids[1:] == plain[-19:]
-    ids = S.encode_source(tok, p, 20)  # no BOS: just the last 20 tokens
+    ids = encode_source(tok, p, 20)  # no BOS: just the last 20 tokens
     assert ids == plain[-20:]
 
 
@@ -156,7 +162,7 @@ def _brute_rank(model, tok, examples, task):
 
 def test_rank_matches_brute_force_tiny_llama(tok, llama):
     brute = _brute_rank(llama, tok, EXAMPLES, TASK)
-    fwd = S.model_forward(llama)
+    fwd = model_forward(llama)
     for bs in (1, 4):
         res = S.score_task(fwd, tok, EXAMPLES, TASK, batch_size=bs)
         for got, want in zip(res.label_scores, brute):
@@ -172,10 +178,10 @@ def test_trained_tiny_llama_is_certain(tok):
     model = _tiny_llama(tok, seed=1).train()
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     train = ["great movie", "I loved it", "awful", "meh"]
-    pairs = [(S.encode_source(tok, build_prompt(TASK.instruction, TASK.labels, t), 64),
-              S.encode_target(tok, "positive")) for t in train]
+    pairs = [(encode_source(tok, build_prompt(TASK.instruction, TASK.labels, t), 64),
+              encode_target(tok, "positive", 50)) for t in train]
     for _ in range(25):
-        ids, mask = S.pad_batch([s + t for s, t in pairs], tok.eos_token_id)
+        ids, mask = pad_rows([s + t for s, t in pairs], tok.eos_token_id)
         labels = torch.full_like(ids, -100)
         for r, (s, t) in enumerate(pairs):
             labels[r, len(s):len(s) + len(t)] = ids[r, len(s):len(s) + len(t)]
@@ -184,7 +190,7 @@ def test_trained_tiny_llama_is_certain(tok):
         loss.backward()
         opt.step()
     model.eval()
-    fwd = S.model_forward(model)
+    fwd = model_forward(model)
     res = S.score_task(fwd, tok, EXAMPLES, TASK, batch_size=2)
     assert res.predictions == ["positive"] * 5
     assert res.accuracy == pytest.approx(40.0)
@@ -300,48 +306,48 @@ def test_load_mmlu_errors(tmp_path):
     q = {"question": "2+2?", "options": ["3", "4", "5", "6"], "answer": "B"}
     path = _write(tmp_path / "mmlu.jsonl", [q, dict(q, answer="E")])
     with pytest.raises(InputError) as err:
-        S.load_mmlu(path)
+        G.load_mmlu(path)
     assert (err.value.line, err.value.field) == (2, "answer")
     assert str(err.value).startswith(f"{path}:2: answer: answer 'E' is outside the 4 options")
     path = _write(tmp_path / "mmlu2.jsonl", [q, dict(q, answer=1), dict(q, options="ab")])
     with pytest.raises(InputError, match=r"mmlu2.jsonl:3: options"):
-        S.load_mmlu(path)
-    assert S.load_mmlu(_write(tmp_path / "m3.jsonl", [q, dict(q, answer=3)]))[1].answer == 3
+        G.load_mmlu(path)
+    assert G.load_mmlu(_write(tmp_path / "m3.jsonl", [q, dict(q, answer=3)]))[1].answer == 3
 
 
 # ----------------------------------------------------------------------------- MMLU, perplexity
 
 
-MMLU = [S.MMLUExample("What is 2+2?", ["3", "4", "5", "22"], 1, "elementary_mathematics"),
-        S.MMLUExample("Capital of France?", ["Paris", "Rome", "Berlin"], 0, "geography"),
-        S.MMLUExample("Which is a colour?", ["red", "car"], 0, "geography"),
-        S.MMLUExample("Largest planet?", ["Mars", "Venus", "Jupiter", "Earth"], 2, "")]
-DEV = [S.MMLUExample("1+1?", ["2", "3"], 0, "elementary_mathematics"),
-       S.MMLUExample("Capital of Italy?", ["Rome", "Oslo"], 0, "geography"),
-       S.MMLUExample("Capital of Spain?", ["Lima", "Madrid"], 1, "geography")]
+MMLU = [G.MMLUExample("What is 2+2?", ["3", "4", "5", "22"], 1, "elementary_mathematics"),
+        G.MMLUExample("Capital of France?", ["Paris", "Rome", "Berlin"], 0, "geography"),
+        G.MMLUExample("Which is a colour?", ["red", "car"], 0, "geography"),
+        G.MMLUExample("Largest planet?", ["Mars", "Venus", "Jupiter", "Earth"], 2, "")]
+DEV = [G.MMLUExample("1+1?", ["2", "3"], 0, "elementary_mathematics"),
+       G.MMLUExample("Capital of Italy?", ["Rome", "Oslo"], 0, "geography"),
+       G.MMLUExample("Capital of Spain?", ["Lima", "Madrid"], 1, "geography")]
 
 
 def test_mmlu_prompt_format():
-    p = S.build_mmlu_prompt(MMLU[1], S.select_shots(MMLU[1], DEV, 1))
+    p = G.build_mmlu_prompt(MMLU[1], G.select_shots(MMLU[1], DEV, 1))
     assert p == ("The following are multiple choice questions (with answers) about geography."
                  "\n\nCapital of Italy?\nA. Rome\nB. Oslo\nAnswer: A\n\n"
                  "Capital of France?\nA. Paris\nB. Rome\nC. Berlin\nAnswer:")
-    assert S.build_mmlu_prompt(MMLU[3]) == \
+    assert G.build_mmlu_prompt(MMLU[3]) == \
         "Largest planet?\nA. Mars\nB. Venus\nC. Jupiter\nD. Earth\nAnswer:"
-    assert S.select_shots(MMLU[3], DEV, 2) == DEV[:2]  # no subject: the first k
+    assert G.select_shots(MMLU[3], DEV, 2) == DEV[:2]  # no subject: the first k
 
 
 @pytest.mark.parametrize("shots", [0, 2])
 def test_mmlu_matches_brute_force(tok, llama, shots):
     letters = [tok(" " + L, add_special_tokens=False)["input_ids"][0] for L in "ABCD"]
-    assert S.mmlu_letter_ids(tok, 4) == letters
+    assert G.mmlu_letter_ids(tok, 4) == letters
     preds = []
     with torch.no_grad():
         for ex in MMLU:
-            ids = tok(S.build_mmlu_prompt(ex, S.select_shots(ex, DEV, shots)))["input_ids"]
+            ids = tok(G.build_mmlu_prompt(ex, G.select_shots(ex, DEV, shots)))["input_ids"]
             lp = llama(input_ids=torch.tensor([ids])).logits[0, -1]
             preds.append(max(range(len(ex.options)), key=lambda i: float(lp[letters[i]])))
-    res = S.score_mmlu(S.model_forward(llama), tok, MMLU, DEV, shots=shots, batch_size=3)
+    res = G.score_mmlu(model_forward(llama), tok, MMLU, DEV, shots=shots, batch_size=3)
     assert res.extra["predictions"] == ["ABCD"[p] for p in preds]
     assert res.value == pytest.approx(100.0 * sum(p == ex.answer for p, ex in zip(preds, MMLU))
                                       / len(MMLU))
@@ -361,7 +367,7 @@ def test_perplexity_matches_brute_force(tok, llama):
             lp = torch.log_softmax(llama(input_ids=torch.tensor([ids])).logits[0], -1)
             nll -= sum(float(lp[j, ids[j + 1]]) for j in range(len(ids) - 1))
             count += len(ids) - 1
-    res = S.score_perplexity(S.model_forward(llama), tok, texts, batch_size=3, max_len=max_len)
+    res = G.score_perplexity(model_forward(llama), tok, texts, batch_size=3, max_len=max_len)
     assert res.extra["tokens"] == count
     assert res.value == pytest.approx(math.exp(nll / count), rel=1e-5)
 
@@ -383,7 +389,7 @@ def test_eval_suite(tmp_path, tok, llama):
                           general=gen)
     suite = S.EvalSuite([task], cfg, seed=0)
     assert len(suite.examples["sent"]) == 3 and len(suite.general[0].dev) == 3
-    row = suite.evaluate(S.model_forward(llama), tok)
+    row = suite.evaluate(model_forward(llama), tok)
     assert list(row.accuracy) == ["sent"] and list(row.general) == ["mmlu", "ppl"]
     assert row.row() == [row.task_scores["sent"].accuracy]
     assert row.general["ppl"] > 1.0
@@ -397,9 +403,9 @@ def test_eval_suite(tmp_path, tok, llama):
 
 
 def test_num_batches():
-    assert S.num_batches(0, 2, 4) == 0
-    assert S.num_batches(9, 2, 4) == 2  # rank 0: 5 rows, rank 1: 4 rows (+1 dummy batch)
-    assert S.num_batches(9, 1, 4) == 3
+    assert B.num_batches(0, 2, 4) == 0
+    assert B.num_batches(9, 2, 4) == 2  # rank 0: 5 rows, rank 1: 4 rows (+1 dummy batch)
+    assert B.num_batches(9, 1, 4) == 3
 
 
 def _fake_forward_factory(vocab, counter):
@@ -417,8 +423,8 @@ def _all_scores(tok, forward):
     r = S.score_task(forward, tok, EXAMPLES[:3], TASK, batch_size=4)
     g = S.score_task(forward, tok, EXAMPLES[:3], TASK, mode="generate", batch_size=1,
                      max_new_tokens=2)
-    m = S.score_mmlu(forward, tok, MMLU[:3], batch_size=1)
-    p = S.score_perplexity(forward, tok, ["a b c", "d e f g", "h i"], batch_size=2)
+    m = G.score_mmlu(forward, tok, MMLU[:3], batch_size=1)
+    p = G.score_perplexity(forward, tok, ["a b c", "d e f g", "h i"], batch_size=2)
     return r.label_scores, r.predictions, g.predictions, m.extra["predictions"], p.value
 
 

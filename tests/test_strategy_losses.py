@@ -202,7 +202,7 @@ def tiny_teacher_student(gpt2_tokenizer_dir):
     model = the teacher with every weight perturbed; their logits on held-out sentences."""
     from transformers import GPT2TokenizerFast, LlamaConfig, LlamaForCausalLM
 
-    from gere_ds.tiny_assets import _sentence
+    from gere_assets.tiny import _sentence
 
     torch.manual_seed(0)
     tok = GPT2TokenizerFast.from_pretrained(str(gpt2_tokenizer_dir))

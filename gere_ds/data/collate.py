@@ -1,6 +1,7 @@
-"""Pad a list of encoded rows into one micro-batch of tensors."""
+"""Pad token rows into batches of tensors: training micro-batches and the scorers' batches."""
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -30,15 +31,24 @@ class MicroBatch:
                           self.labels.to(device), self.replay_ids.to(device))
 
 
-def collate(rows: list[Encoded], replay_ids: list[int], pad_id: int) -> MicroBatch:
-    """Right-pad rows to the longest one (causal attention: padding never changes real tokens)."""
-    width = max(len(r.input_ids) for r in rows)
+def pad_rows(rows: Sequence[Sequence[int]], pad_id: int,
+             left: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token rows as one LongTensor batch [B, T] and its attention mask; right padding unless
+    ``left`` (prompts for a ``generate`` that appends at the end)."""
+    width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
-    labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
     for b, row in enumerate(rows):
-        n = len(row.input_ids)
-        ids[b, :n] = torch.tensor(row.input_ids)
-        mask[b, :n] = 1
-        labels[b, :n] = torch.tensor(row.labels)
+        cols = slice(width - len(row), width) if left else slice(0, len(row))
+        ids[b, cols] = torch.tensor(list(row), dtype=torch.long)
+        mask[b, cols] = 1
+    return ids, mask
+
+
+def collate(rows: list[Encoded], replay_ids: list[int], pad_id: int) -> MicroBatch:
+    """Right-pad rows to the longest one (causal attention: padding never changes real tokens)."""
+    ids, mask = pad_rows([r.input_ids for r in rows], pad_id)
+    labels = torch.full_like(ids, IGNORE)
+    for b, row in enumerate(rows):
+        labels[b, :len(row.labels)] = torch.tensor(row.labels)
     return MicroBatch(ids, mask, labels, torch.tensor(replay_ids, dtype=torch.long))

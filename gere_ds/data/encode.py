@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from gere_ds.config import TRUNCATE_SOURCE
-from gere_ds.data.prompts import build_prompt, build_target
+from gere_ds.data.prompts import build_prompt
 
 IGNORE = -100
 
@@ -46,7 +46,7 @@ def encode_source(tokenizer, prompt: str, max_source_len: int, truncate: str = "
 
 def encode_target(tokenizer, label: str, max_target_len: int) -> list[int]:
     """Label ids without special tokens, cut to leave room for the eos that always ends them."""
-    ids = tokenizer(build_target(label), add_special_tokens=False)["input_ids"]
+    ids = tokenizer(label, add_special_tokens=False)["input_ids"]
     return ids[: max(max_target_len - 1, 0)] + [tokenizer.eos_token_id]
 
 

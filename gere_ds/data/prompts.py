@@ -1,4 +1,5 @@
-"""The prompt and target format of the continual benchmark (docs/method.md, 'Tasks, prompts and metrics')."""
+"""The prompt format of the continual benchmark (docs/method.md, 'Tasks, prompts and metrics');
+the target is the label itself, ended by the tokenizer's eos id (data/encode.encode_target)."""
 from __future__ import annotations
 
 
@@ -13,8 +14,3 @@ def build_prompt(instruction: str, labels: list[str], text: str,
     if option_line:
         lines.append(f"Option: {', '.join(labels)}")
     return "\n".join(lines + [text, "Answer:"])
-
-
-def build_target(label: str) -> str:
-    """The answer text; the tokenizer's eos id is appended after tokenization."""
-    return label

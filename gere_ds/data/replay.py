@@ -1,7 +1,10 @@
-"""The general replay set: the first N documents of a row file with a 'text' field."""
+"""The general replay set: the first N documents of a row file with a 'text' field, checked
+against the run's layout (training and the pre-flight check use the same function)."""
 from __future__ import annotations
 
+from gere_ds.config import RunConfig
 from gere_ds.data.files import read_rows
+from gere_ds.errors import InputError
 
 
 def load_replay_texts(path: str, num_samples: int) -> list[str]:
@@ -12,4 +15,23 @@ def load_replay_texts(path: str, num_samples: int) -> list[str]:
         if not isinstance(text, str) or not text.strip():
             raise row.error(path, "text", "missing or empty text")
         texts.append(text)
+    return texts
+
+
+def check_replay_inputs(cfg: RunConfig, world_size: int) -> list[str]:
+    """The replay texts a run will use, checked against the layout; [] for strategy none.
+
+    Every rank needs at least one document of its own, and a fixed number of replay rows per
+    global batch must leave room for task rows.
+    """
+    if cfg.replay.strategy == "none":
+        return []
+    texts = load_replay_texts(cfg.replay.data, cfg.replay.num_samples)
+    if len(texts) < world_size:
+        raise InputError(f"{len(texts)} replay documents for {world_size} ranks",
+                         file=cfg.replay.data, field="replay.num_samples")
+    global_batch = cfg.train.micro_batch_size * cfg.train.grad_accum * world_size
+    if cfg.replay.per_batch >= global_batch:
+        raise InputError(f"per_batch={cfg.replay.per_batch} must be smaller than the global "
+                         f"batch ({global_batch})", field="replay.per_batch")
     return texts

@@ -1,4 +1,4 @@
-"""Deterministic batch plans that mix replay documents into a task, resumable mid-epoch.
+"""Deterministic batch plans that mix replay documents into a task.
 
 Replay ownership: the replay set is split once into `world_size` shards (a seeded permutation,
 stripe r for rank r). Rank r only ever trains on, and the teacher pass only computes teacher data
@@ -11,14 +11,12 @@ Two mixing modes (docs/method.md, "Mixing replay into a task"):
   replacement from each rank's reshuffled replay stream (a new shuffle each pass over the shard).
 Within a global batch, replay slot j (counted over the epoch, or over the task in BI mode) goes
 to rank j % world_size, so shards are consumed evenly. Task rows fill the remaining slots in the
-order of a per-epoch permutation. The plan is a pure function of (seed, task, epoch, sizes), so
-the sampler state is just (epoch, step).
+order of a per-epoch permutation. The plan is a pure function of (seed, task, epoch, step,
+sizes): the sampler holds no state, and a resumed run asks for the steps it has not done yet.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-
 import numpy as np
 
 Row = tuple[bool, int]  # (is_replay, index into the task examples or the replay set)
@@ -32,12 +30,6 @@ def replay_shard(n_replay: int, world_size: int, rank: int, seed: int) -> list[i
     """Replay sample ids owned by ``rank`` (disjoint over ranks, union = all)."""
     perm = _rng(seed, 7919).permutation(n_replay)
     return sorted(int(i) for i in perm[rank::world_size])
-
-
-@dataclass
-class SamplerState:
-    epoch: int = 0
-    step: int = 0  # optimizer steps done in this epoch
 
 
 class ContinualSampler:
@@ -61,7 +53,6 @@ class ContinualSampler:
                              f"batch {self.global_batch}")
         self.shards = [replay_shard(self.n_replay, world_size, r, seed)
                        for r in range(world_size)] if self.n_replay else []
-        self.state = SamplerState()
 
     # ------------------------------------------------------------------ sizes
     def steps_per_epoch(self) -> int:
@@ -126,13 +117,3 @@ class ContinualSampler:
         """This rank's micro-batches for one optimizer step (grad_accum lists of micro rows)."""
         rows = self.global_step_rows(epoch, step)[self.rank]
         return [rows[m * self.micro:(m + 1) * self.micro] for m in range(self.accum)]
-
-    # ------------------------------------------------------------------ resume
-    def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.state.epoch, "step": self.state.step, "task": self.task,
-                "world_size": self.world, "seed": self.seed}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        if state.get("world_size", self.world) != self.world or state.get("seed") != self.seed:
-            raise ValueError("sampler state was saved with another world size or seed")
-        self.state = SamplerState(epoch=int(state["epoch"]), step=int(state["step"]))

@@ -27,7 +27,8 @@ from typing import Any, Sequence
 import torch
 
 from gere_ds.errors import InputError
-from gere_ds.evaluation.scoring import ForwardFn, pad_batch, pad_id, run_sharded
+from gere_ds.data.collate import pad_rows
+from gere_ds.evaluation.batching import ForwardFn, pad_id, run_sharded
 
 DELIMITER = " "
 
@@ -109,7 +110,8 @@ def choice_loglikelihoods(forward: ForwardFn, tokenizer: Any,
     pad = pad_id(tokenizer)
 
     def run(batch: list[int]) -> list[float]:
-        ids, mask = pad_batch([encoded[j][0] + encoded[j][1] for j in batch], pad, device)
+        ids, mask = (t.to(device) for t in pad_rows([encoded[j][0] + encoded[j][1] for j in batch],
+                                                   pad))
         logits = forward(ids, mask)
         out = []
         for r, j in enumerate(batch):

@@ -74,23 +74,22 @@ def make_tiny_assets(out: Path, n_train: int = 24, n_test: int = 12, n_replay: i
     model.save_pretrained(model_dir, safe_serialization=True)
     tok.save_pretrained(model_dir)
 
-    def sentiment(n: int) -> list[dict]:
+    def two_classes(n: int, sentence, first: tuple[str, list[str]],
+                    second: tuple[str, list[str]]) -> list[dict]:
+        """n rows, each class with probability 1/2, its sentence made from one of its words."""
         rows = []
         for _ in range(n):
-            good = rng.random() < 0.5
-            word = rng.choice(POSITIVE if good else NEGATIVE)
-            rows.append({"sentence": f"The {rng.choice(THINGS)} was {word}.",
-                         "label": "positive" if good else "negative"})
+            label, words = first if rng.random() < 0.5 else second
+            rows.append({"sentence": sentence(rng.choice(words)), "label": label})
         return rows
 
+    def sentiment(n: int) -> list[dict]:
+        return two_classes(n, lambda word: f"The {rng.choice(THINGS)} was {word}.",
+                           ("positive", POSITIVE), ("negative", NEGATIVE))
+
     def topic(n: int) -> list[dict]:
-        rows = []
-        for _ in range(n):
-            sport = rng.random() < 0.5
-            about = rng.choice(SPORT if sport else SCIENCE)
-            rows.append({"sentence": f"Yesterday's news was all about {about}.",
-                         "label": "sports" if sport else "science"})
-        return rows
+        return two_classes(n, lambda about: f"Yesterday's news was all about {about}.",
+                           ("sports", SPORT), ("science", SCIENCE))
 
     paths = {"model": str(model_dir)}
     for name, make in (("sentiment", sentiment), ("topic", topic)):

@@ -1,0 +1,120 @@
+"""`gere-ds evaluate`: score Hugging Face model folders or a finished run's checkpoints.
+
+One process::
+
+    gere-ds evaluate --config configs/demo.yaml --model assets/models/smollm2-135m-instruct --out runs/eval_base
+    gere-ds evaluate --config runs/demo/config.yaml --run runs/demo --out runs/demo_eval
+
+Many ranks (ZeRO-3, data sharded, results all-gathered; the launcher runs a script)::
+
+    deepspeed --num_gpus 2 eval/evaluate.py --config runs/demo/config.yaml --run runs/demo --out DIR
+
+The config gives the tasks, the `eval` section (mode, caps, general sets) and the DeepSpeed
+settings; `--model` evaluates one folder (one matrix row); `--run` evaluates the base model and
+every complete end-of-task checkpoint (consolidated with gere_ds.export first), giving the whole
+accuracy matrix, metrics.json/md and the heatmap, like the run itself.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from gere_ds import dist
+from gere_ds.config import RunConfig, load_config
+from gere_ds.errors import InputError
+
+
+def _launched() -> bool:
+    return "LOCAL_RANK" in os.environ and "MASTER_ADDR" in os.environ
+
+
+def evaluate_models(cfg: RunConfig, models: list[tuple[str, str]], out: Path) -> dict[str, Any]:
+    """Evaluate each (label, folder); rows in order; writes the report on rank 0."""
+    import torch
+
+    from gere_ds.engine import build_eval_engine
+    from gere_ds.evaluation.report import write_report
+    from gere_ds.evaluation.scoring import EvalSuite
+
+    suite = EvalSuite(cfg.tasks, cfg.eval, seed=cfg.train.seed,
+                      max_source_len=cfg.train.max_source_len,
+                      max_target_len=cfg.train.max_target_len,
+                      truncate_source=cfg.train.truncate_source)
+    matrix, general, labels = [], {}, []
+    for label, folder in models:
+        tick = time.perf_counter()
+        cfg.model = folder
+        engine = build_eval_engine(cfg, lambda m: None)
+        with torch.no_grad():
+            row = suite.evaluate(engine.forward, engine.tokenizer, device=dist.device())
+        del engine
+        matrix.append(row.row())
+        for name, value in row.general.items():
+            general.setdefault(name, []).append(value)
+        labels.append(label)
+        if dist.is_main():
+            scores = ", ".join(f"{k} {v:.2f}" for k, v in {**row.accuracy, **row.general}.items())
+            print(f"{label}: {scores} ({time.perf_counter() - tick:.0f} s)", flush=True)
+    names = [task.name for task in cfg.tasks]
+    results: dict[str, Any] = {}
+    if dist.is_main():
+        out.mkdir(parents=True, exist_ok=True)
+        results = write_report(str(out), names, matrix, general)
+        (out / "evaluated_models.json").write_text(
+            json.dumps(dict(zip(labels, [m[1] for m in models])), indent=1))
+    return results
+
+
+def run_models(cfg: RunConfig, run_dir: Path, out: Path) -> list[tuple[str, str]]:
+    """The base model and every complete end-of-task checkpoint, consolidated into out/hf/."""
+    from gere_ds.export import checkpoint_problem, export_checkpoint
+
+    models = [("base", cfg.model)]
+    for t in range(1, len(cfg.tasks) + 1):
+        folder = run_dir / "checkpoints" / f"task{t:03d}-end"
+        if not folder.is_dir() or checkpoint_problem(folder):
+            break  # a partial run: the matrix stops at the last complete task
+        target = out / "hf" / folder.name
+        if dist.is_main() and not (target / "config.json").is_file():
+            export_checkpoint(run_dir, target, tag=folder.name, force=True, log=lambda m: None)
+        dist.barrier()
+        models.append((f"after task {t}", str(target)))
+    return models
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True, help="run config: tasks, eval and DeepSpeed settings")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--model", action="append", help="HF model folder (repeatable: rows)")
+    what.add_argument("--run", help="a run directory: base model + every end-of-task checkpoint")
+    p.add_argument("--out", required=True, help="where metrics.json/md and the heatmap go")
+    p.add_argument("--local_rank", type=int, default=0, help="set by the deepspeed launcher")
+    p.add_argument("overrides", nargs="*", help="dotted key=value config overrides")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        cfg.eval.enabled = True
+        if _launched():
+            dist.init()
+        models = ([(Path(m).name, m) for m in args.model] if args.model
+                  else run_models(cfg, Path(args.run), Path(args.out)))
+        evaluate_models(cfg, models, Path(args.out))
+    except InputError as err:
+        if dist.rank() == 0:
+            print(f"error: {err}", file=sys.stderr, flush=True)
+        return 2
+    if dist.is_main():
+        print(f"wrote {Path(args.out) / 'metrics.md'}")
+    dist.barrier()
+    return 0
