@@ -314,3 +314,82 @@ def write_report(results: str | Path, out: str | Path | None = None) -> dict[str
                        ("violations.png", violation_figure)):
         write_bytes_atomic(out / name, make(b))
     return texts
+
+
+# ------------------------------------------------------------------------------ one run against it
+
+
+def _subset_indices(run_cfg: Any, examples_per_task: dict[str, int]) -> dict[str, list[int]]:
+    """Which examples of each full test set a run scored (its eval.max_examples sample)."""
+    from gere_ds.evaluation.batching import sample_rows
+
+    seed = getattr(run_cfg.eval, "sample_seed", run_cfg.train.seed)
+    return {name: sample_rows(list(range(n)), run_cfg.eval.max_examples, seed)
+            for name, n in examples_per_task.items()}
+
+
+def _check_subset(run_cfg: Any, indices: dict[str, list[int]], digests: dict[str, str]) -> None:
+    from gere_ds.data.tasks import read_examples
+    from gere_ds.evaluation.outcomes import digest
+
+    for task in run_cfg.tasks:
+        rows = read_examples(task.test, task, what="test", test=True)
+        chosen = [(rows[i].text, rows[i].label) for i in indices[task.name]]
+        if digest(chosen) != digests.get(task.name):
+            raise BenchmarkError(f"{task.name}: the run scored other test examples than the "
+                                 f"benchmark's (different test file or sample)")
+
+
+def compare_run(run_dir: str | Path, results: str | Path,
+                rows: Sequence[str] = ("none", "replay")) -> str:
+    """A finished run (e.g. the demo) next to the benchmark's rows, all scored on the examples the
+    run scored: the committed rows' per-example outcomes are cut to the run's test sample."""
+    from gere_ds.config import load_config
+
+    b = load_benchmark(results)
+    run_dir = Path(run_dir)
+    cfg_raw = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8"))
+    ref = next(iter(b.runs.values()))[0]
+    mine, theirs = _regime(cfg_raw), _regime(ref.config)
+    mine.pop("eval", None), theirs.pop("eval", None)
+    if mine != theirs:
+        raise BenchmarkError(f"{run_dir} was not trained as the benchmark was "
+                             f"({_first_difference(mine, theirs)})")
+    cfg = load_config(run_dir / "config.yaml")
+    own = _read_json(run_dir / OUTCOMES_JSON)
+    sizes = {t: len(ref.outcomes["rows"][-1]["tasks"][t]) for t in b.tasks}
+    idx = _subset_indices(cfg, sizes)
+    _check_subset(cfg, idx, own["test_sets"])
+    n_general = {g.name: g.max_examples for g in cfg.eval.general if g.kind == "cloze"}
+    sets = [s for s in b.general if s in n_general]
+
+    def summary(task_bits: list[dict[str, str]], general_bits: list[dict[str, str]],
+                subset: bool) -> tuple[float, float, float]:
+        def cut(t: str, bits: str) -> list[float]:
+            return [unbits(bits)[i] for i in idx[t]] if subset else unbits(bits)
+
+        def cut_g(s: str, bits: str) -> list[float]:
+            n = n_general[s] if subset and n_general[s] else len(bits)
+            return unbits(bits)[:n]
+
+        ap = [x for t in b.tasks for x in cut(t, task_bits[-1][t])]
+        bwt = [f - o for i, t in enumerate(b.tasks[:-1])
+               for f, o in zip(cut(t, task_bits[-1][t]), cut(t, task_bits[i + 1][t]))]
+        gen = [x for s in sets for x in cut_g(s, general_bits[-1][s])]
+        mean = lambda v: 100.0 * sum(v) / len(v) if v else float("nan")  # noqa: E731
+        return mean(ap), mean(bwt), mean(gen)
+
+    lines = ["| row | seeds | AP | BWT | general acc_norm |", "|---|---|---|---|---|"]
+    for row in rows:
+        if row not in b.runs:
+            continue
+        vals = [summary([r_["tasks"] for r_ in r.outcomes["rows"]],
+                        [r_["general"] for r_ in r.outcomes["rows"]], True) for r in b.runs[row]]
+        means = [sum(v[k] for v in vals) / len(vals) for k in range(3)]
+        lines.append(f"| {row} (committed) | {len(vals)} | " +
+                     " | ".join(f"{m:.1f}" for m in means) + " |")
+    mine_vals = summary([r_["tasks"] for r_ in own["rows"]], [r_["general"] for r_ in own["rows"]],
+                        False)
+    lines.append(f"| this run ({cfg.replay.strategy}) | 1 | " +
+                 " | ".join(f"{m:.1f}" for m in mine_vals) + " |")
+    return "\n".join(lines) + "\n"
