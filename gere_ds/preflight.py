@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from gere_ds.errors import InputError
+from gere_ds.hashing import file_fingerprint, is_weight_file
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_STALLED = 0, 1, 2, 3
 CHECKS = ("ranks", "all_reduce", "all_gather", "versions", "config", "model", "data", "replay",
@@ -246,13 +247,6 @@ def _run_check(row: Row, check: str, fn: Callable[[], str | None]) -> None:
         row.set(check, False, f"{where}{err.strerror or err}")
 
 
-def _fingerprint_file(path: Path) -> str:
-    size = path.stat().st_size
-    if size > SMALL_FILE:
-        return f"size {size}"
-    return hashlib.sha1(path.read_bytes()).hexdigest()[:16]
-
-
 def versions() -> dict[str, str]:
     from importlib import metadata
 
@@ -285,7 +279,7 @@ def check_model(cfg: Any, info: dict[str, Any]) -> str:
     check_model_folder(cfg)
     folder = Path(cfg.model)
     weights = sorted(p for p in folder.iterdir()
-                     if p.is_file() and p.suffix in (".safetensors", ".bin", ".pt", ".pth"))
+                     if p.is_file() and is_weight_file(p))
     if not weights:
         raise InputError("no weight files (*.safetensors / *.bin) in the model folder",
                          file=cfg.model, field="model")
@@ -319,14 +313,14 @@ def check_data(cfg: Any, info: dict[str, Any]) -> str:
             rows = load_examples(task, split)
             n += len(rows)
             path = Path(task.train if split == "train" else task.test)
-            prints[str(path)] = _fingerprint_file(path)
+            prints[str(path)] = file_fingerprint(path, SMALL_FILE)
     general = cfg.eval.general if cfg.eval.enabled else []
     for i, g in enumerate(general):
         path = Path(g.path)
         if not path.is_file():
             raise InputError(f"general evaluation {g.name!r} file not found", file=g.path,
                              field=f"eval.general.{i}.path")
-        prints[str(path)] = _fingerprint_file(path)
+        prints[str(path)] = file_fingerprint(path, SMALL_FILE)
     info["data_files"] = prints
     extra = f", {len(general)} general set(s)" if general else ""
     return f"{len(cfg.tasks)} task(s), {n} examples{extra}"
@@ -341,7 +335,7 @@ def check_replay(cfg: Any, world: int, info: dict[str, Any]) -> str | None:
     if len(texts) < world:
         raise InputError(f"{len(texts)} replay documents for {world} ranks",
                          file=cfg.replay.data, field="replay.num_samples")
-    info["replay_files"] = {cfg.replay.data: _fingerprint_file(Path(cfg.replay.data))}
+    info["replay_files"] = {cfg.replay.data: file_fingerprint(cfg.replay.data, SMALL_FILE)}
     return f"{len(texts)} documents"
 
 
