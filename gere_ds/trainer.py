@@ -25,9 +25,8 @@ from gere_ds.checkpoint import Checkpointer, load_rng, load_trainer_state, step_
 from gere_ds.config import RunConfig, save_resolved
 from gere_ds.data.sampler import ContinualSampler
 from gere_ds.engine import Engine, build_engine
-from gere_ds.inputs import Inputs, validate_inputs  # noqa: F401  (the trainer's input API)
-from gere_ds.progress import (Preempted, Progress, TrainingError, count_bad_step,  # noqa: F401
-                              step_scalars)
+from gere_ds.inputs import Inputs
+from gere_ds.progress import Preempted, Progress, count_bad_step, step_scalars
 from gere_ds.resume import check_state, resume_target
 from gere_ds.run_log import RunLogger
 from gere_ds.schedule import lr_at
@@ -38,6 +37,8 @@ from gere_ds.teacher_cache import TeacherData
 
 
 class ContinualTrainer:
+    """One run's continual loop on this rank (every rank builds one; the engine is shared)."""
+
     def __init__(self, cfg: RunConfig, log: RunLogger | None = None) -> None:
         self.cfg = cfg
         self.out = Path(cfg.output_dir)
