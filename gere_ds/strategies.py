@@ -11,13 +11,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, ClassVar
+from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
 import torch
 
 from gere_ds.errors import InputError
 from gere_ds.losses import dead_band_units, feature_diff_rows, tm_dead_band, tm_row_terms, \
     topk_kl_rows
+
+if TYPE_CHECKING:  # config imports this module (validation asks the registry)
+    from gere_ds.config import ReplayConfig, RunConfig
 
 # (sum, counted elements, elements looked at, elements the dead-band ignored), [R] each
 LocalSums = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
@@ -41,7 +44,7 @@ class ReplayTerm:
     teacher_kind: ClassVar[str | None] = None  # the teacher cache's kind; None: no teacher pass
     needs_full_logits: ClassVar[bool] = False  # the term reads logits at every replay token
 
-    def __init__(self, replay: Any, bf16: bool = True) -> None:
+    def __init__(self, replay: ReplayConfig, bf16: bool = True) -> None:
         """``replay``: the run's ReplayConfig; ``bf16``: the compute dtype of training."""
         self.replay = replay
         self.compute_dtype = torch.bfloat16 if bf16 else torch.float32
@@ -102,7 +105,7 @@ class ThresholdMargin(ReplayTerm):
     uses_replay = True
     teacher_kind = "states"
 
-    def __init__(self, replay: Any, bf16: bool = True) -> None:
+    def __init__(self, replay: ReplayConfig, bf16: bool = True) -> None:
         super().__init__(replay, bf16)
         self.lo = self.hi = self.band = None
 
@@ -195,6 +198,6 @@ STRATEGIES: dict[str, type[ReplayTerm]] = {
                               L1Features, L2Features)}
 
 
-def make_term(cfg: Any) -> ReplayTerm:
+def make_term(cfg: RunConfig) -> ReplayTerm:
     """The ReplayTerm of a RunConfig (``cfg.replay.strategy``; validated by config.validate)."""
     return STRATEGIES[cfg.replay.strategy](cfg.replay, cfg.train.bf16)
