@@ -6,10 +6,11 @@ gere_ds.losses.token_ce_sum against the proposed variants, interleaved, median o
   P2           the same positions gathered with index_select on the flat [B*T, V] view (no
                boolean mask on a sliced view: its backward writes [B, T, V] twice), fp32
                F.cross_entropy in chunks
-  + fused CE   FusedCE of bench/proposals.py instead of F.cross_entropy (fp32 logsumexp;
-               backward = softmax - one-hot written in place)
-  P1           the LM head already produced only the supervised rows ([N, V], proposal P1):
-               F.cross_entropy on them (no gather, no [B, T, V] gradient)
+  + fused CE   FusedCE below instead of F.cross_entropy (fp32 logsumexp; backward = softmax -
+               one-hot written in place)
+  trainer      the trainer's path: the LM head already produced only the supervised rows
+               ([N, V], capture.lm_head_on_positions), losses.row_ce_sums on them (no gather,
+               no [B, T, V] gradient)
   HF           what transformers' ForCausalLMLoss does: fp32 upcast of ALL logits, CE with
                ignore_index over every position
 
@@ -26,10 +27,40 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common
+import common  # bench/ is the script's folder, hence on sys.path
+import torch
 
 NAME = "bench_ce"
+
+
+class FusedCE(torch.autograd.Function):
+    """Per-row CE of bf16/fp32 logits [N, V] with fp32 maths and a hand-written backward
+    (softmax - one-hot, computed in place in one fp32 buffer), instead of F.cross_entropy on an
+    fp32 copy whose log_softmax backward is the slowest kernel of the CE term on CPU."""
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        x = logits.float()
+        lse = torch.logsumexp(x, dim=-1)
+        loss = lse - x.gather(1, targets[:, None]).squeeze(1)
+        ctx.save_for_backward(logits, targets, lse)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        logits, targets, lse = ctx.saved_tensors
+        p = logits.float().sub_(lse[:, None]).exp_()
+        p[torch.arange(p.shape[0], device=p.device), targets] -= 1
+        p.mul_(grad[:, None].float())
+        return p.to(logits.dtype), None
+
+
+def fused_ce_sum(logits: torch.Tensor, targets: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
+    """FusedCE applied ``chunk`` rows at a time (the fp32 buffer is at most chunk x V)."""
+    total = logits.new_zeros((), dtype=torch.float32)
+    for s in range(0, logits.shape[0], chunk):
+        total = total + FusedCE.apply(logits[s:s + chunk], targets[s:s + chunk]).sum()
+    return total
 
 
 def main() -> int:
@@ -39,11 +70,9 @@ def main() -> int:
     p.add_argument("--out", default=None)
     p.add_argument("--assets", default=None, help="unused (same interface as the others)")
     args = p.parse_args()
-    import proposals
-    import torch
     import torch.nn.functional as F
 
-    from gere_ds.losses import token_ce_sum
+    from gere_ds.losses import row_ce_sums, supervised_positions, token_ce_sum
 
     torch.set_num_threads(1)
     B, T, V = (4, 128, 50257) if not args.smoke else (2, 32, 50257)
@@ -53,7 +82,11 @@ def main() -> int:
     labels = torch.randint(0, V, (B, T))
     labels[: B // 2, :-2] = -100  # task rows: CE on the answer only
     rows = torch.ones(B, dtype=torch.bool)
-    pos, targets = proposals.flat_supervised(labels, rows)
+    pos, targets = supervised_positions(labels.masked_fill(~rows[:, None], -100))
+    row_of = pos // T
+
+    def ce_sum(logits: torch.Tensor) -> torch.Tensor:
+        return row_ce_sums(logits, targets, row_of, B)[0].sum()
     picked_base = base.view(-1, V).index_select(0, pos)
 
     def as_is():
@@ -64,25 +97,25 @@ def main() -> int:
 
     def p2():
         lg = base.clone().requires_grad_(True)
-        s = proposals.ce_per_position(lg.view(-1, V).index_select(0, pos), targets).sum()
+        s = ce_sum(lg.view(-1, V).index_select(0, pos))
         s.backward()
         return s, lg.grad
 
     def p2_fused():
         lg = base.clone().requires_grad_(True)
-        s = proposals.fused_ce_per_position(lg.view(-1, V).index_select(0, pos), targets).sum()
+        s = fused_ce_sum(lg.view(-1, V).index_select(0, pos), targets)
         s.backward()
         return s, lg.grad
 
-    def p1():
+    def trainer():
         lg = picked_base.clone().requires_grad_(True)
-        s = proposals.ce_per_position(lg, targets).sum()
+        s = ce_sum(lg)
         s.backward()
         return s, lg.grad
 
-    def p1_fused():
+    def trainer_fused():
         lg = picked_base.clone().requires_grad_(True)
-        s = proposals.fused_ce_per_position(lg, targets).sum()
+        s = fused_ce_sum(lg, targets)
         s.backward()
         return s, lg.grad
 
@@ -95,8 +128,8 @@ def main() -> int:
         return s, lg.grad
 
     fns = {"as-is (token_ce_sum)": as_is, "P2 (flat index_select gather)": p2,
-           "P2 + fused CE (FusedCE)": p2_fused, "P1 (head on supervised rows)": p1,
-           "P1 + fused CE": p1_fused, "HF ForCausalLMLoss-style": hf}
+           "P2 + fused CE (FusedCE)": p2_fused, "trainer (head on supervised rows)": trainer,
+           "trainer + fused CE": trainer_fused, "HF ForCausalLMLoss-style": hf}
     ref_s, ref_g = as_is()
     ref_s = ref_s.detach()
     checks = {}

@@ -7,9 +7,10 @@ same rows (`none`: task rows only; the others: the same task rows with half of t
 replay rows of the same length, as in a GeRe global batch). The strategy only changes the loss,
 so switching `trainer.cfg.replay.strategy` between steps measures exactly its cost. Reported:
 median step time over the rounds, tokens/s, the per-round ratio to `replay` (TM's overhead), a
-per-phase breakdown (make_batch / forward / loss / backward / optimizer step), and the RSS peak of
-one extra (untimed) step per strategy. Also checked first: the trainer's path (LM head only on
-supervised positions, every strategy but kl) gives the loss of the full logits (P1_checks).
+per-phase breakdown (TrainStep's phases: make_batch / forward / row_terms / reduce_rows /
+backward / optimizer_step), and the RSS peak of one extra (untimed) step per strategy. Also
+checked first: the trainer's path (LM head only on supervised positions, every strategy whose
+term does not read every logit) gives the loss of the full logits (path_checks).
 
     python bench/bench_strategies.py            # full: hidden 384, 6 layers, seq 128, 5 rounds
     python bench/bench_strategies.py --smoke    # tiny model, one short round (for the tests)
@@ -23,12 +24,10 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common
+import common  # bench/ is the script's folder, hence on sys.path
 
 NAME = "bench_strategies"
 WANTED = ["none", "replay", "tm", "kl", "l2"]
-TEACHER_STRATEGIES = ("tm", "kl", "l2")
 
 
 # ============================================================================ worker
@@ -37,11 +36,13 @@ TEACHER_STRATEGIES = ("tm", "kl", "l2")
 def worker(args: argparse.Namespace) -> None:
     import torch
 
-    import gere_ds.trainer as trainer_mod
     from gere_ds import dist
-    from gere_ds.config import STRATEGIES, load_config
+    from gere_ds.config import load_config
+    from gere_ds.inputs import validate_inputs
     from gere_ds.losses import STAT_NAMES
-    from gere_ds.trainer import ContinualTrainer, validate_inputs
+    from gere_ds.step import TrainStep
+    from gere_ds.strategies import make_term
+    from gere_ds.trainer import ContinualTrainer
 
     cfg = load_config(args.config)
     W = dist.world_size()
@@ -54,75 +55,50 @@ def worker(args: argparse.Namespace) -> None:
     notes: list[str] = []
 
     # ---------------------------------------------------------------- teacher data per strategy
-    teachers: dict[str, dict] = {}
+    terms = {}
     teacher_s: dict[str, float] = {}
-    for s in TEACHER_STRATEGIES:
-        if s not in STRATEGIES:
-            notes.append(f"{s}: skipped, replay.strategy does not accept it "
-                         f"(gere_ds.config.STRATEGIES = {STRATEGIES})")
-            continue
-        tr.cfg.replay.strategy = s
-        dist.barrier()
-        t0 = time.perf_counter()
-        try:
-            tr.prepare_teacher()
-        except Exception as err:  # noqa: BLE001 -- reported; every rank fails the same way
-            notes.append(f"{s}: skipped, teacher pass failed: {type(err).__name__}: {err}")
-            continue
-        teacher_s[s] = time.perf_counter() - t0
-        teachers[s] = {"teacher": tr.teacher, "lo": getattr(tr, "_lo", None),
-                       "hi": getattr(tr, "_hi", None), "band": getattr(tr, "_band", None)}
-    strategies = [s for s in WANTED
-                  if s in ("none", "replay") and s in STRATEGIES or s in teachers]
+    for s in WANTED:
+        cfg.replay.strategy = s
+        term = make_term(cfg)
+        if term.needs_teacher:
+            tr.use_term(term)
+            dist.barrier()
+            t0 = time.perf_counter()
+            try:
+                tr.prepare_teacher()  # the term's own teacher pass
+            except Exception as err:  # noqa: BLE001 -- reported; every rank fails the same way
+                notes.append(f"{s}: skipped, teacher pass failed: {type(err).__name__}: {err}")
+                continue
+            teacher_s[s] = time.perf_counter() - t0
+        terms[s] = term
+    strategies = [s for s in WANTED if s in terms]
 
     # ---------------------------------------------------------------- the fixed rows of a step
     task_rows = [(False, rank * B + j) for j in range(B)]
     n_rep = B // 2
-    mixed_rows = task_rows[:B - n_rep] + [(True, sid) for sid in tr.shard[:n_rep]]
-
-    def use(strategy: str) -> None:
-        tr.cfg.replay.strategy = strategy
-        if strategy in teachers:
-            t = teachers[strategy]
-            tr.teacher = t["teacher"]
-            if t["lo"] is not None:
-                tr._lo, tr._hi, tr._band = t["lo"], t["hi"], t["band"]
-
+    mixed_rows = task_rows[:B - n_rep] + [(True, sid) for sid in tr.batches.shard[:n_rep]]
     variants = {s: task_rows if s == "none" else mixed_rows for s in strategies}
 
-    # ---------------------------------------------------------------- phase timers (real code)
+    # ------------------------------------- the real step per strategy, its phases timed
     timer = common.Timer()
-    eng = tr.engine
-    tr.make_batch = timer.wrap("make_batch", tr.make_batch)
-    eng.forward = timer.wrap("forward", eng.forward)
-    tr.row_terms = timer.wrap("row_terms", tr.row_terms)
-    trainer_mod.reduce_rows = timer.wrap("reduce_rows", trainer_mod.reduce_rows)
-    raw_backward, raw_step = eng.engine.backward, eng.engine.step
-    eng.engine.backward = timer.wrap("backward", raw_backward)
-    eng.engine.step = timer.wrap("optimizer_step", raw_step)
-    for t in teachers.values():
-        t["teacher"].batch = timer.wrap("teacher_fetch", t["teacher"].batch)
+    steps = {s: TrainStep(cfg, tr.engine, tr.capture, tr.batches, terms[s], W,
+                          phases=timer.phase) for s in strategies}
 
     def step(name: str):
-        use(name)
-        return tr.micro_step(0, variants[name])
+        sl = steps[name].compute_loss(0, variants[name])
+        steps[name].apply(sl)
+        return sl
 
-    # ------------------------------------------- P1: the trainer's path == the full-logits loss
+    # ------------------------- the trainer's path (LM head on supervised positions) vs the full
+    # logits, same rows: a term that does not read every logit must give the same loss
     checks = {}
-    tcfg = tr.cfg.train
     with torch.no_grad():
         for s in strategies:
-            if s == "kl":  # forward_loss computes kl from the full logits itself
+            if terms[s].needs_full_logits:
                 continue
-            use(s)
-            mb, rid = tr.make_batch(0, variants[s])
-            logits = eng.forward(mb.input_ids, mb.attention_mask)
-            full = float(trainer_mod.reduce_rows(
-                tr.row_terms(logits, tr.capture.pop(), mb, rid), tr.cfg.replay.reduction,
-                tr.cfg.replay.weight, tcfg.micro_batch_size * tcfg.grad_accum * W,
-                tcfg.grad_accum).local_loss)
-            picked = float(tr.forward_loss(0, variants[s]).local_loss)
-            checks[s] = {"loss": full, "loss_P1": picked,
+            full = float(steps[s].compute_loss(0, variants[s], full_logits=True).local_loss)
+            picked = float(steps[s].compute_loss(0, variants[s]).local_loss)
+            checks[s] = {"loss": full, "loss_trainer_path": picked,
                          "rel_diff": abs(full - picked) / max(abs(full), 1e-12)}
     timer.reset()
 
@@ -159,13 +135,12 @@ def worker(args: argparse.Namespace) -> None:
     # the strategy term alone (teacher fetch + loss forward + its backward) on the real shapes of
     # the mixed batch, many repetitions interleaved: a precise number for the overhead that the
     # step-level ratios above measure only within the machine's noise
-    term_ms = term_costs(tr, teachers, mixed_rows, args.term_reps)
+    term_ms = term_costs(tr, terms, mixed_rows, args.term_reps)
 
     # ---------------------------------------------------------------- (c) teacher pass vs epoch
     # rounds of [tm teacher pass into a fresh cache folder, one real epoch of train_task(0) with
     # tm]; the engine keeps training (the timing does not depend on the weights)
-    eng.engine.backward, eng.engine.step = raw_backward, raw_step
-    use("tm" if "tm" in teachers else "replay")
+    tr.use_term(terms["tm"] if "tm" in terms else terms["replay"])
     _ = tr.log.tb  # create the TensorBoard writer now, not inside the first timed epoch
     cache0 = tr.cfg.replay.teacher_cache
     teacher_vs_epoch = []
@@ -173,7 +148,7 @@ def worker(args: argparse.Namespace) -> None:
         tr.cfg.replay.teacher_cache = f"{cache0}-epochbench{r}"
         dist.barrier()
         t0 = time.perf_counter()
-        if "tm" in teachers:
+        if "tm" in terms:
             tr.prepare_teacher()
         t_teacher = time.perf_counter() - t0
         tr.progress = type(tr.progress)()
@@ -185,9 +160,10 @@ def worker(args: argparse.Namespace) -> None:
                                  "steps": tr.progress.step_in_task})
     tr.cfg.replay.teacher_cache = cache0
     epoch_shape = {"task_rows": len(inputs.train_sets[0]), "replay_rows": len(inputs.replay_texts),
-                   "steps_per_epoch": tr._sampler(0).steps_per_epoch(),
-                   "replay_tokens_rank": sum(len(tr._replay_ids[i]) for i in tr.shard),
-                   "task_tokens_rank": sum(len(tr._encode(0, i).input_ids)
+                   "steps_per_epoch": tr.sampler(0).steps_per_epoch(),
+                   "replay_tokens_rank": sum(len(tr.batches.replay_ids[i])
+                                             for i in tr.batches.shard),
+                   "task_tokens_rank": sum(len(tr.batches.encode(0, i).input_ids)
                                            for i in range(rank, len(inputs.train_sets[0]), W)),
                    "teacher_batch_size": tr.cfg.replay.teacher_batch_size}
 
@@ -210,27 +186,27 @@ def worker(args: argparse.Namespace) -> None:
                "variants": {n: {"strategy": n} for n in variants},
                "tokens_per_step": {n: sum(r["tokens"][n] for r in gathered) for n in variants},
                "ranks": gathered, "notes": notes,
-               "P1_checks": checks, "teacher_manifests": manifests(tr, teachers)}
+               "path_checks": checks, "teacher_manifests": manifests(tr)}
         Path(args.result).write_text(json.dumps(out, default=str))
     dist.barrier()  # clean exit without destroy_process_group (docs/platform.md)
 
 
-def term_costs(tr, teachers: dict, rows, reps: int) -> dict[str, float]:
-    """Median ms of each loss term's own work (fetch + forward + backward), this rank."""
+def term_costs(tr, terms: dict, rows, reps: int) -> dict[str, float]:
+    """Median ms of each loss term's own work (teacher fetch + forward + backward), this rank:
+    the ReplayTerm's local_sums on the real shapes of the mixed batch."""
     import torch
 
-    from gere_ds.losses import feature_diff_rows, tm_row_terms, token_ce_sum, topk_kl_rows
+    from gere_ds.losses import token_ce_sum
+    from gere_ds.strategies import ReplayRows
 
-    tr.cfg.replay.strategy = "replay"
-    mb, rid = tr.make_batch(0, rows)
+    mb, rid = tr.batches.make(0, rows)
     with torch.no_grad():
         logits = tr.engine.forward(mb.input_ids, mb.attention_mask)
         hidden = tr.capture.pop()
     picked = [i for i, sid in enumerate(rid) if sid >= 0]
-    ids = [rid[i] for i in picked]
     sel = torch.tensor(picked)
-    width = mb.input_ids.shape[1]
-    mask = mb.attention_mask.index_select(0, sel)
+    replay = ReplayRows(sel, [rid[i] for i in picked], mb.attention_mask.index_select(0, sel),
+                        mb.input_ids.shape[1])
 
     def leaf(t: torch.Tensor) -> torch.Tensor:
         return t.detach().clone().requires_grad_(True)
@@ -238,27 +214,12 @@ def term_costs(tr, teachers: dict, rows, reps: int) -> dict[str, float]:
     def replay_ce() -> None:
         token_ce_sum(leaf(logits), mb.labels, mb.is_replay)[0].backward()
 
-    fns = {"replay CE (all strategies but none)": replay_ce}
-    if "tm" in teachers:
-        t = teachers["tm"]
+    def term_fn(term):
+        return lambda: term.local_sums(replay, leaf(logits), leaf(hidden))[0].sum().backward()
 
-        def tm() -> None:
-            states = t["teacher"].batch(ids, width=width)
-            tm_row_terms(leaf(hidden.index_select(0, sel)), states, t["lo"], t["hi"], mask,
-                         t["band"])[0].sum().backward()
-        fns["tm term"] = tm
-    if "kl" in teachers:
-        def kl() -> None:
-            top_ids, top_logp = teachers["kl"]["teacher"].batch(ids, width=width)
-            topk_kl_rows(leaf(logits.index_select(0, sel)), top_ids, top_logp, mask,
-                         tr.cfg.replay.kl_temperature)[0].sum().backward()
-        fns["kl term"] = kl
-    if "l2" in teachers:
-        def l2() -> None:
-            feats = teachers["l2"]["teacher"].batch(ids, width=width)
-            feature_diff_rows(leaf(hidden.index_select(0, sel)), feats, mask,
-                              2)[0].sum().backward()
-        fns["l2 term"] = l2
+    fns = {"replay CE (all strategies but none)": replay_ce}
+    fns.update({f"{name} term": term_fn(term) for name, term in terms.items()
+                if term.needs_teacher})
     times: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(reps + 1):
         for name, fn in fns.items():
@@ -268,10 +229,8 @@ def term_costs(tr, teachers: dict, rows, reps: int) -> dict[str, float]:
     return {k: 1e3 * common.median(v[1:]) for k, v in times.items()}
 
 
-def manifests(tr, teachers: dict) -> dict:
+def manifests(tr) -> dict:
     """Rank 0's cache manifest per strategy (bytes per token)."""
-    from gere_ds.teacher_cache import rank_dir  # noqa: F401
-
     root = Path(tr.cfg.replay.teacher_cache)
     out = {}
     for path in sorted(root.glob("*/rank00000-of-*/manifest.json")):
@@ -330,12 +289,12 @@ def report(summary: dict, raw: dict) -> str:
     out.append(common.table(["variant", *phases],
                             [[n, *(s["phases_rank0_s"].get(k, 0.0) for k in phases)]
                              for n, s in v.items()]))
-    if raw["P1_checks"]:
+    if raw["path_checks"]:
         out.append("\nloss of the trainer's path (LM head on supervised positions) vs the full "
                    "logits, same rows:")
         out.append(common.table(["strategy", "full logits", "trainer", "rel. diff"],
-                                [[s, c["loss"], c["loss_P1"], c["rel_diff"]]
-                                 for s, c in raw["P1_checks"].items()]))
+                                [[s, c["loss"], c["loss_trainer_path"], c["rel_diff"]]
+                                 for s, c in raw["path_checks"].items()]))
     base = v.get("replay", {}).get("step_s", {}).get("median", float("nan"))
     out.append("\neach loss term alone (teacher fetch + forward + backward, real shapes; slowest "
                "rank's median), as a share of the median `replay` step:")

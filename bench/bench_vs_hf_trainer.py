@@ -16,8 +16,8 @@ steps between its steps, so every round is, interleaved on the same rows:
              task rows through Trainer.compute_loss; w = 100
   gere_tm    gere-ds `tm` step on the same mixed rows (2-bit memory-mapped teacher states)
 
-The gere-ds steps are ContinualTrainer.micro_step as training runs it (LM head only on the
-positions that carry a loss).
+The gere-ds steps are TrainStep.compute_loss + TrainStep.apply as training runs them (LM head
+only on the positions that carry a loss).
 
 Step time = the slowest rank's wall time; an HF step is measured from the end of the previous
 callback to `on_step_end` (data loading, forward, backward, optimizer step, HF bookkeeping).
@@ -38,8 +38,7 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common
+import common  # bench/ is the script's folder, hence on sys.path
 
 NAME = "bench_vs_hf_trainer"
 IGNORE = -100
@@ -206,13 +205,13 @@ def write_reference_teacher(tr, rows, hidden_dir: Path) -> None:
     eng = tr.engine
     eng.engine.eval()
     with torch.no_grad():
-        mb = collate([Encoded(tr._replay_ids[s], tr._replay_ids[s]) for s in sids], sids,
+        mb = collate([Encoded(tr.batches.replay_ids[s], tr.batches.replay_ids[s]) for s in sids], sids,
                      tr.tokenizer.pad_token_id)
         eng.forward(mb.input_ids, mb.attention_mask)
         h = tr.capture.pop().float()
     eng.engine.train()
     for b, s in enumerate(sids):
-        n = len(tr._replay_ids[s])
+        n = len(tr.batches.replay_ids[s])
         torch.save({"hidden_states": h[b, :n].clone()}, hidden_dir / f"SlimRedpajama_train_{s}.pt")
 
 
@@ -223,7 +222,10 @@ def worker(args: argparse.Namespace) -> None:
     from gere_ds import dist
     from gere_ds.config import load_config
     from gere_ds.engine import resolve_ds_config
-    from gere_ds.trainer import ContinualTrainer, StepStats, validate_inputs
+    from gere_ds.inputs import validate_inputs
+    from gere_ds.step import StepStats, TrainStep
+    from gere_ds.strategies import NoReplay
+    from gere_ds.trainer import ContinualTrainer
 
     cfg = load_config(args.config)
     W = dist.world_size()
@@ -267,9 +269,16 @@ def worker(args: argparse.Namespace) -> None:
     # ------------------------------------------------------------------ gere-ds steps
     first_losses: dict[str, dict] = {}
 
+    steps = {}
+    if tr is not None:  # the trainer's own step: tm, and none on the task rows
+        steps = {"gere_tm": tr.step,
+                 "gere_none": TrainStep(cfg, tr.engine, tr.capture, tr.batches,
+                                        NoReplay(cfg.replay, cfg.train.bf16), W)}
+
     def gere_step(name: str):
-        tr.cfg.replay.strategy = "none" if name == "gere_none" else "tm"
-        sl = tr.micro_step(0, task_rows if name == "gere_none" else mixed_rows)
+        step = steps[name]
+        sl = step.compute_loss(0, task_rows if name == "gere_none" else mixed_rows)
+        step.apply(sl)
         if name not in first_losses:  # global values (one all-reduce; identical on every rank)
             stats = StepStats()
             stats.add(sl)

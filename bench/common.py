@@ -10,6 +10,7 @@ interleaved step by step, and reported as ratios of medians.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import json
 import math
@@ -24,15 +25,13 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, NoReturn
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
 
 
 # ----------------------------------------------------------------------------- model sizes
@@ -501,6 +500,15 @@ class Timer:
             finally:
                 self.totals[name] = self.totals.get(name, 0.0) + time.perf_counter() - t0
         return timed
+
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        """Time the body under ``name`` (TrainStep's ``phases`` hook)."""
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.totals[name] = self.totals.get(name, 0.0) + time.perf_counter() - t0
 
     def reset(self) -> dict[str, float]:
         out, self.totals = self.totals, {}

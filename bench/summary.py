@@ -10,8 +10,7 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common
+import common  # bench/ is the script's folder, hence on sys.path
 
 
 def load(results: Path, name: str, smoke: bool) -> dict | None:

@@ -1,4 +1,4 @@
-"""Atomic file writes and file checksums.
+"""Atomic file writes (file checksums: gere_ds.hashing.sha256_file, re-exported here).
 
 A write goes to a unique temporary name in the destination folder, is flushed to disk, then
 ``os.replace``-d into place: a crash never leaves a half-written file that a later run would
@@ -6,13 +6,14 @@ trust, and several nodes writing the same file on a shared disk never share a te
 (mkstemp, not the pid: container pids repeat across nodes)."""
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
+
+from gere_ds.hashing import sha256_file  # noqa: F401  (re-exported)
 
 TMP_MARK = ".tmp-"  # part of every temporary name, so stale ones can be found and removed
 
@@ -46,12 +47,3 @@ def write_jsonl_atomic(path: str | Path, rows: Iterable[dict[str, Any]]) -> int:
     lines = [json.dumps(row, ensure_ascii=False) for row in rows]
     write_text_atomic(path, "".join(line + "\n" for line in lines))
     return len(lines)
-
-
-def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
-    """Hex sha256 of a file, read in chunks (model weights and caches are hundreds of MB)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()

@@ -10,7 +10,9 @@ Layout::
     <output_dir>/checkpoints/latest                the newest complete tag (written last, atomic)
 
 Tags: ``task002-end`` (end of task 2, kept for export and evaluation) and
-``task002-step000040`` (mid-task, the newest ``keep_last`` are kept).
+``task002-step000040`` (mid-task, the newest ``keep_last`` are kept). ``Checkpointer`` owns the
+folder: the tag format, the markers, saving, finding the latest complete checkpoint, pruning and
+the offline check of every rank's files (export, evaluation).
 
 No shared filesystem is assumed: every rank writes and checks only its own files and markers, and
 the decision "is this checkpoint complete" is taken collectively (any rank missing -> skipped).
@@ -34,7 +36,7 @@ from gere_ds import dist
 from gere_ds.atomic import write_text_atomic
 from gere_ds.errors import InputError
 
-_TAG = re.compile(r"^task(\d{3})-(end|step(\d{6}))$")
+_TAG = re.compile(r"^task(\d{3,})-(end|step(\d{6,}))$")  # what task_tag / step_tag write
 
 
 def task_tag(task_index: int) -> str:
@@ -192,3 +194,65 @@ def prune_checkpoints(root: Path, keep_last: int, keep_task_ends: int = 0) -> No
         doomed += [t for t in tags if t.endswith("-end")][keep_task_ends:]
     for tag in doomed:
         shutil.rmtree(Path(root) / tag, ignore_errors=True)
+
+
+def all_ranks_problem(folder: Path) -> str | None:
+    """Why ``folder`` cannot be read offline by one process (None: complete and intact for EVERY
+    rank). The rank count comes from rank 0's ``trainer_state.json``."""
+    folder = Path(folder)
+    state_path = folder / "trainer_state.json"
+    if not state_path.is_file():
+        return "incomplete: no trainer_state.json"
+    markers = list(folder.glob("COMPLETE.rank*"))
+    if not markers:
+        return "incomplete: no COMPLETE marker"
+    try:
+        world = int(json.loads(state_path.read_text()).get("world_size") or len(markers))
+    except (json.JSONDecodeError, ValueError, TypeError, AttributeError):
+        return "unreadable trainer_state.json"
+    for r in range(world):
+        problem = rank_problem(folder, r)
+        if problem and problem.startswith("no completion marker"):
+            return (f"incomplete: no COMPLETE marker of rank {r} of {world} (without a shared "
+                    f"disk, copy every node's files of this checkpoint into one folder first)")
+        if problem:
+            return problem if "truncated" in problem else f"incomplete: {problem}"
+    return None
+
+
+class Checkpointer:
+    """The checkpoints folder of a run: save (then prune), the latest complete checkpoint,
+    pruning and verification. ``save`` and ``latest_complete`` are collectives; ``verify`` and
+    ``task_ends`` read one folder in one process."""
+
+    def __init__(self, root: Path, keep_last: int = 2, keep_task_ends: int = 0) -> None:
+        self.root = Path(root)
+        self.keep_last = keep_last
+        self.keep_task_ends = keep_task_ends
+
+    def tags(self) -> list[str]:
+        """Checkpoint tags present on this node, newest first."""
+        return candidate_tags(self.root)
+
+    def task_ends(self) -> list[str]:
+        """End-of-task tags present here, oldest first."""
+        return sorted((t for t in self.tags() if t.endswith("-end")), key=tag_order)
+
+    def save(self, engine: Any, tag: str, trainer_state: dict[str, Any]) -> Path:
+        """Save on ALL ranks, then prune the old ones (after the new one is complete)."""
+        folder = save_checkpoint(engine, self.root, tag, trainer_state)
+        if dist.local_rank() == 0:
+            self.prune()
+        dist.barrier()
+        return folder
+
+    def prune(self) -> None:
+        prune_checkpoints(self.root, self.keep_last, self.keep_task_ends)
+
+    def latest_complete(self, log: Callable[[str], None]) -> str | None:
+        """The newest tag complete on every rank (collective); see find_resume_checkpoint."""
+        return find_resume_checkpoint(self.root, log)
+
+    def verify(self, tag: str) -> str | None:
+        """Why ``tag`` cannot be read offline (None: every rank's part is complete)."""
+        return all_ranks_problem(self.root / tag)

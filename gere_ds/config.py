@@ -20,7 +20,6 @@ import yaml
 from gere_ds.atomic import write_text_atomic
 from gere_ds.errors import InputError
 
-STRATEGIES = ("none", "replay", "tm", "kl", "l1", "l2")
 EVAL_MODES = ("rank", "generate")
 TRUNCATE_SOURCE = ("head", "tail")
 # how the per-row losses of a global batch become one number (docs/method.md, "Weighing rows")
@@ -138,6 +137,8 @@ class EvalConfig:
     mode: str = doc("rank (label log-likelihood) | generate (greedy decoding)", default="rank")
     max_examples: int = doc("cap each test set to a seeded sample of this size (0 = all)",
                             default=0)
+    sample_seed: int = doc("seed of that sample; fixed (not train.seed) so that every training "
+                           "seed and every strategy scores the same test examples", default=0)
     batch_size: int = doc("rows per rank per evaluation forward", default=8)
     max_new_tokens: int = doc("generate mode: tokens to decode", default=8)
     general: list[GeneralEvalConfig] = doc("general-ability evaluations", default_factory=list)
@@ -172,7 +173,10 @@ class RunConfig:
         return dataclasses.asdict(self)
 
     def strategy_needs_teacher(self) -> bool:
-        return self.replay.strategy in ("tm", "kl", "l1", "l2")
+        """The configured strategy reads teacher data (a teacher pass or its cache)."""
+        from gere_ds.strategies import STRATEGIES
+
+        return STRATEGIES[self.replay.strategy].teacher_kind is not None
 
 
 # ----------------------------------------------------------------------------- loading
@@ -356,10 +360,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
     return cfg
 
 
-def validate(cfg: RunConfig, marks: _Marks | None = None) -> None:
-    """Value checks that types alone cannot express."""
-    marks = marks or _Marks("<config>")
-    r, t = cfg.replay, cfg.train
+def _validate_tasks(cfg: RunConfig, marks: _Marks) -> None:
     if not cfg.tasks:
         raise marks.error("tasks", "at least one task is required")
     names = [task.name for task in cfg.tasks]
@@ -375,8 +376,13 @@ def validate(cfg: RunConfig, marks: _Marks | None = None) -> None:
         both = [x for x in task.test_only_labels if x in task.labels]
         if both:
             raise marks.error(f"tasks.{i}.test_only_labels", f"{both[0]!r} is already in labels")
+
+
+def _validate_replay(r: ReplayConfig, bf16: bool, marks: _Marks) -> None:
+    from gere_ds.strategies import STRATEGIES  # here: the loss code it imports reads config
+
     if r.strategy not in STRATEGIES:
-        close = difflib.get_close_matches(r.strategy, STRATEGIES, n=1)
+        close = difflib.get_close_matches(r.strategy, list(STRATEGIES), n=1)
         hint = f" (did you mean '{close[0]}'?)" if close else ""
         raise marks.error("replay.strategy",
                           f"unknown strategy {r.strategy!r}{hint}; one of {', '.join(STRATEGIES)}")
@@ -395,13 +401,13 @@ def validate(cfg: RunConfig, marks: _Marks | None = None) -> None:
         raise marks.error("replay.tm_dead_band", f"must be a number or 'auto', got "
                                                  f"{r.tm_dead_band!r}")
     if isinstance(r.tm_dead_band, float):
-        band_sigmas = r.tm_dead_band * (2.0 ** -7 if t.bf16 else 2.0 ** -23)
+        band_sigmas = r.tm_dead_band * (2.0 ** -7 if bf16 else 2.0 ** -23)
         if not r.tm_dead_band >= 0 or band_sigmas > MAX_TM_DEAD_BAND * r.threshold_k:
             raise marks.error("replay.tm_dead_band",
                               f"must be >= 0 and at most {MAX_TM_DEAD_BAND} * threshold_k sigma "
                               f"(a wider band would hide real violations); {r.tm_dead_band!r} "
-                              f"units = {band_sigmas:.3g} sigma in {'bf16' if t.bf16 else 'fp32'}")
-    if r.strategy != "none" and not r.data:
+                              f"units = {band_sigmas:.3g} sigma in {'bf16' if bf16 else 'fp32'}")
+    if STRATEGIES[r.strategy].uses_replay and not r.data:
         raise marks.error("replay.data", f"strategy {r.strategy!r} needs a replay data file")
     for key in ("num_samples", "max_len", "teacher_batch_size", "kl_topk"):
         if getattr(r, key) < 1:
@@ -410,6 +416,14 @@ def validate(cfg: RunConfig, marks: _Marks | None = None) -> None:
         raise marks.error("replay.per_batch", "must be >= 0")
     if r.kl_temperature <= 0:
         raise marks.error("replay.kl_temperature", "must be > 0")
+
+
+def validate(cfg: RunConfig, marks: _Marks | None = None) -> None:
+    """Value checks that types alone cannot express."""
+    marks = marks or _Marks("<config>")
+    t = cfg.train
+    _validate_tasks(cfg, marks)
+    _validate_replay(cfg.replay, t.bf16, marks)
     for key in ("epochs", "micro_batch_size", "grad_accum", "max_source_len", "max_target_len",
                 "log_every"):
         if getattr(t, key) < 1:

@@ -156,13 +156,6 @@ def tm_row_terms(hidden: torch.Tensor, states: torch.Tensor, lo: torch.Tensor, h
     return v.sum((1, 2)), violating, elems, ignored
 
 
-def tm_reference(hidden: torch.Tensor, states: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor,
-                 mask: torch.Tensor) -> torch.Tensor:
-    """The reference's TM of one micro-batch: sum(v) / (count_nonzero(v) + 1e-8), no dead-band."""
-    v = tm_violations(hidden, states, lo, hi, mask)
-    return v.sum() / (torch.count_nonzero(v) + TM_EPS)
-
-
 def _fp32(x: torch.Tensor) -> torch.Tensor:
     """At least float32 (float64 stays float64: tests check exact zeros in it)."""
     return x if x.dtype == torch.float64 else x.float()
@@ -212,16 +205,6 @@ def topk_kl_rows(logits: torch.Tensor, teacher_ids: torch.Tensor, teacher_logp: 
     valid = mask.bool()
     kl = torch.where(valid, kl, kl.new_zeros(()))
     return kl.sum(1), valid.sum(1).to(torch.float32)
-
-
-def full_kl_per_token(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
-                      temperature: float) -> torch.Tensor:
-    """Exact KL(teacher || student) at temperature T over the whole vocabulary, per position
-    (the reference's ``calc_kl`` before its mean). For tests and measurements."""
-    t = float(temperature)
-    log_q = F.log_softmax(_fp32(student_logits) / t, dim=-1)
-    log_p = F.log_softmax(_fp32(teacher_logits) / t, dim=-1)
-    return (log_p.exp() * (log_p - log_q)).sum(-1)
 
 
 def teacher_topk(logits: torch.Tensor, k: int, chunk: int = CE_CHUNK

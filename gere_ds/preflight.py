@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from gere_ds.errors import InputError, one_line
+from gere_ds.hashing import file_fingerprint, is_weight_file
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_STALLED = 0, 1, 2, 3  # the command's exit codes
 CHECKS = ("ranks", "all_reduce", "all_gather", "versions", "config", "model", "data", "replay",
@@ -105,13 +106,6 @@ def _run_check(row: Row, check: str, fn: Callable[[], str | None]) -> None:
         row.set(check, False, f"{where}{err.strerror or err}")
 
 
-def _fingerprint_file(path: Path) -> str:
-    size = path.stat().st_size
-    if size > SMALL_FILE:
-        return f"size {size}"
-    return hashlib.sha1(path.read_bytes()).hexdigest()[:16]
-
-
 def versions() -> dict[str, str]:
     from importlib import metadata
 
@@ -144,7 +138,7 @@ def check_model(cfg: Any, info: dict[str, Any]) -> str:
     check_model_folder(cfg)
     folder = Path(cfg.model)
     weights = sorted(p for p in folder.iterdir()
-                     if p.is_file() and p.suffix in (".safetensors", ".bin", ".pt", ".pth"))
+                     if p.is_file() and is_weight_file(p))
     if not weights:
         raise InputError("no weight files (*.safetensors / *.bin) in the model folder",
                          file=cfg.model, field="model")
@@ -178,14 +172,14 @@ def check_data(cfg: Any, info: dict[str, Any]) -> str:
             rows = load_examples(task, split)
             n += len(rows)
             path = Path(task.train if split == "train" else task.test)
-            prints[str(path)] = _fingerprint_file(path)
+            prints[str(path)] = file_fingerprint(path, SMALL_FILE)
     general = cfg.eval.general if cfg.eval.enabled else []
     for i, g in enumerate(general):
         path = Path(g.path)
         if not path.is_file():
             raise InputError(f"general evaluation {g.name!r} file not found", file=g.path,
                              field=f"eval.general.{i}.path")
-        prints[str(path)] = _fingerprint_file(path)
+        prints[str(path)] = file_fingerprint(path, SMALL_FILE)
     info["data_files"] = prints
     extra = f", {len(general)} general set(s)" if general else ""
     return f"{len(cfg.tasks)} task(s), {n} examples{extra}"
@@ -193,12 +187,12 @@ def check_data(cfg: Any, info: dict[str, Any]) -> str:
 
 def check_replay(cfg: Any, world: int, info: dict[str, Any]) -> str | None:
     """The replay set as training checks it (gere_ds.data.replay.check_replay_inputs)."""
-    if cfg.replay.strategy == "none":
-        return None
     from gere_ds.data.replay import check_replay_inputs
 
     texts = check_replay_inputs(cfg, world)
-    info["replay_files"] = {cfg.replay.data: _fingerprint_file(Path(cfg.replay.data))}
+    if not texts:
+        return None
+    info["replay_files"] = {cfg.replay.data: file_fingerprint(cfg.replay.data, SMALL_FILE)}
     return f"{len(texts)} documents"
 
 
@@ -267,8 +261,8 @@ def local_checks(row: Row, config: str, overrides: list[str], world: int) -> Any
     _run_check(row, "model", lambda: check_model(cfg, row.info))
     _run_check(row, "data", lambda: check_data(cfg, row.info))
     _run_check(row, "replay", lambda: check_replay(cfg, world, row.info))
-    if cfg.replay.strategy == "none":
-        row.set("replay", None, "strategy none")
+    if row.results["replay"][0] == "ok" and "replay_files" not in row.info:
+        row.set("replay", None, f"strategy {cfg.replay.strategy}")  # it replays nothing
     _run_check(row, "output", lambda: check_output(cfg, row.info))
     return cfg
 

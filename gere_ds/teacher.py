@@ -1,7 +1,7 @@
 """The teacher pass: base-model data on the replay set, once, before task 1.
 
 Each rank runs the base model over ITS replay shard (the samples it will train on) and keeps
-exactly what its strategy needs (teacher_cache.STRATEGY_KIND):
+exactly what its strategy needs (its ReplayTerm's ``teacher_kind``):
 - tm  ("states"):   the final-norm output is captured and per-dimension sums S1, S2 and the
   token count are accumulated in float64; one all-reduce gives the global mean and population
   std, hence lo/hi = mu -+ k*sigma; then each rank codes its own samples as 2-bit tri-states;
@@ -19,8 +19,9 @@ import math
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -29,24 +30,12 @@ from gere_ds import dist
 from gere_ds.capture import FinalNormCapture
 from gere_ds.data.collate import collate
 from gere_ds.data.encode import Encoded
-from gere_ds.errors import InputError
+from gere_ds.hashing import is_weight_file, update_with_file
 from gere_ds.losses import teacher_topk
-from gere_ds.teacher_cache import (STRATEGY_KIND, CacheWriter, TeacherData,
+from gere_ds.strategies import ReplayTerm
+from gere_ds.teacher_cache import (CacheWriter, TeacherData,
                                    check_rank_cache, load_rank_cache, rank_dir, to_bf16_bits,
                                    write_rank_cache)
-
-
-def _hash_file(h: "hashlib._Hash", path: Path, head_tail: bool = False) -> None:
-    size = path.stat().st_size
-    h.update(f"{path.name}:{size}".encode())
-    with open(path, "rb") as fh:
-        if head_tail and size > 4 << 20:  # large weights: name, size, first and last MiB
-            h.update(fh.read(1 << 20))
-            fh.seek(size - (1 << 20))
-            h.update(fh.read())
-        else:
-            while block := fh.read(1 << 22):
-                h.update(block)
 
 
 def fingerprint(model_dir: str, tokenizer_dir: str, replay_file: str, settings: dict) -> str:
@@ -56,38 +45,24 @@ def fingerprint(model_dir: str, tokenizer_dir: str, replay_file: str, settings: 
     for folder, weights in ((model_dir, True), (tokenizer_dir, False)):
         for path in sorted(Path(folder).iterdir()):
             if path.is_file() and not path.name.startswith("."):
-                big = path.suffix in (".safetensors", ".bin", ".pt", ".gguf")
+                big = is_weight_file(path)
                 if weights or not big:
-                    _hash_file(h, path, head_tail=big)
-    _hash_file(h, Path(replay_file))
+                    update_with_file(h, path, head_tail=big)
+    update_with_file(h, Path(replay_file))
     return h.hexdigest()
 
 
-def teacher_settings(strategy: str, *, num_samples: int, max_len: int, world_size: int,
-                     seed: int, bf16: bool, n_replay: int, threshold_k: float = 1.0,
-                     kl_topk: int = 64) -> dict:
+def teacher_settings(term: ReplayTerm, *, num_samples: int, max_len: int, world_size: int,
+                     seed: int, bf16: bool, n_replay: int) -> dict[str, Any]:
     """The settings part of the fingerprint: everything the stored teacher data depends on.
 
     The strategy (hence the kind of data) and the world size (hence the shard of each rank) are
-    always in; threshold_k only for tm, kl_topk only for kl. kl_temperature is not: the cache
-    keeps T=1 log-probs and the loss applies T (losses.topk_kl_per_token).
+    always in, and what the term adds (tm: threshold_k, kl: kl_topk). kl_temperature is not: the
+    cache keeps T=1 log-probs and the loss applies T (losses.topk_kl_per_token).
     """
-    settings = {"strategy": strategy, "kind": STRATEGY_KIND[strategy], "num_samples": num_samples,
-                "max_len": max_len, "world_size": world_size, "seed": seed, "bf16": bf16,
-                "n_replay": n_replay}
-    if strategy == "tm":
-        settings["threshold_k"] = threshold_k
-    if strategy == "kl":
-        settings["kl_topk"] = kl_topk
-    return settings
-
-
-def check_kl_topk(kl_topk: int, vocab_size: int, model_dir: str) -> None:
-    """kl keeps the teacher's top-k tokens: k cannot exceed the vocabulary."""
-    if kl_topk > vocab_size:
-        raise InputError(f"kl_topk={kl_topk} is larger than the model's vocabulary "
-                         f"({vocab_size} tokens, vocab_size in {Path(model_dir) / 'config.json'})",
-                         field="replay.kl_topk")
+    return {"strategy": term.name, "kind": term.teacher_kind, "num_samples": num_samples,
+            "max_len": max_len, "world_size": world_size, "seed": seed, "bf16": bf16,
+            "n_replay": n_replay, **term.teacher_settings()}
 
 
 def _batches(shard: list[int], batch_size: int, n_forwards: int) -> list[list[int] | None]:
@@ -203,50 +178,72 @@ def stream_pass(forward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
                 writer.add(sid, n, features=to_bf16_bits(h[b, :n]))
 
 
-def prepare_teacher_data(kind: str, forward: Callable, capture: FinalNormCapture,
-                         replay_ids: dict[int, list[int]], shard: list[int], hidden_size: int,
-                         batch_size: int, pad_id: int, device: torch.device, cache_root: Path,
-                         fp: str, log: Callable[[str], None],
-                         progress: Callable[[int, int], None], threshold_k: float = 1.0,
-                         kl_topk: int = 64, settings: dict | None = None) -> TeacherData:
+@dataclass
+class TeacherJob:
+    """One rank's teacher pass: the model side, its replay shard and where the cache lives."""
+
+    kind: str  # "states" (tm), "topk" (kl) or "features" (l1/l2): ReplayTerm.teacher_kind
+    forward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    capture: FinalNormCapture
+    replay_ids: dict[int, list[int]]  # token ids of every sample of the shard
+    shard: list[int]
+    hidden_size: int
+    batch_size: int
+    pad_id: int
+    device: torch.device
+    cache_root: Path
+    fingerprint: str
+    threshold_k: float = 1.0
+    kl_topk: int = 64
+    settings: dict | None = None  # the fingerprint's settings, kept in the manifest
+
+
+def _compute(job: TeacherJob, folder: Path, progress: Callable[[int, int], None]) -> None:
+    """Run the pass of ``job.kind`` and write this rank's cache folder."""
+    meta = {"rank": dist.rank(), "world_size": dist.world_size(), "hidden_size": job.hidden_size,
+            "settings": job.settings or {}}
+    if job.kind == "states":
+        scratch = Path(tempfile.mkdtemp(prefix="teacher-", dir=os.environ.get("TMPDIR")))
+        try:
+            thresholds, samples = teacher_pass(job.forward, job.capture, job.replay_ids,
+                                               job.shard, job.hidden_size, job.threshold_k,
+                                               job.batch_size, job.pad_id, job.device, scratch,
+                                               progress)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+        write_rank_cache(folder, job.fingerprint, thresholds, samples,
+                         {**meta, "threshold_k": job.threshold_k})
+        return
+    topk = job.kind == "topk"
+    writer = CacheWriter(folder, job.fingerprint, job.kind,
+                         job.kl_topk if topk else job.hidden_size,
+                         {**meta, **({"kl_topk": job.kl_topk} if topk else {})})
+    try:
+        stream_pass(job.forward, job.capture, job.replay_ids, job.shard, writer, job.kind,
+                    job.batch_size, job.pad_id, job.device, progress, job.kl_topk)
+        writer.finish()
+    except BaseException:
+        writer.abort()
+        raise
+
+
+def prepare_teacher_data(job: TeacherJob, log: Callable[[str], None],
+                         progress: Callable[[int, int], None]) -> TeacherData:
     """Load this rank's cache if every rank's is intact, else recompute on all ranks.
 
-    ``kind`` is "states" (tm), "topk" (kl) or "features" (l1/l2). A missing, mismatched (other
-    fingerprint: model, tokenizer, replay data, settings, world size) or damaged (size or sha256)
-    cache on ANY rank makes every rank recompute, with one log line saying why. ``settings``
-    (the fingerprint's settings) are kept in the manifest, so a later miss can say what changed.
+    A missing, mismatched (other fingerprint: model, tokenizer, replay data, settings, world
+    size) or damaged (size or sha256) cache on ANY rank makes every rank recompute, with one log
+    line saying why; the manifest keeps ``job.settings``, so a later miss can say what changed.
     """
-    folder = rank_dir(cache_root, fp, dist.rank(), dist.world_size())
-    reason = check_rank_cache(folder, fp, kind)
+    folder = rank_dir(job.cache_root, job.fingerprint, dist.rank(), dist.world_size())
+    reason = check_rank_cache(folder, job.fingerprint, job.kind)
     if reason is not None and not (folder / "manifest.json").is_file():
-        reason = explain_miss(Path(cache_root), fp, settings) or reason
+        reason = explain_miss(Path(job.cache_root), job.fingerprint, job.settings) or reason
     if not dist.any_rank(reason is not None):
         log(f"teacher cache reused: {folder.parent}")
         return load_rank_cache(folder)
     reasons = [r for r in dist.all_gather_object(reason) if r]
-    log(f"teacher pass: computing {kind} in {folder.parent} ({reasons[0]})")
-    meta = {"rank": dist.rank(), "world_size": dist.world_size(), "hidden_size": hidden_size,
-            "settings": settings or {}}
-    if kind == "states":
-        scratch = Path(tempfile.mkdtemp(prefix="teacher-", dir=os.environ.get("TMPDIR")))
-        try:
-            thresholds, samples = teacher_pass(forward, capture, replay_ids, shard, hidden_size,
-                                               threshold_k, batch_size, pad_id, device, scratch,
-                                               progress)
-        finally:
-            shutil.rmtree(scratch, ignore_errors=True)
-        write_rank_cache(folder, fp, thresholds, samples, {**meta, "threshold_k": threshold_k})
-    else:
-        width = kl_topk if kind == "topk" else hidden_size
-        extra = {"kl_topk": kl_topk} if kind == "topk" else {}
-        writer = CacheWriter(folder, fp, kind, width, {**meta, **extra})
-        try:
-            stream_pass(forward, capture, replay_ids, shard, writer, kind, batch_size, pad_id,
-                        device, progress, kl_topk)
-            writer.finish()
-        except BaseException:
-            writer.abort()
-            raise
+    log(f"teacher pass: computing {job.kind} in {folder.parent} ({reasons[0]})")
+    _compute(job, folder, progress)
     dist.barrier()
     return load_rank_cache(folder)
-

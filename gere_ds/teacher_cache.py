@@ -6,7 +6,7 @@ the fingerprint and the folder name, so a run with another world size never read
     <cache_root>/<fingerprint[:16]>/rank00000-of-00002/
         index.npy        int64 [n, 2 + F]: replay sample id, tokens, byte offset in each data file
         manifest.json    kind, fingerprint, shapes, dtypes, counts, sha256 per file; written LAST
-      kind "states" (tm):
+      kind "states" (tm; ReplayTerm.teacher_kind names the kind of each strategy):
         states.bin       uint8: 2-bit tri-states, 4 per byte, one byte-aligned run per sample
         thresholds.npy   float32 [4, D]: lo, hi, mu, sigma (global, identical on every rank)
       kind "topk" (kl):
@@ -34,7 +34,6 @@ from gere_ds.atomic import sha256_file, write_json_atomic
 
 FORMAT_VERSION = 2
 KINDS = ("states", "topk", "features")
-STRATEGY_KIND = {"tm": "states", "kl": "topk", "l1": "features", "l2": "features"}
 # state s in {-1, 0, +1} is stored as code s + 1 in {0, 1, 2}
 _DECODE = np.array([-1, 0, 1, 0], dtype=np.int8)
 

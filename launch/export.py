@@ -1,67 +1,9 @@
-"""Export a run's ZeRO-3 checkpoint as a Hugging Face folder (safetensors + tokenizer).
-
-    python launch/export.py RUN_DIR --out DIR            # end of the last completed task
-    python launch/export.py RUN_DIR --task 1 --out DIR   # end of task 1 (1-based)
-    python launch/export.py RUN_DIR --tag task002-step000010 --out DIR
-    python launch/export.py --verify DIR                 # only check an existing export
-
-One plain process, no launcher and no GPU needed; it reads every rank's files. The folder is
-written next to DIR under a temporary name, checked (every tensor the model config implies is
-there with its shape, nothing empty, parameter count) and only then renamed to DIR.
-Exit status: 0 done, 2 refused or failed (one `error:` line).
-"""
+"""`python launch/export.py ...` = `gere-ds export ...` (gere_ds.commands.export)."""
 from __future__ import annotations
 
-import argparse
-import os
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a clone without install
-
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("run_dir", nargs="?", help="the run's output_dir (holds config.yaml, "
-                   "checkpoints/)")
-    p.add_argument("--out", help="destination folder of the Hugging Face export")
-    which = p.add_mutually_exclusive_group()
-    which.add_argument("--task", type=int, help="export the end of task N (1-based)")
-    which.add_argument("--tag", help="export this checkpoint tag (e.g. task002-step000010)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
-                   help="saved dtype (default: the dtype of the original model config)")
-    p.add_argument("--force", action="store_true", help="replace an existing DIR")
-    p.add_argument("--verify", metavar="DIR", help="only verify an existing export folder")
-    args = p.parse_args(argv)
-    if not args.verify and (not args.run_dir or not args.out):
-        p.error("RUN_DIR and --out are required (or --verify DIR)")
-    return args
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    import torch
-
-    if not torch.cuda.is_available():
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # silences DeepSpeed's detection warning
-    from gere_ds.errors import InputError
-    from gere_ds.export import export_checkpoint, inspect_export
-
-    try:
-        if args.verify:
-            info = inspect_export(args.verify)
-            print(f"ok: {args.verify} ({info['parameters']:,} parameters, {info['tensors']} "
-                  f"tensors, {'/'.join(info['dtypes'])})")
-            return 0
-        export_checkpoint(args.run_dir, args.out, task=args.task, tag=args.tag,
-                          dtype=args.dtype, force=args.force,
-                          log=lambda msg: print(msg, flush=True))
-    except InputError as err:
-        print(f"error: {err}", file=sys.stderr, flush=True)
-        return 2
-    return 0
-
+from gere_ds.commands.export import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -34,10 +34,9 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # run from a clone without install
+from gere_ds.atomic import write_json_atomic
 
-from gere_ds.atomic import write_json_atomic  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 # the paper's rows: Baseline (sequential fine-tuning), BaselineR (replay CE), and BaselineR plus
 # each imitation term (KL on logits, L1 / L2 on final-norm features, TM on activation states)

@@ -60,3 +60,24 @@ def test_retention_of_task_ends(tmp_path):
     assert len(candidate_tags(tmp_path)) == 5
     prune_checkpoints(tmp_path, keep_last=1, keep_task_ends=1)
     assert candidate_tags(tmp_path) == ["task003-end", "task003-step000001"]
+
+
+def test_checkpointer_verify_task_ends_and_one_tag_format(tmp_path):
+    """The Checkpointer reads what the trainer writes: its tags (any task count) and every
+    rank's markers; the old single ``COMPLETE`` file is not a marker."""
+    from gere_ds.checkpoint import Checkpointer, step_tag, task_tag
+
+    ckpt = Checkpointer(tmp_path, keep_last=1, keep_task_ends=0)
+    for tag in (task_tag(0), step_tag(1, 3), task_tag(1), task_tag(1233)):
+        _fake(tmp_path, tag)
+    (tmp_path / "task1234-end.tmp").mkdir()  # not a tag
+    assert ckpt.task_ends() == ["task001-end", "task002-end", "task1234-end"]
+    assert ckpt.tags()[0] == "task1234-end"
+    assert ckpt.verify("task002-end") is None
+    (tmp_path / "task002-end" / "COMPLETE.rank00000").rename(tmp_path / "task002-end" / "COMPLETE")
+    assert ckpt.verify("task002-end") == "incomplete: no COMPLETE marker"
+    _fake(tmp_path, "task003-end", truncate=True)
+    assert "truncated" in ckpt.verify("task003-end")
+    ckpt.prune()  # keep_task_ends=0 keeps every task end; keep_last=1 the newest step
+    assert set(ckpt.tags()) == {"task001-end", "task002-step000003", "task002-end",
+                                "task003-end", "task1234-end"}

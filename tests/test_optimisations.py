@@ -5,24 +5,19 @@
 - the hook-captured final-norm output (gere_ds.capture.FinalNormCapture) ==
   output_hidden_states[-1] (tiny Llama: model.norm; tiny GPT-2: transformer.ln_f), and it is the
   very tensor the LM head consumes (so gradients through it are the model's);
-- proposal P1 of bench/proposals.py (LM head only on the positions that carry a loss) gives the
-  same CE and the same parameter gradients as the full-logits path.
+- the trainer's path (LM head only on the positions that carry a loss:
+  capture.lm_head_on_positions + losses.row_ce_sums) gives the same CE and the same parameter
+  gradients as the full-logits path.
 """
 from __future__ import annotations
-
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from gere_ds import losses
-from gere_ds.capture import FinalNormCapture
+from gere_ds.capture import FinalNormCapture, lm_head_on_positions
 from gere_ds.data.encode import IGNORE
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-import proposals
 
 
 def _batch(seed: int, B: int = 4, T: int = 9, V: int = 37):
@@ -137,9 +132,10 @@ def test_hook_capture_carries_the_model_gradient():
 
 
 @pytest.mark.parametrize("tied", [True, False])
-def test_proposal_p1_head_on_supervised_positions_equals_full_logits(tied):
-    """P1: CE from the LM head applied to the gathered supervised positions only == CE from the
-    full logits; same parameter gradients."""
+def test_head_on_supervised_positions_equals_full_logits(tied, monkeypatch):
+    """CE from the LM head applied to the gathered supervised positions only == CE from the
+    full logits; same parameter gradients (fp32 CE chunks of 5 positions: boundaries inside)."""
+    monkeypatch.setattr(losses, "CE_CHUNK", 5)
     model = _tiny_llama(tied).train()
     ids, mask = _inputs()
     labels = ids.masked_fill(mask == 0, IGNORE)
@@ -152,12 +148,13 @@ def test_proposal_p1_head_on_supervised_positions_equals_full_logits(tied):
     ref = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
 
-    pos, targets = proposals.supervised_positions(labels)
+    pos, targets = losses.supervised_positions(labels)
     assert pos.numel() == int(full_n)
-    with proposals.head_select(model, pos):
+    with lm_head_on_positions(model, pos):
         picked = model(input_ids=ids, attention_mask=mask).logits
     assert picked.shape[-2:] == (pos.numel(), model.config.vocab_size)
-    ce = proposals.ce_per_position(picked.reshape(-1, picked.shape[-1]), targets, chunk=5)
+    ce, _ = losses.row_ce_sums(picked.reshape(-1, picked.shape[-1]), targets,
+                               pos // ids.shape[1], ids.shape[0])
     torch.testing.assert_close(ce.sum(), full_sum, rtol=1e-5, atol=1e-5)
     ce.sum().backward()
     for n, p in model.named_parameters():

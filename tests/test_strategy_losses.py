@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from gere_ds.errors import InputError
-from gere_ds.losses import (feature_diff_rows, full_kl_per_token, reduce_per_row, teacher_topk,
+from gere_ds.losses import (feature_diff_rows, reduce_per_row, teacher_topk,
                             topk_kl_per_token, topk_kl_rows)
+from reference_losses import full_kl_per_token
 
 # The stated tolerance of the top-k approximation (k=64, T=2, a teacher whose top-64 tokens hold
 # >= 90% of its T=2 probability): |KL_k - KL_full| / KL_full <= 10% (measured: 2.5%; see
@@ -265,11 +266,12 @@ def test_topk_kl_close_to_full_kl_on_a_tiny_model(tiny_teacher_student):
 
 
 def test_kl_topk_larger_than_the_vocabulary_is_one_line():
-    from gere_ds.teacher import check_kl_topk
+    from gere_ds.config import ReplayConfig
+    from gere_ds.strategies import STRATEGIES
 
-    check_kl_topk(64, 64, "m")
+    STRATEGIES["kl"](ReplayConfig(kl_topk=64)).check_model(64, "m")
     with pytest.raises(InputError) as err:
-        check_kl_topk(65, 64, "models/tiny")
+        STRATEGIES["kl"](ReplayConfig(kl_topk=65)).check_model(64, "models/tiny")
     msg = str(err.value)
     assert "\n" not in msg and "replay.kl_topk" in msg and "64 tokens" in msg
 
@@ -292,7 +294,7 @@ def test_bad_strategy_settings_stop_with_one_line(tiny_config, override, needle)
 @pytest.mark.parametrize("strategy", ["kl", "l1", "l2"])
 def test_per_batch_not_below_the_global_batch_stops(tiny_config, strategy):
     from gere_ds.config import load_config
-    from gere_ds.trainer import validate_inputs
+    from gere_ds.inputs import validate_inputs
 
     # tiny config: micro 2 x accum 2 x 2 ranks = global batch 8
     cfg = load_config(tiny_config(strategy), ["replay.per_batch=8"])
@@ -308,3 +310,60 @@ def test_weight_number_or_dy_is_accepted(tiny_config, weight):
 
     cfg = load_config(tiny_config("l2"), [f"replay.weight={weight}"])
     assert cfg.replay.weight == ("dy" if weight == "dy" else float(weight))
+
+
+# ----------------------------------------------------------------------------- ReplayTerm objects
+
+
+def test_every_strategy_is_one_replay_term():
+    from gere_ds.config import ReplayConfig
+    from gere_ds.strategies import STRATEGIES
+
+    assert list(STRATEGIES) == ["none", "replay", "tm", "kl", "l1", "l2"]
+    assert {n: c.teacher_kind for n, c in STRATEGIES.items()} == {
+        "none": None, "replay": None, "tm": "states", "kl": "topk", "l1": "features",
+        "l2": "features"}
+    assert [n for n, c in STRATEGIES.items() if c.uses_replay] == ["replay", "tm", "kl", "l1",
+                                                                  "l2"]
+    assert [n for n, c in STRATEGIES.items() if c.needs_full_logits] == ["kl"]
+    replay = ReplayConfig(weight=7.0, threshold_k=1.5, kl_topk=8)
+    means = {"reg": 0.5, "reg_weight": 7.0, "violation_frac": 0.25, "ignored_frac": 0.125}
+    logged = {n: c(replay).log_values(means) for n, c in STRATEGIES.items()}
+    assert logged["none"] == logged["replay"] == {}
+    for n in ("kl", "l1", "l2"):
+        assert logged[n] == {f"train/{n}": 0.5, f"train/{n}_weight": 7.0}
+    assert logged["tm"] == {"train/tm": 0.5, "train/tm_weight": 7.0,
+                            "train/tm_violation_frac": 0.25, "train/tm_ignored_frac": 0.125}
+    assert "train/l2_weight" not in STRATEGIES["l2"](replay).log_values({"reg": 0.0})
+    assert STRATEGIES["tm"](replay).teacher_settings() == {"threshold_k": 1.5}
+    assert STRATEGIES["kl"](replay).teacher_settings() == {"kl_topk": 8}
+    assert STRATEGIES["l1"](replay).teacher_settings() == {}
+    assert all(c(replay).weight == 7.0 for c in STRATEGIES.values())
+
+
+@pytest.mark.parametrize("name,p", [("l1", 1), ("l2", 2)])
+def test_feature_terms_read_their_rows_of_the_micro_batch(name, p):
+    """local_sums picks the replay rows of the batch and the teacher's features of their
+    samples: the same numbers as feature_diff_rows on those rows."""
+    from gere_ds.config import ReplayConfig
+    from gere_ds.strategies import STRATEGIES, ReplayRows
+
+    g = torch.Generator().manual_seed(3)
+    hidden = torch.randn(4, 5, 6, generator=g)
+    feats = {10: torch.randn(5, 6, generator=g), 11: torch.randn(3, 6, generator=g)}
+
+    class Features:
+        def batch(self, ids, width):
+            out = torch.zeros(len(ids), width, 6)
+            for b, sid in enumerate(ids):
+                out[b, :len(feats[sid])] = feats[sid][:width]
+            return out
+
+    term = STRATEGIES[name](ReplayConfig())
+    term.attach(Features())
+    rows = torch.tensor([1, 3])
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
+    s, c, e, ignored = term.local_sums(ReplayRows(rows, [10, 11], mask, 5), None, hidden)
+    want_s, want_c = feature_diff_rows(hidden[rows], Features().batch([10, 11], 5), mask, p)
+    assert torch.equal(s, want_s) and torch.equal(c, want_c) and torch.equal(e, want_c)
+    assert torch.equal(ignored, torch.zeros(2))

@@ -12,7 +12,9 @@ import pytest
 import torch
 
 from gere_ds.losses import teacher_topk
-from gere_ds.teacher import fingerprint, prepare_teacher_data, teacher_settings
+from gere_ds.config import ReplayConfig
+from gere_ds.strategies import STRATEGIES
+from gere_ds.teacher import TeacherJob, fingerprint, prepare_teacher_data, teacher_settings
 from gere_ds.teacher_cache import (CacheWriter, TeacherFeatures, TeacherStates, TeacherTopK,
                                    check_rank_cache, load_rank_cache, pack_states, rank_dir,
                                    to_bf16_bits, unpack_states, write_rank_cache)
@@ -147,15 +149,16 @@ def tiny_lm(gpt2_tokenizer_dir, tmp_path_factory):
 
 
 def _prepare(lm, kind, root, fp, logs, settings=None, shard=None, k=8):
-    return prepare_teacher_data(kind, lm["forward"], lm["capture"], lm["replay_ids"],
-                                shard or sorted(lm["replay_ids"]), lm["hidden"], 3, lm["pad"],
-                                torch.device("cpu"), root, fp, logs.append, lambda i, n: None,
-                                threshold_k=1.0, kl_topk=k, settings=settings)
+    job = TeacherJob(kind, lm["forward"], lm["capture"], lm["replay_ids"],
+                     shard or sorted(lm["replay_ids"]), lm["hidden"], 3, lm["pad"],
+                     torch.device("cpu"), root, fp, threshold_k=1.0, kl_topk=k, settings=settings)
+    return prepare_teacher_data(job, logs.append, lambda i, n: None)
 
 
 def _settings(strategy, world=1, **kw):
-    return teacher_settings(strategy, num_samples=1000, max_len=24, world_size=world, seed=1,
-                            bf16=False, n_replay=7, **kw)
+    term = STRATEGIES[strategy](ReplayConfig(strategy=strategy, **kw), bf16=False)
+    return teacher_settings(term, num_samples=1000, max_len=24, world_size=world, seed=1,
+                            bf16=False, n_replay=7)
 
 
 @torch.no_grad()

@@ -24,7 +24,9 @@ def check_replay_inputs(cfg: RunConfig, world_size: int) -> list[str]:
     Every rank needs at least one document of its own, and a fixed number of replay rows per
     global batch must leave room for task rows.
     """
-    if cfg.replay.strategy == "none":
+    from gere_ds.strategies import make_term  # the registry imports config, which imports data
+
+    if not make_term(cfg).uses_replay:
         return []
     texts = load_replay_texts(cfg.replay.data, cfg.replay.num_samples)
     if len(texts) < world_size:

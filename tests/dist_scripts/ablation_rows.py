@@ -1,4 +1,4 @@
-"""Launched by tests under `deepspeed --num_gpus 2`: the entry point's main() once per ablation
+"""Launched by tests under `deepspeed --num_gpus 2`: the train command's main() once per ablation
 row, in one launch (a launch costs most of a tiny row's time).
 
 Each row is the tiny config plus the preset's replay.strategy / replay.weight, its own
@@ -12,10 +12,10 @@ import importlib.util
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO))
+from gere_ds import dist
+from gere_ds.commands import train
 
-from gere_ds import dist  # noqa: E402
+REPO = Path(__file__).resolve().parents[2]
 
 
 def main() -> int:
@@ -26,9 +26,6 @@ def main() -> int:
     p.add_argument("--local_rank", type=int, default=0)
     p.add_argument("overrides", nargs="*")
     args = p.parse_args()
-    spec = importlib.util.spec_from_file_location("train_entry", REPO / "launch" / "train.py")
-    train = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(train)
     spec = importlib.util.spec_from_file_location("run_ablation",
                                                   REPO / "launch" / "run_ablation.py")
     ablation = importlib.util.module_from_spec(spec)

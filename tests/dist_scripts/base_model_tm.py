@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -17,7 +18,10 @@ import torch
 from gere_ds import dist
 from gere_ds.config import load_config
 from gere_ds.losses import step_means
-from gere_ds.trainer import ContinualTrainer, validate_inputs
+from gere_ds.inputs import validate_inputs
+from gere_ds.step import TrainStep
+from gere_ds.strategies import ThresholdMargin
+from gere_ds.trainer import ContinualTrainer
 
 REPLAY_ROWS = 8  # replay rows of this rank's shard scored per case
 
@@ -42,23 +46,23 @@ def main() -> None:
         cfg.replay.teacher_batch_size = tb
         cfg.replay.teacher_cache = str(out.parent / f"teacher_tb{tb}")  # no reuse across sizes
         tr.prepare_teacher()
-        band = tr._band
         for micro in args.micro:
-            for label, use_band in (("dead-band", band), ("exact", torch.zeros_like(band))):
-                tr._band = use_band
+            for label, band in (("dead-band", cfg.replay.tm_dead_band), ("exact", 0.0)):
+                term = ThresholdMargin(replace(cfg.replay, tm_dead_band=band), cfg.train.bf16)
+                term.attach(tr.teacher, tr.device)
+                step = TrainStep(cfg, tr.engine, tr.capture, tr.batches, term, dist.world_size())
                 total = None
                 with torch.no_grad():
-                    for i, sid in enumerate(tr.shard[:REPLAY_ROWS]):
+                    for i, sid in enumerate(tr.batches.shard[:REPLAY_ROWS]):
                         rows = [(True, sid)] + [(False, (7 * i + j) % len(inputs.train_sets[0]))
                                                 for j in range(micro - 1)]
-                        st = tr.forward_loss(0, rows).stats
+                        st = step.compute_loss(0, rows).stats
                         total = st if total is None else total + st
                 m = step_means(dist.all_reduce_sum(total.clone()))
                 lines.append({"teacher_batch": tb, "micro_batch": micro, "test": label,
                               "tm": m["reg"], "violation_frac": m["violation_frac"],
                               "ignored_frac": m["ignored_frac"],
                               "replay_rows": m["replay_rows"]})
-            tr._band = band
     if dist.is_main():
         out.write_text("".join(json.dumps(x) + "\n" for x in lines))
     dist.barrier()

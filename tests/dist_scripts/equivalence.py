@@ -2,8 +2,9 @@
 strategy term and reduction, one optimizer step's logged values and every parameter gradient
 over the fixed global batch (global_batch.GLOBAL_ROWS), saved by rank 0 for comparison.
 
-The step is the trainer's own (ContinualTrainer.forward_loss, engine.backward, engine.step over
-GRAD_ACCUM micro-steps). The teacher data is random (seeded, identical on every rank, held for
+The step is the trainer's own: TrainStep.compute_loss and TrainStep.apply over GRAD_ACCUM
+micro-steps, with each strategy's own ReplayTerm (so l1/l2 take the trainer's path: the LM head
+on the supervised positions only, and kl the full logits). The teacher data is random (seeded, identical on every rank, held for
 the whole replay set so any rank can read any row): the student is far from it, so every term and
 every gradient is far from zero, and nothing sits on a kink of |h - t| or of a TM threshold where
 rounding decides the sign.
@@ -14,7 +15,8 @@ import torch
 from deepspeed.utils import safe_get_full_grad
 
 from gere_ds import dist
-from gere_ds.losses import step_means
+from gere_ds.step import StepStats, TrainStep
+from gere_ds.strategies import make_term
 from gere_ds.teacher_cache import TeacherFeatures, TeacherStates, TeacherTopK
 from global_batch import encode_whole_replay_set, parse_args, trainer_on_global_batch  # noqa: I001
 
@@ -27,10 +29,11 @@ LOGGED = ("loss", "task_ce", "replay_ce", "reg", "reg_weight", "violation_frac")
 
 
 def fake_teachers(tr, real_states: TeacherStates) -> dict:
-    vocab, hidden = int(tr.engine.module.config.vocab_size), tr.hidden_size
+    config = tr.engine.module.config
+    vocab, hidden = int(config.vocab_size), int(config.hidden_size)
     g = torch.Generator().manual_seed(0)
     states, topk, feats = {}, {}, {}
-    for sid, ids in sorted(tr._replay_ids.items()):
+    for sid, ids in sorted(tr.batches.replay_ids.items()):
         states[sid] = torch.randint(-1, 2, (len(ids), hidden), generator=g, dtype=torch.int8)
         top_ids = torch.rand(len(ids), vocab, generator=g).topk(TOPK, dim=-1).indices
         logp = -(torch.rand(len(ids), TOPK, generator=g) * 8).sort(dim=-1).values
@@ -64,24 +67,26 @@ def main() -> None:
     results: dict = {"thresholds": torch.stack([tr.teacher.lo, tr.teacher.hi])}
     engine = tr.engine.engine
     for strategy, reduction, weight in MODES:
-        tr.cfg.replay.strategy, tr.cfg.replay.reduction = strategy, reduction
-        tr.cfg.replay.weight = weight
-        tr.teacher = teachers[strategy]
-        stats = None
+        cfg.replay.strategy, cfg.replay.reduction, cfg.replay.weight = strategy, reduction, weight
+        term = make_term(cfg)
+        term.attach(teachers[strategy], tr.device)
+        step = TrainStep(cfg, tr.engine, tr.capture, tr.batches, term, dist.world_size())
+        stats, grads = StepStats(), {}
+
+        def read_grads() -> None:
+            for name, param in engine.module.named_parameters():
+                grad = safe_get_full_grad(param)  # collective: every rank calls it
+                grads[name] = grad.detach().float().cpu().clone()
+
         for m, rows in enumerate(micro):
-            sl = tr.forward_loss(0, rows)
-            stats = sl.stats if stats is None else stats + sl.stats
-            engine.backward(sl.local_loss)
-            if m + 1 < len(micro):
-                engine.step()  # not a boundary: only counts the micro-step
-        values = step_means(dist.all_reduce_sum(stats.clone()))
-        grads = {}
-        for name, param in engine.module.named_parameters():
-            grad = safe_get_full_grad(param)  # collective: every rank calls it
-            grads[name] = grad.detach().float().cpu().clone()
+            sl = step.compute_loss(0, rows)
+            stats.add(sl)
+            # the last micro-step is the boundary: read the gradients before its optimizer
+            # step (lr ~ 0: parameters do not move; the step clears the gradients)
+            step.apply(sl, before_step=read_grads if m + 1 == len(micro) else None)
+        values = stats.reduce()
         results[f"{strategy}/{reduction}/{weight}"] = {
             **{k: torch.tensor(values[k]) for k in LOGGED if k in values}, "grads": grads}
-        engine.step()  # the boundary; lr ~ 0: parameters do not move; gradients are cleared
     if dist.is_main():
         torch.save(results, args.out)
     dist.barrier()

@@ -5,17 +5,14 @@ export (`export_from_engine`, all ranks) and check the engine is untouched by it
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-
-from gere_ds import dist  # noqa: E402
-from gere_ds.config import load_config  # noqa: E402
-from gere_ds.engine import build_engine  # noqa: E402
-from gere_ds.export import export_from_engine  # noqa: E402
+from gere_ds import dist
+from gere_ds.config import load_config
+from gere_ds.engine import build_engine
+from gere_ds.export import export_from_engine
 
 TEXTS = ["The film was wonderful and the hotel was lovely.",
          "Yesterday's news was all about quantum physics."]

@@ -13,7 +13,8 @@ import argparse
 from gere_ds import dist
 from gere_ds.config import RunConfig, load_config
 from gere_ds.data.encode import encode_replay
-from gere_ds.trainer import ContinualTrainer, Inputs, validate_inputs
+from gere_ds.inputs import Inputs, validate_inputs
+from gere_ds.trainer import ContinualTrainer
 
 GLOBAL_ROWS = [(False, 0), (True, 0), (True, 3), (False, 5),
                (True, 1), (False, 2), (True, 8), (True, 4)]
@@ -50,5 +51,5 @@ def trainer_on_global_batch(args: argparse.Namespace, extra: list[str]
 
 def encode_whole_replay_set(tr: ContinualTrainer, cfg: RunConfig, inputs: Inputs) -> None:
     """Every replay id must be encodable on this rank, not only its shard's."""
-    tr._replay_ids = {i: encode_replay(tr.tokenizer, t, cfg.replay.max_len)
-                      for i, t in enumerate(inputs.replay_texts)}
+    tr.batches.replay_ids.update({i: encode_replay(tr.tokenizer, t, cfg.replay.max_len)
+                                  for i, t in enumerate(inputs.replay_texts)})

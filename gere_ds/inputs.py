@@ -1,0 +1,43 @@
+"""Every input of a run read from disk and checked before any work starts."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from gere_ds.config import RunConfig
+from gere_ds.data.replay import check_replay_inputs
+from gere_ds.data.tasks import Example, load_examples
+from gere_ds.engine import check_model_folder, resolve_ds_config
+from gere_ds.errors import InputError
+from gere_ds.evaluation.scoring import EvalSuite
+from gere_ds.strategies import make_term
+
+
+@dataclass
+class Inputs:
+    """Everything read from disk and validated before any work starts."""
+
+    train_sets: list[list[Example]]
+    replay_texts: list[str]
+    eval_suite: EvalSuite | None = None
+
+
+def validate_inputs(cfg: RunConfig, world_size: int) -> Inputs:
+    """Read and check every input; raises InputError with file, line and field."""
+    check_model_folder(cfg)
+    resolve_ds_config(cfg, world_size)
+    term = make_term(cfg)
+    train_sets = [load_examples(task, "train") for task in cfg.tasks]
+    replay = check_replay_inputs(cfg, world_size)
+    # before the model is loaded: one clear line
+    vocab = json.loads((Path(cfg.model) / "config.json").read_text()).get("vocab_size")
+    if vocab:
+        term.check_model(int(vocab), cfg.model)
+    suite = None
+    if cfg.eval.enabled:
+        suite = EvalSuite(cfg.tasks, cfg.eval, seed=cfg.eval.sample_seed,
+                          max_source_len=cfg.train.max_source_len,
+                          max_target_len=cfg.train.max_target_len,
+                          truncate_source=cfg.train.truncate_source)
+    return Inputs(train_sets, replay, suite)

@@ -1,0 +1,118 @@
+"""One micro-step of training as two calls: ``compute_loss`` (forward + loss, no backward) and
+``apply`` (backward + DeepSpeed's step). Tests and benchmarks call these same two functions.
+
+Data flow: rows -> BatchMaker.make -> engine forward (LM head on the supervised positions only,
+unless the term reads logits at every replay token; the hook keeps the final-norm output) ->
+``row_terms`` (per-row CE sums + the ReplayTerm's sums) -> losses.reduce_rows -> StepLoss.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, ContextManager
+
+import torch
+
+from gere_ds import dist
+from gere_ds.batches import BatchMaker
+from gere_ds.capture import FinalNormCapture, lm_head_on_positions
+from gere_ds.config import RunConfig
+from gere_ds.data.collate import MicroBatch
+from gere_ds.data.sampler import Row
+from gere_ds.engine import Engine
+from gere_ds.losses import RowTerms, StepLoss, reduce_rows, row_ce_sums, step_means, \
+    supervised_positions
+from gere_ds.strategies import ReplayRows, ReplayTerm
+
+# phases(name) -> a context manager around that phase (benchmarks time them; default: nothing)
+Phases = Callable[[str], ContextManager]
+
+
+def _no_phase(name: str) -> ContextManager:
+    return contextlib.nullcontext()
+
+
+class TrainStep:
+    """The loss of one micro-batch and its application, for one ReplayTerm."""
+
+    def __init__(self, cfg: RunConfig, engine: Engine, capture: FinalNormCapture,
+                 batches: BatchMaker, term: ReplayTerm, world: int,
+                 phases: Phases | None = None) -> None:
+        self.cfg, self.engine, self.capture = cfg, engine, capture
+        self.batches, self.term, self.world = batches, term, world
+        self.phases = phases or _no_phase
+
+    def row_terms(self, logits: torch.Tensor, hidden: torch.Tensor, mb: MicroBatch,
+                  replay_ids: list[int], picked: tuple[torch.Tensor, torch.Tensor] | None = None
+                  ) -> RowTerms:
+        """This rank's per-row loss terms. ``logits`` are [B, T, V], or with ``picked`` =
+        (positions, targets) the [N, V] logits of the supervised positions only."""
+        n_rows, width = mb.input_ids.shape
+        logits_at = logits
+        if picked is None:  # full logits: take the supervised positions here
+            picked = supervised_positions(mb.labels)
+            logits_at = logits.reshape(-1, logits.shape[-1]).index_select(0, picked[0])
+        pos, targets = picked
+        ce_sum, ce_count = row_ce_sums(logits_at.reshape(-1, logits_at.shape[-1]), targets,
+                                       pos // width, n_rows)
+        zeros = ce_sum.new_zeros(n_rows)
+        reg = [zeros, zeros, zeros, zeros]  # sum, count, elements, ignored
+        rows = [i for i, sid in enumerate(replay_ids) if sid >= 0]
+        if rows and self.term.needs_teacher:
+            sel = torch.tensor(rows, device=hidden.device)
+            replay = ReplayRows(sel, [replay_ids[i] for i in rows],
+                                mb.attention_mask.index_select(0, sel), width)
+            parts = self.term.local_sums(replay, logits, hidden)
+            reg = [zeros.index_put((sel,), part.to(zeros.dtype)) for part in parts]
+        return RowTerms(mb.is_replay, ce_sum, ce_count, *reg,
+                        mb.attention_mask.sum().to(torch.float32))
+
+    def compute_loss(self, task_index: int, rows: list[Row],
+                     full_logits: bool | None = None) -> StepLoss:
+        """Forward on the engine, per-row terms, the configured reduction; no backward.
+        Every rank calls it once per micro-step (ZeRO-3 forwards are collective).
+        ``full_logits`` None: the term decides (kl reads logits at every replay token; else
+        the LM head runs only where a target is: same loss and gradients, less work)."""
+        with self.phases("make_batch"):
+            mb, replay_ids = self.batches.make(task_index, rows)
+        full = self.term.needs_full_logits if full_logits is None else full_logits
+        picked = None if full else supervised_positions(mb.labels)
+        with self.phases("forward"):
+            if full:
+                logits = self.engine.forward(mb.input_ids, mb.attention_mask)
+            else:
+                with lm_head_on_positions(self.engine.module, picked[0]):
+                    logits = self.engine.forward(mb.input_ids, mb.attention_mask)
+        with self.phases("row_terms"):
+            terms = self.row_terms(logits, self.capture.pop(), mb, replay_ids, picked)
+        t = self.cfg.train
+        with self.phases("reduce_rows"):
+            return reduce_rows(terms, self.cfg.replay.reduction, self.term.weight,
+                               t.micro_batch_size * t.grad_accum * self.world, t.grad_accum)
+
+    def apply(self, sl: StepLoss, before_step: Callable[[], None] | None = None) -> None:
+        """Backward and DeepSpeed's step (which applies the optimizer at the accumulation
+        boundary). A non-finite loss still goes through backward: DeepSpeed finds the
+        non-finite gradient norm and skips that optimizer step (skipping backward instead would
+        leave ZeRO-3 without gradients to step on). ``before_step`` runs between the two (tests
+        read the accumulated gradients there)."""
+        with self.phases("backward"):
+            self.engine.engine.backward(sl.local_loss)
+        if before_step is not None:
+            before_step()
+        with self.phases("optimizer_step"):
+            self.engine.engine.step()
+
+
+class StepStats:
+    """This rank's log values (losses.STAT_NAMES) summed over the micro-steps of one optimizer
+    step; ``reduce`` sums them over ranks (the step's one collective for logging)."""
+
+    def __init__(self) -> None:
+        self.total: torch.Tensor | None = None
+
+    def add(self, sl: StepLoss) -> None:
+        self.total = sl.stats if self.total is None else self.total + sl.stats
+
+    def reduce(self) -> dict[str, float]:
+        """Global values of the step, identical on every rank (one all-reduce, every rank)."""
+        return step_means(dist.all_reduce_sum(self.total.clone()))
