@@ -139,6 +139,9 @@ class EvalConfig:
                             default=0)
     sample_seed: int = doc("seed of that sample; fixed (not train.seed) so that every training "
                            "seed and every strategy scores the same test examples", default=0)
+    reuse_base: bool = doc("keep the base model's evaluation next to the teacher cache and reuse "
+                           "it in later runs with the same model, test sets and settings",
+                           default=False)
     batch_size: int = doc("rows per rank per evaluation forward", default=8)
     max_new_tokens: int = doc("generate mode: tokens to decode", default=8)
     general: list[GeneralEvalConfig] = doc("general-ability evaluations", default_factory=list)

@@ -1,10 +1,9 @@
 """The continual loop: validate inputs -> teacher pass -> for each task: train, checkpoint.
 
-One optimizer step, as data (docs/architecture.md):
-  sampler rows (task example ids + replay sample ids) -> TrainStep.compute_loss on every rank
-  per micro-step (batch, forward, the ReplayTerm's per-row terms, losses.reduce_rows) ->
-  TrainStep.apply (engine.backward / engine.step); after the step one small all-reduce of the
-  log values -> scalars to TensorBoard at log steps.
+One optimizer step, as data (docs/architecture.md): sampler rows (task example ids + replay
+sample ids) -> TrainStep.compute_loss on every rank per micro-step (batch, forward, the
+ReplayTerm's per-row terms, losses.reduce_rows) -> TrainStep.apply (engine.backward / step);
+after the step one small all-reduce of the log values -> scalars to TensorBoard.
 """
 from __future__ import annotations
 
@@ -25,6 +24,7 @@ from gere_ds.checkpoint import Checkpointer, load_rng, load_trainer_state, step_
 from gere_ds.config import RunConfig, save_resolved
 from gere_ds.data.sampler import ContinualSampler
 from gere_ds.engine import Engine, build_engine
+from gere_ds.evaluation.base_cache import evaluate_base
 from gere_ds.inputs import Inputs
 from gere_ds.progress import Preempted, Progress, count_bad_step, step_scalars
 from gere_ds.resume import check_state, resume_target
@@ -128,7 +128,7 @@ class ContinualTrainer:
         job = TeacherJob(term.teacher_kind, self.engine.forward, self.capture,
                          self.batches.replay_ids, shard, int(self.engine.module.config.hidden_size),
                          r.teacher_batch_size, self.tokenizer.pad_token_id, self.device,
-                         Path(r.teacher_cache) if r.teacher_cache else self.out / "teacher", fp,
+                         self.teacher_root, fp,
                          threshold_k=r.threshold_k, kl_topk=r.kl_topk, settings=settings)
         self.engine.engine.eval()
         self.log.progress(math.ceil(len(shard) / r.teacher_batch_size), "teacher pass")
@@ -228,6 +228,10 @@ class ContinualTrainer:
         self.log.info(f"resumed from {folder}: task {p.task_index + 1}, step {p.step_in_task}"
                       f"{' (done)' if p.task_done else ''}, global step {p.global_step}")
 
+    @property
+    def teacher_root(self) -> Path:  # teacher data and a kept base evaluation; shared by a study
+        return Path(self.cfg.replay.teacher_cache or self.out / "teacher")
+
     def evaluate_row(self) -> None:
         """Evaluate the current model on every task and general set; one more matrix row."""
         suite, p = self.inputs.eval_suite, self.progress
@@ -237,8 +241,10 @@ class ContinualTrainer:
         self.log.info(f"evaluating the {label} on {len(self.cfg.tasks)} task(s) "
                       f"and {len(suite.general)} general set(s)")
         self.engine.engine.eval()
+        score = lambda: suite.evaluate(self.engine.forward, self.tokenizer, device=self.device)  # noqa: E731
         try:
-            row = suite.evaluate(self.engine.forward, self.tokenizer, device=self.device)
+            row = score() if p.matrix else evaluate_base(self.cfg, suite, self.world,
+                                                         self.teacher_root, score, self.log.info)
         finally:
             self.engine.engine.train()
         p.matrix.append(row.row())

@@ -1,0 +1,90 @@
+"""The base model's evaluation, kept and reused across the runs of one study.
+
+Every run of an ablation or benchmark starts by scoring the same base model on the same test
+sets: with ``eval.reuse_base`` the first run keeps that evaluation next to its teacher cache, and
+later runs with the same key read it instead of scoring again. The key covers what decides the
+numbers: the model and tokenizer files, the exact test examples (their digests), the evaluation
+settings, the prompt cut, the precision and the world size (other shapes round differently).
+
+Rank 0 reads the file and broadcasts it, so only rank 0 needs to see the folder; a file that is
+unreadable or holds another key is a miss, never an error. Written atomically by rank 0.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any, Callable
+
+from gere_ds import dist
+from gere_ds.atomic import write_text_atomic
+from gere_ds.evaluation.general import GeneralScore
+from gere_ds.evaluation.outcomes import test_set_digests
+from gere_ds.evaluation.scoring import EvalRow, TaskScore
+
+FOLDER = "base_eval"
+
+
+def base_key(cfg: Any, suite: Any, world_size: int) -> str:
+    """Identity of the base evaluation of run config ``cfg`` on ``suite``."""
+    from gere_ds.teacher import fingerprint
+
+    settings = {"tests": test_set_digests(suite), "eval": dataclasses.asdict(cfg.eval),
+                "max_source_len": cfg.train.max_source_len,
+                "max_target_len": cfg.train.max_target_len,
+                "truncate_source": cfg.train.truncate_source, "bf16": cfg.train.bf16,
+                "world_size": world_size, "tasks": [dataclasses.asdict(t) for t in cfg.tasks]}
+    settings["eval"].pop("reuse_base", None)
+    settings["eval"].pop("max_examples", None)  # the digests say which examples
+    return fingerprint(cfg.model, cfg.tokenizer or cfg.model, cfg.model + "/config.json",
+                       settings)
+
+
+def _to_json(key: str, row: EvalRow) -> dict[str, Any]:
+    return {"key": key, "accuracy": row.accuracy, "general": row.general,
+            "tasks": {n: dataclasses.asdict(s) for n, s in row.task_scores.items()},
+            "general_scores": {n: dataclasses.asdict(s) for n, s in row.general_scores.items()}}
+
+
+def _from_json(doc: dict[str, Any]) -> EvalRow:
+    return EvalRow(accuracy=doc["accuracy"], general=doc["general"],
+                   task_scores={n: TaskScore(**s) for n, s in doc["tasks"].items()},
+                   general_scores={n: GeneralScore(**s)
+                                   for n, s in doc["general_scores"].items()})
+
+
+def load_base(root: Path, key: str) -> EvalRow | None:
+    """The kept base evaluation for ``key`` on every rank, or None on every rank."""
+    doc = None
+    if dist.is_main():
+        path = root / FOLDER / f"{key}.json"
+        try:
+            doc = json.loads(path.read_text(encoding="utf-8"))
+            if doc.get("key") != key:
+                doc = None
+        except (OSError, ValueError):
+            doc = None
+    if dist.is_initialized() and dist.world_size() > 1:
+        doc = dist.broadcast_object(doc)
+    return _from_json(doc) if doc else None
+
+
+def save_base(root: Path, key: str, row: EvalRow) -> None:
+    """Keep a base evaluation (rank 0 only)."""
+    if dist.is_main():
+        write_text_atomic(root / FOLDER / f"{key}.json", json.dumps(_to_json(key, row)) + "\n")
+
+
+def evaluate_base(cfg: Any, suite: Any, world_size: int, root: Path,
+                  evaluate: Callable[[], EvalRow], log: Callable[[str], None]) -> EvalRow:
+    """The base model's EvalRow: kept from an earlier run when ``eval.reuse_base`` allows."""
+    if not cfg.eval.reuse_base:
+        return evaluate()
+    key = base_key(cfg, suite, world_size)
+    row = load_base(root, key)
+    if row is not None:
+        log(f"base model: reusing the evaluation kept in {root / FOLDER / key}.json")
+        return row
+    row = evaluate()
+    save_base(root, key, row)
+    return row
