@@ -319,25 +319,27 @@ def write_report(results: str | Path, out: str | Path | None = None) -> dict[str
 # ------------------------------------------------------------------------------ one run against it
 
 
-def _subset_indices(run_cfg: Any, examples_per_task: dict[str, int]) -> dict[str, list[int]]:
-    """Which examples of each full test set a run scored (its eval.max_examples sample)."""
-    from gere_ds.evaluation.batching import sample_rows
-
-    seed = getattr(run_cfg.eval, "sample_seed", run_cfg.train.seed)
-    return {name: sample_rows(list(range(n)), run_cfg.eval.max_examples, seed)
-            for name, n in examples_per_task.items()}
-
-
-def _check_subset(run_cfg: Any, indices: dict[str, list[int]], digests: dict[str, str]) -> None:
+def _run_sample(run_cfg: Any, digests: dict[str, str], full: dict[str, int]
+                ) -> dict[str, list[int]]:
+    """Indices into each full test file of the examples a run scored (its eval.max_examples
+    sample), checked against the run's own digests; the committed rows must hold whole files."""
     from gere_ds.data.tasks import read_examples
+    from gere_ds.evaluation.batching import sample_rows
     from gere_ds.evaluation.outcomes import digest
 
+    out = {}
     for task in run_cfg.tasks:
         rows = read_examples(task.test, task, what="test", test=True)
-        chosen = [(rows[i].text, rows[i].label) for i in indices[task.name]]
-        if digest(chosen) != digests.get(task.name):
-            raise BenchmarkError(f"{task.name}: the run scored other test examples than the "
-                                 f"benchmark's (different test file or sample)")
+        if full[task.name] != len(rows):
+            raise BenchmarkError(f"{task.name}: the committed rows scored {full[task.name]} of "
+                                 f"the {len(rows)} test examples in {task.test}")
+        idx = sample_rows(list(range(len(rows))), run_cfg.eval.max_examples,
+                          run_cfg.eval.sample_seed)
+        if digest([(rows[i].text, rows[i].label) for i in idx]) != digests.get(task.name):
+            raise BenchmarkError(f"{task.name}: the run scored other test examples than a sample "
+                                 f"of {task.test}")
+        out[task.name] = idx
+    return out
 
 
 def compare_run(run_dir: str | Path, results: str | Path,
@@ -357,9 +359,8 @@ def compare_run(run_dir: str | Path, results: str | Path,
                              f"({_first_difference(mine, theirs)})")
     cfg = load_config(run_dir / "config.yaml")
     own = _read_json(run_dir / OUTCOMES_JSON)
-    sizes = {t: len(ref.outcomes["rows"][-1]["tasks"][t]) for t in b.tasks}
-    idx = _subset_indices(cfg, sizes)
-    _check_subset(cfg, idx, own["test_sets"])
+    full = {t: len(ref.outcomes["rows"][-1]["tasks"][t]) for t in b.tasks}
+    idx = _run_sample(cfg, own["test_sets"], full)
     n_general = {g.name: g.max_examples for g in cfg.eval.general if g.kind == "cloze"}
     sets = [s for s in b.general if s in n_general]
 
