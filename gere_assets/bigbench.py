@@ -47,6 +47,8 @@ BENCH_TASKS: dict[str, BenchTask] = {t.name: t for t in (
     BenchTask("sports", "sports_understanding", "Is the sports statement plausible?"),
     BenchTask("fever", "fact_checker/fever", "Is the claim true or false?",
               strip_prefix="On June 2017, the following claim was made: "),
+    BenchTask("color_hsl", "color/hsl", "Name the colour closest to the HSL value.",
+              strip_prefix="What is the color most closely matching this HSL representation: "),
     BenchTask("parentheses", "cs_algorithms/valid_parentheses",
               "Is the sequence of brackets properly matched?"),
 )}
