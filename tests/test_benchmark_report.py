@@ -108,3 +108,58 @@ def test_committed_tables_regenerate_byte_for_byte(tmp_path):
     texts = B.write_report(COMMITTED, tmp_path)
     for name, text in texts.items():
         assert (COMMITTED / name).read_text(encoding="utf-8") == text, name
+
+
+def _saved_run(folder: Path, cfg_path: Path, strategy: str, max_examples: int, bits_of) -> None:
+    """A finished run of the tiny config: config.yaml as the trainer saves it, metrics and
+    outcomes where ``bits_of(task, k, n)`` gives the outcomes of evaluation k on n examples."""
+    from gere_ds.config import load_config, save_resolved
+    from gere_ds.evaluation.outcomes import test_set_digests
+    from gere_ds.evaluation.scoring import EvalSuite
+
+    cfg = load_config(cfg_path, [f"replay.strategy={strategy}",
+                                 f"eval.max_examples={max_examples}"])
+    folder.mkdir(parents=True)
+    save_resolved(cfg, folder / "config.yaml")
+    suite = EvalSuite(cfg.tasks, cfg.eval, seed=cfg.eval.sample_seed)
+    names = [t.name for t in cfg.tasks]
+    n = {t: len(suite.examples[t]) for t in names}
+    rows = [{"row": k, "tasks": {t: bits_of(t, k, n[t]) for t in names}, "general": {},
+             "general_acc": {}} for k in range(len(names) + 1)]
+    pct = lambda s: 100.0 * s.count("1") / len(s)  # noqa: E731
+    (folder / "metrics.json").write_text(json.dumps({
+        "tasks": names, "completed_tasks": len(names), "general": {},
+        "matrix": [[pct(r["tasks"][t]) for t in names] for r in rows]}))
+    (folder / "outcomes.json").write_text(json.dumps({"test_sets": test_set_digests(suite),
+                                                       "rows": rows}))
+
+
+def test_a_run_is_compared_on_the_examples_it_scored(tiny_config, tmp_path):
+    cfg_path = tiny_config("none", eval={"general": []})
+    results = tmp_path / "results"
+    # committed rows score whole test files: example i right iff i is even (none) / always (replay)
+    _saved_run(results / "none" / "seed1", cfg_path, "none", 0,
+               lambda t, k, n: "".join("1" if i % 2 == 0 else "0" for i in range(n)))
+    _saved_run(results / "replay" / "seed1", cfg_path, "replay", 0, lambda t, k, n: "1" * n)
+    run = tmp_path / "demo"
+    _saved_run(run, cfg_path, "tm", 5, lambda t, k, n: "1" * n)
+    table = B.compare_run(run, results)
+    from gere_ds.config import load_config
+    from gere_ds.evaluation.batching import sample_rows
+
+    cfg = load_config(run / "config.yaml")
+    committed = B.load_benchmark(results).runs["none"][0].outcomes["rows"][-1]["tasks"]
+    even = [100.0 * sum(1 for i in sample_rows(list(range(len(committed[t.name]))), 5,
+                                              cfg.eval.sample_seed) if i % 2 == 0) / 5
+            for t in cfg.tasks]
+    assert f"| none (committed) | 1 | {sum(even) / len(even):.1f} |" in table
+    assert "| replay (committed) | 1 | 100.0 | 0.0 |" in table
+    assert "| this run (tm) | 1 | 100.0 | 0.0 |" in table
+    # a run that scored other examples (another sample seed) is refused, not compared
+    other = tmp_path / "other"
+    _saved_run(other, cfg_path, "tm", 5, lambda t, k, n: "1" * n)
+    doc = json.loads((other / "outcomes.json").read_text())
+    doc["test_sets"] = {k: "0" * 16 for k in doc["test_sets"]}
+    (other / "outcomes.json").write_text(json.dumps(doc))
+    with pytest.raises(B.BenchmarkError, match="other test examples"):
+        B.compare_run(other, results)

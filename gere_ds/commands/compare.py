@@ -213,8 +213,16 @@ def benchmark_main(argv: Sequence[str]) -> int:
     ap.add_argument("--benchmark", required=True, metavar="RESULTS",
                     help="folder of <row>/seed<N>/ result files")
     ap.add_argument("--out", default="", help="output folder (default: RESULTS itself)")
+    ap.add_argument("--against", default="", metavar="RUN_DIR",
+                    help="instead: print this finished run next to the committed none and replay "
+                         "rows, all scored on the examples the run scored (the demo does this)")
     args = ap.parse_args(argv)
     try:
+        if args.against:
+            from gere_ds.evaluation.benchmark import compare_run
+
+            print(compare_run(args.against, args.benchmark), end="")
+            return 0
         texts = write_report(args.benchmark, args.out or None)
     except BenchmarkError as err:
         print(f"compare: {err}", file=sys.stderr)

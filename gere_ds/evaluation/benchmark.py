@@ -343,7 +343,7 @@ def _run_sample(run_cfg: Any, digests: dict[str, str], full: dict[str, int]
 
 
 def compare_run(run_dir: str | Path, results: str | Path,
-                rows: Sequence[str] = ("none", "replay")) -> str:
+                rows: Sequence[str] = ("none", "replay", "tm_dy")) -> str:
     """A finished run (e.g. the demo) next to the benchmark's rows, all scored on the examples the
     run scored: the committed rows' per-example outcomes are cut to the run's test sample."""
     from gere_ds.config import load_config
