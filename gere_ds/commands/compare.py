@@ -248,6 +248,3 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(table, end="")
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())
