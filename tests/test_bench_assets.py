@@ -92,3 +92,19 @@ def test_general_suite_formats_and_gold(tmp_path):
     assert rows["openbookqa"][0]["context"].startswith("stem ")
     assert all("long" not in r["context"] for r in rows["mmlu_cloze"])  # the 40-word cut
     assert all(len(r["text"].split()) >= 100 for r in rows["news"])
+
+
+def test_privacy_task_and_its_bad_label(tmp_path):
+    from gere_assets.bigbench import extract_privacy
+
+    rows = [{"context": f"clause  {i}", "question": f"q {i}?", "answer": ["True", "False"][i % 2]}
+            for i in range(450)]
+    _write(tmp_path / "lt" / "Privacy-Policy" / "test.jsonl", rows)
+    info = extract_privacy(tmp_path / "lt", tmp_path / "out")
+    assert (info["train"], info["test"], info["labels"]) == (150, 300, ["True", "False"])
+    first = json.loads((tmp_path / "out/privacy/test.jsonl").read_text().splitlines()[0])
+    i = int(first["sentence"].split()[1])
+    assert first == {"sentence": f"clause {i}\nQuestion: q {i}?", "label": ["True", "False"][i % 2]}
+    _write(tmp_path / "lt" / "Privacy-Policy" / "test.jsonl", rows[:3] + [{**rows[3], "answer": "yes"}])
+    with pytest.raises(InputError, match=r"test.jsonl:4.*answer"):
+        extract_privacy(tmp_path / "lt", tmp_path / "out")
