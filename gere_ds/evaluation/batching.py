@@ -32,6 +32,11 @@ def sample_rows(items: list[_T], max_examples: int, seed: int) -> list[_T]:
     return list(items)
 
 
+def argmax_first(values: Sequence[float]) -> int:
+    """Index of the largest value; the first one on ties (every scorer's prediction rule)."""
+    return max(range(len(values)), key=lambda i: (values[i], -i))
+
+
 def token_ids(tokenizer: Any, text: str, special: bool) -> list[int]:
     return list(tokenizer(text, add_special_tokens=special)["input_ids"])
 

@@ -28,7 +28,7 @@ import torch
 
 from gere_ds.errors import InputError
 from gere_ds.data.collate import pad_rows
-from gere_ds.evaluation.batching import ForwardFn, pad_id, run_sharded
+from gere_ds.evaluation.batching import ForwardFn, argmax_first, pad_id, run_sharded
 
 DELIMITER = " "
 
@@ -130,16 +130,12 @@ def choice_loglikelihoods(forward: ForwardFn, tokenizer: Any,
     return ll
 
 
-def _argmax(values: Sequence[float]) -> int:
-    return max(range(len(values)), key=lambda i: (values[i], -i))  # first on ties
-
-
 def predictions(loglikelihoods: Sequence[float], choices: Sequence[str]) -> tuple[int, int]:
     """(acc's choice, acc_norm's choice): best summed log-likelihood, and best per UTF-8 byte of
     the continuation (``" " + choice``), as lm-evaluation-harness computes them."""
     lengths = [len((DELIMITER + c).encode("utf-8")) for c in choices]
-    return (_argmax(loglikelihoods),
-            _argmax([s / n for s, n in zip(loglikelihoods, lengths)]))
+    return (argmax_first(loglikelihoods),
+            argmax_first([s / n for s, n in zip(loglikelihoods, lengths)]))
 
 
 def score_cloze(forward: ForwardFn, tokenizer: Any, questions: Sequence[ClozeQuestion],

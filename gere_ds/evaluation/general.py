@@ -19,7 +19,8 @@ from gere_ds.data.collate import pad_rows
 from gere_ds.data.encode import encode_source
 from gere_ds.data.files import read_rows
 from gere_ds.errors import InputError
-from gere_ds.evaluation.batching import ForwardFn, pad_id, run_sharded, sample_rows, token_ids
+from gere_ds.evaluation.batching import (ForwardFn, argmax_first, pad_id, run_sharded, sample_rows,
+                                        token_ids)
 
 LETTERS = string.ascii_uppercase
 MMLU_HEADER = "The following are multiple choice questions (with answers) about {subject}.\n\n"
@@ -171,7 +172,7 @@ def score_mmlu(forward: ForwardFn, tokenizer: Any, examples: Sequence[MMLUExampl
     with torch.no_grad():
         scores = run_sharded(list(range(len(examples))), batch_size, run,
                              size=lambda j: len(sources[j]))
-    preds = [max(range(len(s)), key=lambda i: (s[i], -i)) for s in scores]
+    preds = [argmax_first(s) for s in scores]
     correct = [p == ex.answer for p, ex in zip(preds, examples)]
     return GeneralScore(name=name, kind="mmlu", value=100.0 * sum(correct) / len(correct),
                         n=len(correct), extra={"shots": shots,

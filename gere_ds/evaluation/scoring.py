@@ -62,7 +62,7 @@ from gere_ds.data.encode import encode_source, encode_target
 from gere_ds.data.prompts import build_prompt
 from gere_ds.data.tasks import Example, read_examples
 from gere_ds.errors import InputError
-from gere_ds.evaluation.batching import ForwardFn, pad_id, run_sharded, sample_rows
+from gere_ds.evaluation.batching import ForwardFn, argmax_first, pad_id, run_sharded, sample_rows
 from gere_ds.evaluation.general import (
     GeneralScore,
     MMLUExample,
@@ -227,7 +227,7 @@ def score_task(forward: ForwardFn, tokenizer: Any, examples: Sequence[Example],
     if mode == "rank":
         targets = [encode_target(tokenizer, lab, max_target_len or NO_TARGET_CAP) for lab in labels]
         scores = rank_scores(forward, tokenizer, sources, targets, batch_size, device)
-        preds = [labels[max(range(len(labels)), key=lambda l: (s[l], -l))] for s in scores]
+        preds = [labels[argmax_first(s)] for s in scores]
         correct = [p == g for p, g in zip(preds, golds)]
     else:
         new = greedy_decode(forward, tokenizer, sources, max_new_tokens, batch_size, device,
