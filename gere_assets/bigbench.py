@@ -51,6 +51,9 @@ BENCH_TASKS: dict[str, BenchTask] = {t.name: t for t in (
               strip_prefix="What is the color most closely matching this HSL representation: "),
     BenchTask("parentheses", "cs_algorithms/valid_parentheses",
               "Is the sequence of brackets properly matched?"),
+    BenchTask("sentiment", "multiemo/hotels_sentence_en",
+              "Is the opinion in this hotel-review sentence positive, negative, neutral or "
+              "ambivalent?"),
 )}
 
 

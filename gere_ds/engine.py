@@ -6,7 +6,6 @@ that object by weakref only: the Engine holds it for the whole run.
 """
 from __future__ import annotations
 
-import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -92,9 +91,48 @@ def forward_logits(model: Any, input_ids: torch.Tensor,
     return model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
 
 
-def model_forward(model: Any) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+# Attention kernels that take an arbitrary 4D mask: sdpa a boolean one, eager an additive one.
+TREE_MASK_KERNELS = ("sdpa", "eager")
+
+
+@dataclass(frozen=True)
+class ModelForward:
+    """The scorers' forward (gere_ds.evaluation) over a Hugging Face model or a DeepSpeed engine.
+
+    ``forward(input_ids, attention_mask)`` gives next-token logits; ``tree`` (present when the
+    model's attention kernel takes a 4D mask) runs packed rows with their own mask and position
+    ids, so several continuations of one context cost one row
+    (:mod:`gere_ds.evaluation.packing`).
+    """
+
+    model: Any
+
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return forward_logits(self.model, input_ids, attention_mask)
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "tree" and self.kernel() in TREE_MASK_KERNELS:
+            return self._tree
+        raise AttributeError(name)
+
+    def kernel(self) -> str:
+        config = getattr(getattr(self.model, "module", self.model), "config", None)
+        return str(getattr(config, "_attn_implementation", None))
+
+    def _tree(self, input_ids: torch.Tensor, allowed: torch.Tensor,
+              position_ids: torch.Tensor) -> torch.Tensor:
+        mask = allowed[:, None]
+        if self.kernel() == "eager":
+            dtype = next(getattr(self.model, "module", self.model).parameters()).dtype
+            mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(
+                ~mask, torch.finfo(dtype).min)
+        return self.model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
+                          use_cache=False).logits
+
+
+def model_forward(model: Any) -> ModelForward:
     """``forward(input_ids, attention_mask) -> logits`` for the scorers of gere_ds.evaluation."""
-    return functools.partial(forward_logits, model)
+    return ModelForward(model)
 
 
 @dataclass
@@ -111,6 +149,10 @@ class Engine:
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Logits [B, T, V] from one engine forward (collective under ZeRO-3)."""
         return forward_logits(self.engine, input_ids, attention_mask)
+
+    def scorer(self) -> ModelForward:
+        """The forward the evaluation scorers take (packs multiple choice when it can)."""
+        return ModelForward(self.engine)
 
     def set_lr(self, lr: float) -> None:
         for group in self.engine.optimizer.param_groups:

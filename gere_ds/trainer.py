@@ -241,7 +241,7 @@ class ContinualTrainer:
         self.log.info(f"evaluating the {label} on {len(self.cfg.tasks)} task(s) "
                       f"and {len(suite.general)} general set(s)")
         self.engine.engine.eval()
-        score = lambda: suite.evaluate(self.engine.forward, self.tokenizer, device=self.device)  # noqa: E731
+        score = lambda: suite.evaluate(self.engine.scorer(), self.tokenizer, device=self.device)  # noqa: E731
         try:
             row = score() if p.matrix else evaluate_base(self.cfg, suite, self.world,
                                                          self.teacher_root, score, self.log.info)

@@ -51,7 +51,7 @@ def evaluate_models(cfg: RunConfig, models: list[tuple[str, str]], out: Path) ->
         cfg.model = folder
         engine = build_eval_engine(cfg, lambda m: None)
         with torch.no_grad():
-            row = suite.evaluate(engine.forward, engine.tokenizer, device=dist.device())
+            row = suite.evaluate(engine.scorer(), engine.tokenizer, device=dist.device())
         del engine
         matrix.append(row.row())
         for name, value in row.general.items():

@@ -4,7 +4,8 @@ Every run of an ablation or benchmark starts by scoring the same base model on t
 sets: with ``eval.reuse_base`` the first run keeps that evaluation next to its teacher cache, and
 later runs with the same key read it instead of scoring again. The key covers what decides the
 numbers: the model and tokenizer files, the exact test examples (their digests), the evaluation
-settings, the prompt cut, the precision and the world size (other shapes round differently).
+settings, the prompt cut, the precision, the world size and the scorer's version (other shapes round
+differently).
 
 Rank 0 reads the file and broadcasts it, so only rank 0 needs to see the folder; a file that is
 unreadable or holds another key is a miss, never an error. Written atomically by rank 0.
@@ -23,6 +24,9 @@ from gere_ds.evaluation.outcomes import test_set_digests
 from gere_ds.evaluation.scoring import EvalRow, TaskScore
 
 FOLDER = "base_eval"
+# Bumped whenever the scorers change how a number is computed (row layout included: other
+# shapes round differently), so a kept evaluation is never mixed with new ones.
+SCORER_VERSION = 2  # 2: all choices of a question in one packed row
 
 
 def base_key(cfg: Any, suite: Any, world_size: int) -> str:
@@ -33,7 +37,8 @@ def base_key(cfg: Any, suite: Any, world_size: int) -> str:
                 "max_source_len": cfg.train.max_source_len,
                 "max_target_len": cfg.train.max_target_len,
                 "truncate_source": cfg.train.truncate_source, "bf16": cfg.train.bf16,
-                "world_size": world_size, "tasks": [dataclasses.asdict(t) for t in cfg.tasks]}
+                "world_size": world_size, "scorer": SCORER_VERSION,
+                "tasks": [dataclasses.asdict(t) for t in cfg.tasks]}
     settings["eval"].pop("reuse_base", None)
     settings["eval"].pop("max_examples", None)  # the digests say which examples
     return fingerprint(cfg.model, cfg.tokenizer or cfg.model, cfg.model + "/config.json",

@@ -27,8 +27,8 @@ from typing import Any, Sequence
 import torch
 
 from gere_ds.errors import InputError
-from gere_ds.data.collate import pad_rows
-from gere_ds.evaluation.batching import ForwardFn, argmax_first, pad_id, run_sharded
+from gere_ds.evaluation.batching import ForwardFn, argmax_first, pad_id
+from gere_ds.evaluation.packing import Choices, score_continuations
 
 DELIMITER = " "
 
@@ -97,37 +97,27 @@ def encode_pair(tokenizer: Any, context: str, continuation: str) -> tuple[list[i
 def choice_loglikelihoods(forward: ForwardFn, tokenizer: Any,
                           questions: Sequence[ClozeQuestion], batch_size: int = 16,
                           max_len: int = 1024, device: Any = None) -> list[list[float]]:
-    """``ll[q][c]``: summed log p(continuation of choice c | context of question q)."""
-    pairs = [(q, c) for q in range(len(questions)) for c in range(len(questions[q].choices))]
-    encoded = []
-    for q, c in pairs:
-        ctx, cont = encode_pair(tokenizer, questions[q].context,
-                                DELIMITER + questions[q].choices[c])
-        if not cont:
-            raise ValueError(f"question {q} choice {c}: empty continuation")
-        keep = max(1, max_len - len(cont))
-        encoded.append((ctx[-keep:], cont))
-    pad = pad_id(tokenizer)
+    """``ll[q][c]``: summed log p(continuation of choice c | context of question q).
 
-    def run(batch: list[int]) -> list[float]:
-        ids, mask = (t.to(device) for t in pad_rows([encoded[j][0] + encoded[j][1] for j in batch],
-                                                   pad))
-        logits = forward(ids, mask)
-        out = []
-        for r, j in enumerate(batch):
-            n_ctx, cont = len(encoded[j][0]), encoded[j][1]
-            lp = torch.log_softmax(logits[r, n_ctx - 1:n_ctx - 1 + len(cont)].float(), dim=-1)
-            tok = torch.tensor(cont, dtype=torch.long, device=lp.device)
-            out.append(float(lp.gather(-1, tok[:, None]).sum()))
-        return out
-
-    with torch.no_grad():
-        flat = run_sharded(list(range(len(pairs))), batch_size, run,
-                           size=lambda j: len(encoded[j][0]) + len(encoded[j][1]))
-    ll: list[list[float]] = [[0.0] * len(q.choices) for q in questions]
-    for (q, c), v in zip(pairs, flat):
-        ll[q][c] = v
-    return ll
+    All choices of a question share one context encoding (their continuations are packed into
+    one row when the forward allows it, :mod:`gere_ds.evaluation.packing`); a context longer
+    than ``max_len`` minus the longest continuation keeps its last tokens.
+    """
+    items = []
+    for q, question in enumerate(questions):
+        encoded = [encode_pair(tokenizer, question.context, DELIMITER + choice)
+                   for choice in question.choices]
+        for c, (_, cont) in enumerate(encoded):
+            if not cont:
+                raise ValueError(f"question {q} choice {c}: empty continuation")
+        contexts = {tuple(ctx) for ctx, _ in encoded}
+        if len(contexts) != 1:  # encode_pair tokenizes the context alone: one per question
+            raise ValueError(f"question {q}: choices disagree on the context's tokens")
+        keep = max(1, max_len - max(len(cont) for _, cont in encoded))
+        items.append(Choices(tuple(encoded[0][0][-keep:]),
+                             tuple(tuple(cont) for _, cont in encoded)))
+    logprobs = score_continuations(forward, items, batch_size, pad_id(tokenizer), device)
+    return [[float(sum(tokens)) for tokens in per_choice] for per_choice in logprobs]
 
 
 def predictions(loglikelihoods: Sequence[float], choices: Sequence[str]) -> tuple[int, int]:

@@ -63,6 +63,7 @@ from gere_ds.data.prompts import build_prompt
 from gere_ds.data.tasks import Example, read_examples
 from gere_ds.errors import InputError
 from gere_ds.evaluation.batching import ForwardFn, argmax_first, pad_id, run_sharded, sample_rows
+from gere_ds.evaluation.packing import Choices, score_continuations
 from gere_ds.evaluation.general import (
     GeneralScore,
     MMLUExample,
@@ -122,29 +123,11 @@ def extract_answer(tokenizer: Any, source: Sequence[int], new: Sequence[int]) ->
 def rank_scores(forward: ForwardFn, tokenizer: Any, sources: Sequence[Sequence[int]],
                 targets: Sequence[Sequence[int]], batch_size: int = 8,
                 device: Any = None) -> list[list[float]]:
-    """``scores[e][l]`` = mean log p(targets[l] | sources[e]) over the target tokens."""
-    rows = [(e, l) for e in range(len(sources)) for l in range(len(targets))]
-    pad = pad_id(tokenizer)
-
-    def run(batch: list[tuple[int, int]]) -> list[float]:
-        seqs = [list(sources[e]) + list(targets[l]) for e, l in batch]
-        ids, mask = (t.to(device) for t in pad_rows(seqs, pad))
-        logits = forward(ids, mask)
-        out = []
-        for r, (e, l) in enumerate(batch):
-            s, tgt = len(sources[e]), targets[l]
-            lp = torch.log_softmax(logits[r, s - 1:s - 1 + len(tgt)].float(), dim=-1)
-            tok = torch.tensor(tgt, dtype=torch.long, device=lp.device)
-            out.append(float(lp.gather(-1, tok[:, None]).mean()))
-        return out
-
-    with torch.no_grad():
-        flat = run_sharded(rows, batch_size, run,
-                           size=lambda el: len(sources[el[0]]) + len(targets[el[1]]))
-    scores = [[0.0] * len(targets) for _ in sources]
-    for (e, l), v in zip(rows, flat):
-        scores[e][l] = v
-    return scores
+    """``scores[e][l]`` = mean log p(targets[l] | sources[e]) over the target tokens (all labels
+    of an example in one packed row when the forward allows it)."""
+    items = [Choices(tuple(src), tuple(tuple(t) for t in targets)) for src in sources]
+    logprobs = score_continuations(forward, items, batch_size, pad_id(tokenizer), device)
+    return [[sum(tokens) / len(tokens) for tokens in per_label] for per_label in logprobs]
 
 
 def greedy_decode(forward: ForwardFn, tokenizer: Any, sources: Sequence[Sequence[int]],
