@@ -7,10 +7,6 @@ from typing import Callable
 from gere_ds.strategies import ReplayTerm
 
 
-class Preempted(Exception):
-    """SIGTERM/SIGUSR1 arrived: a checkpoint was saved at a step boundary on every rank."""
-
-
 class TrainingError(RuntimeError):
     """Training cannot go on (e.g. the loss stayed non-finite); the message says why."""
 

@@ -26,7 +26,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from gere_ds import dist
+from gere_ds import dist, stop
 from gere_ds.capture import FinalNormCapture
 from gere_ds.data.collate import collate
 from gere_ds.data.encode import Encoded
@@ -91,6 +91,7 @@ def teacher_pass(forward: Callable[[torch.Tensor, torch.Tensor], object],
     spans: list[tuple[int, int, int]] = []  # sample id, start row, tokens
     row = 0
     for i, ids in enumerate(_batches(shard, batch_size, n_forwards)):
+        stop.check()  # same batch count on every rank: a safe point to stop
         real = ids is not None
         ids = ids if real else shard[:1]
         mb = collate([Encoded(replay_ids[s], replay_ids[s]) for s in ids], ids, pad_id).to(device)
@@ -159,6 +160,7 @@ def stream_pass(forward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     local_batches = math.ceil(len(shard) / batch_size)
     n_forwards = int(dist.all_reduce_max(torch.tensor([local_batches], device=device)).item())
     for i, ids in enumerate(_batches(shard, batch_size, n_forwards)):
+        stop.check()  # same batch count on every rank: a safe point to stop
         real = ids is not None
         ids = ids if real else shard[:1]
         mb = collate([Encoded(replay_ids[s], replay_ids[s]) for s in ids], ids, pad_id).to(device)

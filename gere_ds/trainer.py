@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import resource
-import signal
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -26,7 +25,8 @@ from gere_ds.data.sampler import ContinualSampler
 from gere_ds.engine import Engine, build_engine
 from gere_ds.evaluation.base_cache import evaluate_base
 from gere_ds.inputs import Inputs
-from gere_ds.progress import Preempted, Progress, count_bad_step, step_scalars
+from gere_ds import stop
+from gere_ds.progress import Progress, count_bad_step, step_scalars
 from gere_ds.resume import check_state, resume_target
 from gere_ds.run_log import RunLogger
 from gere_ds.schedule import lr_at
@@ -48,7 +48,6 @@ class ContinualTrainer:
         self.term = make_term(cfg)
         self.ckpt = Checkpointer(self.out / "checkpoints", cfg.checkpoint.keep_last,
                                  cfg.checkpoint.keep_task_ends)
-        self._stop_signal: int | None = None
         # set by setup(), in this order
         self.inputs: Inputs | None = None
         self.engine: Engine | None = None
@@ -69,8 +68,7 @@ class ContinualTrainer:
             self.out.mkdir(parents=True, exist_ok=True)
             save_resolved(cfg, self.out / "config.yaml")
         torch.manual_seed(cfg.train.seed)
-        for sig in (signal.SIGTERM, signal.SIGUSR1):  # Slurm pre-emption
-            signal.signal(sig, self._on_signal)
+        stop.install()  # SIGTERM / SIGUSR1 (Slurm pre-emption), acted on by stop.check
         self.engine = build_engine(cfg, self.world, self.log.info)
         self.device = dist.device()
         self.tokenizer = self.engine.tokenizer
@@ -133,8 +131,9 @@ class ContinualTrainer:
         self.engine.engine.eval()
         self.log.progress(math.ceil(len(shard) / r.teacher_batch_size), "teacher pass")
         try:
-            self.teacher = prepare_teacher_data(job, self.log.info,
-                                                lambda i, n: self.log.advance(1))
+            with stop.doing("the teacher pass"):
+                self.teacher = prepare_teacher_data(job, self.log.info,
+                                                    lambda i, n: self.log.advance(1))
         finally:
             self.log.close_progress()
             self.engine.engine.train()
@@ -142,9 +141,6 @@ class ContinualTrainer:
         term.attach(self.teacher, self.device, self.log.info)
 
     # ------------------------------------------------------------------ one task
-    def _on_signal(self, signum: int, frame: Any) -> None:
-        self._stop_signal = signum
-
     def optimizer_step(self, task_index: int, sampler: ContinualSampler, epoch: int, step: int,
                        total: int) -> tuple[dict[str, float], float]:
         """One optimizer step: the lr, every micro-step, the bad-step rule; (log values, lr)."""
@@ -194,15 +190,15 @@ class ContinualTrainer:
         """Periodic checkpoints, and the pre-emption checkpoint (decided on all ranks)."""
         every, p = self.cfg.checkpoint.every_steps, self.progress
         periodic = bool(every) and p.step_in_task % every == 0 and p.step_in_task < total
-        stop = dist.any_rank(self._stop_signal is not None)
-        if periodic or stop:
+        stopping = stop.requested()
+        if periodic or stopping:
             tag = step_tag(task_index, p.step_in_task)
             self.ckpt.save(self.engine.engine, tag, self.trainer_state())
             self.log.info(f"checkpoint {tag}")
-        if stop:
-            raise Preempted(f"pre-empted (signal) at task {task_index + 1} step "
-                            f"{p.step_in_task}: checkpoint saved; re-run the same command to "
-                            f"resume")
+        if stopping:
+            raise stop.Preempted(f"pre-empted (signal) at task {task_index + 1} step "
+                                 f"{p.step_in_task}: checkpoint saved; re-run the same command "
+                                 f"to resume")
 
     # ------------------------------------------------------------------ the sequence
     def trainer_state(self) -> dict[str, Any]:
@@ -243,8 +239,11 @@ class ContinualTrainer:
         self.engine.engine.eval()
         score = lambda: suite.evaluate(self.engine.scorer(), self.tokenizer, device=self.device)  # noqa: E731
         try:
-            row = score() if p.matrix else evaluate_base(self.cfg, suite, self.world,
-                                                         self.teacher_root, score, self.log.info)
+            with stop.doing("the base model's evaluation" if not p.matrix
+                            else f"the evaluation {label}"):
+                row = score() if p.matrix else evaluate_base(self.cfg, suite, self.world,
+                                                             self.teacher_root, score,
+                                                             self.log.info)
         finally:
             self.engine.engine.train()
         p.matrix.append(row.row())

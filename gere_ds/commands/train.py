@@ -17,7 +17,8 @@ from gere_ds import dist
 from gere_ds.config import load_config
 from gere_ds.errors import InputError
 from gere_ds.inputs import validate_inputs
-from gere_ds.progress import Preempted, TrainingError
+from gere_ds.progress import TrainingError
+from gere_ds.stop import Preempted
 from gere_ds.trainer import ContinualTrainer
 
 

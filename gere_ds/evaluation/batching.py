@@ -18,7 +18,7 @@ from typing import Any, Callable, Optional, Sequence, TypeVar
 
 import torch
 
-from gere_ds import dist
+from gere_ds import dist, stop
 
 ForwardFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (ids, mask) -> logits [B, T, V]
 _T = TypeVar("_T")
@@ -74,6 +74,7 @@ def run_sharded(items: Sequence[_T], batch_size: int, run_batch: Callable[[list[
         local.sort(key=lambda j: -size(items[j]))
     results: dict[int, Any] = {}
     for b in range(num_batches(n, world, batch_size)):
+        stop.check()  # every rank runs the same batches: a safe point to stop
         chunk = local[b * batch_size:(b + 1) * batch_size]
         if not chunk:
             run_batch([items[0]])  # dummy batch: keeps the ZeRO-3 collectives in step
