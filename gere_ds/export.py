@@ -26,7 +26,7 @@ from typing import Any, Callable
 
 import torch
 
-from gere_ds import dist
+from gere_ds import dist, stop
 from gere_ds.checkpoint import Checkpointer, all_ranks_problem, task_tag
 from gere_ds.errors import InputError
 from gere_ds.hf_folder import (DTYPES, ExportError, config_dtype, fmt_shape,  # noqa: F401
@@ -256,6 +256,7 @@ def _gather_parameters(engine_module: torch.nn.Module, target: torch.dtype | Non
         params = [p for p in module.parameters(recurse=False) if id(p) not in seen]
         if not params:
             continue
+        stop.check()  # every rank gathers the same modules in order: a safe point to stop
         seen.update(id(p) for p in params)
         with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
             if not main:

@@ -268,7 +268,9 @@ class ContinualTrainer:
         if self.cfg.checkpoint.export_hf:
             from gere_ds.export import export_from_engine
 
-            export_from_engine(self.engine.module, self.tokenizer, self.out / "hf" / task_tag(i))
+            with stop.doing(f"the export of task {i + 1}"):
+                export_from_engine(self.engine.module, self.tokenizer,
+                                   self.out / "hf" / task_tag(i))
 
     def run(self, inputs: Inputs) -> None:
         self.setup(inputs)

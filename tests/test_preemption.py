@@ -14,11 +14,13 @@ from conftest import REPO, run_deepspeed
 from gere_ds import stop
 
 
-def _config(tiny_paths, out: Path) -> Path:
+def _config(tiny_paths, out: Path, export: bool = False) -> Path:
     from gere_assets.tiny import tiny_config_dict
 
     cfg = tiny_config_dict(tiny_paths, str(out), "tm")
     cfg["train"].update(max_steps_per_task=2, epochs=1)
+    if export:
+        cfg["checkpoint"] = {"export_hf": True}
     path = out.parent / f"{out.name}.yaml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     return path
@@ -39,26 +41,32 @@ def reference(tmp_path_factory, tiny_paths) -> dict:
 @pytest.mark.slow
 @pytest.mark.parametrize("what,n,rank", [("the teacher pass", 2, 1),
                                          ("the base model's evaluation", 2, 0),
-                                         ("the evaluation after task 1", 1, 1)])
+                                         ("the evaluation after task 1", 1, 1),
+                                         ("the export of task 1", 3, 1)])
 def test_a_signal_on_one_rank_during_long_work_stops_all_and_the_rerun_matches(
         what, n, rank, reference, tiny_paths, tmp_path, monkeypatch):
     out = tmp_path / "run"
-    cfg = _config(tiny_paths, out)
+    cfg = _config(tiny_paths, out, export=what.startswith("the export"))
     monkeypatch.setenv("GERE_DS_SIGNAL_AT", f"{what}:{n}:{rank}")
     cut = _train(cfg)
     assert cut.returncode == 0, cut.stderr[-3000:]  # pre-empted runs exit 0 (Slurm requeue)
     log = (out / "train.log").read_text()
     assert f"pre-empted (signal) during {what}" in log
-    assert not (out / "metrics.json").exists() or what == "the evaluation after task 1"
-    if what == "the evaluation after task 1":
+    after_task = what in ("the evaluation after task 1", "the export of task 1")
+    assert (out / "metrics.json").exists() == after_task
+    if after_task:
         done = json.loads((out / "metrics.json").read_text())
         assert len(done["matrix"]) == 1  # the interrupted row was not written
+        hf = out / "hf"
+        assert not hf.exists() or not any(hf.iterdir())  # no export, not even a temp folder
     monkeypatch.delenv("GERE_DS_SIGNAL_AT")
     again = _train(cfg)
     assert again.returncode == 0, again.stderr[-3000:]
     ours = json.loads((out / "metrics.json").read_text())
     assert ours["matrix"] == reference["matrix"] and len(ours["matrix"]) == 3
     assert ours["general"] == reference["general"]
+    if what.startswith("the export"):
+        assert (out / "hf" / "task002-end" / "config.json").is_file()
 
 
 def test_check_without_install_does_nothing_and_runs_no_collective(monkeypatch):
