@@ -29,7 +29,7 @@ def main() -> None:
     p.add_argument("--n", type=int, default=96, help="examples per set")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--out", default=str(ROOT / "bench/results/packed_scoring.json"))
+    p.add_argument("--out", default=str(ROOT / "results/packed_scoring.json"))
     args = p.parse_args()
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
