@@ -24,8 +24,9 @@ def _stamp(path: Path) -> list[int]:
 
 
 class DigestCache:
-    """A small JSON file of digests; written (atomically) only when an entry changed, so an
-    unchanged model writes nothing."""
+    """A small JSON file of digests. ``save`` writes it (atomically) only when an entry changed,
+    so an unchanged model writes nothing; the caller saves once its checks have passed (a
+    refused job writes nothing)."""
 
     def __init__(self, file: str | Path | None) -> None:
         self.file = Path(file) if file else None  # None: in memory only
@@ -48,10 +49,13 @@ class DigestCache:
             return value
         self._entries[key] = {"stamp": stamp, "sha256": value}
         self.hashed.append(key)
-        if self.file is None:
-            return value
+        return value
+
+    def save(self) -> None:
+        """Keep the digests computed since loading (nothing to do when none was)."""
+        if self.file is None or not self.hashed:
+            return
         try:
             write_json_atomic(self.file, self._entries, indent=1)
         except OSError:
             pass  # a read-only cache folder: correct, only slower next time
-        return value

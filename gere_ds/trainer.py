@@ -60,6 +60,7 @@ class ContinualTrainer:
         # set by prepare_teacher()
         self.teacher: TeacherData | None = None
         self.teacher_fingerprint: str | None = None
+        self._digests: DigestCache | None = None
 
     # ------------------------------------------------------------------ setup
     def setup(self, inputs: Inputs) -> None:
@@ -121,6 +122,7 @@ class ContinualTrainer:
             return
         settings = self._teacher_settings()
         fp = self.teacher_fingerprint or self._teacher_identity()
+        self._digests.save()
         job = TeacherJob(term.teacher_kind, self.engine.forward, self.capture,
                          self.batches.replay_ids, shard, int(self.engine.module.config.hidden_size),
                          r.teacher_batch_size, self.tokenizer.pad_token_id, self.device,
@@ -147,9 +149,9 @@ class ContinualTrainer:
     def _teacher_identity(self) -> str:
         """The teacher data's fingerprint (weights hashed whole; digests kept next to the cache
         so an unchanged file is not re-read at every launch)."""
+        self._digests = DigestCache(self.teacher_root / DIGESTS_FILE)  # saved after the checks
         return fingerprint(self.cfg.model, self.cfg.tokenizer or self.cfg.model,
-                           self.cfg.replay.data, self._teacher_settings(),
-                           digests=DigestCache(self.teacher_root / DIGESTS_FILE))
+                           self.cfg.replay.data, self._teacher_settings(), self._digests)
 
     # ------------------------------------------------------------------ one task
     def optimizer_step(self, task_index: int, sampler: ContinualSampler, epoch: int, step: int,

@@ -91,3 +91,61 @@ def test_a_logger_that_writes_nothing_leaves_the_folder_untouched(tmp_path):
     log = RunLogger(tmp_path / "run", enabled=True)
     log.close()
     assert not (tmp_path / "run").exists()
+
+
+# ----------------------------------------------------------------------------- one job per folder
+
+
+def _dead_pid() -> int:
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_the_run_lock_admits_one_job_and_is_released(tmp_path):
+    from gere_ds.errors import InputError
+    from gere_ds.run_lock import LOCK_FILE, acquire_run_lock
+
+    lock = acquire_run_lock(tmp_path / "run")
+    holder = json.loads((tmp_path / "run" / LOCK_FILE).read_text())
+    assert holder["pid"] == os.getpid() and holder["host"]
+    with pytest.raises(InputError, match=rf"output_dir: .*run is in use by pid {os.getpid()}"):
+        acquire_run_lock(tmp_path / "run")
+    lock.release()
+    assert not (tmp_path / "run" / LOCK_FILE).exists()
+    acquire_run_lock(tmp_path / "run").release()
+
+
+def test_a_dead_jobs_lock_is_taken_over_with_one_line(tmp_path, capsys):
+    import socket
+
+    from gere_ds.run_lock import LOCK_FILE, acquire_run_lock
+
+    (tmp_path / LOCK_FILE).write_text(json.dumps({"host": socket.gethostname(),
+                                                  "pid": _dead_pid(), "started": "earlier"}))
+    lock = acquire_run_lock(tmp_path)
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "stale lock" in lines[0] and "taken over" in lines[0]
+    assert json.loads((tmp_path / LOCK_FILE).read_text())["pid"] == os.getpid()
+    lock.release()
+
+
+def test_another_hosts_lock_is_refused_naming_holder_and_the_way_out(tmp_path):
+    from gere_ds.errors import InputError
+    from gere_ds.run_lock import LOCK_FILE, acquire_run_lock
+
+    other = {"host": "node-elsewhere-3", "pid": 4242, "started": "2024-01-01 10:00:00"}
+    (tmp_path / LOCK_FILE).write_text(json.dumps(other))
+    with pytest.raises(InputError) as err:
+        acquire_run_lock(tmp_path)
+    line = str(err.value)
+    assert "\n" not in line and "pid 4242 on host node-elsewhere-3" in line
+    assert "--force-unlock" in line and f"delete {tmp_path / LOCK_FILE}" in line
+    lock = acquire_run_lock(tmp_path, force=True)
+    assert json.loads((tmp_path / LOCK_FILE).read_text())["pid"] == os.getpid()
+    (tmp_path / LOCK_FILE).write_text(json.dumps(other))  # someone else's now
+    lock.release()
+    assert (tmp_path / LOCK_FILE).is_file()  # release never removes another job's lock

@@ -350,7 +350,9 @@ def test_fingerprint_hashes_whole_weights_and_reuses_unchanged_digests(tiny_lm, 
 
     def fp():
         cache = DigestCache(digests)
-        return fingerprint(str(model), str(model), tiny_lm["replay"], settings, cache), cache
+        value = fingerprint(str(model), str(model), tiny_lm["replay"], settings, cache)
+        cache.save()
+        return value, cache
 
     before, first = fp()
     assert first.hashed == [str(weights.resolve())]
