@@ -149,3 +149,67 @@ def test_another_hosts_lock_is_refused_naming_holder_and_the_way_out(tmp_path):
     (tmp_path / LOCK_FILE).write_text(json.dumps(other))  # someone else's now
     lock.release()
     assert (tmp_path / LOCK_FILE).is_file()  # release never removes another job's lock
+
+
+# ----------------------------------------------------------------------------- evaluation's folders
+
+
+def _fake_run(run: Path) -> Path:
+    folder = run / "checkpoints" / "task001-end"
+    folder.mkdir(parents=True)
+    (folder / "trainer_state.json").write_text('{"world_size": 1}')
+    (folder / "COMPLETE.rank00000").write_text('{"trainer_state.json": 17}')
+    return folder
+
+
+def test_an_export_is_reused_only_if_it_records_this_checkpoint(tmp_path, monkeypatch):
+    import gere_ds.export as E
+    from gere_ds.commands import evaluate as ev
+    from gere_ds.config import RunConfig, TaskConfig
+
+    calls: list[Path] = []
+
+    def fake_export(run_dir, target, tag, force, log):
+        calls.append(Path(target))
+        Path(target).mkdir(parents=True, exist_ok=True)
+        (Path(target) / "config.json").write_text("{}")
+
+    monkeypatch.setattr(E, "export_checkpoint", fake_export)
+    monkeypatch.setattr(E, "checkpoint_problem", lambda folder: None)
+    cfg = RunConfig(model="base", output_dir="x", tasks=[TaskConfig(name="a", train="a.jsonl",
+                                                                    labels=["y", "n"])])
+    run, out = tmp_path / "run", tmp_path / "eval"
+    folder = _fake_run(run)
+    # a folder another run left in --out (a config.json, no record of its source)
+    (out / "hf" / "task001-end").mkdir(parents=True)
+    (out / "hf" / "task001-end" / "config.json").write_text('{"other": 1}')
+    ev.run_models(cfg, run, out)
+    assert len(calls) == 1  # not reused: it records no source
+    ev.run_models(cfg, run, out)
+    assert len(calls) == 1  # the same checkpoint: reused
+    marker = folder / "COMPLETE.rank00000"
+    st = marker.stat()
+    marker.write_text('{"trainer_state.json": 17}')  # the tag saved again
+    os.utime(marker, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    ev.run_models(cfg, run, out)
+    assert len(calls) == 2
+    other = tmp_path / "other_run"
+    _fake_run(other)
+    ev.run_models(cfg, other, out)  # another run's checkpoint of the same tag
+    assert len(calls) == 3
+
+
+def test_evaluate_refuses_an_out_that_is_a_run_folder(tiny_config, tmp_path, capsys):
+    from gere_ds.commands import evaluate as ev
+
+    cfg = tiny_config("tm", name="ev")
+    run = tmp_path / "run"
+    _fake_run(run)
+    (run / "metrics.json").write_text('{"matrix": "the run\'s own"}')
+    (run / "train.log").write_text("")
+    for argv in (["--run", str(run), "--out", str(run)],
+                 ["--model", str(tmp_path / "m"), "--out", str(run)]):
+        assert ev.main(["--config", str(cfg), *argv]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "is a run folder" in err[0] and "--out" in err[0]
+    assert json.loads((run / "metrics.json").read_text()) == {"matrix": "the run's own"}
