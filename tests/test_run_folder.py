@@ -213,3 +213,57 @@ def test_evaluate_refuses_an_out_that_is_a_run_folder(tiny_config, tmp_path, cap
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and "is a run folder" in err[0] and "--out" in err[0]
     assert json.loads((run / "metrics.json").read_text()) == {"matrix": "the run's own"}
+
+
+# ----------------------------------------------------------------------------- the ablation runner
+
+
+def _ablation():
+    import importlib.util
+
+    from conftest import REPO
+
+    spec = importlib.util.spec_from_file_location("run_ablation",
+                                                  REPO / "launch" / "run_ablation.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_ablation_force_reruns_a_finished_row_from_scratch(tiny_config, tmp_path, monkeypatch):
+    mod = _ablation()
+    results = tmp_path / "results"
+    row = results / "none"
+    (row / "checkpoints" / "task002-end").mkdir(parents=True)
+    (results / "teacher").mkdir()
+    (results / "ablation.json").write_text(json.dumps({"none": {"status": "done"}}))
+    seen: list[bool] = []
+
+    def fake_run_row(cmd, log_path):
+        seen.append((row / "checkpoints").exists())  # what the relaunched row would resume
+        return 0
+
+    monkeypatch.setattr(mod, "run_row", fake_run_row)
+    args = ["--base", str(tiny_config("none", name="abl")), "--results", str(results),
+            "--rows", "none"]
+    assert mod.main(args) == 0 and seen == []  # done before: skipped
+    assert mod.main([*args, "--force"]) == 0
+    assert seen == [False]  # the finished run was removed: the row trains from scratch
+    assert (results / "teacher").is_dir()  # the shared teacher cache is kept
+
+
+def test_ablation_force_leaves_a_row_a_live_job_holds(tiny_config, tmp_path, monkeypatch):
+    mod = _ablation()
+    results = tmp_path / "results"
+    from gere_ds.run_lock import acquire_run_lock
+
+    lock = acquire_run_lock(results / "none")
+    (results / "ablation.json").write_text(json.dumps({"none": {"status": "done"}}))
+    monkeypatch.setattr(mod, "run_row", lambda cmd, log_path: 0)
+    args = ["--base", str(tiny_config("none", name="abl")), "--results", str(results),
+            "--rows", "none", "--force"]
+    try:
+        assert mod.main(args) == 1
+        assert (results / "none" / "run.lock").is_file()
+    finally:
+        lock.release()
