@@ -376,7 +376,9 @@ def run_config(paths: dict[str, str], spec: ModelSpec, output_dir: Path, strateg
         "tasks": [{"name": "sentiment", "train": paths["train"], "test": paths["test"],
                    "instruction": "What is the sentiment of the review? Choose one option.",
                    "labels": ["positive", "negative"]}],
-        "replay": {"data": paths["replay"], "num_samples": 100000, "max_len": spec.seq,
+        "replay": {"data": paths["replay"], "max_len": spec.seq,
+                   "num_samples": sum(1 for ln in Path(paths["replay"]).read_text().split("\n")
+                                      if ln.strip()),
                    "strategy": strategy, "weight": 100.0, "teacher_batch_size": spec.micro_batch,
                    "teacher_cache": str(teacher_cache or Path(output_dir) / "teacher")},
         "train": {"epochs": epochs, "lr": 1.0e-5, "warmup_steps": 0,

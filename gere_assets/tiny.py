@@ -104,6 +104,11 @@ def make_tiny_assets(out: Path, n_train: int = 24, n_test: int = 12, n_replay: i
     return paths
 
 
+def _count_lines(path: str) -> int:
+    with open(path, encoding="utf-8") as fh:
+        return sum(1 for line in fh if line.strip())
+
+
 def tiny_config_dict(paths: dict[str, str], output_dir: str, strategy: str = "tm") -> dict:
     """A 2-task run config over the tiny assets (fp32, small batches, a few steps)."""
     return {
@@ -118,7 +123,8 @@ def tiny_config_dict(paths: dict[str, str], output_dir: str, strategy: str = "tm
              "instruction": "What is the topic of the news? Choose one from the option.",
              "labels": ["sports", "science"]},
         ],
-        "replay": {"data": paths["replay"], "num_samples": 1000, "max_len": 48,
+        "replay": {"data": paths["replay"], "num_samples": _count_lines(paths["replay"]),
+                   "max_len": 48,
                    "strategy": strategy, "weight": 1.0, "teacher_batch_size": 2},
         "train": {"epochs": 2, "lr": 3.0e-3, "warmup_steps": 1, "micro_batch_size": 2,
                   "grad_accum": 2, "max_source_len": 64, "max_target_len": 4, "seed": 1,

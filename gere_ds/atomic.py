@@ -18,12 +18,27 @@ from gere_ds.hashing import sha256_file  # noqa: F401  (re-exported)
 TMP_MARK = ".tmp-"  # part of every temporary name, so stale ones can be found and removed
 
 
+def _file_mode() -> int:
+    """The mode an ordinary ``open(path, "w")`` gives (0666 less the umask, e.g. 0644): mkstemp
+    makes 0600, which would hide configs and metrics from the rest of a group."""
+    try:  # Linux: read without changing the umask (os.umask is process-wide, not thread-safe)
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return 0o666 & ~int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def write_bytes_atomic(path: str | Path, data: bytes) -> None:
     """Write ``data`` to ``path`` (parents created) via a temp file + fsync + os.replace."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}{TMP_MARK}", dir=path.parent)
     try:
+        os.fchmod(fd, _file_mode())
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()

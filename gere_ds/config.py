@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -203,6 +204,27 @@ class _Marks:
         return InputError(message, file=self.file, line=self.line(path), field=path or None)
 
 
+class _DuplicateKey(yaml.YAMLError):
+    def __init__(self, key: str, line: int, first: int) -> None:
+        super().__init__(f"duplicate key {key!r} (first on line {first})")
+        self.key, self.line, self.first = key, line, first
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """safe_load, except that a key given twice in one mapping is an error (PyYAML keeps the
+    last one silently, so a pasted block would override an earlier setting unseen)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if isinstance(key, (str, int, float, bool)) and key in seen:
+                raise _DuplicateKey(str(key), line, seen[key])
+            seen.setdefault(key, line) if isinstance(key, (str, int, float, bool)) else None
+        return super().construct_mapping(node, deep=deep)
+
+
 def _record_marks(node: yaml.Node, path: str, marks: _Marks) -> None:
     if isinstance(node, yaml.MappingNode):
         for key_node, value_node in node.value:
@@ -235,6 +257,12 @@ def _as_number(value: Any) -> Any:
     return value
 
 
+def _finite(value: float, path: str, marks: _Marks) -> float:
+    if not math.isfinite(value):  # .nan passes every `<` check; .inf overflows timeouts
+        raise marks.error(path, f"must be a finite number, got {value!r}")
+    return value
+
+
 def _coerce(value: Any, tp: Any, path: str, marks: _Marks) -> Any:
     tp = _strip_optional(tp)
     origin = typing.get_origin(tp)
@@ -250,7 +278,7 @@ def _coerce(value: Any, tp: Any, path: str, marks: _Marks) -> Any:
     if origin in (Union, types.UnionType):  # float | str (replay.weight)
         value = _as_number(value)
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+            return _finite(float(value), path, marks)
         if isinstance(value, str):
             return value
         raise marks.error(path, f"expected a number or a string, got {value!r}")
@@ -266,7 +294,7 @@ def _coerce(value: Any, tp: Any, path: str, marks: _Marks) -> Any:
         value = _as_number(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise marks.error(path, f"expected a number, got {value!r}")
-        return float(value)
+        return _finite(float(value), path, marks)
     if tp is str:
         if value is None:
             return ""
@@ -336,7 +364,13 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
     marks = _Marks(path)
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
-        raw = yaml.safe_load(text)
+        raw = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
+    except _DuplicateKey as err:
+        _record_marks(node, "", marks)  # the dotted name of the key, from its first line
+        dotted = [k for k, ln in marks.lines.items()
+                  if ln in (err.first, err.line) and k.rpartition(".")[2] == err.key]
+        raise InputError(str(err), file=path, line=err.line,
+                         field=dotted[0] if dotted else err.key) from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         raise InputError(f"invalid YAML: {getattr(err, 'problem', err)}", file=path,
@@ -376,6 +410,10 @@ def _validate_tasks(cfg: RunConfig, marks: _Marks) -> None:
             raise marks.error(f"tasks.{i}.labels", "a task needs its label set")
         if len(set(task.labels)) != len(task.labels):
             raise marks.error(f"tasks.{i}.labels", "labels must be distinct")
+        if task.text_field == task.label_field:
+            raise marks.error(f"tasks.{i}.label_field", f"the same column as text_field "
+                                                        f"({task.text_field!r}): the label would "
+                                                        f"be the input")
         both = [x for x in task.test_only_labels if x in task.labels]
         if both:
             raise marks.error(f"tasks.{i}.test_only_labels", f"{both[0]!r} is already in labels")
@@ -433,6 +471,26 @@ def validate(cfg: RunConfig, marks: _Marks | None = None) -> None:
             raise marks.error(f"train.{key}", "must be >= 1")
     if t.lr <= 0:
         raise marks.error("train.lr", "must be > 0")
+    if not cfg.output_dir.strip():
+        raise marks.error("output_dir", "empty (it would be the current directory); name the "
+                                        "run's folder")
+    for key, low in (("max_bad_steps", 1), ("warmup_steps", 0), ("max_steps_per_task", 0)):
+        if getattr(t, key) < low:
+            raise marks.error(f"train.{key}", f"must be >= {low}")
+    for key in ("min_lr_ratio", "grad_clip", "weight_decay"):
+        if getattr(t, key) < 0:
+            raise marks.error(f"train.{key}", "must be >= 0")
+    if t.min_lr_ratio > 1:
+        raise marks.error("train.min_lr_ratio", "must be at most 1")
+    if not t.collective_timeout_s > 0:
+        raise marks.error("train.collective_timeout_s", "must be > 0 (seconds)")
+    for key, low in (("batch_size", 1), ("max_new_tokens", 1), ("max_examples", 0)):
+        if getattr(cfg.eval, key) < low:
+            raise marks.error(f"eval.{key}", f"must be >= {low}")
+    for i, g in enumerate(cfg.eval.general):
+        for key in ("shots", "max_examples"):
+            if getattr(g, key) < 0:
+                raise marks.error(f"eval.general.{i}.{key}", "must be >= 0")
     if t.truncate_source not in TRUNCATE_SOURCE:
         close = difflib.get_close_matches(t.truncate_source, TRUNCATE_SOURCE, n=1)
         hint = f" (did you mean '{close[0]}'?)" if close else ""

@@ -1,5 +1,5 @@
-"""File hashing, one way: whole files in chunks, or (large weights) name, size, first and last
-MiB; one list of weight-file suffixes."""
+"""File hashing, one way: whole files in chunks; one list of weight-file suffixes. (Digests of
+big files kept between launches: gere_ds.digest_cache.)"""
 from __future__ import annotations
 
 import hashlib
@@ -8,27 +8,20 @@ from typing import Any
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 _CHUNK = 1 << 22
-_EDGE = 1 << 20  # head-and-tail hashing: the first and last MiB
 
 
 def is_weight_file(path: Path) -> bool:
     return Path(path).suffix in WEIGHT_SUFFIXES
 
 
-def update_with_file(digest: Any, path: Path, head_tail: bool = False) -> None:
-    """Feed ``path`` into ``digest``: its name and size, then its bytes (with ``head_tail`` and
-    a file over 4 MiB: only the first and last MiB, so large weights hash fast)."""
+def update_with_file(digest: Any, path: Path) -> None:
+    """Feed ``path`` into ``digest``: its name and size, then all its bytes."""
     path = Path(path)
     size = path.stat().st_size
     digest.update(f"{path.name}:{size}".encode())
     with open(path, "rb") as fh:
-        if head_tail and size > 4 * _EDGE:
-            digest.update(fh.read(_EDGE))
-            fh.seek(size - _EDGE)
-            digest.update(fh.read())
-        else:
-            while block := fh.read(_CHUNK):
-                digest.update(block)
+        while block := fh.read(_CHUNK):
+            digest.update(block)
 
 
 def sha256_file(path: str | Path) -> str:

@@ -4,11 +4,13 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from gere_ds.config import RunConfig
 from gere_ds.data.replay import check_replay_inputs
 from gere_ds.data.tasks import Example, load_examples
-from gere_ds.engine import check_model_folder, resolve_ds_config
+from gere_ds.data.encode import encode_target
+from gere_ds.engine import check_model_folder, load_tokenizer, resolve_ds_config
 from gere_ds.errors import InputError
 from gere_ds.evaluation.scoring import EvalSuite
 from gere_ds.strategies import make_term
@@ -23,6 +25,23 @@ class Inputs:
     eval_suite: EvalSuite | None = None
 
 
+def check_label_tokens(cfg: RunConfig, tokenizer: Any) -> None:
+    """Every task's labels must stay distinct as the trainer encodes them (cut to
+    ``train.max_target_len`` with the eos): two labels with one target could not be told apart
+    by training or by rank-mode scoring."""
+    n = cfg.train.max_target_len
+    for i, task in enumerate(cfg.tasks):
+        seen: dict[tuple[int, ...], str] = {}
+        for label in task.labels:
+            target = tuple(encode_target(tokenizer, label, n))
+            if target in seen:
+                raise InputError(f"labels {seen[target]!r} and {label!r} are the same "
+                                 f"{len(target)} tokens once cut to train.max_target_len={n} "
+                                 f"(label tokens + eos); raise max_target_len or rename them",
+                                 field=f"tasks.{i}.labels")
+            seen[target] = label
+
+
 def validate_inputs(cfg: RunConfig, world_size: int) -> Inputs:
     """Read and check every input; raises InputError with file, line and field."""
     check_model_folder(cfg)
@@ -34,6 +53,7 @@ def validate_inputs(cfg: RunConfig, world_size: int) -> Inputs:
     vocab = json.loads((Path(cfg.model) / "config.json").read_text()).get("vocab_size")
     if vocab:
         term.check_model(int(vocab), cfg.model)
+    check_label_tokens(cfg, load_tokenizer(cfg, lambda line: None))
     suite = None
     if cfg.eval.enabled:
         suite = EvalSuite(cfg.tasks, cfg.eval, seed=cfg.eval.sample_seed,

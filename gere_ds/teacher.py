@@ -30,24 +30,35 @@ from gere_ds import dist, stop
 from gere_ds.capture import FinalNormCapture
 from gere_ds.data.collate import collate
 from gere_ds.data.encode import Encoded
+from gere_ds.digest_cache import DigestCache
+from gere_ds import owners
+from gere_ds.errors import InputError
 from gere_ds.hashing import is_weight_file, update_with_file
 from gere_ds.losses import teacher_topk
+from gere_ds.owners import owner_tag, stale_entries
 from gere_ds.strategies import ReplayTerm
 from gere_ds.teacher_cache import (CacheWriter, TeacherData,
                                    check_rank_cache, load_rank_cache, rank_dir, to_bf16_bits,
                                    write_rank_cache)
 
 
-def fingerprint(model_dir: str, tokenizer_dir: str, replay_file: str, settings: dict) -> str:
-    """Identity of the teacher data: model, tokenizer, replay file and every setting it uses."""
+def fingerprint(model_dir: str, tokenizer_dir: str, replay_file: str, settings: dict,
+                digests: DigestCache | None = None) -> str:
+    """Identity of the teacher data: model, tokenizer, replay file and every setting it uses.
+
+    Every file is hashed whole (a model changed in place changes the fingerprint); ``digests``
+    keeps the weight files' digests between launches so unchanged weights are not re-read."""
     h = hashlib.sha256()
     h.update(json.dumps(settings, sort_keys=True).encode())
     for folder, weights in ((model_dir, True), (tokenizer_dir, False)):
         for path in sorted(Path(folder).iterdir()):
             if path.is_file() and not path.name.startswith("."):
                 big = is_weight_file(path)
-                if weights or not big:
-                    update_with_file(h, path, head_tail=big)
+                if big and weights:
+                    digest = (digests or DigestCache(None)).digest(path)
+                    h.update(f"{path.name}:{path.stat().st_size}:{digest}".encode())
+                elif not big:
+                    update_with_file(h, path)
     update_with_file(h, Path(replay_file))
     return h.hexdigest()
 
@@ -200,12 +211,34 @@ class TeacherJob:
     settings: dict | None = None  # the fingerprint's settings, kept in the manifest
 
 
+SCRATCH_PREFIX = "gere-teacher-"  # + <pid>@<host>+<random>: a dead owner's leftover can go
+
+
+def _scratch_folder(job: TeacherJob) -> Path:
+    """A fresh local scratch folder for the tm pass's fp32 features, after removing what passes
+    killed on this host left there and checking (on every rank, agreed) that the features fit."""
+    root = Path(os.environ.get("TMPDIR") or tempfile.gettempdir())
+    for left in stale_entries(root, SCRATCH_PREFIX):
+        shutil.rmtree(left, ignore_errors=True)
+    need = max(sum(len(job.replay_ids[s]) for s in job.shard), 1) * job.hidden_size * 4
+    free = shutil.disk_usage(root).free
+    problem = None
+    if free < need:
+        problem = (f"teacher pass: its scratch file needs {need / 2**30:.2f} GiB in {root} "
+                   f"but only {free / 2**30:.2f} GiB are free on {owners.host()}; set TMPDIR "
+                   f"to a local disk with room")
+    problems = [p for p in dist.all_gather_object(problem) if p]
+    if problems:
+        raise InputError(problems[0])
+    return Path(tempfile.mkdtemp(prefix=f"{SCRATCH_PREFIX}{owner_tag()}+", dir=root))
+
+
 def _compute(job: TeacherJob, folder: Path, progress: Callable[[int, int], None]) -> None:
     """Run the pass of ``job.kind`` and write this rank's cache folder."""
     meta = {"rank": dist.rank(), "world_size": dist.world_size(), "hidden_size": job.hidden_size,
             "settings": job.settings or {}}
     if job.kind == "states":
-        scratch = Path(tempfile.mkdtemp(prefix="teacher-", dir=os.environ.get("TMPDIR")))
+        scratch = _scratch_folder(job)
         try:
             thresholds, samples = teacher_pass(job.forward, job.capture, job.replay_ids,
                                                job.shard, job.hidden_size, job.threshold_k,

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from gere_ds.atomic import sha256_file, write_json_atomic
+from gere_ds.owners import owner_tag, stale_entries
 
 FORMAT_VERSION = 2
 KINDS = ("states", "topk", "features")
@@ -180,9 +181,12 @@ class CacheWriter:
         self.folder, self.fingerprint, self.kind = Path(folder), fingerprint, kind
         self.row_width = row_width  # elements per token: D (states, features) or k (topk)
         self.meta = dict(meta or {})
-        self.tmp = self.folder.with_name(self.folder.name + f".tmp{os.getpid()}")
-        for stale in self.folder.parent.glob(self.folder.name + ".tmp*"):
-            shutil.rmtree(stale, ignore_errors=True)  # left by an interrupted pass
+        self.tmp = self.folder.with_name(f"{self.folder.name}.tmp{owner_tag()}")
+        # left by an interrupted pass; a live job's temp folder (another run sharing this cache)
+        # is never touched
+        for left in stale_entries(self.folder.parent, self.folder.name + ".tmp"):
+            shutil.rmtree(left, ignore_errors=True)
+        shutil.rmtree(self.tmp, ignore_errors=True)
         self.tmp.mkdir(parents=True)
         self.names = [name for name, _ in _DATA_FILES[kind]]
         self._fh = {name: open(self.tmp / name, "wb") for name in self.names}

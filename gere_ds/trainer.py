@@ -22,6 +22,7 @@ from gere_ds.capture import FinalNormCapture
 from gere_ds.checkpoint import Checkpointer, load_rng, load_trainer_state, step_tag, task_tag
 from gere_ds.config import RunConfig, save_resolved
 from gere_ds.data.sampler import ContinualSampler
+from gere_ds.digest_cache import DIGESTS_FILE, DigestCache
 from gere_ds.engine import Engine, build_engine
 from gere_ds.evaluation.base_cache import evaluate_base
 from gere_ds.inputs import Inputs
@@ -59,6 +60,7 @@ class ContinualTrainer:
         # set by prepare_teacher()
         self.teacher: TeacherData | None = None
         self.teacher_fingerprint: str | None = None
+        self._digests: DigestCache | None = None
 
     # ------------------------------------------------------------------ setup
     def setup(self, inputs: Inputs) -> None:
@@ -118,11 +120,9 @@ class ContinualTrainer:
         r, term, shard = self.cfg.replay, self.term, self.batches.shard
         if not term.needs_teacher:
             return
-        settings = teacher_settings(term, num_samples=r.num_samples, max_len=r.max_len,
-                                    world_size=self.world, seed=self.cfg.train.seed,
-                                    bf16=self.cfg.train.bf16,
-                                    n_replay=len(self.inputs.replay_texts))
-        fp = fingerprint(self.cfg.model, self.cfg.tokenizer or self.cfg.model, r.data, settings)
+        settings = self._teacher_settings()
+        fp = self.teacher_fingerprint or self._teacher_identity()
+        self._digests.save()
         job = TeacherJob(term.teacher_kind, self.engine.forward, self.capture,
                          self.batches.replay_ids, shard, int(self.engine.module.config.hidden_size),
                          r.teacher_batch_size, self.tokenizer.pad_token_id, self.device,
@@ -139,6 +139,19 @@ class ContinualTrainer:
             self.engine.engine.train()
         self.teacher_fingerprint = fp
         term.attach(self.teacher, self.device, self.log.info)
+
+    def _teacher_settings(self) -> dict[str, Any]:
+        r = self.cfg.replay
+        return teacher_settings(self.term, num_samples=r.num_samples, max_len=r.max_len,
+                                world_size=self.world, seed=self.cfg.train.seed,
+                                bf16=self.cfg.train.bf16, n_replay=len(self.inputs.replay_texts))
+
+    def _teacher_identity(self) -> str:
+        """The teacher data's fingerprint (weights hashed whole; digests kept next to the cache
+        so an unchanged file is not re-read at every launch)."""
+        self._digests = DigestCache(self.teacher_root / DIGESTS_FILE)  # saved after the checks
+        return fingerprint(self.cfg.model, self.cfg.tokenizer or self.cfg.model,
+                           self.cfg.replay.data, self._teacher_settings(), self._digests)
 
     # ------------------------------------------------------------------ one task
     def optimizer_step(self, task_index: int, sampler: ContinualSampler, epoch: int, step: int,
@@ -207,15 +220,28 @@ class ContinualTrainer:
                 "task_names": [task.name for task in self.cfg.tasks],
                 "teacher_fingerprint": self.teacher_fingerprint}
 
-    def resume(self) -> None:
-        """Load the checkpoint that `resume` names (auto: the newest complete one)."""
+    def check_resume(self, inputs: Inputs) -> tuple[Path, str, dict[str, Any]] | None:
+        """The checkpoint that `resume` names (auto: the newest complete one) and its trainer
+        state, checked against this job (world size, tasks, teacher data); None: a fresh start.
+        Runs before anything is written, so a refused relaunch leaves the run folder as it was."""
+        self.inputs = inputs
+        if self.term.needs_teacher:
+            self.teacher_fingerprint = self._teacher_identity()
         target = resume_target(self.cfg, self.ckpt, self.log.info)
         if target is None:
-            return
+            return None
         root, tag = target
+        state = load_trainer_state(root / tag)
+        check_state(state, root / tag, self.cfg, self.world, self.teacher_fingerprint)
+        return root, tag, state
+
+    def resume(self, target: tuple[Path, str, dict[str, Any]] | None) -> None:
+        """Load the checked checkpoint (``check_resume``); cut the step log back to it."""
+        if target is None:
+            self.log.start_fresh()  # steps of an attempt that saved no checkpoint go
+            return
+        root, tag, state = target
         folder = root / tag
-        state = load_trainer_state(folder)
-        check_state(state, folder, self.cfg, self.world, self.teacher_fingerprint)
         self.engine.engine.load_checkpoint(str(root), tag=tag, load_optimizer_states=True,
                                            load_lr_scheduler_states=False)
         load_rng(folder)
@@ -273,9 +299,10 @@ class ContinualTrainer:
                                    self.out / "hf" / task_tag(i))
 
     def run(self, inputs: Inputs) -> None:
+        target = self.check_resume(inputs)  # every check first, then write
         self.setup(inputs)
         self.prepare_teacher()  # from the BASE model, before any checkpoint is loaded
-        self.resume()
+        self.resume(target)
         if not self.progress.matrix:
             self.evaluate_row()
         for i in range(self.progress.task_index, len(self.cfg.tasks)):

@@ -15,7 +15,8 @@ strategy reuse one teacher pass (the weight is not part of the teacher fingerpri
 
 ``<results>/ablation.json`` records each row's command, exit code and time, written after every
 row; paths in the base config and ``--results`` are relative to the current directory (the
-rows run there). A row already recorded as done is skipped (``--force`` reruns it), and a row
+rows run there). A row already recorded as done is skipped (``--force`` removes its run folder and
+trains it again from scratch; the shared teacher cache is kept), and a row
 that failed or was interrupted is relaunched and resumes from its latest checkpoint
 (``resume: auto``).
 When every selected row has its metrics, ``eval/compare.py`` writes ``<results>/compare.md``.
@@ -61,7 +62,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="extra deepspeed launcher arguments, e.g. '--hostfile hostfile'")
     p.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
     p.add_argument("--keep-going", action="store_true", help="continue after a failed row")
-    p.add_argument("--force", action="store_true", help="rerun rows already recorded as done")
+    p.add_argument("--force", action="store_true",
+                   help="rerun rows already recorded as done, from scratch (their run folders "
+                        "are removed first)")
     p.add_argument("--write-presets", metavar="DIR",
                    help="write <DIR>/<row>.yaml (complete configs) and exit")
     p.add_argument("overrides", nargs="*", help="key=value overrides applied to every row")
@@ -119,6 +122,22 @@ def write_presets(base: str, folder: Path, rows: list[str], extra: list[str]) ->
     return written
 
 
+def clear_finished_row(run_dir: Path) -> bool:
+    """``--force`` on a finished row: remove its run folder so the row trains from scratch
+    (with the folder left in place, ``resume: auto`` would just resume the finished run). A
+    folder a live job holds (its run.lock) is left alone; False then."""
+    from gere_ds.run_lock import LOCK_FILE, describe, holder_alive, read_holder
+
+    holder = read_holder(run_dir / LOCK_FILE)
+    if holder is not None and holder_alive(holder) is not False:
+        print(f"error: {run_dir} is in use by {describe(holder)}; not removed", file=sys.stderr)
+        return False
+    if run_dir.exists():
+        print(f"[ablation] --force: removing the finished run {run_dir}", flush=True)
+        shutil.rmtree(run_dir)
+    return True
+
+
 def run_row(cmd: list[str], log_path: Path) -> int:
     """Run one row, streaming its output to the console and to its launch log."""
     with open(log_path, "a", buffering=1) as log:
@@ -170,8 +189,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.dry_run:
             print(shlex.join(cmd))
             continue
-        if status.get(row, {}).get("status") == "done" and not args.force:
+        done_before = status.get(row, {}).get("status") == "done"
+        if done_before and not args.force:
             print(f"[ablation] {i + 1}/{len(rows)} {row}: done before, skipped", flush=True)
+            continue
+        if done_before and not clear_finished_row(results / row):
+            failed.append(row)
+            if not args.keep_going:
+                break
             continue
         print(f"[ablation] {i + 1}/{len(rows)} {row}: {shlex.join(cmd)}", flush=True)
         start = time.time()

@@ -122,3 +122,36 @@ def test_negative_checkpoint_retention_names_the_line(tmp_path):
     with pytest.raises(InputError) as err:
         load_config(path)
     assert str(err.value) == f"{path}:13: checkpoint.keep_task_ends: must be >= 0"
+
+
+@pytest.mark.parametrize("extra,needle", [
+    ("train:\n  lr: 3e-6\n  collective_timeout_s: 0\n", r":\d+: train.collective_timeout_s: must be > 0"),
+    ("train:\n  lr: 3e-6\n  collective_timeout_s: .inf\n",
+     r":\d+: train.collective_timeout_s: must be a finite number"),
+    ("train:\n  lr: .nan\n", r":\d+: train.lr: must be a finite number"),
+    ("train:\n  lr: 3e-6\n  max_bad_steps: 0\n", r":\d+: train.max_bad_steps: must be >= 1"),
+    ("eval:\n  batch_size: 0\n", r":\d+: eval.batch_size: must be >= 1"),
+    ("eval:\n  max_new_tokens: 0\n", r":\d+: eval.max_new_tokens: must be >= 1"),
+    ("checkpoint:\n  every_steps: -2\n", r":\d+: checkpoint.every_steps: must be >= 0"),
+])
+def test_out_of_range_values_name_file_line_and_field(tmp_path, extra, needle):
+    text = BASE.replace("train:\n  lr: 3e-6\n", "") + extra
+    with pytest.raises(InputError, match=needle) as err:
+        load_config(_write(tmp_path, text))
+    assert str(err.value).startswith(str(tmp_path / "c.yaml")) and "\n" not in str(err.value)
+
+
+def test_a_duplicate_key_is_an_error_naming_its_line(tmp_path):
+    path = _write(tmp_path, BASE + "  lr: 1e-3\n")
+    with pytest.raises(InputError) as err:
+        load_config(path)
+    assert str(err.value) == f"{path}:12: train.lr: duplicate key 'lr' (first on line 11)"
+
+
+def test_empty_output_dir_and_text_field_equal_to_label_field(tmp_path):
+    with pytest.raises(InputError, match=r"c.yaml:2: output_dir: empty"):
+        load_config(_write(tmp_path, BASE.replace("output_dir: runs/x", "output_dir: ''")))
+    same = BASE.replace('    labels: ["yes", "no"]\n',
+                        '    labels: ["yes", "no"]\n    text_field: text\n    label_field: text\n')
+    with pytest.raises(InputError, match=r"c.yaml:8: tasks.0.label_field: the same column"):
+        load_config(_write(tmp_path, same))

@@ -321,3 +321,101 @@ def test_two_rank_caches_hold_disjoint_shards_covering_the_replay_set(tiny_confi
     assert steps and all("train/kl" in s for s in steps), steps[:1]
     # the weight (dy) is logged where a replay row had a non-zero term
     assert all("train/kl_weight" in s for s in steps if s["train/kl"] > 0), steps[:1]
+
+
+# ----------------------------------------------------------------------------- run-folder safety
+
+
+def _dead_pid() -> int:
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_fingerprint_hashes_whole_weights_and_reuses_unchanged_digests(tiny_lm, tmp_path):
+    import os
+    import shutil
+
+    from gere_ds.digest_cache import DigestCache
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_lm["model_dir"], model)
+    weights = next(model.glob("*.safetensors"))
+    assert weights.stat().st_size > 4 << 20  # big enough that edges-only hashing skipped bytes
+    settings = _settings("tm")
+    digests = tmp_path / "teacher" / "file_digests.json"
+
+    def fp():
+        cache = DigestCache(digests)
+        value = fingerprint(str(model), str(model), tiny_lm["replay"], settings, cache)
+        cache.save()
+        return value, cache
+
+    before, first = fp()
+    assert first.hashed == [str(weights.resolve())]
+    again, second = fp()
+    assert again == before and second.hashed == []  # unchanged: the kept digest, no re-read
+    # change one byte in the middle of the weights, in place (same size, same inode)
+    st = weights.stat()
+    with open(weights, "r+b") as fh:
+        fh.seek(st.st_size // 2)
+        byte = fh.read(1)
+        fh.seek(st.st_size // 2)
+        fh.write(bytes([byte[0] ^ 0xFF]))
+    os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    changed, third = fp()
+    assert third.hashed == [str(weights.resolve())] and changed != before
+    assert fingerprint(str(model), str(model), tiny_lm["replay"], settings) == changed
+
+
+def test_cache_writer_removes_only_temp_folders_of_dead_processes(tmp_path):
+    import os
+    import socket
+
+    folder = rank_dir(tmp_path, "f" * 64, 0, 1)
+    folder.parent.mkdir(parents=True)
+    host, dead, alive = socket.gethostname(), _dead_pid(), os.getppid()
+    names = {"dead_here": f"{folder.name}.tmp{dead}@{host}",
+             "legacy_dead": f"{folder.name}.tmp{dead}",
+             "alive_here": f"{folder.name}.tmp{alive}@{host}",
+             "dead_elsewhere": f"{folder.name}.tmp{dead}@another-node-7"}
+    for name in names.values():
+        (folder.parent / name).mkdir()
+    writer = CacheWriter(folder, "f" * 64, "features", 4)
+    writer.abort()
+    left = {k for k, name in names.items() if (folder.parent / name).exists()}
+    assert left == {"alive_here", "dead_elsewhere"}
+
+
+def test_teacher_scratch_checks_free_space_and_removes_dead_scratch(tiny_lm, tmp_path,
+                                                                   monkeypatch):
+    import os
+    import shutil
+    import socket
+    from collections import namedtuple
+
+    import gere_ds.teacher as T
+    from gere_ds.errors import InputError
+
+    scratch_root = tmp_path / "scratch"
+    scratch_root.mkdir()
+    monkeypatch.setenv("TMPDIR", str(scratch_root))
+    host = socket.gethostname()
+    dead = scratch_root / f"gere-teacher-{_dead_pid()}@{host}+abc"
+    alive = scratch_root / f"gere-teacher-{os.getppid()}@{host}+xyz"
+    dead.mkdir()
+    alive.mkdir()
+    fp = fingerprint(tiny_lm["model_dir"], tiny_lm["model_dir"], tiny_lm["replay"],
+                     _settings("tm"))
+    logs: list[str] = []
+    _prepare(tiny_lm, "states", tmp_path / "cache", fp, logs)
+    assert not dead.exists() and alive.exists()
+    assert sorted(p.name for p in scratch_root.iterdir()) == [alive.name]  # ours is gone too
+
+    Usage = namedtuple("Usage", "total used free")
+    monkeypatch.setattr(T.shutil, "disk_usage", lambda p: Usage(10**9, 10**9 - 1000, 1000))
+    with pytest.raises(InputError, match=r"scratch file needs .* GiB in .*scratch.* set TMPDIR"):
+        _prepare(tiny_lm, "states", tmp_path / "cache2", fp, logs)

@@ -17,6 +17,7 @@ accuracy matrix, metrics.json/md and the heatmap, like the run itself.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import sys
@@ -25,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from gere_ds import dist
+from gere_ds.atomic import write_json_atomic
 from gere_ds.config import RunConfig, load_config
 from gere_ds.errors import InputError
 
@@ -70,8 +72,35 @@ def evaluate_models(cfg: RunConfig, models: list[tuple[str, str]], out: Path) ->
     return results
 
 
+SOURCE_FILE = "gere_source.json"  # in an exported folder: which checkpoint it was made from
+RUN_FOLDER_MARKS = ("checkpoints", "train_steps.jsonl", "train.log", "run.lock")
+
+
+def checkpoint_source(run_dir: Path, tag: str) -> dict[str, str]:
+    """What identifies a checkpoint: its run folder, its tag and a checksum of its completion
+    markers and trainer state (bytes and modification times: a re-saved tag differs)."""
+    folder = run_dir / "checkpoints" / tag
+    h = hashlib.sha256()
+    for path in sorted([*folder.glob("COMPLETE.rank*"), folder / "trainer_state.json"]):
+        if path.is_file():
+            h.update(f"{path.name}:{path.stat().st_mtime_ns}:".encode() + path.read_bytes())
+    return {"run_dir": str(run_dir.resolve()), "tag": tag, "markers_sha256": h.hexdigest()}
+
+
+def _exported_from(target: Path, source: dict[str, str]) -> bool:
+    """Whether ``target`` is a finished export of exactly this checkpoint."""
+    try:
+        recorded = json.loads((target / SOURCE_FILE).read_text())
+    except (OSError, ValueError):
+        return False
+    return (target / "config.json").is_file() and recorded == source
+
+
 def run_models(cfg: RunConfig, run_dir: Path, out: Path) -> list[tuple[str, str]]:
-    """The base model and every complete end-of-task checkpoint, consolidated into out/hf/."""
+    """The base model and every complete end-of-task checkpoint, consolidated into out/hf/.
+
+    An earlier export there is reused only if it records this very checkpoint (run folder, tag,
+    marker checksum); anything else (another run's, an older save of the tag) is re-exported."""
     from gere_ds.export import checkpoint_problem, export_checkpoint
 
     models = [("base", cfg.model)]
@@ -80,11 +109,23 @@ def run_models(cfg: RunConfig, run_dir: Path, out: Path) -> list[tuple[str, str]
         if not folder.is_dir() or checkpoint_problem(folder):
             break  # a partial run: the matrix stops at the last complete task
         target = out / "hf" / folder.name
-        if dist.is_main() and not (target / "config.json").is_file():
+        source = checkpoint_source(run_dir, folder.name)
+        if dist.is_main() and not _exported_from(target, source):
             export_checkpoint(run_dir, target, tag=folder.name, force=True, log=lambda m: None)
+            write_json_atomic(target / SOURCE_FILE, source)  # last: a finished export
         dist.barrier()
         models.append((f"after task {t}", str(target)))
     return models
+
+
+def check_out(out: Path, run: Path | None) -> None:
+    """``--out`` must not be a run folder: the evaluation's metrics.json would replace the
+    run's own."""
+    marks = [m for m in RUN_FOLDER_MARKS if (out / m).exists()]
+    if (run is not None and out.resolve() == run.resolve()) or marks:
+        raise InputError(f"{out} is a run folder (it holds {', '.join(marks) or 'the run'}); "
+                         f"its metrics.json would be overwritten: choose another --out, e.g. "
+                         f"{out / 'eval'}", field="--out")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -94,7 +135,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--model", action="append", help="HF model folder (repeatable: rows)")
     what.add_argument("--run", help="a run directory: base model + every end-of-task checkpoint")
-    p.add_argument("--out", required=True, help="where metrics.json/md and the heatmap go")
+    p.add_argument("--out", required=True, help="where metrics.json/md and the heatmap go (not a "
+                                                "run folder: its metrics.json would be replaced)")
     p.add_argument("--local_rank", type=int, default=0, help="set by the deepspeed launcher")
     p.add_argument("overrides", nargs="*", help="dotted key=value config overrides")
     return p.parse_args(argv)
@@ -103,6 +145,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
+        check_out(Path(args.out), Path(args.run) if args.run else None)
         cfg = load_config(args.config, args.overrides)
         cfg.eval.enabled = True
         if _launched():

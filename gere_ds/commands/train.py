@@ -3,8 +3,9 @@
     deepspeed --num_gpus N launch/train.py --config X.yaml [key=value ...]
 
 Every rank validates its own inputs first (nodes may differ) and the ranks agree before any
-work; a bad input is one `error:` line (exit 2), a run that cannot go on exit 1, a pre-empted
-run exits 0 after its checkpoint.
+work; then the job takes `<output_dir>/run.lock` (one job per output_dir; see
+gere_ds.run_lock, `--force-unlock`). A bad input or a held lock is one `error:` line (exit 2),
+a run that cannot go on exit 1, a pre-empted run exits 0 after its checkpoint.
 """
 from __future__ import annotations
 
@@ -14,10 +15,11 @@ import socket
 import sys
 
 from gere_ds import dist
-from gere_ds.config import load_config
+from gere_ds.config import RunConfig, load_config
 from gere_ds.errors import InputError
-from gere_ds.inputs import validate_inputs
+from gere_ds.inputs import Inputs, validate_inputs
 from gere_ds.progress import TrainingError
+from gere_ds.run_lock import acquire_run_lock
 from gere_ds.stop import Preempted
 from gere_ds.trainer import ContinualTrainer
 
@@ -27,6 +29,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--config", required=True, help="run config YAML")
     p.add_argument("--local_rank", type=int, default=int(os.environ.get("LOCAL_RANK", 0)),
                    help="set by the deepspeed launcher")
+    p.add_argument("--force-unlock", action="store_true",
+                   help="take over output_dir/run.lock even if it names a job of another host "
+                        "(only when that job is known to be gone)")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.lr=1e-5")
     return p.parse_args(argv)
 
@@ -62,6 +67,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr, flush=True)
         return 2
     dist.init(timeout_s=timeout)
+    try:  # one job per output_dir, before anything there is read or written
+        lock = acquire_run_lock(cfg.output_dir, args.force_unlock)
+    except InputError as err:
+        if dist.rank() == 0:
+            print(f"error: {err}", file=sys.stderr, flush=True)
+        return 2
+    try:
+        return _train(cfg, inputs)
+    finally:
+        lock.release()  # also on error; a killed job's lock is found stale next time
+
+
+def _train(cfg: RunConfig, inputs: Inputs) -> int:
     trainer = ContinualTrainer(cfg)
     try:
         trainer.run(inputs)

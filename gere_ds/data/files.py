@@ -110,8 +110,31 @@ def _items(path: str, suffix: str) -> list[tuple[Optional[int], str, Any]]:
     return _json_lines(path, text)
 
 
-def read_rows(path: str | Path, what: str = "data") -> list[Row]:
-    """All rows of a data file. Raises InputError for a missing, empty or malformed file and for a
+def _first_json_lines(path: str, limit: int) -> list[tuple[Optional[int], str, Any]]:
+    """The first ``limit`` rows of a JSON-lines file, read line by line: the rest of a large
+    file is never read (the same rows as :func:`_json_lines`, which it stops early)."""
+    items: list[tuple[Optional[int], str, Any]] = []
+    try:
+        # newline="\n": split on "\n" only, as _json_lines does
+        with open(path, encoding="utf-8", newline="\n") as fh:
+            for lineno, raw in enumerate(fh, start=1):
+                if len(items) >= limit:
+                    break
+                if not raw.strip():
+                    continue
+                try:
+                    items.append((lineno, "", json.loads(raw)))
+                except json.JSONDecodeError as err:
+                    raise InputError(f"invalid JSON ({err.msg})", file=path,
+                                     line=lineno) from None
+    except UnicodeDecodeError as err:
+        raise InputError(f"not UTF-8 text ({err.reason})", file=path) from None
+    return items
+
+
+def read_rows(path: str | Path, what: str = "data", limit: int | None = None) -> list[Row]:
+    """All rows of a data file (with ``limit``: the first ``limit``; a JSON-lines file is then
+    read only that far). Raises InputError for a missing, empty or malformed file and for a
     row that is not an object, naming the file and line."""
     path = str(path)
     if not path:
@@ -123,7 +146,9 @@ def read_rows(path: str | Path, what: str = "data") -> list[Row]:
         raise InputError(f"unsupported {what} format {suffix!r} (use {', '.join(SUFFIXES)})",
                          file=path)
     rows = []
-    for line, where, obj in _items(path, suffix):
+    items = (_first_json_lines(path, limit) if limit is not None and suffix == ".jsonl"
+             else _items(path, suffix)[:limit])
+    for line, where, obj in items:
         if not isinstance(obj, dict):
             raise InputError(f"{where}expected a JSON object, got {type(obj).__name__}",
                              file=path, line=line)

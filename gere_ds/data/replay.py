@@ -8,9 +8,10 @@ from gere_ds.errors import InputError
 
 
 def load_replay_texts(path: str, num_samples: int) -> list[str]:
-    """The first ``num_samples`` texts, fixed for the whole task sequence."""
+    """The first ``num_samples`` texts, fixed for the whole task sequence (the file is read no
+    further than that: every rank reads it)."""
     texts: list[str] = []
-    for row in read_rows(path, what="replay")[:num_samples]:
+    for row in read_rows(path, what="replay", limit=num_samples):
         text = row.data.get("text")
         if not isinstance(text, str) or not text.strip():
             raise row.error(path, "text", "missing or empty text")
@@ -21,14 +22,18 @@ def load_replay_texts(path: str, num_samples: int) -> list[str]:
 def check_replay_inputs(cfg: RunConfig, world_size: int) -> list[str]:
     """The replay texts a run will use, checked against the layout; [] for strategy none.
 
-    Every rank needs at least one document of its own, and a fixed number of replay rows per
-    global batch must leave room for task rows.
+    The file must hold ``num_samples`` documents, every rank needs at least one document of its
+    own, and a fixed number of replay rows per global batch must leave room for task rows.
     """
     from gere_ds.strategies import make_term  # the registry imports config, which imports data
 
     if not make_term(cfg).uses_replay:
         return []
     texts = load_replay_texts(cfg.replay.data, cfg.replay.num_samples)
+    if len(texts) < cfg.replay.num_samples:
+        raise InputError(f"{cfg.replay.num_samples} documents asked for, the file has only "
+                         f"{len(texts)}; lower replay.num_samples or use a larger replay set",
+                         file=cfg.replay.data, field="replay.num_samples")
     if len(texts) < world_size:
         raise InputError(f"{len(texts)} replay documents for {world_size} ranks",
                          file=cfg.replay.data, field="replay.num_samples")
