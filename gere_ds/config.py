@@ -93,6 +93,7 @@ class TrainConfig:
     warmup_steps: int = doc("linear warm-up optimizer steps at the start of each task", default=10)
     weight_decay: float = doc("AdamW weight decay", default=0.0)
     adam_betas: list[float] = doc("AdamW betas", default_factory=lambda: [0.9, 0.999])
+    adam_eps: float = doc("AdamW epsilon", default=1.0e-8)
     grad_clip: float = doc("gradient-norm clipping (0 = off)", default=1.0)
     micro_batch_size: int = doc("rows per rank per forward", default=1)
     grad_accum: int = doc("micro-steps per optimizer step", default=66)
@@ -159,12 +160,17 @@ class CheckpointConfig:
 
 @dataclass
 class RunConfig:
-    model: str = doc("Hugging Face AutoModelForCausalLM folder (the base model = the teacher)")
+    model: str = doc("Hugging Face AutoModelForCausalLM folder or hub id (org/name, from the HF "
+                     "cache; downloaded unless HF_HUB_OFFLINE=1); the base model = the teacher")
     output_dir: str = doc("run directory: config, teacher cache, checkpoints, logs, metrics")
     tasks: list[TaskConfig] = doc("tasks, trained in this order")
-    deepspeed: str = doc("DeepSpeed JSON config; batch keys are filled from `train`",
-                         default="ds_configs/zero3.json")
-    tokenizer: str = doc("tokenizer folder (empty = the model folder)", default="")
+    deepspeed: str = doc("DeepSpeed JSON config, its \"auto\" keys filled from `train`; auto = "
+                         "ds_configs/zero3.json on CPU, ds_configs/zero3_gpu.json on a GPU",
+                         default="auto")
+    tokenizer: str = doc("tokenizer folder or hub id (empty = the model's)", default="")
+    model_id: str = doc("set by gere-ds: the hub id `model` named (model then holds its local "
+                        "snapshot folder); empty for a folder", default="")
+    tokenizer_id: str = doc("set by gere-ds: the hub id `tokenizer` named", default="")
     trust_remote_code: bool = doc("allow model code from the model folder", default=False)
     resume: str = doc("auto | never | path to a checkpoint", default="auto")
     replay: ReplayConfig = doc("general sample replay", default_factory=ReplayConfig)
