@@ -97,6 +97,9 @@ class TrainConfig:
     grad_clip: float = doc("gradient-norm clipping (0 = off)", default=1.0)
     micro_batch_size: int = doc("rows per rank per forward", default=1)
     grad_accum: int = doc("micro-steps per optimizer step", default=66)
+    global_batch: int = doc("if > 0, the run stops with one line unless micro_batch_size x "
+                            "grad_accum x ranks equals it (a recipe's batch on any rank count)",
+                            default=0)
     max_source_len: int = doc("prompt tokens kept, the BOS included (see truncate_source)",
                               default=512)
     truncate_source: str = doc("which tokens of a prompt over max_source_len are kept, in "

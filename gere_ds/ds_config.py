@@ -169,6 +169,21 @@ def _zero_buckets(ds: dict[str, Any], cfg: RunConfig, file: str) -> None:
     _fill_only(ds, ("zero_optimization", "stage3_gather_16bit_weights_on_model_save"), False)
 
 
+def check_global_batch(cfg: RunConfig, world_size: int) -> None:
+    """``train.global_batch`` (when set) = micro x accumulation x ranks, or one line saying how
+    to get it on this many ranks."""
+    t = cfg.train
+    got = t.micro_batch_size * t.grad_accum * world_size
+    if t.global_batch and got != t.global_batch:
+        per_rank = t.global_batch / (t.micro_batch_size * world_size)
+        fix = (f"set train.grad_accum={int(per_rank)}" if per_rank == int(per_rank) else
+               f"{t.global_batch} rows do not split over {world_size} ranks x "
+               f"{t.micro_batch_size}; use a rank count that divides it")
+        raise InputError(f"{t.micro_batch_size} x {t.grad_accum} x {world_size} ranks = {got}, "
+                         f"not {t.global_batch}; {fix} (or train.global_batch=0 to accept {got})",
+                         field="train.global_batch")
+
+
 def fill_ds_config(ds: dict[str, Any], cfg: RunConfig, world_size: int, file: str,
                    accelerator: str = "cpu", note: Note | None = None) -> dict[str, Any]:
     """``ds`` with every "auto" filled from the run config (in place); one-line InputError for
@@ -194,6 +209,7 @@ def fill_ds_config(ds: dict[str, Any], cfg: RunConfig, world_size: int, file: st
 def resolve_ds_config(cfg: RunConfig, world_size: int, note: Note | None = None,
                       accelerator: str | None = None) -> dict[str, Any]:
     """Load the run's DeepSpeed JSON (``deepspeed: auto`` by accelerator) and fill it."""
+    check_global_batch(cfg, world_size)
     accelerator = accelerator or accelerator_name()
     path = ds_config_path(cfg.deepspeed, accelerator)
     return fill_ds_config(read_ds_json(path), cfg, world_size, str(path), accelerator, note)
