@@ -180,6 +180,9 @@ class RunConfig:
     train: TrainConfig = doc("optimisation", default_factory=TrainConfig)
     eval: EvalConfig = doc("evaluation", default_factory=EvalConfig)
     checkpoint: CheckpointConfig = doc("checkpointing", default_factory=CheckpointConfig)
+    report_to: list[str] = doc("where scalars go besides train.log and train_steps.jsonl: "
+                               "tensorboard (always written) and optionally wandb",
+                               default_factory=lambda: ["tensorboard"])
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -454,6 +457,10 @@ def validate(cfg: RunConfig, marks: _Marks | None = None) -> None:
     for key in ("every_steps", "keep_last", "keep_task_ends"):
         if getattr(cfg.checkpoint, key) < 0:
             raise marks.error(f"checkpoint.{key}", "must be >= 0")
+    for i, name in enumerate(cfg.report_to):
+        if name not in ("tensorboard", "wandb"):
+            raise marks.error(f"report_to.{i}", f"unknown reporter {name!r}; one of "
+                                                f"tensorboard, wandb")
 
 
 def save_resolved(cfg: RunConfig, path: str | Path) -> None:

@@ -1,4 +1,5 @@
-"""What a person watches: a log file, TensorBoard scalars, a per-step JSONL, a progress bar.
+"""What a person watches: a log file, TensorBoard scalars (and W&B when asked for), a per-step
+JSONL, a progress bar.
 
 Everything is written by rank 0 only; on other ranks these are no-ops (errors still go to
 stderr on every rank so a failing node names itself).
@@ -9,15 +10,20 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 from gere_ds import dist
 
 
 class RunLogger:
-    def __init__(self, output_dir: Path, enabled: bool | None = None) -> None:
+    def __init__(self, output_dir: Path, enabled: bool | None = None,
+                 report_to: list[str] | tuple[str, ...] = ("tensorboard",),
+                 config: Mapping[str, Any] | None = None) -> None:
         self.enabled = dist.is_main() if enabled is None else enabled
         self.output_dir = Path(output_dir)
+        self.report_to = tuple(report_to)
+        self._config = dict(config or {})
+        self._wandb: Any = None
         self._tb = None
         self._bar = None
         self._purge_step: int | None = None
@@ -49,12 +55,27 @@ class RunLogger:
                                      purge_step=self._purge_step)
         return self._tb
 
+    @property
+    def wandb(self) -> Any:
+        """The W&B sink (rank 0, when report_to names it), or None."""
+        if self.enabled and "wandb" in self.report_to and self._wandb is None:
+            from gere_ds.wandb_sink import WandbSink
+
+            self._wandb = WandbSink(self.output_dir, self._config)
+        return self._wandb if self.enabled else None
+
+    def external(self, values: Mapping[str, float], step: int) -> None:
+        """Values for the outside sinks only (W&B); TensorBoard gets them from the report."""
+        if self.wandb is not None:
+            self.wandb.log(values, step)
+
     def scalars(self, values: dict[str, float], step: int, record: dict[str, Any] | None = None
                 ) -> None:
         if not self.enabled:
             return
         for name, value in values.items():
             self.tb.add_scalar(name, value, step)
+        self.external(values, step)
         row = {"global_step": step, **(record or {}), **values}
         self._steps.write(json.dumps(row) + "\n")
 
@@ -99,5 +120,8 @@ class RunLogger:
             if self._tb is not None:
                 self._tb.flush()
                 self._tb.close()
+            if self._wandb is not None:
+                self._wandb.finish()
+                self._wandb = None
             self._log.close()
             self._steps.close()

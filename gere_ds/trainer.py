@@ -42,7 +42,7 @@ class ContinualTrainer:
     def __init__(self, cfg: RunConfig, log: RunLogger | None = None) -> None:
         self.cfg = cfg
         self.out = Path(cfg.output_dir)
-        self.log = log or RunLogger(self.out)
+        self.log = log or RunLogger(self.out, report_to=cfg.report_to, config=cfg.to_dict())
         self.world, self.rank = dist.world_size(), dist.rank()
         self.progress = Progress()
         self.term = make_term(cfg)
@@ -256,7 +256,11 @@ class ContinualTrainer:
             names = [task.name for task in self.cfg.tasks]
             write_report(str(self.out), names, p.matrix, p.general)
             record_outcomes(self.out, len(p.matrix) - 1, row, suite)
-            log_to_tensorboard(self.log.tb, names, p.matrix, p.general, rows="last")
+            log_to_tensorboard(self.log.tb, names, p.matrix, p.general, rows="last",
+                               global_step=p.global_step)
+            self.log.external({**{f"eval/{n}/acc": v for n, v in zip(names, p.matrix[-1])},
+                               **{f"general/{g}": v for g, v in row.general.items()}},
+                              p.global_step)
         scores = ", ".join(f"{k} {v:.1f}" for k, v in {**row.accuracy, **row.general}.items())
         self.log.info(f"{label}: {scores}")
 
@@ -284,7 +288,26 @@ class ContinualTrainer:
                 self.evaluate_row()
             if i + 1 < len(self.cfg.tasks):
                 self.progress = self.progress.next_task()
+        self._final_metrics()
         self._closing_lines()
+
+    def _final_metrics(self) -> None:
+        """The run's settings against its final metrics: TensorBoard's HPARAMS view, W&B's
+        summary."""
+        p = self.progress
+        if self.inputs.eval_suite is None or not p.matrix or not dist.is_main():
+            return
+        from gere_ds.evaluation.report import build_results, final_metrics, log_hparams
+
+        c, t = self.cfg, self.cfg.train
+        results = build_results([task.name for task in c.tasks], p.matrix, p.general)
+        hparams = {"strategy": c.replay.strategy, "weight": str(c.replay.weight),
+                   "lr": t.lr, "epochs": t.epochs, "global_batch":
+                   t.micro_batch_size * t.grad_accum * self.world, "seed": t.seed,
+                   "model": c.model_id or c.model, "bf16": t.bf16}
+        log_hparams(self.log.tb, hparams, results)
+        if self.log.wandb is not None:
+            self.log.wandb.summary(final_metrics(results))
 
     def _closing_lines(self) -> None:
         where = [f"TensorBoard: {self.out / 'tensorboard'}", f"log: {self.out / 'train.log'}"]
