@@ -198,34 +198,44 @@ class RunConfig:
 
 
 class _Marks:
-    """Line numbers of YAML keys, by dotted path (e.g. 'replay.strategy', 'tasks.0.name')."""
+    """Line numbers of YAML keys, by dotted path (e.g. 'replay.strategy', 'tasks.0.name'), and
+    the file each came from (a key may come from a `base:` file)."""
 
     def __init__(self, file: str) -> None:
         self.file = file
         self.lines: dict[str, int] = {}
+        self.files: dict[str, str] = {}
 
-    def line(self, path: str) -> int | None:
+    def _found(self, path: str) -> str | None:
         while path:
             if path in self.lines:
-                return self.lines[path]
+                return path
             path = path.rpartition(".")[0]
         return None
 
+    def line(self, path: str) -> int | None:
+        found = self._found(path)
+        return self.lines[found] if found is not None else None
+
     def error(self, path: str, message: str) -> InputError:
-        return InputError(message, file=self.file, line=self.line(path), field=path or None)
+        found = self._found(path)
+        file = self.files.get(found, self.file) if found is not None else self.file
+        return InputError(message, file=file, line=self.line(path), field=path or None)
 
 
-def _record_marks(node: yaml.Node, path: str, marks: _Marks) -> None:
+def _record_marks(node: yaml.Node, path: str, marks: _Marks, file: str | None = None) -> None:
     if isinstance(node, yaml.MappingNode):
         for key_node, value_node in node.value:
             sub = f"{path}.{key_node.value}" if path else str(key_node.value)
             marks.lines[sub] = key_node.start_mark.line + 1
-            _record_marks(value_node, sub, marks)
+            marks.files[sub] = file or marks.file
+            _record_marks(value_node, sub, marks, file)
     elif isinstance(node, yaml.SequenceNode):
         for i, item in enumerate(node.value):
             sub = f"{path}.{i}" if path else str(i)
             marks.lines[sub] = item.start_mark.line + 1
-            _record_marks(item, sub, marks)
+            marks.files[sub] = file or marks.file
+            _record_marks(item, sub, marks, file)
 
 
 def _strip_optional(tp: Any) -> Any:
@@ -339,13 +349,23 @@ def _apply_override(raw: dict[str, Any], keys: list[str], value: Any, marks: _Ma
     marks.lines[".".join(keys)] = 0  # overrides carry no YAML line
 
 
-def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
-    """Read a YAML run config, apply ``key=value`` overrides, validate and return it."""
-    path = str(path)
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """``over`` on top of ``base``: mappings merge key by key, anything else (lists too) is
+    replaced."""
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _read_yaml(path: str, marks: _Marks, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """One YAML file as a mapping, its ``base:`` (relative to it) merged underneath."""
     if not Path(path).is_file():
         raise InputError("config file not found", file=path)
     text = Path(path).read_text()
-    marks = _Marks(path)
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
         raw = yaml.safe_load(text)
@@ -353,11 +373,36 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
         mark = getattr(err, "problem_mark", None)
         raise InputError(f"invalid YAML: {getattr(err, 'problem', err)}", file=path,
                          line=mark.line + 1 if mark else None) from None
-    if node is not None:
-        _record_marks(node, "", marks)
     raw = raw or {}
     if not isinstance(raw, dict):
         raise InputError("the config must be a mapping of keys", file=path)
+    base = raw.pop("base", None)
+    merged: dict[str, Any] = {}
+    if base is not None:
+        line = next((k.start_mark.line + 1 for k, _ in node.value if k.value == "base"), None)
+        if not isinstance(base, str) or not base:
+            raise InputError("must name a config file", file=path, line=line, field="base")
+        base_path = Path(path).parent / base
+        here = (*chain, Path(path).resolve())
+        if base_path.resolve() in here:
+            cycle = " -> ".join(str(p) for p in (*here, base_path.resolve()))
+            raise InputError(f"configs include each other: {cycle}", file=path, line=line,
+                             field="base")
+        if not base_path.is_file():
+            raise InputError(f"base config {base_path} not found", file=path, line=line,
+                             field="base")
+        merged = _read_yaml(str(base_path), marks, here)
+    if node is not None:
+        _record_marks(node, "", marks, path)
+    return _merge(merged, raw)
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    """Read a YAML run config (with its ``base:`` chain), apply ``key=value`` overrides,
+    validate and return it."""
+    path = str(path)
+    marks = _Marks(path)
+    raw = _read_yaml(path, marks)
     for item in overrides or []:
         keys, value = _parse_override(item)
         try:
