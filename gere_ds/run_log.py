@@ -97,11 +97,10 @@ class RunLogger:
     def progress(self, total: int, desc: str, initial: int = 0) -> None:
         if not self.enabled:
             return
-        from tqdm import tqdm
+        from gere_ds.progress_bar import progress_bar
 
         self.close_progress()
-        self._bar = tqdm(total=total, desc=desc, initial=initial, dynamic_ncols=True,
-                         file=sys.stdout, mininterval=1.0)
+        self._bar = progress_bar(total, desc, initial, sys.stdout)
 
     def advance(self, n: int = 1, **postfix: Any) -> None:
         if self._bar is not None:

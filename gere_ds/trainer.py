@@ -106,6 +106,12 @@ class ContinualTrainer:
             per_batch=c.replay.per_batch, seed=t.seed, task_index=task_index,
             use_replay=self.term.uses_replay)
 
+    def run_steps(self) -> int:
+        """Optimizer steps of the whole sequence (the run's progress beside the task's)."""
+        if not hasattr(self, "_run_steps"):
+            self._run_steps = sum(self.steps_for(i) for i in range(len(self.cfg.tasks)))
+        return self._run_steps
+
     def steps_for(self, task_index: int) -> int:
         total = self.cfg.train.epochs * self.sampler(task_index).steps_per_epoch()
         cap = self.cfg.train.max_steps_per_task
@@ -180,7 +186,8 @@ class ContinualTrainer:
                                            self.engine.engine.get_global_grad_norm(), self.term)
                     self.log.scalars(scalars, p.global_step, {"task": task_index, "epoch": epoch,
                                                               "step_in_task": p.step_in_task})
-                    self.log.advance(0, loss=f"{values['loss']:.4f}", lr=f"{lr:.2e}")
+                    self.log.advance(0, loss=f"{values['loss']:.4f}", lr=f"{lr:.2e}",
+                                     run=f"{p.global_step}/{self.run_steps()}")
                     tick = now
                 self.log.advance(1)
                 self._maybe_checkpoint(task_index, total)
