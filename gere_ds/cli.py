@@ -15,6 +15,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "evaluate": ("gere_ds.commands.evaluate", "score model folders or a finished run's checkpoints"),
     "export": ("gere_ds.commands.export", "write a checkpoint as a Hugging Face folder"),
     "preflight": ("gere_ds.commands.preflight", "check hosts, ranks, collectives and input files"),
+    "lm-eval": ("gere_ds.commands.lm_eval", "score exports with lm-evaluation-harness on local "
+                "task files"),
     "compare": ("gere_ds.commands.compare", "put finished runs side by side"),
     "dynamics": ("gere_ds.commands.dynamics", "plot replay terms over training"),
     "prepare-assets": ("gere_assets.cli", "build the demo's model and data offline"),

@@ -94,9 +94,13 @@ class TrainConfig:
     warmup_steps: int = doc("linear warm-up optimizer steps at the start of each task", default=10)
     weight_decay: float = doc("AdamW weight decay", default=0.0)
     adam_betas: list[float] = doc("AdamW betas", default_factory=lambda: [0.9, 0.999])
+    adam_eps: float = doc("AdamW epsilon", default=1.0e-8)
     grad_clip: float = doc("gradient-norm clipping (0 = off)", default=1.0)
     micro_batch_size: int = doc("rows per rank per forward", default=1)
     grad_accum: int = doc("micro-steps per optimizer step", default=66)
+    global_batch: int = doc("if > 0, the run stops with one line unless micro_batch_size x "
+                            "grad_accum x ranks equals it (a recipe's batch on any rank count)",
+                            default=0)
     max_source_len: int = doc("prompt tokens kept, the BOS included (see truncate_source)",
                               default=512)
     truncate_source: str = doc("which tokens of a prompt over max_source_len are kept, in "
@@ -160,18 +164,26 @@ class CheckpointConfig:
 
 @dataclass
 class RunConfig:
-    model: str = doc("Hugging Face AutoModelForCausalLM folder (the base model = the teacher)")
+    model: str = doc("Hugging Face AutoModelForCausalLM folder or hub id (org/name, from the HF "
+                     "cache; downloaded unless HF_HUB_OFFLINE=1); the base model = the teacher")
     output_dir: str = doc("run directory: config, teacher cache, checkpoints, logs, metrics")
     tasks: list[TaskConfig] = doc("tasks, trained in this order")
-    deepspeed: str = doc("DeepSpeed JSON config; batch keys are filled from `train`",
-                         default="ds_configs/zero3.json")
-    tokenizer: str = doc("tokenizer folder (empty = the model folder)", default="")
+    deepspeed: str = doc("DeepSpeed JSON config, its \"auto\" keys filled from `train`; auto = "
+                         "ds_configs/zero3.json on CPU, ds_configs/zero3_gpu.json on a GPU",
+                         default="auto")
+    tokenizer: str = doc("tokenizer folder or hub id (empty = the model's)", default="")
+    model_id: str = doc("set by gere-ds: the hub id `model` named (model then holds its local "
+                        "snapshot folder); empty for a folder", default="")
+    tokenizer_id: str = doc("set by gere-ds: the hub id `tokenizer` named", default="")
     trust_remote_code: bool = doc("allow model code from the model folder", default=False)
     resume: str = doc("auto | never | path to a checkpoint", default="auto")
     replay: ReplayConfig = doc("general sample replay", default_factory=ReplayConfig)
     train: TrainConfig = doc("optimisation", default_factory=TrainConfig)
     eval: EvalConfig = doc("evaluation", default_factory=EvalConfig)
     checkpoint: CheckpointConfig = doc("checkpointing", default_factory=CheckpointConfig)
+    report_to: list[str] = doc("where scalars go besides train.log and train_steps.jsonl: "
+                               "tensorboard (always written) and optionally wandb",
+                               default_factory=lambda: ["tensorboard"])
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -187,21 +199,29 @@ class RunConfig:
 
 
 class _Marks:
-    """Line numbers of YAML keys, by dotted path (e.g. 'replay.strategy', 'tasks.0.name')."""
+    """Line numbers of YAML keys, by dotted path (e.g. 'replay.strategy', 'tasks.0.name'), and
+    the file each came from (a key may come from a `base:` file)."""
 
     def __init__(self, file: str) -> None:
         self.file = file
         self.lines: dict[str, int] = {}
+        self.files: dict[str, str] = {}
 
-    def line(self, path: str) -> int | None:
+    def _found(self, path: str) -> str | None:
         while path:
             if path in self.lines:
-                return self.lines[path]
+                return path
             path = path.rpartition(".")[0]
         return None
 
+    def line(self, path: str) -> int | None:
+        found = self._found(path)
+        return self.lines[found] if found is not None else None
+
     def error(self, path: str, message: str) -> InputError:
-        return InputError(message, file=self.file, line=self.line(path), field=path or None)
+        found = self._found(path)
+        file = self.files.get(found, self.file) if found is not None else self.file
+        return InputError(message, file=file, line=self.line(path), field=path or None)
 
 
 class _DuplicateKey(yaml.YAMLError):
@@ -225,17 +245,19 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
-def _record_marks(node: yaml.Node, path: str, marks: _Marks) -> None:
+def _record_marks(node: yaml.Node, path: str, marks: _Marks, file: str | None = None) -> None:
     if isinstance(node, yaml.MappingNode):
         for key_node, value_node in node.value:
             sub = f"{path}.{key_node.value}" if path else str(key_node.value)
             marks.lines[sub] = key_node.start_mark.line + 1
-            _record_marks(value_node, sub, marks)
+            marks.files[sub] = file or marks.file
+            _record_marks(value_node, sub, marks, file)
     elif isinstance(node, yaml.SequenceNode):
         for i, item in enumerate(node.value):
             sub = f"{path}.{i}" if path else str(i)
             marks.lines[sub] = item.start_mark.line + 1
-            _record_marks(item, sub, marks)
+            marks.files[sub] = file or marks.file
+            _record_marks(item, sub, marks, file)
 
 
 def _strip_optional(tp: Any) -> Any:
@@ -355,18 +377,28 @@ def _apply_override(raw: dict[str, Any], keys: list[str], value: Any, marks: _Ma
     marks.lines[".".join(keys)] = 0  # overrides carry no YAML line
 
 
-def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
-    """Read a YAML run config, apply ``key=value`` overrides, validate and return it."""
-    path = str(path)
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """``over`` on top of ``base``: mappings merge key by key, anything else (lists too) is
+    replaced."""
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _read_yaml(path: str, marks: _Marks, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """One YAML file as a mapping, its ``base:`` (relative to it) merged underneath."""
     if not Path(path).is_file():
         raise InputError("config file not found", file=path)
     text = Path(path).read_text()
-    marks = _Marks(path)
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
         raw = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
     except _DuplicateKey as err:
-        _record_marks(node, "", marks)  # the dotted name of the key, from its first line
+        _record_marks(node, "", marks, path)  # the dotted name of the key, from its first line
         dotted = [k for k, ln in marks.lines.items()
                   if ln in (err.first, err.line) and k.rpartition(".")[2] == err.key]
         raise InputError(str(err), file=path, line=err.line,
@@ -375,11 +407,36 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
         mark = getattr(err, "problem_mark", None)
         raise InputError(f"invalid YAML: {getattr(err, 'problem', err)}", file=path,
                          line=mark.line + 1 if mark else None) from None
-    if node is not None:
-        _record_marks(node, "", marks)
     raw = raw or {}
     if not isinstance(raw, dict):
         raise InputError("the config must be a mapping of keys", file=path)
+    base = raw.pop("base", None)
+    merged: dict[str, Any] = {}
+    if base is not None:
+        line = next((k.start_mark.line + 1 for k, _ in node.value if k.value == "base"), None)
+        if not isinstance(base, str) or not base:
+            raise InputError("must name a config file", file=path, line=line, field="base")
+        base_path = Path(path).parent / base
+        here = (*chain, Path(path).resolve())
+        if base_path.resolve() in here:
+            cycle = " -> ".join(str(p) for p in (*here, base_path.resolve()))
+            raise InputError(f"configs include each other: {cycle}", file=path, line=line,
+                             field="base")
+        if not base_path.is_file():
+            raise InputError(f"base config {base_path} not found", file=path, line=line,
+                             field="base")
+        merged = _read_yaml(str(base_path), marks, here)
+    if node is not None:
+        _record_marks(node, "", marks, path)
+    return _merge(merged, raw)
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    """Read a YAML run config (with its ``base:`` chain), apply ``key=value`` overrides,
+    validate and return it."""
+    path = str(path)
+    marks = _Marks(path)
+    raw = _read_yaml(path, marks)
     for item in overrides or []:
         keys, value = _parse_override(item)
         try:
@@ -503,6 +560,10 @@ def validate(cfg: RunConfig, marks: _Marks | None = None) -> None:
     for key in ("every_steps", "keep_last", "keep_task_ends"):
         if getattr(cfg.checkpoint, key) < 0:
             raise marks.error(f"checkpoint.{key}", "must be >= 0")
+    for i, name in enumerate(cfg.report_to):
+        if name not in ("tensorboard", "wandb"):
+            raise marks.error(f"report_to.{i}", f"unknown reporter {name!r}; one of "
+                                                f"tensorboard, wandb")
 
 
 def save_resolved(cfg: RunConfig, path: str | Path) -> None:

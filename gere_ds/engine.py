@@ -6,7 +6,6 @@ that object by weakref only: the Engine holds it for the whole run.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -17,45 +16,12 @@ from gere_ds.config import RunConfig
 from gere_ds.errors import InputError
 
 
-def resolve_ds_config(cfg: RunConfig, world_size: int) -> dict[str, Any]:
-    """Load the DeepSpeed JSON and fill "auto" values from the run config.
+def resolve_ds_config(cfg: RunConfig, world_size: int,
+                      log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """The DeepSpeed JSON with every "auto" filled from the run config (gere_ds.ds_config)."""
+    from gere_ds.ds_config import resolve_ds_config as resolve
 
-    Explicit values that disagree with the run config stop the run with one line.
-    """
-    path = Path(cfg.deepspeed)
-    if not path.is_file():
-        raise InputError("DeepSpeed config not found", file=str(path), field="deepspeed")
-    try:
-        ds = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise InputError(f"invalid JSON: {err.msg}", file=str(path), line=err.lineno) from None
-    t = cfg.train
-    wanted = {
-        ("train_micro_batch_size_per_gpu",): t.micro_batch_size,
-        ("gradient_accumulation_steps",): t.grad_accum,
-        ("train_batch_size",): t.micro_batch_size * t.grad_accum * world_size,
-        ("gradient_clipping",): t.grad_clip,
-        ("bf16", "enabled"): t.bf16,
-    }
-    opt = ds.get("optimizer")
-    if isinstance(opt, dict):
-        wanted.update({("optimizer", "params", "lr"): t.lr,
-                       ("optimizer", "params", "betas"): list(t.adam_betas),
-                       ("optimizer", "params", "weight_decay"): t.weight_decay})
-    for keys, value in wanted.items():
-        node = ds
-        for k in keys[:-1]:
-            node = node.setdefault(k, {})
-        current = node.get(keys[-1], "auto")
-        if current == "auto":
-            node[keys[-1]] = value
-        elif current != value:
-            name = ".".join(keys)
-            raise InputError(f"{name}={current!r} disagrees with the run config ({value!r}); "
-                             f"set it to \"auto\" or make them equal", file=str(path), field=name)
-    if ds.get("fp16", {}).get("enabled") is True and t.bf16:
-        raise InputError("fp16 and bf16 both enabled", file=str(path), field="fp16.enabled")
-    return ds
+    return resolve(cfg, world_size, note=log)
 
 
 def zero_stage(ds: dict[str, Any]) -> int:
@@ -76,6 +42,10 @@ def load_tokenizer(cfg: RunConfig, log: Callable[[str], None]):
 
 
 def check_model_folder(cfg: RunConfig) -> None:
+    """Resolve a hub id to its cached folder (once; cfg is updated), then check the folder."""
+    from gere_ds.hub import resolve_model_sources
+
+    resolve_model_sources(cfg)
     folder = Path(cfg.model)
     if not folder.is_dir():
         raise InputError("model folder not found", file=cfg.model, field="model")
@@ -182,7 +152,7 @@ def build_engine(cfg: RunConfig, world_size: int, log: Callable[[str], None]) ->
     """The training engine: model, AdamW from the DeepSpeed JSON, ZeRO as configured."""
     import deepspeed
 
-    ds = resolve_ds_config(cfg, world_size)
+    ds = resolve_ds_config(cfg, world_size, log)
     tokenizer = load_tokenizer(cfg, log)
     model, hf_ds = _load_model(cfg, ds)
     if cfg.train.gradient_checkpointing:

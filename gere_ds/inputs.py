@@ -14,6 +14,7 @@ from gere_ds.engine import check_model_folder, load_tokenizer, resolve_ds_config
 from gere_ds.errors import InputError
 from gere_ds.evaluation.scoring import EvalSuite
 from gere_ds.strategies import make_term
+from gere_ds.wandb_sink import check_report_to
 
 
 @dataclass
@@ -46,6 +47,7 @@ def validate_inputs(cfg: RunConfig, world_size: int) -> Inputs:
     """Read and check every input; raises InputError with file, line and field."""
     check_model_folder(cfg)
     resolve_ds_config(cfg, world_size)
+    check_report_to(cfg.report_to)
     term = make_term(cfg)
     train_sets = [load_examples(task, "train") for task in cfg.tasks]
     replay = check_replay_inputs(cfg, world_size)

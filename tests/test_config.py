@@ -98,7 +98,9 @@ def test_ds_config_filled_from_run_config_or_disagreement_named(tmp_path):
     cfg = load_config(_write(tmp_path, BASE), ["train.micro_batch_size=2", "train.grad_accum=3"])
     ds = resolve_ds_config(cfg, world_size=4)
     assert ds["train_batch_size"] == 24 and ds["gradient_accumulation_steps"] == 3
-    bad = json.loads(open(cfg.deepspeed).read())
+    from gere_ds.ds_config import ds_config_path
+
+    bad = json.loads(ds_config_path(cfg.deepspeed).read_text())
     bad["gradient_accumulation_steps"] = 5
     p = tmp_path / "ds.json"
     p.write_text(json.dumps(bad))

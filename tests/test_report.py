@@ -17,7 +17,8 @@ GENERAL = {"mmlu": [60.0, 58.0, 55.0], "ppl": [12.0, 13.0, 14.5]}
 def test_write_report(tmp_path):
     res = write_report(str(tmp_path / "run"), TASKS, MATRIX, GENERAL)
     files = sorted(os.listdir(tmp_path / "run"))
-    assert files == ["accuracy_matrix.png", "metrics.json", "metrics.md"]  # no temp leftovers
+    assert files == ["accuracy_matrix.png", "forgetting_curve.png", "metrics.json",
+                     "metrics.md"]  # no temp leftovers
     data = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert data == json.loads(json.dumps(res))
     assert data["tasks"] == TASKS and data["matrix"] == MATRIX

@@ -6,7 +6,9 @@ Usage::
 
 Each RUN_DIR is a run's output directory holding ``metrics.json`` (written by
 ``gere_ds.evaluation.report.write_report``), or the path of a metrics.json itself. The markdown
-table is printed and saved to ``<out>/compare.md``; ``<out>/compare.png`` is a grouped bar chart.
+table is printed and saved to ``<out>/compare.md``; ``<out>/compare.png`` is a grouped bar chart,
+``<out>/compare_forgetting.png`` each run's forgetting curve (accuracy on each task after each
+task).
 ``--out`` defaults to the current directory; ``--names`` (comma-separated, one per run) defaults
 to the run directory names. A missing or unreadable run stops with one line on stderr (exit 2).
 
@@ -181,6 +183,22 @@ def bar_chart(names: Sequence[str], metrics: Sequence[str],
     return buf.getvalue()
 
 
+def forgetting_grid(names: Sequence[str], runs: Sequence[dict[str, Any]]) -> bytes:
+    """PNG bytes: one forgetting curve per run (accuracy on each task after each task)."""
+    from matplotlib.figure import Figure
+
+    from gere_ds.evaluation.report import forgetting_figure
+
+    fig = Figure(figsize=(min(24.0, 4.5 * len(runs)), 4.2), dpi=100)
+    for i, (name, run) in enumerate(zip(names, runs)):
+        ax = fig.add_subplot(1, len(runs), i + 1)
+        forgetting_figure(run["tasks"], run["matrix"], ax=ax, title=name)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()
+
+
 def runs_cli(description: str, outputs: str, argv: Optional[Sequence[str]]
              ) -> tuple[argparse.Namespace, list[str]]:
     """Parse ``RUN_DIR... [--out DIR] [--names a,b]`` (shared with eval/dynamics.py); returns the
@@ -239,9 +257,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         args, names = runs_cli("Compare gere-ds runs side by side.",
                                "compare.md and compare.png", argv)
         runs = [load_run(p) for p in args.runs]
+        curves = forgetting_grid(names, runs)
         names, runs = merge_seeds(names, runs)  # repeated names = seeds of one row
         table, metrics, values = build_table(names, runs)
         save_outputs(args.out, "compare", table, bar_chart(names, metrics, values))
+        write_bytes_atomic(os.path.join(args.out, "compare_forgetting.png"), curves)
     except CompareError as err:
         print(f"compare: {err}", file=sys.stderr)
         return 2

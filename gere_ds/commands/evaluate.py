@@ -12,7 +12,10 @@ Many ranks (ZeRO-3, data sharded, results all-gathered; the launcher runs a scri
 The config gives the tasks, the `eval` section (mode, caps, general sets) and the DeepSpeed
 settings; `--model` evaluates one folder (one matrix row); `--run` evaluates the base model and
 every complete end-of-task checkpoint (consolidated with gere_ds.export first), giving the whole
-accuracy matrix, metrics.json/md and the heatmap, like the run itself.
+accuracy matrix, metrics.json/md and the heatmap, like the run itself; each consolidated export
+is deleted once scored (an 8B export is 16 GB) unless `--keep-exports` is given.
+
+It runs on DeepSpeed's accelerator: the GPU of the rank when there is one, else the CPU.
 """
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ import argparse
 import hashlib
 import json
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -35,8 +39,10 @@ def _launched() -> bool:
     return "LOCAL_RANK" in os.environ and "MASTER_ADDR" in os.environ
 
 
-def evaluate_models(cfg: RunConfig, models: list[tuple[str, str]], out: Path) -> dict[str, Any]:
-    """Evaluate each (label, folder); rows in order; writes the report on rank 0."""
+def evaluate_models(cfg: RunConfig, models: list[tuple[str, str]], out: Path,
+                    delete: frozenset[str] = frozenset()) -> dict[str, Any]:
+    """Evaluate each (label, folder); rows in order; writes the report on rank 0. Folders in
+    ``delete`` are removed once scored (every rank has finished with them)."""
     import torch
 
     from gere_ds.engine import build_eval_engine
@@ -55,6 +61,10 @@ def evaluate_models(cfg: RunConfig, models: list[tuple[str, str]], out: Path) ->
         with torch.no_grad():
             row = suite.evaluate(engine.scorer(), engine.tokenizer, device=dist.device())
         del engine
+        if folder in delete:
+            dist.barrier()
+            if dist.is_main():
+                shutil.rmtree(folder, ignore_errors=True)
         matrix.append(row.row())
         for name, value in row.general.items():
             general.setdefault(name, []).append(value)
@@ -137,6 +147,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     what.add_argument("--run", help="a run directory: base model + every end-of-task checkpoint")
     p.add_argument("--out", required=True, help="where metrics.json/md and the heatmap go (not a "
                                                 "run folder: its metrics.json would be replaced)")
+    p.add_argument("--keep-exports", action="store_true",
+                   help="with --run: keep each task-end export (OUT/hf/<tag>) after scoring it")
     p.add_argument("--local_rank", type=int, default=0, help="set by the deepspeed launcher")
     p.add_argument("overrides", nargs="*", help="dotted key=value config overrides")
     return p.parse_args(argv)
@@ -144,6 +156,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    import torch
+
+    # the rank's GPU when there is one, else the CPU (DeepSpeed's detection, made explicit)
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
     try:
         check_out(Path(args.out), Path(args.run) if args.run else None)
         cfg = load_config(args.config, args.overrides)
@@ -152,7 +168,11 @@ def main(argv: list[str] | None = None) -> int:
             dist.init()
         models = ([(Path(m).name, m) for m in args.model] if args.model
                   else run_models(cfg, Path(args.run), Path(args.out)))
-        evaluate_models(cfg, models, Path(args.out))
+        delete = frozenset(folder for _, folder in models[1:]) \
+            if args.run and not args.keep_exports else frozenset()
+        if dist.is_main():
+            print(f"evaluating {len(models)} model(s) on {dist.device()}", flush=True)
+        evaluate_models(cfg, models, Path(args.out), delete)
     except InputError as err:
         if dist.rank() == 0:
             print(f"error: {err}", file=sys.stderr, flush=True)

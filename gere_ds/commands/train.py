@@ -32,6 +32,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--force-unlock", action="store_true",
                    help="take over output_dir/run.lock even if it names a job of another host "
                         "(only when that job is known to be gone)")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the resolved config (base files and overrides applied), every key "
+                        "with its one-line doc, and exit")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.lr=1e-5")
     return p.parse_args(argv)
 
@@ -49,8 +52,22 @@ def _report(errors: list[tuple[str, str | None]]) -> bool:
     return bool(bad)
 
 
+def print_config(args: argparse.Namespace) -> int:
+    from gere_ds.config_doc import documented_yaml
+
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except InputError as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        return 2
+    print(documented_yaml(cfg), end="")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.print_config:
+        return print_config(args)
     error, cfg, inputs = None, None, None
     try:
         cfg = load_config(args.config, args.overrides)

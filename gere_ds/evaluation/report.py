@@ -6,12 +6,16 @@
   the general scores per row (``{name: [value per row]}``), the final general scores and F1,
 * ``metrics.md``: the same as markdown tables,
 * ``accuracy_matrix.png``: a heatmap of the matrix (rows = base / after task t, columns = tasks)
-  with the numbers in the cells.
+  with the numbers in the cells,
+* ``forgetting_curve.png``: accuracy on each task after each task, one line per task.
 
 :func:`log_to_tensorboard` logs the same to a ``SummaryWriter``: ``eval/<task>/acc`` at
 step = row index (0 = base), ``general/<name>`` at step = row, ``eval/AP``, ``eval/BWT``,
-``eval/FWT``, ``eval/forgetting``, ``eval/F1`` at step = last row, the heatmap (``add_figure``)
-and the markdown (``add_text``). All accuracies are percent (0-100).
+``eval/FWT``, ``eval/forgetting``, ``eval/F1`` at step = last row, the heatmap and the
+forgetting curve (``add_figure``) and the markdown (``add_text``); given the optimizer step, the
+row's scores also as ``eval_step/<task>/acc`` and ``general_step/<name>`` at that step, so they
+line up with the training curves. :func:`log_hparams` adds the run's settings with its final
+metrics (``add_hparams``). All accuracies are percent (0-100).
 """
 from __future__ import annotations
 
@@ -25,6 +29,7 @@ from gere_ds.evaluation.metrics import CLMetrics, compute_metrics
 
 SUMMARY_KEYS = ("AP", "BWT", "FWT", "forgetting")
 METRICS_JSON, METRICS_MD, MATRIX_PNG = "metrics.json", "metrics.md", "accuracy_matrix.png"
+FORGETTING_PNG = "forgetting_curve.png"
 
 
 def row_labels(task_names: Sequence[str], n_rows: int) -> list[str]:
@@ -125,6 +130,34 @@ def matrix_figure(task_names: Sequence[str], matrix: Sequence[Sequence[float]]) 
     return fig
 
 
+def forgetting_figure(task_names: Sequence[str], matrix: Sequence[Sequence[float]],
+                      ax: Any = None, title: str = "Accuracy on each task after each task") -> Any:
+    """Accuracy on each task (one line per task) against the model (base, after task 1, ...);
+    a task's line is solid from the row that trained it on (before: dashed, FWT territory)."""
+    from matplotlib.figure import Figure
+
+    names = list(task_names)
+    labels = row_labels(names, len(matrix))
+    fig = None
+    if ax is None:
+        fig = Figure(figsize=(2.5 + 0.9 * max(len(labels), 2), 4.0), dpi=100)
+        ax = fig.add_subplot(1, 1, 1)
+    xs = list(range(len(matrix)))
+    for j, name in enumerate(names):
+        ys = [float(row[j]) for row in matrix]
+        trained = min(j + 1, len(matrix) - 1)  # row after task j+1
+        (line,) = ax.plot(xs[:trained + 1], ys[:trained + 1], linestyle="--", alpha=0.6)
+        ax.plot(xs[trained:], ys[trained:], marker="o", color=line.get_color(), label=name)
+    ax.set_xticks(xs, labels=labels, rotation=30, ha="right")
+    ax.set_ylim(0, 100)
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title(title)
+    ax.legend(fontsize=7, loc="best")
+    if fig is not None:
+        fig.tight_layout()
+    return fig if fig is not None else ax.figure
+
+
 def _save_png(fig: Any, path: str) -> None:
     import io
 
@@ -143,12 +176,14 @@ def write_report(output_dir: str, task_names: Sequence[str], matrix: Sequence[Se
     write_text_atomic(os.path.join(output_dir, METRICS_MD), render_markdown(results))
     if plot:
         _save_png(matrix_figure(task_names, matrix), os.path.join(output_dir, MATRIX_PNG))
+        _save_png(forgetting_figure(task_names, matrix), os.path.join(output_dir, FORGETTING_PNG))
     return results
 
 
 def log_to_tensorboard(writer: Any, task_names: Sequence[str], matrix: Sequence[Sequence[float]],
                        general: Optional[Mapping[str, Sequence[Optional[float]]]] = None,
-                       f1_with: Optional[str] = None, rows: str = "all") -> dict[str, Any]:
+                       f1_with: Optional[str] = None, rows: str = "all",
+                       global_step: Optional[int] = None) -> dict[str, Any]:
     """Log the results to a ``SummaryWriter``.
 
     ``rows="all"`` logs the per-row scalars of every row; ``rows="last"`` only those of the last
@@ -166,10 +201,35 @@ def log_to_tensorboard(writer: Any, task_names: Sequence[str], matrix: Sequence[
         for g, values in results["general"].items():
             if t < len(values) and values[t] is not None:
                 writer.add_scalar(f"general/{g}", float(values[t]), t)
+    if global_step is not None:  # the last row again, on the training curves' axis
+        for i, name in enumerate(results["tasks"]):
+            writer.add_scalar(f"eval_step/{name}/acc", float(matrix[last][i]), global_step)
+        for g, values in results["general"].items():
+            if last < len(values) and values[last] is not None:
+                writer.add_scalar(f"general_step/{g}", float(values[last]), global_step)
     for key in SUMMARY_KEYS + ("F1",):
         if results[key] is not None:
             writer.add_scalar(f"eval/{key}", float(results[key]), last)
     writer.add_figure("eval/accuracy_matrix", matrix_figure(task_names, matrix), last)
+    writer.add_figure("eval/forgetting_curve", forgetting_figure(task_names, matrix), last)
     writer.add_text("eval/metrics", render_markdown(results), last)
     writer.flush()
     return results
+
+
+def final_metrics(results: Mapping[str, Any]) -> dict[str, float]:
+    """The run's final numbers (summary metrics, F1, final general scores), None ones left out."""
+    out = {f"final/{k}": float(results[k]) for k in SUMMARY_KEYS + ("F1",)
+           if results.get(k) is not None}
+    out.update({f"final/{g}": float(v) for g, v in (results.get("general_final") or {}).items()
+                if v is not None})
+    return out
+
+
+def log_hparams(writer: Any, hparams: Mapping[str, Any], results: Mapping[str, Any]) -> None:
+    """TensorBoard's HPARAMS view: the run's settings against its final metrics (written into
+    the same log folder)."""
+    clean = {k: (v if isinstance(v, (int, float, str, bool)) else str(v))
+             for k, v in hparams.items()}
+    writer.add_hparams(clean, final_metrics(results), run_name=".")
+    writer.flush()

@@ -25,7 +25,9 @@ LOOPBACK_HOSTS = ("localhost", "127.0.0.1")
 
 def ds_env() -> dict[str, str]:
     env = dict(os.environ)
-    env.update(OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", TOKENIZERS_PARALLELISM="false",
+    # bench/gpu_check.sh runs a subset on GPUs (NCCL) with GERE_TEST_ACCELERATOR=cuda
+    env.update(OMP_NUM_THREADS="1", DS_ACCELERATOR=os.environ.get("GERE_TEST_ACCELERATOR", "cpu"),
+               TOKENIZERS_PARALLELISM="false",
                PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     env.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
     return env

@@ -1,0 +1,215 @@
+"""The DeepSpeed JSON of a run: which file, and every "auto" value in it filled from the run config.
+
+A config written for the Hugging Face Trainer works as is: the keys the Trainer fills from its
+arguments are filled here from ``train`` (batch sizes, clipping, precision, AdamW), the keys it
+derives from the model's hidden size get the same values (transformers' DeepSpeed integration),
+and the rest is either refused with one line naming the key or mapped with one note.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Callable
+
+from gere_ds.config import RunConfig
+from gere_ds.errors import InputError
+
+DS_CONFIG_DIR = Path(__file__).resolve().parents[1] / "ds_configs"
+# `deepspeed: auto` picks one of these by DeepSpeed's accelerator
+# (any non-CPU accelerator gets the GPU one)
+AUTO_CONFIGS = {"cpu": "zero3.json", "cuda": "zero3_gpu.json"}
+ADAM_TYPES = ("adam", "adamw")
+
+Note = Callable[[str], None]
+
+
+def accelerator_name() -> str:
+    """DeepSpeed's accelerator ("cpu", "cuda", ...): honours DS_ACCELERATOR, else detects."""
+    from deepspeed.accelerator import get_accelerator
+
+    return str(get_accelerator().device_name())
+
+
+def ds_config_path(deepspeed: str, accelerator: str | None = None) -> Path:
+    """The JSON file a run uses: ``deepspeed`` itself, or for "auto" the shipped config that
+    suits the accelerator (GPU: fused Adam and overlapped communication; CPU: torch Adam)."""
+    if deepspeed != "auto":
+        return Path(deepspeed)
+    name = accelerator or accelerator_name()
+    return DS_CONFIG_DIR / AUTO_CONFIGS["cpu" if name == "cpu" else "cuda"]
+
+
+def read_ds_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise InputError("DeepSpeed config not found", file=str(path), field="deepspeed")
+    try:
+        ds = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise InputError(f"invalid JSON: {err.msg}", file=str(path), line=err.lineno) from None
+    if not isinstance(ds, dict):
+        raise InputError("a DeepSpeed config is a JSON object", file=str(path))
+    return ds
+
+
+def model_hidden_size(model: str) -> int | None:
+    """hidden_size of a model folder's config.json (the largest of hidden_sizes, or the text
+    config's, as transformers reads it); None when there is none."""
+    try:
+        conf = json.loads((Path(model) / "config.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    for node in (conf, conf.get("text_config") or {}):
+        if isinstance(node.get("hidden_size"), int):
+            return int(node["hidden_size"])
+        if node.get("hidden_sizes"):
+            return int(max(node["hidden_sizes"]))
+    return None
+
+
+def _node(ds: dict[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:
+    node = ds
+    for k in keys[:-1]:
+        node = node.setdefault(k, {})
+    return node
+
+
+def _match(ds: dict[str, Any], keys: tuple[str, ...], value: Any, file: str) -> None:
+    """Fill an "auto" (or absent) key; an explicit value must equal the run config's."""
+    node = _node(ds, keys)
+    current = node.get(keys[-1], "auto")
+    if current == "auto":
+        node[keys[-1]] = value
+    elif current != value:
+        name = ".".join(keys)
+        raise InputError(f"{name}={current!r} disagrees with the run config ({value!r}); "
+                         f"set it to \"auto\" or make them equal", file=file, field=name)
+
+
+def _fill_only(ds: dict[str, Any], keys: tuple[str, ...], value: Any) -> None:
+    """Replace an "auto" value; anything else (or absence) is the user's choice."""
+    node = ds
+    for k in keys[:-1]:
+        node = node.get(k)
+        if not isinstance(node, dict):
+            return
+    if node.get(keys[-1]) == "auto":
+        node[keys[-1]] = value
+
+
+def _autos(node: Any, path: str = "") -> list[str]:
+    if isinstance(node, dict):
+        return [k for key, v in node.items() for k in _autos(v, f"{path}.{key}" if path else key)]
+    if isinstance(node, list):
+        return [k for i, v in enumerate(node) for k in _autos(v, f"{path}.{i}")]
+    return [path] if node == "auto" else []
+
+
+def _precision(ds: dict[str, Any], cfg: RunConfig, file: str) -> None:
+    t = cfg.train
+    if ds.get("amp", {}).get("enabled") not in (None, False, "auto"):
+        raise InputError("apex amp is not supported; gere-ds trains in bf16 or fp32 "
+                         "(train.bf16)", file=file, field="amp.enabled")
+    if ds.get("amp", {}).get("enabled") == "auto":
+        ds["amp"]["enabled"] = False
+    fp16 = ds.get("fp16")
+    if isinstance(fp16, dict) and fp16.get("enabled") not in (None, False, "auto"):
+        raise InputError("fp16 training is not supported (loss scaling and the TM dead-band "
+                         "assume bf16 or fp32); set it to false or \"auto\" and use train.bf16",
+                         file=file, field="fp16.enabled")
+    if isinstance(fp16, dict) and fp16.get("enabled") == "auto":
+        fp16["enabled"] = False
+    _match(ds, ("bf16", "enabled"), t.bf16, file)
+
+
+def _optimizer(ds: dict[str, Any], cfg: RunConfig, file: str, accelerator: str) -> None:
+    t = cfg.train
+    opt = ds.get("optimizer")
+    if opt is None:
+        # as the HF Trainer does without an optimizer section: AdamW from the run config
+        opt = ds["optimizer"] = {"type": "AdamW", "params": {}}
+        if accelerator == "cpu":
+            opt["params"]["torch_adam"] = True  # no fused kernel to build on CPU
+    if str(opt.get("type", "")).lower() not in ADAM_TYPES:
+        raise InputError(f"optimizer {opt.get('type')!r} is not supported; gere-ds trains with "
+                         f"Adam/AdamW (train.lr, train.adam_betas, ...)", file=file,
+                         field="optimizer.type")
+    for keys, value in ((("optimizer", "params", "lr"), t.lr),
+                        (("optimizer", "params", "betas"), list(t.adam_betas)),
+                        (("optimizer", "params", "eps"), t.adam_eps),
+                        (("optimizer", "params", "weight_decay"), t.weight_decay)):
+        _match(ds, keys, value, file)
+
+
+def _scheduler(ds: dict[str, Any], file: str, note: Note) -> None:
+    sched = ds.pop("scheduler", None)
+    if sched is not None:
+        note(f"{file}: scheduler {sched.get('type', '?')!r} is not used: gere-ds sets every "
+             f"step's lr itself (train.lr, warmup_steps, cosine to min_lr_ratio, per task)")
+
+
+def _zero_buckets(ds: dict[str, Any], cfg: RunConfig, file: str) -> None:
+    """The hidden-size keys, as transformers' integration fills them."""
+    zero = ds.get("zero_optimization")
+    if not isinstance(zero, dict):
+        return
+    keyed = ("reduce_bucket_size", "stage3_prefetch_bucket_size",
+             "stage3_param_persistence_threshold")
+    if any(zero.get(k) == "auto" for k in keyed):
+        hidden = model_hidden_size(cfg.model)
+        if hidden is None:
+            name = next(k for k in keyed if zero.get(k) == "auto")
+            raise InputError(f"\"auto\" needs the model's hidden_size, which {cfg.model}/"
+                             f"config.json does not give; set a number", file=file,
+                             field=f"zero_optimization.{name}")
+        _fill_only(ds, ("zero_optimization", "reduce_bucket_size"), hidden * hidden)
+        _fill_only(ds, ("zero_optimization", "stage3_prefetch_bucket_size"),
+                   int(0.9 * hidden * hidden))
+        _fill_only(ds, ("zero_optimization", "stage3_param_persistence_threshold"), 10 * hidden)
+    # exports go through gere-ds's own consolidation, never DeepSpeed's 16-bit save
+    _fill_only(ds, ("zero_optimization", "stage3_gather_16bit_weights_on_model_save"), False)
+
+
+def check_global_batch(cfg: RunConfig, world_size: int) -> None:
+    """``train.global_batch`` (when set) = micro x accumulation x ranks, or one line saying how
+    to get it on this many ranks."""
+    t = cfg.train
+    got = t.micro_batch_size * t.grad_accum * world_size
+    if t.global_batch and got != t.global_batch:
+        per_rank = t.global_batch / (t.micro_batch_size * world_size)
+        fix = (f"set train.grad_accum={int(per_rank)}" if per_rank == int(per_rank) else
+               f"{t.global_batch} rows do not split over {world_size} ranks x "
+               f"{t.micro_batch_size}; use a rank count that divides it")
+        raise InputError(f"{t.micro_batch_size} x {t.grad_accum} x {world_size} ranks = {got}, "
+                         f"not {t.global_batch}; {fix} (or train.global_batch=0 to accept {got})",
+                         field="train.global_batch")
+
+
+def fill_ds_config(ds: dict[str, Any], cfg: RunConfig, world_size: int, file: str,
+                   accelerator: str = "cpu", note: Note | None = None) -> dict[str, Any]:
+    """``ds`` with every "auto" filled from the run config (in place); one-line InputError for
+    a value that disagrees or a key that cannot be filled."""
+    note = note or (lambda _msg: None)
+    t = cfg.train
+    for keys, value in ((("train_micro_batch_size_per_gpu",), t.micro_batch_size),
+                        (("gradient_accumulation_steps",), t.grad_accum),
+                        (("train_batch_size",), t.micro_batch_size * t.grad_accum * world_size),
+                        (("gradient_clipping",), t.grad_clip)):
+        _match(ds, keys, value, file)
+    _precision(ds, cfg, file)
+    _optimizer(ds, cfg, file, accelerator)
+    _scheduler(ds, file, note)
+    _zero_buckets(ds, cfg, file)
+    left = _autos(ds)
+    if left:
+        raise InputError("\"auto\" that gere-ds cannot fill (no run-config value maps to it); "
+                         "set a value", file=file, field=left[0])
+    return ds
+
+
+def resolve_ds_config(cfg: RunConfig, world_size: int, note: Note | None = None,
+                      accelerator: str | None = None) -> dict[str, Any]:
+    """Load the run's DeepSpeed JSON (``deepspeed: auto`` by accelerator) and fill it."""
+    check_global_batch(cfg, world_size)
+    accelerator = accelerator or accelerator_name()
+    path = ds_config_path(cfg.deepspeed, accelerator)
+    return fill_ds_config(read_ds_json(path), cfg, world_size, str(path), accelerator, note)

@@ -1,0 +1,123 @@
+"""DeepSpeed configs written for the HF Trainer: every "auto" filled or refused with one line;
+`deepspeed: auto` picks the CPU or GPU config by accelerator."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, run_deepspeed
+from gere_ds.config import load_config
+from gere_ds.ds_config import DS_CONFIG_DIR, ds_config_path, fill_ds_config, resolve_ds_config
+from gere_ds.errors import InputError
+
+DATA = Path(__file__).parent / "data"
+HIDDEN = 64  # the tiny model's
+
+
+def _cfg(tiny_config, **sections):
+    return load_config(tiny_config("tm", **sections))
+
+
+def _resolve(tiny_config, name: str, accelerator: str = "cpu", **sections):
+    cfg = _cfg(tiny_config, **sections)
+    cfg.deepspeed = str(DATA / name) if not name.startswith("/") else name
+    notes: list[str] = []
+    ds = resolve_ds_config(cfg, world_size=2, note=notes.append, accelerator=accelerator)
+    return cfg, ds, notes
+
+
+def test_hf_docs_zero3_config_is_filled_like_transformers(tiny_config):
+    cfg, ds, notes = _resolve(tiny_config, "hf_docs_zero3.json")
+    t = cfg.train
+    zero = ds["zero_optimization"]
+    assert zero["reduce_bucket_size"] == HIDDEN * HIDDEN
+    assert zero["stage3_prefetch_bucket_size"] == int(0.9 * HIDDEN * HIDDEN)
+    assert zero["stage3_param_persistence_threshold"] == 10 * HIDDEN
+    assert zero["stage3_gather_16bit_weights_on_model_save"] is True  # explicit: kept
+    assert ds["train_batch_size"] == t.micro_batch_size * t.grad_accum * 2
+    assert ds["train_micro_batch_size_per_gpu"] == t.micro_batch_size
+    assert ds["gradient_accumulation_steps"] == t.grad_accum
+    assert ds["gradient_clipping"] == t.grad_clip
+    assert ds["fp16"]["enabled"] is False and ds["bf16"]["enabled"] is t.bf16
+    assert ds["optimizer"]["params"] == {"lr": t.lr, "betas": list(t.adam_betas),
+                                         "eps": t.adam_eps, "weight_decay": t.weight_decay}
+    assert "scheduler" not in ds
+    assert len(notes) == 1 and "scheduler 'WarmupLR' is not used" in notes[0]
+    assert "auto" not in json.dumps(ds)
+
+
+def test_hf_docs_zero2_config_is_filled(tiny_config):
+    _, ds, _ = _resolve(tiny_config, "hf_docs_zero2.json", train={"bf16": True})
+    assert ds["zero_optimization"]["reduce_bucket_size"] == 2e8  # explicit: kept
+    assert "stage3_prefetch_bucket_size" not in ds["zero_optimization"]
+    assert ds["bf16"]["enabled"] is True and ds["fp16"]["enabled"] is False
+    assert "auto" not in json.dumps(ds)
+
+
+@pytest.mark.parametrize("edit, field, words", [
+    ({"fp16": {"enabled": True}}, "fp16.enabled", "fp16 training is not supported"),
+    ({"amp": {"enabled": True}}, "amp.enabled", "apex amp is not supported"),
+    ({"optimizer": {"type": "Lamb", "params": {}}}, "optimizer.type", "'Lamb' is not supported"),
+    ({"zero_optimization": {"stage": 3, "sub_group_size": "auto"}},
+     "zero_optimization.sub_group_size", "cannot fill"),
+    ({"gradient_clipping": 0.5}, "gradient_clipping", "disagrees with the run config"),
+    ({"optimizer": {"type": "AdamW", "params": {"eps": 1e-6}}}, "optimizer.params.eps",
+     "disagrees"),
+])
+def test_unfillable_or_contradicting_keys_are_refused_in_one_line(tiny_config, tmp_path, edit,
+                                                                    field, words):
+    ds = json.loads((DATA / "hf_docs_zero3.json").read_text())
+    ds.update(edit)
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps(ds))
+    cfg = _cfg(tiny_config)
+    cfg.deepspeed = str(path)
+    with pytest.raises(InputError) as err:
+        resolve_ds_config(cfg, world_size=2, accelerator="cpu")
+    line = str(err.value)
+    assert "\n" not in line and line.startswith(f"{path}: {field}: ") and words in line, line
+
+
+def test_hidden_size_auto_needs_a_model_config(tiny_config, tmp_path):
+    cfg = _cfg(tiny_config)
+    cfg.model = str(tmp_path)  # no config.json
+    ds = json.loads((DATA / "hf_docs_zero3.json").read_text())
+    with pytest.raises(InputError, match="zero_optimization.reduce_bucket_size: .*hidden_size"):
+        fill_ds_config(ds, cfg, 2, "x.json")
+
+
+def test_missing_optimizer_is_adamw_from_the_run_config(tiny_config):
+    cfg = _cfg(tiny_config)
+    ds = fill_ds_config({"zero_optimization": {"stage": 3}}, cfg, 1, "x.json", accelerator="cpu")
+    assert ds["optimizer"]["type"] == "AdamW" and ds["optimizer"]["params"]["torch_adam"] is True
+    assert ds["optimizer"]["params"]["lr"] == cfg.train.lr
+
+
+def test_auto_picks_the_config_by_accelerator(tiny_config):
+    assert ds_config_path("auto", "cpu") == DS_CONFIG_DIR / "zero3.json"
+    assert ds_config_path("auto", "cuda") == DS_CONFIG_DIR / "zero3_gpu.json"
+    assert ds_config_path("my.json", "cuda") == Path("my.json")
+    cfg = _cfg(tiny_config)
+    cfg.deepspeed = "auto"
+    gpu = resolve_ds_config(cfg, world_size=8, accelerator="cuda")
+    assert gpu["optimizer"]["params"]["torch_adam"] is False  # fused Adam
+    assert gpu["zero_optimization"]["overlap_comm"] is True
+    assert gpu["zero_optimization"]["reduce_bucket_size"] == HIDDEN * HIDDEN
+    cpu = resolve_ds_config(cfg, world_size=2, accelerator="cpu")
+    assert cpu["optimizer"]["params"]["torch_adam"] is True
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["hf_docs_zero2.json", "hf_docs_zero3.json"])
+def test_hf_docs_configs_train_on_two_cpu_ranks(tiny_config, name):
+    cfg = tiny_config("tm", name=name.split(".")[0], deepspeed=str(DATA / name),
+                      eval={"enabled": False}, replay={"per_batch": 2},
+                      train={"max_steps_per_task": 2, "epochs": 1})
+    proc = run_deepspeed(REPO / "launch/train.py", ["--config", str(cfg)], nproc=2, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_dir = cfg.parent / f"run_{name.split('.')[0]}"
+    steps = [json.loads(ln) for ln in (run_dir / "train_steps.jsonl").read_text().splitlines()]
+    assert len(steps) == 4 and all(s["train/loss"] == s["train/loss"] for s in steps)
+    assert "scheduler 'WarmupLR' is not used" in (run_dir / "train.log").read_text()
