@@ -3,6 +3,7 @@ the forgetting curve (run and compare), W&B offline."""
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -95,6 +96,12 @@ def test_wandb_offline_run_gets_the_scalars(tmp_path, monkeypatch):
     assert len(runs) == 1
     (record,) = runs[0].glob("run-*.wandb")  # the offline record a later `wandb sync` uploads
     assert (tmp_path / "wandb_run_id").read_text().strip() in record.name
-    data = record.read_bytes()  # protobuf keeps the keys as plain strings
-    for key in (b"train/loss", b"eval/a/acc", b"final/AP", b"strategy"):
+    keys = (b"train/loss", b"eval/a/acc", b"final/AP", b"strategy")
+    deadline = time.time() + 60  # wandb's service process may still be flushing after finish()
+    while True:
+        data = record.read_bytes()  # protobuf keeps the keys as plain strings
+        if all(k in data for k in keys) or time.time() > deadline:
+            break
+        time.sleep(0.5)
+    for key in keys:
         assert key in data, key
