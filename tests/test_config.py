@@ -122,3 +122,12 @@ def test_negative_checkpoint_retention_names_the_line(tmp_path):
     with pytest.raises(InputError) as err:
         load_config(path)
     assert str(err.value) == f"{path}:13: checkpoint.keep_task_ends: must be >= 0"
+
+
+def test_keep_last_zero_is_refused_in_one_line(tmp_path):
+    """keep_last 0 would prune the checkpoint just written (even the pre-emption one)."""
+    path = _write(tmp_path, BASE + "checkpoint:\n  keep_last: 0\n")
+    with pytest.raises(InputError) as err:
+        load_config(path)
+    assert str(err.value).startswith(f"{path}:13: checkpoint.keep_last: must be >= 1")
+    assert "\n" not in str(err.value)
