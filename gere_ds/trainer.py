@@ -20,14 +20,15 @@ import torch
 from gere_ds import dist
 from gere_ds.batches import BatchMaker
 from gere_ds.capture import FinalNormCapture
-from gere_ds.checkpoint import Checkpointer, load_rng, load_trainer_state, step_tag, task_tag
+from gere_ds.checkpoint import (Checkpointer, load_rng, load_trainer_state, run_identity,
+                                step_tag, task_tag)
 from gere_ds.config import RunConfig, save_resolved
 from gere_ds.data.sampler import ContinualSampler
 from gere_ds.engine import Engine, build_engine
 from gere_ds.evaluation.base_cache import evaluate_base
 from gere_ds.inputs import Inputs
 from gere_ds.progress import Preempted, Progress, count_bad_step, step_scalars
-from gere_ds.resume import check_state, resume_target
+from gere_ds.resume import check_state, resume_run
 from gere_ds.run_log import RunLogger
 from gere_ds.schedule import lr_at
 from gere_ds.step import Phases, StepStats, TrainStep
@@ -47,7 +48,7 @@ class ContinualTrainer:
         self.progress = Progress()
         self.term = make_term(cfg)
         self.ckpt = Checkpointer(self.out / "checkpoints", cfg.checkpoint.keep_last,
-                                 cfg.checkpoint.keep_task_ends)
+                                 cfg.checkpoint.keep_task_ends, run=run_identity(cfg))
         self._stop_signal: int | None = None
         # set by setup(), in this order
         self.inputs: Inputs | None = None
@@ -212,21 +213,24 @@ class ContinualTrainer:
                 "teacher_fingerprint": self.teacher_fingerprint}
 
     def resume(self) -> None:
-        """Load the checkpoint that `resume` names (auto: the newest complete one)."""
-        target = resume_target(self.cfg, self.ckpt, self.log.info)
-        if target is None:
+        """Load the checkpoint that `resume` names (auto: the newest trusted one that loads)."""
+        folder = resume_run(self.cfg, self.ckpt, self.log.info, self._load_checkpoint)
+        if folder is None:
             return
-        root, tag = target
-        folder = root / tag
-        state = load_trainer_state(folder)
-        check_state(state, folder, self.cfg, self.world, self.teacher_fingerprint)
-        self.engine.engine.load_checkpoint(str(root), tag=tag, load_optimizer_states=True,
-                                           load_lr_scheduler_states=False)
-        load_rng(folder)
-        self.progress = p = Progress(**state["progress"])
+        p = self.progress
         self.log.truncate_steps_after(p.global_step)
         self.log.info(f"resumed from {folder}: task {p.task_index + 1}, step {p.step_in_task}"
                       f"{' (done)' if p.task_done else ''}, global step {p.global_step}")
+
+    def _load_checkpoint(self, folder: Path) -> None:
+        """Engine, RNG and progress from a checkpoint that passed its checks (every rank)."""
+        state = load_trainer_state(folder)
+        check_state(state, folder, self.cfg, self.world, self.teacher_fingerprint)
+        self.engine.engine.load_checkpoint(str(folder.parent), tag=folder.name,
+                                           load_optimizer_states=True,
+                                           load_lr_scheduler_states=False)
+        load_rng(folder)
+        self.progress = Progress(**state["progress"])
 
     @property
     def teacher_root(self) -> Path:  # teacher data and a kept base evaluation; shared by a study
@@ -266,10 +270,18 @@ class ContinualTrainer:
         self.progress.task_done = True
         folder = self.ckpt.save(self.engine.engine, task_tag(i), self.trainer_state())
         self.log.info(f"task {i + 1} {self.cfg.tasks[i].name} done; checkpoint {folder}")
+        self.export_task(i)
+
+    def export_task(self, i: int, only_if_missing: bool = False) -> None:
+        """The Hugging Face export of task i's end (the engine holds it), if configured;
+        ``only_if_missing``: a resumed run redoes an export that failed after the checkpoint."""
+        target = self.out / "hf" / task_tag(i)
+        if only_if_missing and dist.broadcast_object(target.is_dir()):
+            return
         if self.cfg.checkpoint.export_hf:
             from gere_ds.export import export_from_engine
 
-            export_from_engine(self.engine.module, self.tokenizer, self.out / "hf" / task_tag(i))
+            export_from_engine(self.engine.module, self.tokenizer, target)
 
     def run(self, inputs: Inputs) -> None:
         self.setup(inputs)
@@ -281,6 +293,8 @@ class ContinualTrainer:
             if not self.progress.task_done:
                 self.train_task(i)
                 self.finish_task(i)
+            else:
+                self.export_task(i, only_if_missing=True)  # resumed at this task's end
             if self.inputs.eval_suite is not None and len(self.progress.matrix) < i + 2:
                 self.evaluate_row()
             if i + 1 < len(self.cfg.tasks):
