@@ -246,6 +246,8 @@ class Checkpointer:
         if newest > seq:
             if dist.local_rank() == 0:
                 add_fork(self.root, forks, seq, newest)
+                if mine:  # `latest` (DeepSpeed's zero_to_fp32.py reads it) leaves the branch too
+                    write_text_atomic(self.root / "latest", folder.name + "\n")
             dist.barrier()
         marker = read_marker(folder, 0) if dist.is_main() else None
         seq_there = dist.broadcast_object(marker.seq if isinstance(marker, Marker) else seq)

@@ -153,6 +153,7 @@ def test_rollback_orders_by_sequence_and_abandons_the_later_branch(tmp_path):
     _fake(tmp_path, "task002-step000040", seq=6)
     got, _, _ = _resume(tmp_path, mode=str(tmp_path / "task001-end"))
     assert got == tmp_path / "task001-end" and read_forks(tmp_path) == [(3, 6)]
+    assert (tmp_path / "latest").read_text() == "task001-end\n"
     # a crash before the first new save: auto goes back to the rollback point, not the branch
     assert _resume(tmp_path)[0] == tmp_path / "task001-end"
     _fake(tmp_path, "task002-step000010", seq=7)
