@@ -5,19 +5,23 @@ Layout::
     <output_dir>/checkpoints/<tag>/               DeepSpeed's per-rank files (model + optimizer)
     <output_dir>/checkpoints/<tag>/trainer_state.json
     <output_dir>/checkpoints/<tag>/rng_rank00001.pt   each rank's RNG states
-    <output_dir>/checkpoints/<tag>/COMPLETE.rank00001 each rank's files and their sizes, written
-                                                      after that rank's files are on disk
+    <output_dir>/checkpoints/<tag>/COMPLETE.rank00001 each rank's files (size, sha256), the save's
+                                                      sequence number and the run's fingerprint,
+                                                      written after the files are fsynced
+                                                      (checkpoint_marker.py)
+    <output_dir>/checkpoints/lineage.json          the sequence ranges a rollback abandoned
     <output_dir>/checkpoints/latest                the newest complete tag (written last, atomic)
 
 Tags: ``task002-end`` (end of task 2, kept for export and evaluation) and
-``task002-step000040`` (mid-task, the newest ``keep_last`` are kept). ``Checkpointer`` owns the
-folder: the tag format, the markers, saving, finding the latest complete checkpoint, pruning and
-the offline check of every rank's files (export, evaluation).
+``task002-step000040`` (mid-task, the newest ``keep_last`` are kept). Names are for people: order
+comes from the sequence number in the markers (checkpoint_lineage.py), so a rollback's new
+checkpoints are newer than the abandoned ones whatever their names. ``Checkpointer`` owns the
+folder: the tag format, saving, the trusted checkpoints newest first, rollbacks, pruning and the
+offline check of every rank's files (export, evaluation).
 
 No shared filesystem is assumed: every rank writes and checks only its own files and markers, and
-the decision "is this checkpoint complete" is taken collectively (any rank missing -> skipped).
-A checkpoint whose marker is missing or whose files do not have the recorded sizes (truncated) is
-never loaded; the previous complete one is used instead, with a log line.
+the decision "is this checkpoint complete" is taken on every node's view merged. Nothing is loaded
+from a folder before every rank's part passed its checksums and carries this run's fingerprint.
 """
 from __future__ import annotations
 
@@ -25,16 +29,18 @@ import json
 import random
 import re
 import shutil
-import socket
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
 
 from gere_ds import dist
 from gere_ds.atomic import write_text_atomic
-from gere_ds.errors import InputError
+from gere_ds.checkpoint_lineage import (Entry, PartView, abandoned, add_fork, doomed, max_seq,
+                                        merge, read_forks)
+from gere_ds.checkpoint_marker import (MARKER_PREFIX, Marker, marker_problem, read_marker,
+                                       rank_problem, run_fingerprint, write_marker)
 
 _TAG = re.compile(r"^task(\d{3,})-(end|step(\d{6,}))$")  # what task_tag / step_tag write
 
@@ -56,22 +62,6 @@ def tag_order(tag: str) -> tuple[int, int]:
     return (int(m.group(1)), 10**9 if m.group(2) == "end" else int(m.group(3)))
 
 
-def _marker(folder: Path, rank: int) -> Path:
-    return folder / f"COMPLETE.rank{rank:05d}"
-
-
-def _own_files(folder: Path, rank: int) -> list[Path]:
-    """The files this rank wrote into a checkpoint folder (DeepSpeed names them by rank)."""
-    def mine(name: str) -> bool:
-        m = re.search(r"pp_rank_(\d+)_", name)  # zero_pp_rank_<r>_mp_rank_00_*.pt
-        return (m is not None and int(m.group(1)) == rank) or name == f"rng_rank{rank:05d}.pt"
-
-    own = [p for p in folder.iterdir() if p.is_file() and mine(p.name)]
-    if rank == 0:
-        own += [p for p in (folder / "trainer_state.json",) if p.exists()]
-    return sorted(own)
-
-
 def rng_state() -> dict[str, Any]:
     """RNG states as tensors and lists only, so they load with ``weights_only=True``."""
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
@@ -89,83 +79,67 @@ def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate((version, tuple(internal), gauss_py))
 
 
-def save_checkpoint(engine: Any, root: Path, tag: str, trainer_state: dict[str, Any]) -> Path:
-    """Save on ALL ranks (a collective). Markers are written after the files, `latest` last."""
-    root = Path(root)
-    folder = root / tag
-    me = dist.rank()
-    if _marker(folder, me).exists():
-        _marker(folder, me).unlink()  # re-saving a tag: incomplete until done again
-    dist.barrier()
-    engine.save_checkpoint(str(root), tag=tag, save_latest=False)
-    torch.save(rng_state(), folder / f"rng_rank{me:05d}.pt")
-    if me == 0:
-        write_text_atomic(folder / "trainer_state.json", json.dumps(trainer_state, indent=1))
-    sizes = {p.name: p.stat().st_size for p in _own_files(folder, me)}
-    write_text_atomic(_marker(folder, me), json.dumps(sizes))
-    dist.barrier()
-    if dist.local_rank() == 0:  # one writer per node: works with or without a shared disk
-        write_text_atomic(root / "latest", tag + "\n")
-    dist.barrier()
-    return folder
+
+def run_identity(cfg: Any) -> str:
+    """The run fingerprint of a RunConfig (see checkpoint_marker.run_fingerprint)."""
+    return run_fingerprint(cfg.model, cfg.tokenizer, cfg.train.seed, cfg.replay.strategy,
+                           cfg.replay.data)
 
 
-def rank_problem(folder: Path, rank: int) -> str | None:
-    """Why ``rank``'s part of ``folder`` cannot be trusted (None: complete and intact)."""
-    folder = Path(folder)
-    marker = _marker(folder, rank)
-    if not marker.is_file():
-        return "no completion marker" + (f" of rank {rank}" if rank else "")
-    try:
-        sizes = json.loads(marker.read_text())
-    except json.JSONDecodeError:
-        return f"unreadable completion marker {marker.name}"
-    for name, size in sizes.items():
-        path = folder / name
-        if not path.is_file():
-            return f"{name} missing"
-        if path.stat().st_size != size:
-            return f"{name} truncated ({path.stat().st_size} of {size} bytes)"
-    if rank == 0 and "trainer_state.json" not in sizes:
-        return "trainer_state.json missing"
-    return None
-
-
-def local_problem(folder: Path) -> str | None:
-    """Why this rank cannot trust ``folder`` (None if its part is complete and intact)."""
-    return rank_problem(folder, dist.rank())
-
-
-def candidate_tags(root: Path) -> list[str]:
-    """Checkpoint tags present on this node, newest first."""
+def local_views(root: Path, run: str | None, only: str | None = None) -> list[PartView]:
+    """What this node's disk holds: every marker of every tag folder (``only``: one tag), checked
+    cheaply (identity and sizes; checksums are for loading)."""
     root = Path(root)
     if not root.is_dir():
         return []
-    tags = [p.name for p in root.iterdir() if p.is_dir() and _TAG.match(p.name)]
-    return sorted(tags, key=tag_order, reverse=True)
+    views: list[PartView] = []
+    for folder in sorted(p for p in root.iterdir() if p.is_dir() and _TAG.match(p.name)):
+        if only is not None and folder.name != only:
+            continue
+        ranks = sorted(int(m.name[len(MARKER_PREFIX):]) for m in folder.glob(MARKER_PREFIX + "*")
+                       if m.name[len(MARKER_PREFIX):].isdigit())
+        if not ranks:
+            views.append(PartView(folder.name, None))
+        for rank in ranks:
+            marker = read_marker(folder, rank)
+            if isinstance(marker, str):  # an older format or unreadable: provenance unknown
+                views.append(PartView(folder.name, rank, ours=False, problem=marker))
+                continue
+            views.append(PartView(folder.name, rank, marker.seq, marker.world_size,
+                                  ours=run is None or marker.run == run,
+                                  problem=marker_problem(folder, marker, run, checksums=False)))
+    return views
 
 
-def find_resume_checkpoint(root: Path, log: Callable[[str], None]) -> str | None:
-    """The newest tag that is complete on EVERY rank (collective); incomplete ones are logged.
+def describe(entry: Entry) -> str:
+    """One line: why ``entry`` cannot be used (offline readers name the missing rank's fix)."""
+    problem = entry.problem or ""
+    if not entry.parts:
+        return "incomplete: no COMPLETE marker"
+    if problem.startswith("no completion marker of rank"):
+        world = max((p.world_size or 0) for p in entry.parts.values())
+        rank = problem.rsplit(" ", 1)[-1]
+        return (f"incomplete: no COMPLETE marker of rank {rank} of {world} (without a shared "
+                f"disk, copy every node's files of this checkpoint into one folder first)")
+    return problem
 
-    If some rank holds checkpoints but none is complete everywhere (node-local output dirs after
-    a requeue onto other nodes), stop with one line instead of silently starting over.
-    """
-    seen = dist.all_gather_object((socket.gethostname(), candidate_tags(root)))
-    tags = sorted({t for _, ts in seen for t in ts}, key=tag_order, reverse=True)
-    for tag in tags:
-        problem = local_problem(Path(root) / tag)
-        problems = [p for p in dist.all_gather_object(problem) if p]
-        if not problems:
-            return tag
-        log(f"skipping checkpoint {tag}: {problems[0]}")
-    if tags:
-        have = sorted({h for h, ts in seen if ts})
-        lack = sorted({h for h, ts in seen if not ts})
-        raise InputError(f"checkpoints exist on {', '.join(have)} but none is complete on every "
-                         f"rank{' (none on ' + ', '.join(lack) + ')' if lack else ''}; the "
-                         f"output_dir looks node-local: copy {root} to every node, or set "
-                         f"resume=never to start over", field="resume")
+
+def all_ranks_problem(folder: Path, run: str | None = None, checksums: bool = False
+                      ) -> str | None:
+    """Why ``folder`` cannot be read offline by one process (None: every rank's part is complete
+    and intact). ``run``: demand that run fingerprint; ``checksums``: hash every file (do so
+    before anything is loaded from it)."""
+    folder = Path(folder)
+    entry = merge(local_views(folder.parent, run, only=folder.name)).get(folder.name)
+    if entry is None:
+        return "incomplete: no COMPLETE marker"
+    if not entry.complete:
+        return describe(entry)
+    if checksums:
+        for rank in sorted(entry.parts):
+            problem = rank_problem(folder, rank, run, checksums=True)
+            if problem:
+                return problem
     return None
 
 
@@ -182,77 +156,114 @@ def load_rng(folder: Path) -> None:
         set_rng_state(torch.load(path, weights_only=True))
 
 
-def prune_checkpoints(root: Path, keep_last: int, keep_task_ends: int = 0) -> None:
-    """Remove the oldest mid-task checkpoints beyond ``keep_last`` and, when ``keep_task_ends``
-    > 0, the oldest task-end ones beyond it (0 keeps every task end).
-
-    Called after a newer checkpoint is complete, so a crash here never leaves nothing.
-    """
-    tags = candidate_tags(root)  # newest first
-    doomed = [t for t in tags if not t.endswith("-end")][keep_last:]
-    if keep_task_ends > 0:
-        doomed += [t for t in tags if t.endswith("-end")][keep_task_ends:]
-    for tag in doomed:
-        shutil.rmtree(Path(root) / tag, ignore_errors=True)
-
-
-def all_ranks_problem(folder: Path) -> str | None:
-    """Why ``folder`` cannot be read offline by one process (None: complete and intact for EVERY
-    rank). The rank count comes from rank 0's ``trainer_state.json``."""
-    folder = Path(folder)
-    state_path = folder / "trainer_state.json"
-    if not state_path.is_file():
-        return "incomplete: no trainer_state.json"
-    markers = list(folder.glob("COMPLETE.rank*"))
-    if not markers:
-        return "incomplete: no COMPLETE marker"
-    try:
-        world = int(json.loads(state_path.read_text()).get("world_size") or len(markers))
-    except (json.JSONDecodeError, ValueError, TypeError, AttributeError):
-        return "unreadable trainer_state.json"
-    for r in range(world):
-        problem = rank_problem(folder, r)
-        if problem and problem.startswith("no completion marker"):
-            return (f"incomplete: no COMPLETE marker of rank {r} of {world} (without a shared "
-                    f"disk, copy every node's files of this checkpoint into one folder first)")
-        if problem:
-            return problem if "truncated" in problem else f"incomplete: {problem}"
-    return None
-
-
 class Checkpointer:
-    """The checkpoints folder of a run: save (then prune), the latest complete checkpoint,
-    pruning and verification. ``save`` and ``latest_complete`` are collectives; ``verify`` and
-    ``task_ends`` read one folder in one process."""
+    """The checkpoints folder of a run: save (then prune), the trusted checkpoints newest first,
+    rollbacks, pruning and verification. ``save``, ``survey``, ``prune``, ``trusted`` and
+    ``continue_from`` are collectives; ``verify``, ``tags`` and ``task_ends`` read this disk in one
+    process. ``run`` is the run fingerprint written into markers and demanded of checkpoints."""
 
-    def __init__(self, root: Path, keep_last: int = 2, keep_task_ends: int = 0) -> None:
+    def __init__(self, root: Path, keep_last: int = 2, keep_task_ends: int = 0,
+                 run: str | None = None) -> None:
         self.root = Path(root)
         self.keep_last = keep_last
         self.keep_task_ends = keep_task_ends
+        self.run = run
+        self.parent: str | None = None  # "tag#seq" of the checkpoint this process trains from
+
+    # ------------------------------------------------------------------ reading
+    def survey(self) -> tuple[dict[str, Entry], list[tuple[int, int]]]:
+        """Every node's view merged: the entries by tag, and the recorded forks."""
+        seen = dist.all_gather_object((local_views(self.root, self.run), read_forks(self.root)))
+        views = [v for vs, _ in seen for v in vs]
+        return merge(views), sorted({f for _, fs in seen for f in fs})
 
     def tags(self) -> list[str]:
-        """Checkpoint tags present on this node, newest first."""
-        return candidate_tags(self.root)
+        """Checkpoint tags present on this disk, newest first (by sequence number; folders
+        without a readable one last)."""
+        entries = merge(local_views(self.root, self.run))
+        return sorted(entries, key=lambda t: (entries[t].seq or -1, tag_order(t)), reverse=True)
 
     def task_ends(self) -> list[str]:
-        """End-of-task tags present here, oldest first."""
-        return sorted((t for t in self.tags() if t.endswith("-end")), key=tag_order)
-
-    def save(self, engine: Any, tag: str, trainer_state: dict[str, Any]) -> Path:
-        """Save on ALL ranks, then prune the old ones (after the new one is complete)."""
-        folder = save_checkpoint(engine, self.root, tag, trainer_state)
-        if dist.local_rank() == 0:
-            self.prune()
-        dist.barrier()
-        return folder
-
-    def prune(self) -> None:
-        prune_checkpoints(self.root, self.keep_last, self.keep_task_ends)
-
-    def latest_complete(self, log: Callable[[str], None]) -> str | None:
-        """The newest tag complete on every rank (collective); see find_resume_checkpoint."""
-        return find_resume_checkpoint(self.root, log)
+        """End-of-task tags present here, oldest first, without a rollback's abandoned ones."""
+        entries, forks = merge(local_views(self.root, self.run)), read_forks(self.root)
+        return [t for t in reversed(self.tags())
+                if t.endswith("-end") and not abandoned(entries[t].seq, forks)]
 
     def verify(self, tag: str) -> str | None:
-        """Why ``tag`` cannot be read offline (None: every rank's part is complete)."""
-        return all_ranks_problem(self.root / tag)
+        """Why ``tag`` cannot be loaded offline (None: every rank's part is complete, this run's
+        and passes its checksums)."""
+        return all_ranks_problem(self.root / tag, self.run, checksums=True)
+
+    def trusted(self, folder: Path) -> str | None:
+        """Collective: why ``folder`` must not be loaded (None: every rank's own part is this
+        run's, complete and passes its checksums). Nothing of the folder is unpickled."""
+        problem = rank_problem(Path(folder), dist.rank(), self.run, checksums=True)
+        problems = [p for p in dist.all_gather_object(problem) if p]
+        return problems[0] if problems else None
+
+    # ------------------------------------------------------------------ writing
+    def save(self, engine: Any, tag: str, trainer_state: dict[str, Any]) -> Path:
+        """Save on ALL ranks: files, fsync, checksummed markers, `latest`; then prune."""
+        entries, forks = self.survey()
+        seq = max_seq(entries, forks) + 1
+        folder = self.root / tag
+        me = dist.rank()
+        if dist.local_rank() == 0 and folder.exists():
+            shutil.rmtree(folder)  # an abandoned or broken folder of this name: never mix files
+        dist.barrier()
+        engine.save_checkpoint(str(self.root), tag=tag, save_latest=False)
+        torch.save(rng_state(), folder / f"rng_rank{me:05d}.pt")
+        if me == 0:
+            write_text_atomic(folder / "trainer_state.json", json.dumps(trainer_state, indent=1))
+        write_marker(folder, me, run=self.run or "", tag=tag, seq=seq, parent=self.parent,
+                     world_size=dist.world_size())
+        dist.barrier()
+        if dist.local_rank() == 0:  # one writer per node: works with or without a shared disk
+            write_text_atomic(self.root / "latest", tag + "\n")
+        self.parent = f"{tag}#{seq}"
+        self.prune(just_written=tag)
+        return folder
+
+    def prune(self, just_written: str | None = None) -> None:
+        """Collective: remove what ``doomed`` names (after a newer checkpoint is complete, so a
+        crash here never leaves nothing)."""
+        entries, forks = self.survey()
+        gone = doomed(entries, forks, self.keep_last, self.keep_task_ends, just_written)
+        if dist.local_rank() == 0:
+            for tag in gone:
+                shutil.rmtree(self.root / tag, ignore_errors=True)
+        dist.barrier()
+
+    def continue_from(self, folder: Path, entries: dict[str, Entry],
+                      forks: list[tuple[int, int]]) -> None:
+        """Collective: train on from ``folder``. Resuming from anything older than the newest
+        save abandons the later branch (a fork, recorded before any new save) for good."""
+        folder = Path(folder)
+        mine = folder.parent.resolve() == self.root.resolve()
+        entry = entries.get(folder.name) if mine else None
+        seq = entry.seq if entry is not None and entry.seq is not None else 0
+        newest = max_seq(entries, forks)
+        if newest > seq:
+            if dist.local_rank() == 0:
+                add_fork(self.root, forks, seq, newest)
+                if mine:  # `latest` (DeepSpeed's zero_to_fp32.py reads it) leaves the branch too
+                    write_text_atomic(self.root / "latest", folder.name + "\n")
+            dist.barrier()
+        marker = read_marker(folder, 0) if dist.is_main() else None
+        seq_there = dist.broadcast_object(marker.seq if isinstance(marker, Marker) else seq)
+        self.parent = f"{folder.name}#{seq_there}" if mine else f"{folder}#{seq_there}"
+
+    def discard_untrusted(self, entries: dict[str, Entry]) -> list[str]:
+        """Collective: remove this run's folders that were never complete or fail their checks
+        (another run's or an older format's are left alone); returns their tags."""
+        gone = sorted(t for t, e in entries.items() if e.ours)
+        if dist.local_rank() == 0:
+            for tag in gone:
+                shutil.rmtree(self.root / tag, ignore_errors=True)
+        dist.barrier()
+        return gone
+
+
+def prune_checkpoints(root: Path, keep_last: int, keep_task_ends: int = 0) -> None:
+    """Prune ``root`` as a run with these settings would (one process)."""
+    Checkpointer(root, keep_last, keep_task_ends).prune()

@@ -156,7 +156,8 @@ class EvalConfig:
 class CheckpointConfig:
     every_steps: int = doc("checkpoint every N optimizer steps within a task (0 = task ends only)",
                            default=0)
-    keep_last: int = doc("mid-task checkpoints kept (task-end checkpoints are kept)", default=2)
+    keep_last: int = doc("mid-task checkpoints kept, newest first (>= 1; task-end checkpoints "
+                         "are kept; the newest complete checkpoint is never removed)", default=2)
     keep_task_ends: int = doc("task-end checkpoints kept, newest first (0 = all of them; "
                               "eval/evaluate.py --run re-scores only those kept)", default=0)
     export_hf: bool = doc("export a Hugging Face folder after every task", default=False)
@@ -557,9 +558,12 @@ def validate(cfg: RunConfig, marks: _Marks | None = None) -> None:
         raise marks.error("eval.mode", f"must be one of {', '.join(EVAL_MODES)}")
     if cfg.resume not in ("auto", "never") and not cfg.resume:
         raise marks.error("resume", "auto | never | a checkpoint path")
-    for key in ("every_steps", "keep_last", "keep_task_ends"):
+    for key in ("every_steps", "keep_task_ends"):
         if getattr(cfg.checkpoint, key) < 0:
             raise marks.error(f"checkpoint.{key}", "must be >= 0")
+    if cfg.checkpoint.keep_last < 1:  # 0 would prune the checkpoint just written
+        raise marks.error("checkpoint.keep_last", "must be >= 1 (the newest checkpoint is what a "
+                                                  "resume loads)")
     for i, name in enumerate(cfg.report_to):
         if name not in ("tensorboard", "wandb"):
             raise marks.error(f"report_to.{i}", f"unknown reporter {name!r}; one of "

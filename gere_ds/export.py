@@ -20,14 +20,16 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+import socket
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
 from gere_ds import dist, stop
-from gere_ds.checkpoint import Checkpointer, all_ranks_problem, task_tag
+from gere_ds.checkpoint import Checkpointer, all_ranks_problem, run_identity, task_tag
 from gere_ds.errors import InputError
 from gere_ds.hf_folder import (DTYPES, ExportError, config_dtype, fmt_shape,  # noqa: F401
                                inspect_export, meta_model, plain_model_building, tied_aliases,
@@ -37,8 +39,40 @@ EXPORT_INFO = "export_info.json"
 
 
 # ---------------------------------------------------------------------------- writing
+# ``.<name>.export-tmp-<host>-<pid>`` (and ``-old-``); older versions wrote no host
+_TEMP = re.compile(r"^\..+\.export-(?:tmp|old)-(?:(?P<host>.+)-)?(?P<pid>\d+)$")
+
+
 def _temp_dir(out: Path) -> Path:
-    return out.parent / f".{out.name}.export-tmp-{os.getpid()}"
+    return out.parent / f".{out.name}.export-tmp-{socket.gethostname()}-{os.getpid()}"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's live process
+    return True
+
+
+def clean_stale_temps(folder: Path, log: Callable[[str], None] | None = None) -> list[Path]:
+    """Remove the temp folders that exports killed mid-way left in ``folder`` (a full model
+    each): only those of this host whose process is gone, never a live export's."""
+    gone = []
+    for path in Path(folder).glob(".*.export-*") if Path(folder).is_dir() else []:
+        m = _TEMP.match(path.name)
+        if m is None or not path.is_dir():
+            continue
+        host, pid = m.group("host"), int(m.group("pid"))
+        if (host is None or host == socket.gethostname()) and pid != os.getpid() \
+                and not _pid_alive(pid):
+            shutil.rmtree(path, ignore_errors=True)
+            gone.append(path)
+    if gone and log:
+        log(f"export: removed {len(gone)} stale temporary folder(s) of dead exports in {folder}")
+    return gone
 
 
 def check_destination(out: str | Path, force: bool) -> None:
@@ -54,7 +88,7 @@ def _publish(tmp: Path, out: Path, force: bool) -> None:
     """Move a verified temp folder into place (an existing DIR only with force)."""
     check_destination(out, force)
     if out.is_dir():
-        old = out.parent / f".{out.name}.export-old-{os.getpid()}"
+        old = out.parent / f".{out.name}.export-old-{socket.gethostname()}-{os.getpid()}"
         os.replace(out, old)
         os.replace(tmp, out)
         shutil.rmtree(old, ignore_errors=True)
@@ -99,19 +133,33 @@ def _cast_state_dict(sd: dict[str, Any], dtype: torch.dtype) -> dict[str, torch.
 
 
 # ---------------------------------------------------------------------------- from a checkpoint
+def _run_of(run_dir: Path) -> str | None:
+    """The run fingerprint of the run directory's config.yaml (None: no readable config)."""
+    from gere_ds.config import load_config
+
+    try:
+        return run_identity(load_config(Path(run_dir) / "config.yaml"))
+    except InputError:
+        return None
+
+
 def checkpoint_problem(folder: str | Path) -> str | None:
-    """Why a checkpoint folder cannot be exported (None: complete and intact for EVERY rank)."""
-    return all_ranks_problem(Path(folder))
+    """Why a checkpoint folder cannot be exported (None: complete for EVERY rank, written by the
+    run of ``<run_dir>/config.yaml``); sizes only, the export itself checks the checksums."""
+    folder = Path(folder)
+    return all_ranks_problem(folder, _run_of(folder.parent.parent))
 
 
 def find_checkpoint(run_dir: str | Path, task: int | None = None, tag: str | None = None,
                     log: Callable[[str], None] = print) -> tuple[Path, str]:
-    """(checkpoints root, tag) to export; refuses a checkpoint without its COMPLETE markers.
+    """(checkpoints root, tag) to export; refuses a checkpoint that is incomplete, fails its
+    checksums or was written by another run than ``<run_dir>/config.yaml``'s (before any file
+    of it is unpickled).
 
     Default: the end-of-task checkpoint of the last completed task (an incomplete newer one is
     skipped with a log line); ``task`` (1-based): the end of that task; ``tag``: explicit.
     """
-    ckpt = Checkpointer(Path(run_dir) / "checkpoints")
+    ckpt = Checkpointer(Path(run_dir) / "checkpoints", run=_run_of(Path(run_dir)) or "?")
     if task is not None and tag is not None:
         raise ExportError("give --task or --tag, not both", field="task")
     if not ckpt.root.is_dir():
@@ -180,6 +228,7 @@ def export_checkpoint(run_dir: str | Path, out: str | Path, task: int | None = N
     cfg = load_config(cfg_path)
     root, tag = find_checkpoint(run_dir, task, tag, log)
     check_destination(out, force)
+    clean_stale_temps(out.parent, log)
     check_model_folder(cfg)
     config = AutoConfig.from_pretrained(cfg.model, trust_remote_code=cfg.trust_remote_code)
     target = resolve_dtype(dtype, default=config_dtype(config))
@@ -281,6 +330,7 @@ def _write_engine_export(engine_module: torch.nn.Module, tokenizer: Any,
         x = buf.detach().to("cpu", copy=True)
         sd[name] = x.to(target) if target is not None and x.is_floating_point() else x
     check_destination(out, force)
+    clean_stale_temps(out.parent)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.parent.mkdir(parents=True, exist_ok=True)
     config = engine_module.config

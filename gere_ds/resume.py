@@ -1,32 +1,136 @@
-"""Which checkpoint a run resumes from, and the checks that it belongs to this run."""
+"""Which checkpoint a run resumes from, the checks that it belongs to this run, and the
+fallback when it cannot be loaded."""
 from __future__ import annotations
 
+import socket
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 from gere_ds import dist
-from gere_ds.checkpoint import Checkpointer, local_problem
+from gere_ds.checkpoint import Checkpointer, describe
+from gere_ds.checkpoint_lineage import newest_first
 from gere_ds.config import RunConfig
 from gere_ds.errors import InputError
 
 
-def resume_target(cfg: RunConfig, ckpt: Checkpointer, log: Callable[[str], None]
-                  ) -> tuple[Path, str] | None:
-    """(root, tag) to load as ``resume`` names it (auto: the newest complete one), or None for
-    a fresh start. Collective."""
-    mode = cfg.resume
-    if mode == "never":
+@dataclass
+class ResumePlan:
+    """What :func:`plan_resume` decided before anything was written."""
+
+    candidates: list[Path]  # complete checkpoints to try, newest first, the first one verified
+    #                         (a named path: that one only)
+    entries: dict[str, Any]
+    forks: Any
+    named: bool  # resume names a path: no fallback
+
+
+def plan_resume(cfg: RunConfig, ckpt: Checkpointer, log: Callable[[str], None],
+                check: Callable[[Path], None]) -> ResumePlan | None:
+    """Everything about resuming that can be decided before the engine exists, with nothing
+    written (a refused relaunch leaves the run folder as it was). Collective. None: a fresh
+    start with nothing to clean up.
+
+    auto: the complete checkpoints of the current lineage that pass their checksums, newest
+    first; ``check`` (the trainer state against this job) runs on the newest, so a relaunch with
+    another world size, task list or teacher is refused here. A path: that checkpoint, trusted
+    and checked, or one ``error:`` line, before anything in it is unpickled.
+    """
+    if cfg.resume == "never":
         if dist.any_rank(any(ckpt.root.glob("task*"))):
             raise InputError(f"{ckpt.root} already holds checkpoints and resume=never; "
                              f"use a new output_dir or resume=auto", field="resume")
         return None
-    if mode == "auto":
-        tag = ckpt.latest_complete(log)
-        return None if tag is None else (ckpt.root, tag)
-    problems = [x for x in dist.all_gather_object(local_problem(Path(mode))) if x]
-    if problems:
-        raise InputError(f"not a complete checkpoint: {problems[0]}", file=mode, field="resume")
-    return Path(mode).parent, Path(mode).name
+    entries, forks = ckpt.survey()
+    if cfg.resume != "auto":
+        folder = Path(cfg.resume)
+        problem = ckpt.trusted(folder)
+        if problem:
+            raise InputError(f"refusing to load this checkpoint: {problem}", file=cfg.resume,
+                             field="resume")
+        check(folder)
+        return ResumePlan([folder], entries, forks, named=True)
+    for tag, entry in sorted(entries.items(), reverse=True):
+        if not entry.complete:
+            log(f"skipping checkpoint {tag}: {describe(entry)}")
+    order = [ckpt.root / entry.tag for entry in newest_first(entries, forks)]
+    while order:  # checksums of the newest only; older ones are verified if it fails to load
+        problem = ckpt.trusted(order[0])
+        if problem is None:
+            check(order[0])
+            break
+        log(f"skipping checkpoint {order.pop(0).name}: {problem}")
+    if not order:
+        _refuse_node_local(ckpt, entries)
+    return ResumePlan(order, entries, forks, named=False)
+
+
+def load_resume(plan: ResumePlan | None, ckpt: Checkpointer, log: Callable[[str], None],
+                load: Callable[[Path], None]) -> Path | None:
+    """Load (with ``load``, on every rank) the first candidate of ``plan`` that loads; returns its
+    folder, or None for a fresh start (this run's incomplete folders are then removed, with one
+    line). A candidate whose load raises is skipped with a line and the previous one is tried.
+    Collective."""
+    if plan is None:
+        return None
+    if plan.named:
+        load(plan.candidates[0])
+        ckpt.continue_from(plan.candidates[0], plan.entries, plan.forks)
+        return plan.candidates[0]
+    tried = False
+    for i, folder in enumerate(plan.candidates):
+        problem = ckpt.trusted(folder) if i else None  # the first was verified by the plan
+        if problem is None:
+            tried = True
+            problem = _load_or_why(load, folder)
+        if problem is None:
+            ckpt.continue_from(folder, plan.entries, plan.forks)
+            return folder
+        log(f"skipping checkpoint {folder.name}: {problem}")
+    if tried:  # the engine may hold part of a checkpoint now: training on would be wrong
+        raise InputError(f"no checkpoint in {ckpt.root} could be loaded (see the lines above); "
+                         f"use a new output_dir or resume=never", field="resume")
+    gone = ckpt.discard_untrusted(plan.entries)
+    if plan.entries:
+        log(f"no complete checkpoint in {ckpt.root}: starting from scratch"
+            + (f" (removed the incomplete {', '.join(gone)})" if gone else ""))
+    return None
+
+
+def resume_run(cfg: RunConfig, ckpt: Checkpointer, log: Callable[[str], None],
+               load: Callable[[Path], None],
+               check: Callable[[Path], None] = lambda folder: None) -> Path | None:
+    """:func:`plan_resume` then :func:`load_resume` (for callers that check nothing first)."""
+    return load_resume(plan_resume(cfg, ckpt, log, check), ckpt, log, load)
+
+
+def _load_or_why(load: Callable[[Path], None], folder: Path) -> str | None:
+    """``load(folder)`` on every rank; None if it worked on all of them, else the first error
+    as one line. InputError (the checkpoint belongs to another job) is not a fallback case."""
+    error = None
+    try:
+        load(folder)
+    except InputError:
+        raise
+    except Exception as err:  # noqa: BLE001 - any rank's failure: try the previous checkpoint
+        first = str(err).splitlines()[0] if str(err) else ""
+        error = f"loading failed: {type(err).__name__}: {first}"
+    errors = [e for e in dist.all_gather_object(error) if e]
+    return errors[0] if errors else None
+
+
+def _refuse_node_local(ckpt: Checkpointer, entries: dict[str, Any]) -> None:
+    """Some nodes hold intact parts of checkpoints and others hold nothing: the output_dir is
+    node-local and the job moved. Starting over would silently drop the run, so stop."""
+    seen = dist.all_gather_object((socket.gethostname(), any(ckpt.root.glob("task*"))))
+    lack = sorted({h for h, has in seen if not has})
+    intact = any(p.problem is None for e in entries.values() for p in e.parts.values())
+    if lack and intact:
+        have = sorted({h for h, has in seen if has})
+        raise InputError(f"checkpoints exist on {', '.join(have)} but none is complete on every "
+                         f"rank (none on {', '.join(lack)}); the output_dir looks node-local: "
+                         f"copy {ckpt.root} to every node, or set resume=never with a new "
+                         f"output_dir", field="resume")
 
 
 def check_state(state: dict[str, Any], folder: Path, cfg: RunConfig, world: int,

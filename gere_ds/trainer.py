@@ -19,7 +19,8 @@ import torch
 from gere_ds import dist
 from gere_ds.batches import BatchMaker
 from gere_ds.capture import FinalNormCapture
-from gere_ds.checkpoint import Checkpointer, load_rng, load_trainer_state, step_tag, task_tag
+from gere_ds.checkpoint import (Checkpointer, load_rng, load_trainer_state, run_identity,
+                                step_tag, task_tag)
 from gere_ds.config import RunConfig, save_resolved
 from gere_ds.data.sampler import ContinualSampler
 from gere_ds.digest_cache import DIGESTS_FILE, DigestCache
@@ -28,7 +29,7 @@ from gere_ds.evaluation.base_cache import evaluate_base
 from gere_ds.inputs import Inputs
 from gere_ds import stop
 from gere_ds.progress import Progress, count_bad_step, step_scalars
-from gere_ds.resume import check_state, resume_target
+from gere_ds.resume import ResumePlan, check_state, load_resume, plan_resume
 from gere_ds.run_log import RunLogger
 from gere_ds.schedule import lr_at
 from gere_ds.step import Phases, StepStats, TrainStep
@@ -48,7 +49,7 @@ class ContinualTrainer:
         self.progress = Progress()
         self.term = make_term(cfg)
         self.ckpt = Checkpointer(self.out / "checkpoints", cfg.checkpoint.keep_last,
-                                 cfg.checkpoint.keep_task_ends)
+                                 cfg.checkpoint.keep_task_ends, run=run_identity(cfg))
         # set by setup(), in this order
         self.inputs: Inputs | None = None
         self.engine: Engine | None = None
@@ -227,35 +228,40 @@ class ContinualTrainer:
                 "task_names": [task.name for task in self.cfg.tasks],
                 "teacher_fingerprint": self.teacher_fingerprint}
 
-    def check_resume(self, inputs: Inputs) -> tuple[Path, str, dict[str, Any]] | None:
-        """The checkpoint that `resume` names (auto: the newest complete one) and its trainer
-        state, checked against this job (world size, tasks, teacher data); None: a fresh start.
-        Runs before anything is written, so a refused relaunch leaves the run folder as it was."""
+    def check_resume(self, inputs: Inputs) -> ResumePlan | None:
+        """Which checkpoints to resume from (auto: the trusted ones, newest first), the newest
+        checked against this job (world size, tasks, teacher data); None: a fresh start. Runs
+        before anything is written, so a refused relaunch leaves the run folder as it was."""
         self.inputs = inputs
         if self.term.needs_teacher:
             self.teacher_fingerprint = self._teacher_identity()
-        target = resume_target(self.cfg, self.ckpt, self.log.info)
-        if target is None:
-            return None
-        root, tag = target
-        state = load_trainer_state(root / tag)
-        check_state(state, root / tag, self.cfg, self.world, self.teacher_fingerprint)
-        return root, tag, state
+        return plan_resume(self.cfg, self.ckpt, self.log.info, self._check_checkpoint)
 
-    def resume(self, target: tuple[Path, str, dict[str, Any]] | None) -> None:
-        """Load the checked checkpoint (``check_resume``); cut the step log back to it."""
-        if target is None:
+    def _check_checkpoint(self, folder: Path) -> None:
+        check_state(load_trainer_state(folder), folder, self.cfg, self.world,
+                    self.teacher_fingerprint)
+
+    def resume(self, plan: ResumePlan | None) -> None:
+        """Load the first candidate of the plan that loads (``check_resume``); cut the step log
+        back to it, or start the log afresh."""
+        folder = load_resume(plan, self.ckpt, self.log.info, self._load_checkpoint)
+        if folder is None:
             self.log.start_fresh()  # steps of an attempt that saved no checkpoint go
             return
-        root, tag, state = target
-        folder = root / tag
-        self.engine.engine.load_checkpoint(str(root), tag=tag, load_optimizer_states=True,
-                                           load_lr_scheduler_states=False)
-        load_rng(folder)
-        self.progress = p = Progress(**state["progress"])
+        p = self.progress
         self.log.truncate_steps_after(p.global_step)
         self.log.info(f"resumed from {folder}: task {p.task_index + 1}, step {p.step_in_task}"
                       f"{' (done)' if p.task_done else ''}, global step {p.global_step}")
+
+    def _load_checkpoint(self, folder: Path) -> None:
+        """Engine, RNG and progress from a checkpoint that passed its checks (every rank)."""
+        state = load_trainer_state(folder)
+        check_state(state, folder, self.cfg, self.world, self.teacher_fingerprint)
+        self.engine.engine.load_checkpoint(str(folder.parent), tag=folder.name,
+                                           load_optimizer_states=True,
+                                           load_lr_scheduler_states=False)
+        load_rng(folder)
+        self.progress = Progress(**state["progress"])
 
     @property
     def teacher_root(self) -> Path:  # teacher data and a kept base evaluation; shared by a study
@@ -302,12 +308,19 @@ class ContinualTrainer:
         self.progress.task_done = True
         folder = self.ckpt.save(self.engine.engine, task_tag(i), self.trainer_state())
         self.log.info(f"task {i + 1} {self.cfg.tasks[i].name} done; checkpoint {folder}")
+        self.export_task(i)
+
+    def export_task(self, i: int, only_if_missing: bool = False) -> None:
+        """The Hugging Face export of task i's end (the engine holds it), if configured;
+        ``only_if_missing``: a resumed run redoes an export that failed after the checkpoint."""
+        target = self.out / "hf" / task_tag(i)
+        if only_if_missing and dist.broadcast_object(target.is_dir()):
+            return
         if self.cfg.checkpoint.export_hf:
             from gere_ds.export import export_from_engine
 
             with stop.doing(f"the export of task {i + 1}"):
-                export_from_engine(self.engine.module, self.tokenizer,
-                                   self.out / "hf" / task_tag(i))
+                export_from_engine(self.engine.module, self.tokenizer, target)
 
     def run(self, inputs: Inputs) -> None:
         target = self.check_resume(inputs)  # every check first, then write
@@ -320,6 +333,8 @@ class ContinualTrainer:
             if not self.progress.task_done:
                 self.train_task(i)
                 self.finish_task(i)
+            else:
+                self.export_task(i, only_if_missing=True)  # resumed at this task's end
             if self.inputs.eval_suite is not None and len(self.progress.matrix) < i + 2:
                 self.evaluate_row()
             if i + 1 < len(self.cfg.tasks):

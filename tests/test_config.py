@@ -157,3 +157,12 @@ def test_empty_output_dir_and_text_field_equal_to_label_field(tmp_path):
                         '    labels: ["yes", "no"]\n    text_field: text\n    label_field: text\n')
     with pytest.raises(InputError, match=r"c.yaml:8: tasks.0.label_field: the same column"):
         load_config(_write(tmp_path, same))
+
+
+def test_keep_last_zero_is_refused_in_one_line(tmp_path):
+    """keep_last 0 would prune the checkpoint just written (even the pre-emption one)."""
+    path = _write(tmp_path, BASE + "checkpoint:\n  keep_last: 0\n")
+    with pytest.raises(InputError) as err:
+        load_config(path)
+    assert str(err.value).startswith(f"{path}:13: checkpoint.keep_last: must be >= 1")
+    assert "\n" not in str(err.value)

@@ -8,6 +8,7 @@ engine, saves the engine's logits and runs `export_from_engine`.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 from types import SimpleNamespace
@@ -112,8 +113,12 @@ def test_export_from_a_plain_module_in_one_process(tiny_paths, tmp_path):
 
 
 def _fake_run(tiny_paths, tmp_path: Path, markers: bool) -> Path:
-    """A run directory whose task-1 checkpoint has its files' names but no (or bad) markers."""
+    """A run directory whose task-1 checkpoint has its files' names but no markers, or markers
+    of which rank 1's vouches for a longer file than there is (truncated)."""
     from gere_assets.tiny import tiny_config_dict
+    from gere_ds.checkpoint import run_identity
+    from gere_ds.checkpoint_marker import write_marker
+    from gere_ds.config import load_config
 
     run = tmp_path / "run"
     folder = run / "checkpoints" / "task001-end"
@@ -122,13 +127,12 @@ def _fake_run(tiny_paths, tmp_path: Path, markers: bool) -> Path:
     state = json.dumps({"world_size": 2})
     (folder / "trainer_state.json").write_text(state)
     for r in range(2):
-        (folder / f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt").write_bytes(b"x" * 10)
+        (folder / f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt").write_bytes(b"x" * 99)
     if markers:
-        (folder / "COMPLETE.rank00000").write_text(
-            json.dumps({"zero_pp_rank_0_mp_rank_00_optim_states.pt": 10,
-                        "trainer_state.json": len(state)}))
-        (folder / "COMPLETE.rank00001").write_text(
-            json.dumps({"zero_pp_rank_1_mp_rank_00_optim_states.pt": 99}))  # truncated file
+        ident = run_identity(load_config(run / "config.yaml"))
+        for r in range(2):
+            write_marker(folder, r, run=ident, tag=folder.name, seq=1, parent=None, world_size=2)
+        (folder / "zero_pp_rank_1_mp_rank_00_optim_states.pt").write_bytes(b"x" * 10)
     return run
 
 
@@ -259,3 +263,31 @@ def test_incomplete_newest_checkpoint_is_skipped_or_refused(trained, tmp_path):
     assert find_checkpoint(run, log=logs.append)[1] == "task001-end"
     assert len(logs) == 1 and "skipping checkpoint" in logs[0] and "task002-end" in logs[0]
     assert not (tmp_path / "hf").exists()
+
+
+def test_stale_export_temp_folders_of_dead_processes_are_removed(tmp_path):
+    """A killed export leaves a full-size hidden temp folder: the next export removes those of
+    dead processes on this host, never a live one's (or another host's)."""
+    import socket
+    import subprocess
+    import sys
+
+    from gere_ds.export import clean_stale_temps
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)
+    dead_pid = int(dead.stdout)
+    host = socket.gethostname()
+    names = {"old_style_dead": f".hf.export-tmp-{dead_pid}",
+             "dead": f".hf.export-tmp-{host}-{dead_pid}",
+             "dead_old": f".hf.export-old-{host}-{dead_pid}",
+             "live": f".hf.export-tmp-{host}-{os.getppid()}",
+             "other_host": f".hf.export-tmp-elsewhere-{dead_pid}",
+             "not_ours": ".hf.something-else"}
+    for name in names.values():
+        (tmp_path / name).mkdir()
+    gone = clean_stale_temps(tmp_path)
+    assert sorted(p.name for p in gone) == sorted(names[k] for k in ("old_style_dead", "dead",
+                                                                     "dead_old"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        names[k] for k in ("live", "other_host", "not_ours"))
