@@ -89,15 +89,19 @@ def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate((version, tuple(internal), gauss_py))
 
 
-def save_checkpoint(engine: Any, root: Path, tag: str, trainer_state: dict[str, Any]) -> Path:
-    """Save on ALL ranks (a collective). Markers are written after the files, `latest` last."""
+def save_checkpoint(engine: Any, root: Path, tag: str, trainer_state: dict[str, Any],
+                    exclude_frozen: bool = False) -> Path:
+    """Save on ALL ranks (a collective). Markers are written after the files, `latest` last.
+    ``exclude_frozen``: only trainable parameters and their optimizer state (LoRA: the frozen
+    base is not saved; gere_ds/lora.py restores it)."""
     root = Path(root)
     folder = root / tag
     me = dist.rank()
     if _marker(folder, me).exists():
         _marker(folder, me).unlink()  # re-saving a tag: incomplete until done again
     dist.barrier()
-    engine.save_checkpoint(str(root), tag=tag, save_latest=False)
+    engine.save_checkpoint(str(root), tag=tag, save_latest=False,
+                           exclude_frozen_parameters=exclude_frozen)
     torch.save(rng_state(), folder / f"rng_rank{me:05d}.pt")
     if me == 0:
         write_text_atomic(folder / "trainer_state.json", json.dumps(trainer_state, indent=1))
@@ -225,8 +229,10 @@ class Checkpointer:
     pruning and verification. ``save`` and ``latest_complete`` are collectives; ``verify`` and
     ``task_ends`` read one folder in one process."""
 
-    def __init__(self, root: Path, keep_last: int = 2, keep_task_ends: int = 0) -> None:
+    def __init__(self, root: Path, keep_last: int = 2, keep_task_ends: int = 0,
+                 exclude_frozen: bool = False) -> None:
         self.root = Path(root)
+        self.exclude_frozen = exclude_frozen
         self.keep_last = keep_last
         self.keep_task_ends = keep_task_ends
 
@@ -240,7 +246,7 @@ class Checkpointer:
 
     def save(self, engine: Any, tag: str, trainer_state: dict[str, Any]) -> Path:
         """Save on ALL ranks, then prune the old ones (after the new one is complete)."""
-        folder = save_checkpoint(engine, self.root, tag, trainer_state)
+        folder = save_checkpoint(engine, self.root, tag, trainer_state, self.exclude_frozen)
         if dist.local_rank() == 0:
             self.prune()
         dist.barrier()

@@ -34,6 +34,10 @@ def validate_inputs(cfg: RunConfig, world_size: int) -> Inputs:
     vocab = json.loads((Path(cfg.model) / "config.json").read_text()).get("vocab_size")
     if vocab:
         term.check_model(int(vocab), cfg.model)
+    if cfg.train.lora is not None:
+        from gere_ds.lora import check_targets
+
+        check_targets(cfg)
     suite = None
     if cfg.eval.enabled:
         suite = EvalSuite(cfg.tasks, cfg.eval, seed=cfg.eval.sample_seed,

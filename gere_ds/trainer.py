@@ -25,6 +25,7 @@ from gere_ds.data.sampler import ContinualSampler
 from gere_ds.engine import Engine, build_engine
 from gere_ds.evaluation.base_cache import evaluate_base
 from gere_ds.inputs import Inputs
+from gere_ds.lora import check_lora_state, lora_run
 from gere_ds import stop
 from gere_ds.progress import Progress, count_bad_step, step_scalars
 from gere_ds.resume import check_state, resume_target
@@ -46,8 +47,9 @@ class ContinualTrainer:
         self.world, self.rank = dist.world_size(), dist.rank()
         self.progress = Progress()
         self.term = make_term(cfg)
+        self.lora = lora_run(cfg)  # None: full fine-tuning
         self.ckpt = Checkpointer(self.out / "checkpoints", cfg.checkpoint.keep_last,
-                                 cfg.checkpoint.keep_task_ends)
+                                 cfg.checkpoint.keep_task_ends, exclude_frozen=self.lora is not None)
         # set by setup(), in this order
         self.inputs: Inputs | None = None
         self.engine: Engine | None = None
@@ -164,6 +166,8 @@ class ContinualTrainer:
         """Train one task from where self.progress stands (its start, or a resumed step)."""
         cfg, t, p = self.cfg, self.cfg.train, self.progress
         sampler, total = self.sampler(task_index), self.steps_for(task_index)
+        if p.step_in_task == 0 and self.lora is not None:
+            self.lora.before_task(self.engine.module, task_index, self.log.info)
         if p.step_in_task == 0 and t.reset_optimizer_per_task:
             self.engine.reset_optimizer_state()
         self.log.progress(total, f"task {task_index + 1}/{len(cfg.tasks)} "
@@ -205,7 +209,8 @@ class ContinualTrainer:
         return {"progress": asdict(self.progress), "world_size": self.world,
                 "seed": self.cfg.train.seed,
                 "task_names": [task.name for task in self.cfg.tasks],
-                "teacher_fingerprint": self.teacher_fingerprint}
+                "teacher_fingerprint": self.teacher_fingerprint,
+                **(self.lora.state() if self.lora is not None else {})}
 
     def resume(self) -> None:
         """Load the checkpoint that `resume` names (auto: the newest complete one)."""
@@ -216,8 +221,12 @@ class ContinualTrainer:
         folder = root / tag
         state = load_trainer_state(folder)
         check_state(state, folder, self.cfg, self.world, self.teacher_fingerprint)
+        check_lora_state(state, folder, self.cfg.train.lora)
+        if self.lora is not None:  # the merged base first; the checkpoint holds the adapters
+            self.lora.restore(self.engine.module, state, folder)
         self.engine.engine.load_checkpoint(str(root), tag=tag, load_optimizer_states=True,
-                                           load_lr_scheduler_states=False)
+                                           load_lr_scheduler_states=False,
+                                           load_module_strict=self.lora is None)
         load_rng(folder)
         self.progress = p = Progress(**state["progress"])
         self.log.truncate_steps_after(p.global_step)
