@@ -39,12 +39,18 @@ def check_targets(cfg: RunConfig) -> None:
     from gere_ds.hf_folder import meta_model
 
     lora = cfg.train.lora
+    try:
+        import peft  # noqa: F401
+    except ImportError:
+        raise InputError("LoRA needs the peft package: pip install -e '.[lora]'",
+                         field="train.lora") from None
     config = AutoConfig.from_pretrained(cfg.model, trust_remote_code=cfg.trust_remote_code)
     model = meta_model(config, trust_remote_code=cfg.trust_remote_code)
     modules = dict(model.named_modules())
-    linear = sorted({n.rpartition(".")[2] for n, m in modules.items() if isinstance(m, nn.Linear)})
     head = model.get_output_embeddings()
     tied = head is not None and head.weight is model.get_input_embeddings().weight
+    linear = sorted({n.rpartition(".")[2] for n, m in modules.items()
+                     if isinstance(m, nn.Linear) and not (tied and m is head)})  # the choices
     field = "train.lora.target_modules"
     for name in lora.target_modules:
         hits = [m for n, m in modules.items() if n == name or n.endswith("." + name)]

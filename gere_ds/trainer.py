@@ -277,7 +277,8 @@ class ContinualTrainer:
         if self.cfg.checkpoint.export_hf:
             from gere_ds.export import export_from_engine
 
-            export_from_engine(self.engine.module, self.tokenizer, self.out / "hf" / task_tag(i))
+            export_from_engine(self.engine.module, self.tokenizer, self.out / "hf" / task_tag(i),
+                               info=self.lora.state() if self.lora is not None else None)
 
     def run(self, inputs: Inputs) -> None:
         self.setup(inputs)
