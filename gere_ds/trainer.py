@@ -49,7 +49,8 @@ class ContinualTrainer:
         self.term = make_term(cfg)
         self.lora = lora_run(cfg)  # None: full fine-tuning
         self.ckpt = Checkpointer(self.out / "checkpoints", cfg.checkpoint.keep_last,
-                                 cfg.checkpoint.keep_task_ends, exclude_frozen=self.lora is not None)
+                                 cfg.checkpoint.keep_task_ends,
+                                 exclude_frozen=self.lora is not None)
         # set by setup(), in this order
         self.inputs: Inputs | None = None
         self.engine: Engine | None = None

@@ -147,6 +147,29 @@ def test_lora_resume_after_a_merge_equals_uninterrupted(merge_run, tmp_path):
     assert ours == ref
 
 
+def test_lora_merge_starts_fresh_adapters_in_the_fp32_master(merge_run, tiny_paths):
+    """After the merge, task 2 starts from fresh adapters in DeepSpeed's fp32 master copy too:
+    one Adam step (|change| <= lr = 3e-3) from task 2's fresh A, far (~0.1) from task 1's."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from transformers import AutoModelForCausalLM
+
+    from gere_ds.config import LoraConfig
+    from gere_ds.lora import add_adapters, fresh_adapter_values
+
+    root = str(merge_run / "checkpoints")
+    sd = {tag: get_fp32_state_dict_from_zero_checkpoint(root, tag=tag)
+          for tag in ("task001-end", "task002-step000001")}
+    model = add_adapters(AutoModelForCausalLM.from_pretrained(tiny_paths["model"]),
+                         LoraConfig(**_lora("merge")), seed=1)
+    fresh = fresh_adapter_values(model, seed=1, task_index=1)
+    names = [k for k in fresh if k.endswith(".A")]
+    assert len(names) == 6
+    for key in names:
+        name = key.removesuffix(".A") + ".lora_A.default.weight"
+        assert float((sd["task002-step000001"][name] - fresh[key]).abs().max()) < 4e-3, name
+        assert float((sd["task001-end"][name] - fresh[key]).abs().max()) > 0.05, name
+
+
 def _hf_logits(folder: Path, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     from transformers import AutoModelForCausalLM
 
