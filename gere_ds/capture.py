@@ -18,7 +18,9 @@ _NORM_PATHS = ("model.norm", "transformer.ln_f", "model.decoder.final_layer_norm
 
 
 def find_final_norm(model: nn.Module) -> nn.Module:
-    """The module whose output feeds the LM head (Llama/Qwen/SmolLM: model.norm; GPT-2: ln_f)."""
+    """The module whose output feeds the LM head (Llama/Qwen/SmolLM: model.norm; GPT-2: ln_f).
+    A PEFT wrapper is looked through (its paths start with base_model.model.)."""
+    model = getattr(model, "get_base_model", lambda: model)()
     modules = dict(model.named_modules())
     for path in _NORM_PATHS:
         if path in modules:

@@ -163,8 +163,9 @@ class Checkpointer:
     process. ``run`` is the run fingerprint written into markers and demanded of checkpoints."""
 
     def __init__(self, root: Path, keep_last: int = 2, keep_task_ends: int = 0,
-                 run: str | None = None) -> None:
+                 run: str | None = None, exclude_frozen: bool = False) -> None:
         self.root = Path(root)
+        self.exclude_frozen = exclude_frozen
         self.keep_last = keep_last
         self.keep_task_ends = keep_task_ends
         self.run = run
@@ -211,7 +212,8 @@ class Checkpointer:
         if dist.local_rank() == 0 and folder.exists():
             shutil.rmtree(folder)  # an abandoned or broken folder of this name: never mix files
         dist.barrier()
-        engine.save_checkpoint(str(self.root), tag=tag, save_latest=False)
+        engine.save_checkpoint(str(self.root), tag=tag, save_latest=False,
+                               exclude_frozen_parameters=self.exclude_frozen)
         torch.save(rng_state(), folder / f"rng_rank{me:05d}.pt")
         if me == 0:
             write_text_atomic(folder / "trainer_state.json", json.dumps(trainer_state, indent=1))

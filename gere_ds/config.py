@@ -14,7 +14,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Optional, Union
 
 import yaml
 
@@ -27,6 +27,8 @@ TRUNCATE_SOURCE = ("head", "tail")
 REDUCTIONS = ("row", "global_micro_batch")
 # the TM dead-band may hide violations up to this many threshold_k * sigma_d, no more
 MAX_TM_DEAD_BAND = 0.5
+# what happens to a LoRA adapter between tasks (docs/lora.md, "The continual choice")
+LORA_CONTINUAL = ("carry", "merge")
 
 
 def doc(text: str, default: Any = dataclasses.MISSING, default_factory: Any = dataclasses.MISSING):
@@ -86,6 +88,20 @@ class ReplayConfig:
 
 
 @dataclass
+class LoraConfig:
+    r: int = doc("rank of every adapter (A is r x in, B is out x r)", default=16)
+    alpha: float = doc("the update is (alpha / r) * B @ A", default=32.0)
+    dropout: float = doc("dropout on the adapter's input, in [0, 1)", default=0.05)
+    target_modules: list[str] = doc("linear layers adapted, by the last part of their module name "
+                                    "(checked against the model before training)",
+                                    default_factory=lambda: ["q_proj", "k_proj", "v_proj",
+                                                             "o_proj"])
+    continual: str = doc("carry: one adapter trained through the whole task sequence | merge: "
+                         "merged into the base after each task, then a fresh adapter (no "
+                         "default: a choice, see docs/lora.md)", default="")
+
+
+@dataclass
 class TrainConfig:
     epochs: int = doc("epochs per task", default=3)
     lr: float = doc("peak learning rate (AdamW)", default=3.0e-6)
@@ -123,6 +139,8 @@ class TrainConfig:
     collective_timeout_s: float = doc("a collective waiting longer than this fails the job "
                                       "(a dead rank never hangs the others forever)",
                                       default=1800.0)
+    lora: Optional[LoraConfig] = doc("LoRA adapters on a frozen base (docs/lora.md); absent = "
+                                     "full fine-tuning", default=None)
 
 
 @dataclass
@@ -287,6 +305,8 @@ def _finite(value: float, path: str, marks: _Marks) -> float:
 
 
 def _coerce(value: Any, tp: Any, path: str, marks: _Marks) -> Any:
+    if value is None and _strip_optional(tp) is not tp:  # an optional section left out
+        return None
     tp = _strip_optional(tp)
     origin = typing.get_origin(tp)
     if dataclasses.is_dataclass(tp):
@@ -568,6 +588,30 @@ def validate(cfg: RunConfig, marks: _Marks | None = None) -> None:
         if name not in ("tensorboard", "wandb"):
             raise marks.error(f"report_to.{i}", f"unknown reporter {name!r}; one of "
                                                 f"tensorboard, wandb")
+    if t.lora is not None:
+        _validate_lora(t, marks)
+
+
+def _validate_lora(t: TrainConfig, marks: _Marks) -> None:
+    lora = t.lora
+    if lora.r <= 0:
+        raise marks.error("train.lora.r", f"must be > 0, got {lora.r}")
+    if not lora.alpha > 0:
+        raise marks.error("train.lora.alpha", f"must be > 0, got {lora.alpha!r}")
+    if not 0 <= lora.dropout < 1:
+        raise marks.error("train.lora.dropout", f"must be in [0, 1), got {lora.dropout!r}")
+    if not lora.target_modules or any(not name for name in lora.target_modules):
+        raise marks.error("train.lora.target_modules", "name at least one linear layer, e.g. "
+                                                       "[q_proj, v_proj]")
+    if lora.continual not in LORA_CONTINUAL:
+        raise marks.error("train.lora.continual",
+                          f"choose carry (one adapter through the sequence) or merge (merged "
+                          f"into the base after each task), got {lora.continual!r}; "
+                          f"see docs/lora.md")
+    if lora.continual == "merge" and not t.reset_optimizer_per_task:
+        raise marks.error("train.reset_optimizer_per_task",
+                          "lora.continual=merge starts a fresh adapter at every task, so the "
+                          "Adam moments of the merged one belong to nothing: set it to true")
 
 
 def save_resolved(cfg: RunConfig, path: str | Path) -> None:

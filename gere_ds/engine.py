@@ -157,8 +157,12 @@ def build_engine(cfg: RunConfig, world_size: int, log: Callable[[str], None]) ->
     model, hf_ds = _load_model(cfg, ds)
     if cfg.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    engine, _, _, _ = deepspeed.initialize(model=model, config=ds,
-                                           model_parameters=model.parameters())
+    if cfg.train.lora is not None:  # before initialize: DeepSpeed partitions the adapters too
+        from gere_ds.lora import add_adapters
+
+        model = add_adapters(model, cfg.train.lora, cfg.train.seed)
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, config=ds, model_parameters=[p for p in model.parameters() if p.requires_grad])
     return Engine(engine=engine, tokenizer=tokenizer, ds_config=ds, hf_ds_config=hf_ds)
 
 

@@ -235,6 +235,9 @@ def export_checkpoint(run_dir: str | Path, out: str | Path, task: int | None = N
     tokenizer = load_tokenizer(cfg, log)
     log(f"export: reading {root / tag}")
     lazy = _read_zero_checkpoint(root, tag)
+    if cfg.train.lora is not None:  # the checkpoint holds the adapters only
+        return _export_lora_checkpoint(cfg, run_dir, root, tag, lazy, tokenizer, out, target,
+                                       force, log)
     model = meta_model(config, dtype=target, trust_remote_code=cfg.trust_remote_code)
     _check_against_model(lazy, model, str(root / tag))
     _copy_generation_config(model, cfg.model)
@@ -255,6 +258,24 @@ def export_checkpoint(run_dir: str | Path, out: str | Path, task: int | None = N
         shutil.rmtree(tmp, ignore_errors=True)
     log(f"export: wrote {out} ({info['parameters']:,} parameters, {info['tensors']} tensors, "
         f"{info['dtype']}) from {tag}")
+    return info
+
+
+def _export_lora_checkpoint(cfg: Any, run_dir: Path, root: Path, tag: str, lazy: dict[str, Any],
+                            tokenizer: Any, out: Path, target: torch.dtype, force: bool,
+                            log: Callable[[str], None]) -> dict[str, Any]:
+    """A LoRA checkpoint: base + merges + adapters on CPU, then the in-run export's writer."""
+    from gere_ds.lora_export import model_from_checkpoint
+
+    dtype = torch.bfloat16 if cfg.train.bf16 else torch.float32
+    model, merged = model_from_checkpoint(cfg, run_dir, root / tag, lazy, dtype)
+    info = export_from_engine(model, tokenizer, out, dtype=target, force=force,
+                              trust_remote_code=cfg.trust_remote_code,
+                              info={"source": str((root / tag).absolute()), "tag": tag,
+                                    "run_dir": str(run_dir.absolute()),
+                                    "via": "zero_to_fp32 + base", "lora_merged": merged})
+    log(f"export: wrote {out} ({info['parameters']:,} parameters, {info['tensors']} tensors, "
+        f"{info['dtype']}) and its adapter/ from {tag}")
     return info
 
 
@@ -324,8 +345,10 @@ def _gather_parameters(engine_module: torch.nn.Module, target: torch.dtype | Non
 def _write_engine_export(engine_module: torch.nn.Module, tokenizer: Any,
                          sd: dict[str, torch.Tensor], tmp: Path, out: Path,
                          target: torch.dtype | None, force: bool,
-                         trust_remote_code: bool) -> dict[str, Any]:
-    """Rank 0: the gathered weights + buffers + tokenizer into ``tmp``, checked, renamed."""
+                         trust_remote_code: bool,
+                         extra: Callable[[Path], dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Rank 0: the gathered weights + buffers + tokenizer into ``tmp``, checked, renamed.
+    ``extra`` writes more into ``tmp`` first and returns what export_info adds about it."""
     for name, buf in _persistent_buffers(engine_module).items():
         x = buf.detach().to("cpu", copy=True)
         sd[name] = x.to(target) if target is not None and x.is_floating_point() else x
@@ -349,15 +372,17 @@ def _write_engine_export(engine_module: torch.nn.Module, tokenizer: Any,
     saved_dtype = target or next(p.dtype for p in engine_module.parameters()
                                  if p.is_floating_point())
     _set_config_dtype(tmp, saved_dtype)
+    more = extra(tmp) if extra is not None else {}
     return _finish(tmp, out, force, {"dtype": str(saved_dtype).removeprefix("torch."),
-                                     "via": "engine", "world_size": dist.world_size()},
+                                     "via": "engine", "world_size": dist.world_size(), **more},
                    trust_remote_code)
 
 
 def export_from_engine(engine_module: torch.nn.Module, tokenizer: Any, out_dir: str | Path,
                        dtype: str | torch.dtype | None = None, force: bool = True,
                        trust_remote_code: bool = False,
-                       log: Callable[[str], None] | None = None) -> dict[str, Any]:
+                       log: Callable[[str], None] | None = None,
+                       info: dict[str, Any] | None = None) -> dict[str, Any]:
     """Write the engine's current weights as an HF folder. Call on ALL ranks (a collective).
 
     Parameters are gathered one module at a time (``GatheredParameters(..., modifier_rank=None)``);
@@ -367,7 +392,9 @@ def export_from_engine(engine_module: torch.nn.Module, tokenizer: Any, out_dir: 
     the parameters' own dtype (bf16 when training in bf16: the weights the engine computes with,
     not the fp32 master copy). ``force`` (default True here: the run owns the folder) replaces an
     existing folder. The saved config has ``use_cache: true``. Every rank gets the same
-    ExportError if rank 0 fails; returns export_info on every rank (rank 0's).
+    ExportError if rank 0 fails; returns export_info on every rank (rank 0's). A PEFT (LoRA)
+    module is exported merged, with its adapter in ``adapter/`` (gere_ds/lora_export.py);
+    ``info`` is added to export_info.
     """
     out = Path(out_dir).absolute()
     main = dist.is_main()
@@ -382,15 +409,22 @@ def export_from_engine(engine_module: torch.nn.Module, tokenizer: Any, out_dir: 
     if early:
         raise ExportError(early)
     sd, bad = _gather_parameters(engine_module, target, main)
-    info: dict[str, Any] = {}
+    given, info = info or {}, {}
     err: str | None = None
     if main:
         tmp = _temp_dir(out)
         try:
             if bad:
                 raise ExportError(bad, file=str(out))
-            info = _write_engine_export(engine_module, tokenizer, sd, tmp, out, target, force,
-                                        trust_remote_code)
+            module, extra = engine_module, None
+            if hasattr(engine_module, "peft_config"):  # LoRA: merged + adapter/
+                from gere_ds.lora_export import lora_export_parts
+
+                module, sd, extra = lora_export_parts(engine_module, sd, given)
+            elif given:
+                extra = lambda folder: given  # noqa: E731
+            info = _write_engine_export(module, tokenizer, sd, tmp, out, target, force,
+                                        trust_remote_code, extra)
             if log:
                 log(f"export: wrote {out} ({info['parameters']:,} parameters, "
                     f"{info['tensors']} tensors, {info['dtype']})")

@@ -56,6 +56,10 @@ def validate_inputs(cfg: RunConfig, world_size: int) -> Inputs:
     if vocab:
         term.check_model(int(vocab), cfg.model)
     check_label_tokens(cfg, load_tokenizer(cfg, lambda line: None))
+    if cfg.train.lora is not None:
+        from gere_ds.lora import check_targets
+
+        check_targets(cfg)
     suite = None
     if cfg.eval.enabled:
         suite = EvalSuite(cfg.tasks, cfg.eval, seed=cfg.eval.sample_seed,

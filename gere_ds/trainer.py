@@ -26,7 +26,9 @@ from gere_ds.data.sampler import ContinualSampler
 from gere_ds.digest_cache import DIGESTS_FILE, DigestCache
 from gere_ds.engine import Engine, build_engine
 from gere_ds.evaluation.base_cache import evaluate_base
+from gere_ds.errors import InputError
 from gere_ds.inputs import Inputs
+from gere_ds.lora import check_lora_state, lora_run
 from gere_ds import stop
 from gere_ds.progress import Progress, count_bad_step, step_scalars
 from gere_ds.resume import ResumePlan, check_state, load_resume, plan_resume
@@ -48,8 +50,10 @@ class ContinualTrainer:
         self.world, self.rank = dist.world_size(), dist.rank()
         self.progress = Progress()
         self.term = make_term(cfg)
+        self.lora = lora_run(cfg)  # None: full fine-tuning
         self.ckpt = Checkpointer(self.out / "checkpoints", cfg.checkpoint.keep_last,
-                                 cfg.checkpoint.keep_task_ends, run=run_identity(cfg))
+                                 cfg.checkpoint.keep_task_ends, run=run_identity(cfg),
+                                 exclude_frozen=self.lora is not None)
         # set by setup(), in this order
         self.inputs: Inputs | None = None
         self.engine: Engine | None = None
@@ -184,6 +188,8 @@ class ContinualTrainer:
         """Train one task from where self.progress stands (its start, or a resumed step)."""
         cfg, t, p = self.cfg, self.cfg.train, self.progress
         sampler, total = self.sampler(task_index), self.steps_for(task_index)
+        if p.step_in_task == 0 and self.lora is not None:
+            self.lora.before_task(self.engine.module, task_index, self.log.info)
         if p.step_in_task == 0 and t.reset_optimizer_per_task:
             self.engine.reset_optimizer_state()
         self.log.progress(total, f"task {task_index + 1}/{len(cfg.tasks)} "
@@ -226,7 +232,8 @@ class ContinualTrainer:
         return {"progress": asdict(self.progress), "world_size": self.world,
                 "seed": self.cfg.train.seed,
                 "task_names": [task.name for task in self.cfg.tasks],
-                "teacher_fingerprint": self.teacher_fingerprint}
+                "teacher_fingerprint": self.teacher_fingerprint,
+                **(self.lora.state() if self.lora is not None else {})}
 
     def check_resume(self, inputs: Inputs) -> ResumePlan | None:
         """Which checkpoints to resume from (auto: the trusted ones, newest first), the newest
@@ -238,8 +245,9 @@ class ContinualTrainer:
         return plan_resume(self.cfg, self.ckpt, self.log.info, self._check_checkpoint)
 
     def _check_checkpoint(self, folder: Path) -> None:
-        check_state(load_trainer_state(folder), folder, self.cfg, self.world,
-                    self.teacher_fingerprint)
+        state = load_trainer_state(folder)
+        check_state(state, folder, self.cfg, self.world, self.teacher_fingerprint)
+        check_lora_state(state, folder, self.cfg.train.lora)
 
     def resume(self, plan: ResumePlan | None) -> None:
         """Load the first candidate of the plan that loads (``check_resume``); cut the step log
@@ -256,10 +264,22 @@ class ContinualTrainer:
     def _load_checkpoint(self, folder: Path) -> None:
         """Engine, RNG and progress from a checkpoint that passed its checks (every rank)."""
         state = load_trainer_state(folder)
-        check_state(state, folder, self.cfg, self.world, self.teacher_fingerprint)
-        self.engine.engine.load_checkpoint(str(folder.parent), tag=folder.name,
-                                           load_optimizer_states=True,
-                                           load_lr_scheduler_states=False)
+        self._check_checkpoint(folder)
+        if self.lora is not None:  # the merged base first; the checkpoint holds the adapters
+            self.lora.restore(self.engine.module, state, folder)
+        try:
+            self.engine.engine.load_checkpoint(str(folder.parent), tag=folder.name,
+                                               load_optimizer_states=True,
+                                               load_lr_scheduler_states=False,
+                                               load_module_strict=self.lora is None)
+        except Exception as err:
+            if self.lora is not None and state.get("lora_merged"):
+                # the base already holds this checkpoint's merges: an older one cannot follow
+                raise InputError(f"checkpoint {folder} failed to load after its LoRA merges were "
+                                 f"replayed ({type(err).__name__}); no fallback is possible: "
+                                 f"use resume=<an older checkpoint> in a new job",
+                                 field="resume") from None
+            raise
         load_rng(folder)
         self.progress = Progress(**state["progress"])
 
@@ -320,7 +340,8 @@ class ContinualTrainer:
             from gere_ds.export import export_from_engine
 
             with stop.doing(f"the export of task {i + 1}"):
-                export_from_engine(self.engine.module, self.tokenizer, target)
+                export_from_engine(self.engine.module, self.tokenizer, target,
+                                   info=self.lora.state() if self.lora is not None else None)
 
     def run(self, inputs: Inputs) -> None:
         target = self.check_resume(inputs)  # every check first, then write

@@ -84,3 +84,17 @@ def test_bench_vs_hf_trainer_smoke(bench_dirs):
     # both sides start from the same weights: their first CE on the same rows agree
     fl = s["first_losses"]
     assert fl["hf_ref"]["ce"] == pytest.approx(fl["gere_tm"]["ce"], rel=0.02)
+
+
+@pytest.mark.slow
+def test_bench_lora_smoke(bench_dirs):
+    """One full and one LoRA worker: LoRA trains only its adapters and both kinds report."""
+    data = _run("bench_lora", *bench_dirs)
+    s = data["summary"]
+    assert s["full"]["trainable"] == s["full"]["parameters"]
+    assert 0 < s["lora"]["trainable"] < 0.05 * s["lora"]["parameters"]
+    for kind in ("full", "lora"):
+        assert s[kind]["step_s"]["median"] > 0 and s[kind]["peak_rss_mib"]["median"] > 0
+    for ratio in ("step_time", "peak_rss"):
+        assert math.isfinite(s["lora_vs_full"][ratio]["median_of_ratios"])
+    assert "lora / full" in data["stdout"]

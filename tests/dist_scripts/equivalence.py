@@ -8,6 +8,10 @@ on the supervised positions only, and kl the full logits). The teacher data is r
 the whole replay set so any rank can read any row): the student is far from it, so every term and
 every gradient is far from zero, and nothing sits on a kink of |h - t| or of a TM threshold where
 rounding decides the sign.
+
+With ``train.lora=...`` among the overrides the same step runs on LoRA adapters (ZeRO-3 over the
+PEFT model): the adapters are first moved to a seeded random point (fresh ones have B = 0, where
+A's gradient is exactly 0), the modes are LORA_MODES and the gradients are the adapters' only.
 """
 from __future__ import annotations
 
@@ -25,6 +29,8 @@ TOPK = 16
 MODES = (("tm", "row", 100.0), ("tm", "row", "dy"), ("tm", "global_micro_batch", 100.0),
          ("tm", "global_micro_batch", "dy"), ("kl", "row", 100.0), ("kl", "row", "dy"),
          ("l1", "row", 100.0), ("l1", "row", "dy"), ("l2", "row", 100.0), ("l2", "row", "dy"))
+LORA_MODES = (("tm", "row", 100.0), ("tm", "row", "dy"), ("tm", "global_micro_batch", 100.0),
+              ("kl", "row", 100.0), ("kl", "row", "dy"))
 LOGGED = ("loss", "task_ce", "replay_ce", "reg", "reg_weight", "violation_frac")
 
 
@@ -58,6 +64,18 @@ def fake_teachers(tr, real_states: TeacherStates) -> dict:
             "l2": FakeFeatures(hidden, {}, None)}
 
 
+def perturb_adapters(module) -> None:
+    """A seeded point away from B = 0 (the same on every rank and world size)."""
+    from gere_ds.lora import fresh_adapter_values, set_adapter_values
+
+    values = fresh_adapter_values(module, seed=7, task_index=0)
+    g = torch.Generator().manual_seed(1)
+    for key in values:
+        if key.endswith(".B"):
+            values[key] = torch.randn(values[key].shape, generator=g) * 0.2
+    set_adapter_values(module, values)
+
+
 def main() -> None:
     args = parse_args()
     cfg, inputs, tr, micro = trainer_on_global_batch(args, ["replay.strategy=tm"])
@@ -66,7 +84,10 @@ def main() -> None:
     teachers = fake_teachers(tr, tr.teacher)
     results: dict = {"thresholds": torch.stack([tr.teacher.lo, tr.teacher.hi])}
     engine = tr.engine.engine
-    for strategy, reduction, weight in MODES:
+    lora = cfg.train.lora is not None
+    if lora:
+        perturb_adapters(engine.module)
+    for strategy, reduction, weight in LORA_MODES if lora else MODES:
         cfg.replay.strategy, cfg.replay.reduction, cfg.replay.weight = strategy, reduction, weight
         term = make_term(cfg)
         term.attach(teachers[strategy], tr.device)
@@ -75,6 +96,8 @@ def main() -> None:
 
         def read_grads() -> None:
             for name, param in engine.module.named_parameters():
+                if not param.requires_grad:  # LoRA: the frozen base has none
+                    continue
                 grad = safe_get_full_grad(param)  # collective: every rank calls it
                 grads[name] = grad.detach().float().cpu().clone()
 

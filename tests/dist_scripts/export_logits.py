@@ -37,7 +37,13 @@ def main() -> None:
     log = print if dist.is_main() else (lambda msg: None)
     eng = build_engine(cfg, dist.world_size(), log)
     root = Path(cfg.output_dir) / "checkpoints"
-    path, _ = eng.engine.load_checkpoint(str(root), tag=args.tag)
+    if cfg.train.lora is not None:  # as the trainer resumes: the merged base, then the adapters
+        from gere_ds.checkpoint import load_trainer_state
+        from gere_ds.lora import LoraRun
+
+        LoraRun(cfg).restore(eng.module, load_trainer_state(root / args.tag), root / args.tag)
+    path, _ = eng.engine.load_checkpoint(str(root), tag=args.tag,
+                                         load_module_strict=cfg.train.lora is None)
     assert path is not None, f"checkpoint {root / args.tag} not loaded"
     eng.engine.eval()
     ids, mask = fixed_input(eng.tokenizer)
