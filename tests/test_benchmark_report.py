@@ -20,7 +20,7 @@ def _write_run(root: Path, row: str, seed: int, task_bits: list[dict[str, str]],
     """A finished 2-task run: task_bits[k] = outcomes at evaluation k (base, after t1, after t2)."""
     folder = root / row / f"seed{seed}"
     folder.mkdir(parents=True)
-    cfg = {"model": "m", "output_dir": f"runs/{row}{seed}", "tasks": [{"name": t} for t in TASKS],
+    cfg = {"model": "m", "output_dir": f"runs/{row}{seed}", "tasks": [{"name": t, "train": f"{t}.jsonl", "labels": ["a", "b"]} for t in TASKS],
            "train": {"seed": seed, "lr": 1e-4}, "eval": {"max_examples": 0},
            "replay": {"strategy": row if row in ("none", "replay") else "tm", "data": "r.jsonl",
                       "num_samples": 10, "max_len": 8, "per_batch": 2}}
@@ -163,3 +163,22 @@ def test_a_run_is_compared_on_the_examples_it_scored(tiny_config, tmp_path):
     (other / "outcomes.json").write_text(json.dumps(doc))
     with pytest.raises(B.BenchmarkError, match="other test examples"):
         B.compare_run(other, results)
+
+
+def test_a_run_saved_before_a_key_existed_has_the_same_regime_as_one_with_its_default(tmp_path):
+    """Saved configs are compared as this version resolves them: a key that an older trainer did
+    not write counts as its default, so committed rows stay comparable with new runs."""
+    from gere_ds.config import load_config
+    from gere_ds.evaluation.benchmark import _regime, resolved_config
+
+    old = _write_run(tmp_path, "none", 1, [{"t1": "1", "t2": "1"}] * 3, ["1"] * 3)
+    new_cfg = yaml.safe_load((old / "config.yaml").read_text())
+    new_cfg["train"]["adam_eps"] = load_config(old / "config.yaml").train.adam_eps
+    new_cfg["report_to"] = ["tensorboard"]
+    (tmp_path / "new.yaml").write_text(yaml.safe_dump(new_cfg))
+    assert _regime(resolved_config(old / "config.yaml")) == _regime(
+        resolved_config(tmp_path / "new.yaml"))
+    new_cfg["train"]["lr"] = 3e-4
+    (tmp_path / "new.yaml").write_text(yaml.safe_dump(new_cfg))
+    assert _regime(resolved_config(old / "config.yaml")) != _regime(
+        resolved_config(tmp_path / "new.yaml"))

@@ -88,12 +88,21 @@ def _first_difference(a: Any, b: Any, prefix: str = "") -> str:
     return f"{prefix.rstrip('.')}: {a!r} vs {b!r}"
 
 
+def resolved_config(path: Path) -> dict[str, Any]:
+    """A run's saved config with every default filled in by this version's loader, so runs
+    saved before a new key existed compare equal to runs that carry its default."""
+    from gere_ds.config import load_config
+    from gere_ds.errors import InputError
+
+    try:
+        return load_config(path).to_dict()
+    except InputError as err:
+        raise BenchmarkError(f"{path}: unreadable ({err})") from None
+
+
 def load_run(folder: Path, row: str) -> Run:
     seed = int(folder.name.removeprefix("seed"))
-    try:
-        config = yaml.safe_load((folder / "config.yaml").read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError) as err:
-        raise BenchmarkError(f"{folder / 'config.yaml'}: unreadable ({err})") from None
+    config = resolved_config(folder / "config.yaml")
     metrics = _read_json(folder / "metrics.json")
     outcomes = _read_json(folder / OUTCOMES_JSON)
     n_tasks = len(metrics.get("tasks", []))
@@ -350,7 +359,7 @@ def compare_run(run_dir: str | Path, results: str | Path,
 
     b = load_benchmark(results)
     run_dir = Path(run_dir)
-    cfg_raw = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8"))
+    cfg_raw = resolved_config(run_dir / "config.yaml")
     ref = next(iter(b.runs.values()))[0]
     mine, theirs = _regime(cfg_raw), _regime(ref.config)
     mine.pop("eval", None), theirs.pop("eval", None)
