@@ -66,6 +66,7 @@ class ContinualTrainer:
         self.teacher: TeacherData | None = None
         self.teacher_fingerprint: str | None = None
         self._digests: DigestCache | None = None
+        self._fingerprinted: tuple[dict[str, Any], Path] | None = None  # what the fingerprint covers
 
     # ------------------------------------------------------------------ setup
     def setup(self, inputs: Inputs) -> None:
@@ -132,7 +133,9 @@ class ContinualTrainer:
         if not term.needs_teacher:
             return
         settings = self._teacher_settings()
-        fp = self.teacher_fingerprint or self._teacher_identity()
+        if self._fingerprinted != (settings, self.teacher_root):  # another term or cache folder
+            self.teacher_fingerprint = self._teacher_identity()
+        fp = self.teacher_fingerprint
         self._digests.save()
         job = TeacherJob(term.teacher_kind, self.engine.forward, self.capture,
                          self.batches.replay_ids, shard, int(self.engine.module.config.hidden_size),
@@ -161,6 +164,7 @@ class ContinualTrainer:
         """The teacher data's fingerprint (weights hashed whole; digests kept next to the cache
         so an unchanged file is not re-read at every launch)."""
         self._digests = DigestCache(self.teacher_root / DIGESTS_FILE)  # saved after the checks
+        self._fingerprinted = (self._teacher_settings(), self.teacher_root)
         return fingerprint(self.cfg.model, self.cfg.tokenizer or self.cfg.model,
                            self.cfg.replay.data, self._teacher_settings(), self._digests)
 
