@@ -300,7 +300,9 @@ class ContinualTrainer:
         self.log.info(f"evaluating the {label} on {len(self.cfg.tasks)} task(s) "
                       f"and {len(suite.general)} general set(s)")
         self.engine.engine.eval()
-        score = lambda: suite.evaluate(self.engine.scorer(), self.tokenizer, device=self.device)  # noqa: E731
+        score = lambda: suite.evaluate(self.engine.scorer(), self.tokenizer, device=self.device,  # noqa: E731
+                                       progress=self.log.advance)
+        self.log.progress(sum(suite.sizes().values()), f"evaluating the {label} (examples)")
         try:
             with stop.doing("the base model's evaluation" if not p.matrix
                             else f"the evaluation {label}"):
@@ -308,6 +310,7 @@ class ContinualTrainer:
                                                              self.teacher_root, score,
                                                              self.log.info)
         finally:
+            self.log.close_progress()
             self.engine.engine.train()
         p.matrix.append(row.row())
         for name, value in row.general.items():

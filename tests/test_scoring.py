@@ -389,7 +389,10 @@ def test_eval_suite(tmp_path, tok, llama):
                           general=gen)
     suite = S.EvalSuite([task], cfg, seed=0)
     assert len(suite.examples["sent"]) == 3 and len(suite.general[0].dev) == 3
-    row = suite.evaluate(model_forward(llama), tok)
+    steps: list[int] = []
+    row = suite.evaluate(model_forward(llama), tok, progress=steps.append)
+    assert suite.sizes() == {"sent": 3, "mmlu": len(MMLU), "ppl": 1}  # the empty text is dropped
+    assert steps == [3, len(MMLU), 1]  # one step per test set, its examples: the bar ends full
     assert list(row.accuracy) == ["sent"] and list(row.general) == ["mmlu", "ppl"]
     assert row.row() == [row.task_scores["sent"].accuracy]
     assert row.general["ppl"] > 1.0

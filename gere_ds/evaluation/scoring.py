@@ -325,11 +325,22 @@ class EvalSuite:
                                                           eval_cfg.max_examples, seed)
         self.general = [load_general(g, seed) for g in eval_cfg.general]
 
+    def sizes(self) -> dict[str, int]:
+        """Examples (questions, texts) of every test set, by name: the units of progress."""
+        out = {task.name: len(self.examples[task.name]) for task in self.tasks}
+        for data in self.general:
+            out[data.cfg.name] = len(data.cloze or data.mmlu or data.texts)
+        return out
+
     def evaluate(self, forward: ForwardFn, tokenizer: Any, device: Any = None,
                  generate_fn: Optional[GenerateFn] = None,
-                 tasks: Optional[Sequence[str]] = None) -> EvalRow:
-        """Score every task (or only the names in ``tasks``) and every general evaluation."""
+                 tasks: Optional[Sequence[str]] = None,
+                 progress: Optional[Callable[[int], None]] = None) -> EvalRow:
+        """Score every task (or only the names in ``tasks``) and every general evaluation;
+        ``progress(n)`` after each test set with its number of examples (:meth:`sizes`)."""
         c = self.cfg
+        sizes = self.sizes()
+        done = progress or (lambda n: None)
         row = EvalRow(accuracy={}, general={})
         for task in self.tasks:
             if tasks is not None and task.name not in tasks:
@@ -341,8 +352,10 @@ class EvalSuite:
                            truncate_source=self.truncate_source)
             row.accuracy[task.name] = s.accuracy
             row.task_scores[task.name] = s
+            done(sizes[task.name])
         for data in self.general:
             g = score_general(forward, tokenizer, data, c.batch_size, self.general_max_len, device)
             row.general[g.name] = g.value
             row.general_scores[g.name] = g
+            done(sizes[data.cfg.name])
         return row
