@@ -310,10 +310,23 @@ def _persistent_buffers(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def _gather_parameters(engine_module: torch.nn.Module, target: torch.dtype | None, main: bool
+def gather_units(engine_module: torch.nn.Module) -> int:
+    """How many module gathers an export makes (its progress total)."""
+    seen: set[int] = set()
+    units = 0
+    for module in engine_module.modules():  # as _gather_parameters: tied weights count once
+        params = [p for p in module.parameters(recurse=False) if id(p) not in seen]
+        seen.update(id(p) for p in params)
+        units += bool(params)
+    return units
+
+
+def _gather_parameters(engine_module: torch.nn.Module, target: torch.dtype | None, main: bool,
+                       progress: Callable[[int], None] | None = None
                        ) -> tuple[dict[str, torch.Tensor], str | None]:
     """Every parameter under every name, gathered one module at a time (a collective); rank 0
-    keeps CPU copies checked against the ZeRO-3 ``ds_shape``. (state dict, first problem)."""
+    keeps CPU copies checked against the ZeRO-3 ``ds_shape``. (state dict, first problem).
+    ``progress(1)`` after each module."""
     import deepspeed
 
     names: dict[int, list[str]] = {}
@@ -327,6 +340,8 @@ def _gather_parameters(engine_module: torch.nn.Module, target: torch.dtype | Non
         if not params:
             continue
         stop.check()  # every rank gathers the same modules in order: a safe point to stop
+        if progress is not None:
+            progress(1)
         seen.update(id(p) for p in params)
         with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
             if not main:
@@ -382,7 +397,8 @@ def export_from_engine(engine_module: torch.nn.Module, tokenizer: Any, out_dir: 
                        dtype: str | torch.dtype | None = None, force: bool = True,
                        trust_remote_code: bool = False,
                        log: Callable[[str], None] | None = None,
-                       info: dict[str, Any] | None = None) -> dict[str, Any]:
+                       info: dict[str, Any] | None = None,
+                       progress: Callable[[int], None] | None = None) -> dict[str, Any]:
     """Write the engine's current weights as an HF folder. Call on ALL ranks (a collective).
 
     Parameters are gathered one module at a time (``GatheredParameters(..., modifier_rank=None)``);
@@ -408,7 +424,7 @@ def export_from_engine(engine_module: torch.nn.Module, tokenizer: Any, out_dir: 
     early = dist.broadcast_object(early)
     if early:
         raise ExportError(early)
-    sd, bad = _gather_parameters(engine_module, target, main)
+    sd, bad = _gather_parameters(engine_module, target, main, progress)
     given, info = info or {}, {}
     err: str | None = None
     if main:

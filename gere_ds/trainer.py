@@ -344,11 +344,16 @@ class ContinualTrainer:
         if only_if_missing and dist.broadcast_object(target.is_dir()):
             return
         if self.cfg.checkpoint.export_hf:
-            from gere_ds.export import export_from_engine
+            from gere_ds.export import export_from_engine, gather_units
 
-            with stop.doing(f"the export of task {i + 1}"):
-                export_from_engine(self.engine.module, self.tokenizer, target,
-                                   info=self.lora.state() if self.lora is not None else None)
+            self.log.progress(gather_units(self.engine.module), f"export of task {i + 1} (modules)")
+            try:
+                with stop.doing(f"the export of task {i + 1}"):
+                    export_from_engine(self.engine.module, self.tokenizer, target,
+                                       info=self.lora.state() if self.lora is not None else None,
+                                       progress=self.log.advance)
+            finally:
+                self.log.close_progress()
 
     def run(self, inputs: Inputs) -> None:
         target = self.check_resume(inputs)  # every check first, then write

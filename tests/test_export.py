@@ -19,7 +19,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from conftest import REPO, run_deepspeed, run_python
-from gere_ds.export import (ExportError, checkpoint_problem, export_checkpoint,
+from gere_ds.export import (ExportError, checkpoint_problem, export_checkpoint, gather_units,
                             export_from_engine, find_checkpoint, inspect_export, verify_export)
 
 ATOL = 1e-5
@@ -104,8 +104,10 @@ def test_export_from_a_plain_module_in_one_process(tiny_paths, tmp_path):
     mask = torch.ones_like(ids)
     with torch.no_grad():
         want = model(input_ids=ids, attention_mask=mask).logits
-    info = export_from_engine(model, tok, tmp_path / "hf")
+    ticks: list[int] = []
+    info = export_from_engine(model, tok, tmp_path / "hf", progress=ticks.append)
     assert info["via"] == "engine" and info["parameters"] == 3_290_496
+    assert sum(ticks) == gather_units(model) > 0  # the export's progress bar ends full
     assert model.config.use_cache is False  # restored
     assert json.loads((tmp_path / "hf" / "config.json").read_text())["use_cache"] is True
     assert torch.equal(_logits(tmp_path / "hf", ids, mask), want)
