@@ -178,6 +178,11 @@ def test_a_run_saved_before_a_key_existed_has_the_same_regime_as_one_with_its_de
     (tmp_path / "new.yaml").write_text(yaml.safe_dump(new_cfg))
     assert _regime(resolved_config(old / "config.yaml")) == _regime(
         resolved_config(tmp_path / "new.yaml"))
+    new_cfg["train"]["lora"] = {"r": 4, "alpha": 8, "target_modules": ["q_proj"],
+                                "continual": "carry"}  # a LoRA row: same regime
+    (tmp_path / "new.yaml").write_text(yaml.safe_dump(new_cfg))
+    assert _regime(resolved_config(old / "config.yaml")) == _regime(
+        resolved_config(tmp_path / "new.yaml"))
     new_cfg["train"]["lr"] = 3e-4
     (tmp_path / "new.yaml").write_text(yaml.safe_dump(new_cfg))
     assert _regime(resolved_config(old / "config.yaml")) != _regime(

@@ -29,7 +29,7 @@ PAIRS = (("replay", "none"), ("tm_dy", "none"), ("tm_dy", "replay"), ("tm_w100",
          ("tm_dy", "kl"), ("tm_dy", "l2"), ("tm_dy", "tm_w100"), ("tm_dy_exact", "tm_dy"))
 # keys that may differ between rows and seeds; everything else in config.yaml is the regime
 ROW_KEYS = {"output_dir", "resume", "replay", "checkpoint"}
-SEED_KEYS = {"seed"}
+SEED_KEYS = {"seed", "lora"}  # train keys a row may set: the seed, and LoRA adapters (a LoRA row)
 
 
 class BenchmarkError(Exception):
