@@ -61,8 +61,22 @@ def plan_resume(cfg: RunConfig, ckpt: Checkpointer, log: Callable[[str], None],
             break
         log(f"skipping checkpoint {order.pop(0).name}: {problem}")
     if not order:
+        _refuse_foreign(ckpt, entries)
         _refuse_node_local(ckpt, entries)
     return ResumePlan(order, entries, forks, named=False)
+
+
+def _refuse_foreign(ckpt: Checkpointer, entries: dict[str, Any]) -> None:
+    """Nothing of this run to resume, but another run's checkpoints (or ones of an older format)
+    are there: starting from scratch would write this run's config, logs and checkpoints over
+    that run's folder, so stop before anything is written."""
+    foreign = sorted(t for t, e in entries.items() if not e.ours)
+    if foreign:
+        why = next((p.problem for p in entries[foreign[0]].parts.values() if p.problem), "")
+        raise InputError(f"{ckpt.root} holds checkpoints of another run ({', '.join(foreign)}"
+                         f"{': ' + why if why else ''}); this job (its model, tokenizer, seed, "
+                         f"strategy or replay data) is not that run: use a new output_dir, or "
+                         f"move those checkpoints away", field="output_dir")
 
 
 def load_resume(plan: ResumePlan | None, ckpt: Checkpointer, log: Callable[[str], None],

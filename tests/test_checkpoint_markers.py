@@ -122,10 +122,12 @@ def test_only_incomplete_checkpoints_start_from_scratch_in_one_line(tmp_path):
 def test_foreign_checkpoints_are_refused_before_loading(tmp_path):
     other = "0" * 32
     _fake(tmp_path, "task001-end", seq=1, run=other)
-    got, lines, tried = _resume(tmp_path)
-    assert got is None and tried == []  # nothing unpickled
-    assert lines[0].startswith("skipping checkpoint task001-end: written by another run")
-    assert (tmp_path / "task001-end").is_dir()  # not ours to delete
+    tried: list[str] = []
+    with pytest.raises(InputError) as err:  # auto: refused, not a fresh start over that run
+        resume_run(SimpleNamespace(resume="auto"), Checkpointer(tmp_path, keep_last=2, run=RUN),
+                   lambda line: None, tried.append)
+    assert "holds checkpoints of another run (task001-end: written by another run" in str(err.value)
+    assert tried == [] and (tmp_path / "task001-end").is_dir()  # nothing unpickled or deleted
     with pytest.raises(InputError) as err:
         _resume(tmp_path, mode=str(tmp_path / "task001-end"))
     assert "refusing to load this checkpoint: written by another run" in str(err.value)

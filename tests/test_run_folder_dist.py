@@ -78,7 +78,7 @@ def test_a_refused_relaunch_leaves_the_run_folder_as_it_was(finished):
     proc = run_deepspeed(REPO / "launch/train.py",
                          ["--config", str(finished["config"]), f"model={other}"])
     assert proc.returncode == 2, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "trained against other teacher data" in proc.stderr
+    assert "holds checkpoints of another run" in proc.stderr
     assert _snapshot(run) == before  # config.yaml, logs, teacher cache, lock: all as they were
 
 
