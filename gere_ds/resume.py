@@ -3,7 +3,7 @@ fallback when it cannot be loaded."""
 from __future__ import annotations
 
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -23,13 +23,14 @@ class ResumePlan:
     entries: dict[str, Any]
     forks: Any
     named: bool  # resume names a path: no fallback
+    notes: list[str] = field(default_factory=list)  # lines for the log, once writing is allowed
 
 
-def plan_resume(cfg: RunConfig, ckpt: Checkpointer, log: Callable[[str], None],
+def plan_resume(cfg: RunConfig, ckpt: Checkpointer,
                 check: Callable[[Path], None]) -> ResumePlan | None:
     """Everything about resuming that can be decided before the engine exists, with nothing
-    written (a refused relaunch leaves the run folder as it was). Collective. None: a fresh
-    start with nothing to clean up.
+    written (a refused relaunch leaves the run folder as it was; even its log lines wait in
+    ``notes``). Collective. None: a fresh start with nothing to clean up.
 
     auto: the complete checkpoints of the current lineage that pass their checksums, newest
     first; ``check`` (the trainer state against this job) runs on the newest, so a relaunch with
@@ -50,20 +51,19 @@ def plan_resume(cfg: RunConfig, ckpt: Checkpointer, log: Callable[[str], None],
                              field="resume")
         check(folder)
         return ResumePlan([folder], entries, forks, named=True)
-    for tag, entry in sorted(entries.items(), reverse=True):
-        if not entry.complete:
-            log(f"skipping checkpoint {tag}: {describe(entry)}")
+    notes = [f"skipping checkpoint {tag}: {describe(entry)}"
+             for tag, entry in sorted(entries.items(), reverse=True) if not entry.complete]
     order = [ckpt.root / entry.tag for entry in newest_first(entries, forks)]
     while order:  # checksums of the newest only; older ones are verified if it fails to load
         problem = ckpt.trusted(order[0])
         if problem is None:
             check(order[0])
             break
-        log(f"skipping checkpoint {order.pop(0).name}: {problem}")
+        notes.append(f"skipping checkpoint {order.pop(0).name}: {problem}")
     if not order:
         _refuse_foreign(ckpt, entries)
         _refuse_node_local(ckpt, entries)
-    return ResumePlan(order, entries, forks, named=False)
+    return ResumePlan(order, entries, forks, named=False, notes=notes)
 
 
 def _refuse_foreign(ckpt: Checkpointer, entries: dict[str, Any]) -> None:
@@ -87,6 +87,8 @@ def load_resume(plan: ResumePlan | None, ckpt: Checkpointer, log: Callable[[str]
     Collective."""
     if plan is None:
         return None
+    for line in plan.notes:
+        log(line)
     if plan.named:
         load(plan.candidates[0])
         ckpt.continue_from(plan.candidates[0], plan.entries, plan.forks)
@@ -115,7 +117,7 @@ def resume_run(cfg: RunConfig, ckpt: Checkpointer, log: Callable[[str], None],
                load: Callable[[Path], None],
                check: Callable[[Path], None] = lambda folder: None) -> Path | None:
     """:func:`plan_resume` then :func:`load_resume` (for callers that check nothing first)."""
-    return load_resume(plan_resume(cfg, ckpt, log, check), ckpt, log, load)
+    return load_resume(plan_resume(cfg, ckpt, check), ckpt, log, load)
 
 
 def _load_or_why(load: Callable[[Path], None], folder: Path) -> str | None:

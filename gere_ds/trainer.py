@@ -246,7 +246,7 @@ class ContinualTrainer:
         self.inputs = inputs
         if self.term.needs_teacher:
             self.teacher_fingerprint = self._teacher_identity()
-        return plan_resume(self.cfg, self.ckpt, self.log.info, self._check_checkpoint)
+        return plan_resume(self.cfg, self.ckpt, self._check_checkpoint)
 
     def _check_checkpoint(self, folder: Path) -> None:
         state = load_trainer_state(folder)
