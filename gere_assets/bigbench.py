@@ -54,6 +54,12 @@ BENCH_TASKS: dict[str, BenchTask] = {t.name: t for t in (
     BenchTask("sentiment", "multiemo/hotels_sentence_en",
               "Is the opinion in this hotel-review sentence positive, negative, neutral or "
               "ambivalent?"),
+    BenchTask("vitaminc", "vitaminc_fact_verification",
+              "Does the Wikipedia passage support the claim (True), refute it (False), or "
+              "neither?"),
+    BenchTask("medicine", "multiemo/medicine_sentence_en",
+              "Is the opinion in this sentence about medical care positive, negative, neutral or "
+              "ambivalent?"),
 )}
 
 

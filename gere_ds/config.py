@@ -79,8 +79,9 @@ class ReplayConfig:
         "1024 in fp32 (1.2e-4 sigma); 0 = the reference's exact test", default="auto")
     per_batch: int = doc("0: replay shuffled into each task's data; k>0: exactly k per global batch",
                          default=0)
-    teacher_batch_size: int = doc("replay samples per forward in the teacher pass, per rank",
-                                  default=4)
+    teacher_batch_size: int = doc("replay samples per forward in the teacher pass, per rank "
+                                  "(grouped by length; no LM head runs for tm/l1/l2)",
+                                  default=16)
     teacher_cache: str = doc("directory for the teacher cache; empty = <output_dir>/teacher "
                              "(per-rank files, no shared filesystem needed)", default="")
     kl_temperature: float = doc("temperature T of the kl strategy", default=2.0)

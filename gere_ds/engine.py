@@ -120,6 +120,16 @@ class Engine:
         """Logits [B, T, V] from one engine forward (collective under ZeRO-3)."""
         return forward_logits(self.engine, input_ids, attention_mask)
 
+    def features_forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
+        """A forward for the final-norm capture only: the LM head runs on no position, so the
+        [B, T, V] logits (at a 128k vocabulary the largest tensor and over a third of a small
+        model's FLOPs) are never computed. Collective under ZeRO-3 like any forward."""
+        from gere_ds.capture import lm_head_on_positions
+
+        none = torch.zeros(0, dtype=torch.long, device=input_ids.device)
+        with lm_head_on_positions(self.module, none):
+            forward_logits(self.engine, input_ids, attention_mask)
+
     def scorer(self) -> ModelForward:
         """The forward the evaluation scorers take (packs multiple choice when it can)."""
         return ModelForward(self.engine)

@@ -137,7 +137,10 @@ class ContinualTrainer:
             self.teacher_fingerprint = self._teacher_identity()
         fp = self.teacher_fingerprint
         self._digests.save()
-        job = TeacherJob(term.teacher_kind, self.engine.forward, self.capture,
+        # only kl reads the teacher's logits; the others need the final-norm output alone
+        forward = (self.engine.forward if term.teacher_kind == "topk"
+                   else self.engine.features_forward)
+        job = TeacherJob(term.teacher_kind, forward, self.capture,
                          self.batches.replay_ids, shard, int(self.engine.module.config.hidden_size),
                          r.teacher_batch_size, self.tokenizer.pad_token_id, self.device,
                          self.teacher_root, fp,
