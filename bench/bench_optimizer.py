@@ -21,6 +21,7 @@ import argparse
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import common  # bench/ is the script's folder, hence on sys.path
 import torch
@@ -88,6 +89,8 @@ def measure(n_params: int, repeats: int, device: torch.device, with_deepspeed: b
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", type=Path, default=None,
+                   help="folder for the JSON (default: results/, or bench/results/ in smoke mode)")
     p.add_argument("--smoke", action="store_true")
     p.add_argument("--params", type=int, default=None)
     p.add_argument("--repeats", type=int, default=None)
@@ -104,7 +107,8 @@ def main() -> None:
     print(common.table(["optimizer", "ms per step (median)", "ratio to foreach"], rows))
     print(f"{n:,} fp32 parameters, {r} interleaved repetitions, max weight difference "
           f"{res['max_weight_diff']:.1e}")
-    common.write_result(NAME, a.smoke, res)
+    common.write_result(NAME, a.smoke, out_dir=a.out or common.result_dir(a.smoke),
+                        payload=res)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,9 @@ pinned stack in its own venv and wraps their script for measurement only.
 
 ``--smoke``: the tiny model, one round of 3 steps; both sides when a snapshot is given, gere-ds
 alone (on the bench's own tiny model) otherwise. ``--variants`` picks gere-ds configurations
-(VARIANTS below; ``name:key=value,key=value`` adds one).
+(VARIANTS below; ``name:key=value,key=value`` adds one, where ``ds.<dotted key>=<JSON>`` sets a
+key of the DeepSpeed JSON). ``--gere-only`` runs the variants without the reference (to measure
+gere-ds' levers against each other on the same work).
 """
 from __future__ import annotations
 
@@ -134,6 +136,19 @@ def run_gere(name: str, overrides: dict[str, str], cfg: dict[str, Any], out: Pat
     cache (so the teacher pass is measured every time)."""
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
+    overrides = dict(overrides)
+    ds_keys = {k[3:]: v for k, v in overrides.items() if k.startswith("ds.")}
+    if ds_keys:  # a copy of the DeepSpeed JSON with these keys set (ZeRO knobs)
+        ds = json.loads((common.REPO / overrides.get("deepspeed", cfg["deepspeed"])).read_text())
+        for dotted, value in ds_keys.items():
+            *parents, leaf = dotted.split(".")
+            node = ds
+            for key in parents:
+                node = node.setdefault(key, {})
+            node[leaf] = json.loads(value)
+        (out / "ds.json").write_text(json.dumps(ds, indent=1))
+        overrides = {k: v for k, v in overrides.items() if not k.startswith("ds.")}
+        overrides["deepspeed"] = str(out / "ds.json")
     config = common.write_config({**cfg, "output_dir": str(out / "run")}, out / "config.yaml")
     args = ["--config", str(config), *[f"{k}={v}" for k, v in overrides.items()]]
     env_out = os.environ.get("PROBE_OUT")
@@ -219,9 +234,14 @@ def main() -> None:
                    help="scratch folder (reference venv, runs); default: a folder in /tmp")
     p.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 2)")
     p.add_argument("--steps", type=int, default=None, help="optimizer steps per run (10)")
-    p.add_argument("--variants", default="zero3,zero2",
-                   help="gere-ds configurations, comma-separated (see VARIANTS)")
+    p.add_argument("--variants", nargs="+", default=["zero3", "zero2"],
+                   help="gere-ds configurations: names of VARIANTS or name:key=value,...")
+    p.add_argument("--out", type=Path, default=None,
+                   help="folder for the JSON (default: results/, or bench/results/ in smoke mode)")
     p.add_argument("--smoke", action="store_true", help="tiny model, one round of 3 steps")
+    p.add_argument("--gere-only", action="store_true",
+                   help="run only the gere-ds variants on the work (levers measured against "
+                        "each other; the snapshot still provides the model and data)")
     p.add_argument("--timeout", type=int, default=3600, help="seconds per launch")
     a = p.parse_args()
     work = (a.work or Path(f"/tmp/gere-ds-bench-peer{'-smoke' if a.smoke else ''}")).resolve()
@@ -229,12 +249,12 @@ def main() -> None:
     rounds = a.rounds or (1 if a.smoke else 2)
     steps = a.steps or (3 if a.smoke else 10)
     warm = 1 if a.smoke else WARM
-    variants = parse_variants([v for v in a.variants.split(",") if v])
+    variants = parse_variants(a.variants)
 
     src = None
     if a.reference_git is not None:
         src = export_snapshot(a.reference_git.resolve(), work / "reference" / "src")
-        run_reference(src, work, ["setup", "assets"])
+        run_reference(src, work, ["assets"] if a.gere_only else ["setup", "assets"])
     assets = work_assets(src, work, a.smoke)
     cfg = gere_config(assets, steps, work / "runs")
     model_key = "tiny" if a.smoke else "smol"
@@ -242,7 +262,7 @@ def main() -> None:
     runs: list[dict[str, Any]] = []
     for r in range(1, rounds + 1):
         ref = None
-        if src is not None:
+        if src is not None and not a.gere_only:
             load = os.getloadavg()[0]
             run_reference(src, work, ["bench"], MODELS=model_key, PRECS="bf16", VARIANTS="a",
                           REPEATS=r, SKIP_DONE=1, MAX_STEPS=steps,
@@ -268,7 +288,8 @@ def main() -> None:
               "machine": common.machine_info(), "command": common.command_line(),
               "runs": runs, "summary": summary(runs, variants)}
     print(render(report))
-    path = common.write_result(NAME, a.smoke, report)
+    path = common.write_result(NAME, a.smoke, out_dir=a.out or common.result_dir(a.smoke),
+                        payload=report)
     print(f"written {path}")
     if any(not r.get("steps") for r in runs):
         sys.exit("some runs failed; see the run folders under " + str(work))

@@ -79,6 +79,8 @@ def _run(model, capture, ids: dict[int, list[int]], pad: int, batch: int, groupe
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", type=Path, default=None,
+                   help="folder for the JSON (default: results/, or bench/results/ in smoke mode)")
     p.add_argument("--smoke", action="store_true")
     p.add_argument("--model", default=None)
     p.add_argument("--replay", default=None)
@@ -129,7 +131,8 @@ def main() -> None:
     print(common.table(["teacher pass", "s (median)", "ratio", "padding"], rows))
     print(f"{len(ids)} samples, {tokens:,} tokens, model {Path(a.model).name}, "
           f"{rounds} interleaved round(s); max feature difference {worst:.2e} (relative)")
-    common.write_result(NAME, a.smoke, {
+    common.write_result(NAME, a.smoke, out_dir=a.out or common.result_dir(a.smoke),
+                        payload={
         "model": Path(a.model).name, "samples": len(ids), "tokens": tokens,
         "batch_before": a.batch, "rounds": rounds, "median_s": med,
         "ratio_to_before": {k: v / base for k, v in med.items()}, "padding_share": padding,

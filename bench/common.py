@@ -32,6 +32,12 @@ from typing import Any, NoReturn
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
+KEPT = REPO / "results"  # full runs whose numbers the docs quote are committed there
+
+
+def result_dir(smoke: bool) -> Path:
+    """Where a benchmark writes: smoke runs to the ignored bench/results, full runs to results/."""
+    return RESULTS if smoke else KEPT
 
 
 # ----------------------------------------------------------------------------- model sizes

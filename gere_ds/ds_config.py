@@ -15,9 +15,13 @@ from gere_ds.config import RunConfig
 from gere_ds.errors import InputError
 
 DS_CONFIG_DIR = Path(__file__).resolve().parents[1] / "ds_configs"
-# `deepspeed: auto` picks one of these by DeepSpeed's accelerator
-# (any non-CPU accelerator gets the GPU one)
-AUTO_CONFIGS = {"cpu": "zero3.json", "cuda": "zero3_gpu.json"}
+# `deepspeed: auto` picks one of these by DeepSpeed's accelerator (any non-CPU accelerator gets
+# the GPU ones) and by whether the model fits replicated (auto_stage)
+AUTO_CONFIGS = {("cpu", 2): "zero2.json", ("cpu", 3): "zero3.json",
+                ("cuda", 2): "zero2_gpu.json", ("cuda", 3): "zero3_gpu.json"}
+# ZeRO-2 when its model states take at most this share of one rank's memory: the rest is left
+# for activations, the teacher pass, evaluation and the allocator (ZeRO-3 otherwise)
+REPLICATED_SHARE = 0.4
 ADAM_TYPES = ("adam", "adamw")
 
 Note = Callable[[str], None]
@@ -30,13 +34,74 @@ def accelerator_name() -> str:
     return str(get_accelerator().device_name())
 
 
-def ds_config_path(deepspeed: str, accelerator: str | None = None) -> Path:
-    """The JSON file a run uses: ``deepspeed`` itself, or for "auto" the shipped config that
-    suits the accelerator (GPU: overlapped communication and ZeRO-3 buckets sized for it)."""
+def model_parameters(model: str) -> tuple[int, int] | None:
+    """(all parameters, the embedding's) of a model folder, counted on the meta device (nothing
+    is loaded); None when its config cannot be read."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(model)
+        with torch.device("meta"):
+            net = AutoModelForCausalLM.from_config(config)
+    except Exception:  # noqa: BLE001 -- no estimate: auto keeps the safe choice (ZeRO-3)
+        return None
+    return (sum(p.numel() for p in net.parameters()),
+            net.get_input_embeddings().weight.numel())
+
+
+def rank_memory_bytes(accelerator: str) -> int:
+    """One rank's memory: its GPU's, or on a CPU the machine's RAM over the ranks of the node
+    (LOCAL_WORLD_SIZE, set by the launchers)."""
+    import os
+
+    if accelerator != "cpu":
+        import torch
+
+        index = int(os.environ.get("LOCAL_RANK", "0")) % max(torch.cuda.device_count(), 1)
+        return int(torch.cuda.get_device_properties(index).total_memory)
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return ram // max(int(os.environ.get("LOCAL_WORLD_SIZE", "1")), 1)
+
+
+def zero2_state_bytes(params: int, trainable: int, world_size: int, bf16: bool) -> int:
+    """Model states per rank under ZeRO-2: the weights on every rank, and for the trainable
+    ones an fp32 master copy, two Adam moments and an fp32 gradient partition (16 bytes / N)."""
+    return (2 if bf16 else 4) * params + 16 * trainable // max(world_size, 1)
+
+
+def auto_stage(cfg: RunConfig, world_size: int, accelerator: str) -> tuple[int, str]:
+    """ZeRO-2 when the model fits replicated (its ZeRO-2 states within REPLICATED_SHARE of a
+    rank's memory), else ZeRO-3; and the reason, for the log. ZeRO-3's per-forward parameter
+    gathers buy nothing for a model that fits (bench/bench_peer.py measures the difference)."""
+    counted = model_parameters(cfg.model)
+    if counted is None:
+        return 3, f"{cfg.model}: parameters not countable, so ZeRO-3"
+    params, _ = counted
+    trainable = 0 if cfg.train.lora is not None else params  # adapters: a rounding error
+    need = zero2_state_bytes(params, trainable, world_size, cfg.train.bf16)
+    have = rank_memory_bytes(accelerator)
+    fits = need <= REPLICATED_SHARE * have
+    gib = 2 ** 30
+    return (2 if fits else 3), (
+        f"{params / 1e6:,.0f}M parameters: ZeRO-2 model states {need / gib:.1f} GiB per rank "
+        f"{'<=' if fits else '>'} {REPLICATED_SHARE:.0%} of {have / gib:.1f} GiB")
+
+
+def ds_config_path(deepspeed: str, accelerator: str | None = None, cfg: RunConfig | None = None,
+                   world_size: int = 1, note: Note | None = None) -> Path:
+    """The JSON file a run uses: ``deepspeed`` itself, or for "auto" the shipped config for the
+    accelerator (GPU: overlapped communication, buckets from the hidden size) at the stage
+    ``auto_stage`` picks (ZeRO-3 when no run config is given)."""
     if deepspeed != "auto":
         return Path(deepspeed)
     name = accelerator or accelerator_name()
-    return DS_CONFIG_DIR / AUTO_CONFIGS["cpu" if name == "cpu" else "cuda"]
+    kind = "cpu" if name == "cpu" else "cuda"
+    stage, why = auto_stage(cfg, world_size, name) if cfg is not None else (3, "")
+    path = DS_CONFIG_DIR / AUTO_CONFIGS[(kind, stage)]
+    if note is not None and why:
+        note(f"deepspeed: auto -> ds_configs/{path.name} ({why}; name a file to choose)")
+    return path
 
 
 def read_ds_json(path: Path) -> dict[str, Any]:
@@ -211,5 +276,5 @@ def resolve_ds_config(cfg: RunConfig, world_size: int, note: Note | None = None,
     """Load the run's DeepSpeed JSON (``deepspeed: auto`` by accelerator) and fill it."""
     check_global_batch(cfg, world_size)
     accelerator = accelerator or accelerator_name()
-    path = ds_config_path(cfg.deepspeed, accelerator)
+    path = ds_config_path(cfg.deepspeed, accelerator, cfg, world_size, note)
     return fill_ds_config(read_ds_json(path), cfg, world_size, str(path), accelerator, note)

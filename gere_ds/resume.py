@@ -150,13 +150,20 @@ def _refuse_node_local(ckpt: Checkpointer, entries: dict[str, Any]) -> None:
 
 
 def check_state(state: dict[str, Any], folder: Path, cfg: RunConfig, world: int,
-                teacher_fingerprint: str | None) -> None:
-    """The checkpoint's trainer state must match this job: world size, tasks, teacher data."""
+                teacher_fingerprint: str | None, zero_stage: int | None = None) -> None:
+    """The checkpoint's trainer state must match this job: world size, ZeRO stage, tasks,
+    teacher data."""
     if state["world_size"] != world:
         raise InputError(f"checkpoint {folder} was written by {state['world_size']} ranks and "
                          f"this job has {world}; relaunch with {state['world_size']} ranks "
                          f"(the replay shards and data order depend on the world size), or "
                          f"start a new output_dir", field="resume")
+    written = state.get("zero_stage")  # absent in checkpoints of older versions
+    if zero_stage is not None and written is not None and written != zero_stage:
+        raise InputError(f"checkpoint {folder} was written under ZeRO-{written} and this "
+                         f"launch resolves `deepspeed` to ZeRO-{zero_stage}; set deepspeed to "
+                         f"a ZeRO-{written} config (ds_configs/zero{written}.json) to resume",
+                         field="deepspeed")
     names = [task.name for task in cfg.tasks]
     if state["task_names"] != names[:len(state["task_names"])]:
         raise InputError(f"checkpoint {folder} belongs to tasks {state['task_names']}, the "

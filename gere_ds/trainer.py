@@ -24,7 +24,7 @@ from gere_ds.checkpoint import (Checkpointer, load_rng, load_trainer_state, run_
 from gere_ds.config import RunConfig, save_resolved
 from gere_ds.data.sampler import ContinualSampler
 from gere_ds.digest_cache import DIGESTS_FILE, DigestCache
-from gere_ds.engine import Engine, build_engine
+from gere_ds.engine import Engine, build_engine, resolve_ds_config, zero_stage
 from gere_ds.evaluation.base_cache import evaluate_base
 from gere_ds.errors import InputError
 from gere_ds.inputs import Inputs
@@ -237,6 +237,7 @@ class ContinualTrainer:
     # ------------------------------------------------------------------ the sequence
     def trainer_state(self) -> dict[str, Any]:
         return {"progress": asdict(self.progress), "world_size": self.world,
+                "zero_stage": zero_stage(self.engine.ds_config),
                 "seed": self.cfg.train.seed,
                 "task_names": [task.name for task in self.cfg.tasks],
                 "teacher_fingerprint": self.teacher_fingerprint,
@@ -253,7 +254,8 @@ class ContinualTrainer:
 
     def _check_checkpoint(self, folder: Path) -> None:
         state = load_trainer_state(folder)
-        check_state(state, folder, self.cfg, self.world, self.teacher_fingerprint)
+        stage = zero_stage(resolve_ds_config(self.cfg, self.world))
+        check_state(state, folder, self.cfg, self.world, self.teacher_fingerprint, stage)
         check_lora_state(state, folder, self.cfg.train.lora)
 
     def resume(self, plan: ResumePlan | None) -> None:

@@ -98,3 +98,48 @@ def test_bench_lora_smoke(bench_dirs):
     for ratio in ("step_time", "peak_rss"):
         assert math.isfinite(s["lora_vs_full"][ratio]["median_of_ratios"])
     assert "lora / full" in data["stdout"]
+
+
+def test_bench_optimizer_smoke(bench_dirs):
+    """One process: torch's fused AdamW (the shipped DeepSpeed configs' optimizer) gives the
+    same weights as the foreach one, and both are timed."""
+    out = bench_dirs[0]
+    proc = subprocess.run([sys.executable, "bench/bench_optimizer.py", "--smoke", "--out",
+                           str(out)], cwd=REPO, env=ds_env(), capture_output=True, text=True,
+                          timeout=300, check=False)
+    assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-3000:])
+    data = json.loads((out / "bench_optimizer-smoke.json").read_text())
+    assert set(data["median_s"]) == {"torch AdamW foreach", "torch AdamW fused"}
+    assert data["max_weight_diff"] < 1e-5 and all(v > 0 for v in data["median_s"].values())
+
+
+def test_bench_teacher_pass_smoke(bench_dirs):
+    """One process: every batching of the teacher pass (file order or grouped by length, with
+    or without the LM head) captures the same features, and grouping never pads more."""
+    out = bench_dirs[0]
+    proc = subprocess.run([sys.executable, "bench/bench_teacher_pass.py", "--smoke", "--out",
+                           str(out)], cwd=REPO, env=ds_env(), capture_output=True, text=True,
+                          timeout=300, check=False)
+    assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-3000:])
+    data = json.loads((out / "bench_teacher_pass-smoke.json").read_text())
+    assert len(data["median_s"]) == 5 and data["max_relative_feature_diff"] < 0.1
+    pad = data["padding_share"]
+    assert pad["grouped + LM head"] <= pad["file order + LM head"]
+
+
+@pytest.mark.slow
+def test_bench_peer_smoke(bench_dirs, tmp_path):
+    """gere-ds alone (no snapshot of the authors' repository here): both shipped ZeRO configs
+    train the peer work's shape on the tiny model under the probe, which records every step and
+    the teacher pass on both ranks."""
+    out = bench_dirs[0]
+    proc = subprocess.run([sys.executable, "bench/bench_peer.py", "--smoke", "--out", str(out),
+                           "--work", str(tmp_path / "work")], cwd=REPO, env=ds_env(),
+                          capture_output=True, text=True, timeout=900, check=False)
+    assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-3000:])
+    data = json.loads((out / "bench_peer-smoke.json").read_text())
+    runs = {r["impl"]: r for r in data["runs"]}
+    assert set(runs) == {"gere-ds zero3", "gere-ds zero2"}
+    for r in runs.values():
+        assert r["steps"] == 3 and r["tok_s"] > 0 and r["teacher_s"] > 0
+        assert r["peak_rss_gib"] > 0.1 and "ratio_to_reference" not in r

@@ -97,19 +97,40 @@ def test_missing_optimizer_is_adamw_from_the_run_config(tiny_config):
     assert ds["optimizer"]["params"]["lr"] == cfg.train.lr
 
 
-def test_auto_picks_the_config_by_accelerator(tiny_config):
+def test_auto_picks_the_config_by_accelerator_and_model_size(tiny_config, monkeypatch):
+    import gere_ds.ds_config as D
+
+    # without a run config: ZeRO-3, which fits any model
     assert ds_config_path("auto", "cpu") == DS_CONFIG_DIR / "zero3.json"
     assert ds_config_path("auto", "cuda") == DS_CONFIG_DIR / "zero3_gpu.json"
     assert ds_config_path("my.json", "cuda") == Path("my.json")
     cfg = _cfg(tiny_config)
     cfg.deepspeed = "auto"
-    gpu = resolve_ds_config(cfg, world_size=8, accelerator="cuda")
-    # torch's fused AdamW on both (DeepSpeed's FusedAdam would need nvcc at the first run)
+    params, _ = D.model_parameters(cfg.model)
+    need = D.zero2_state_bytes(params, params, 8, cfg.train.bf16)
+    assert need == (2 if cfg.train.bf16 else 4) * params + 16 * params // 8
+    notes: list[str] = []
+    # a rank with room for the replicated model: ZeRO-2, and one line says why
+    monkeypatch.setattr(D, "rank_memory_bytes", lambda acc: int(need / D.REPLICATED_SHARE) + 1)
+    gpu = resolve_ds_config(cfg, world_size=8, accelerator="cuda", note=notes.append)
+    assert gpu["zero_optimization"]["stage"] == 2 and gpu["zero_optimization"]["overlap_comm"]
+    assert notes and "ds_configs/zero2_gpu.json" in notes[0] and "<= 40%" in notes[0]
+    # torch's fused AdamW everywhere (DeepSpeed's FusedAdam would need nvcc at the first run)
     assert gpu["optimizer"]["params"]["torch_adam"] is True and gpu["optimizer"]["params"]["fused"]
-    assert gpu["zero_optimization"]["overlap_comm"] is True
     assert gpu["zero_optimization"]["reduce_bucket_size"] == HIDDEN * HIDDEN
-    cpu = resolve_ds_config(cfg, world_size=2, accelerator="cpu")
+    cpu = resolve_ds_config(cfg, world_size=8, accelerator="cpu")
+    assert cpu["zero_optimization"]["stage"] == 2
     assert cpu["optimizer"]["params"]["torch_adam"] is True and cpu["optimizer"]["params"]["fused"]
+    # one byte less room: ZeRO-3
+    monkeypatch.setattr(D, "rank_memory_bytes", lambda acc: int(need / D.REPLICATED_SHARE) - 1)
+    gpu3 = resolve_ds_config(cfg, world_size=8, accelerator="cuda")
+    assert gpu3["zero_optimization"]["stage"] == 3
+    assert ds_config_path("auto", "cpu", cfg, 8) == DS_CONFIG_DIR / "zero3.json"
+    # a folder whose parameters cannot be counted: ZeRO-3, the choice that fits any model
+    monkeypatch.setattr(D, "model_parameters", lambda model: None)
+    monkeypatch.setattr(D, "rank_memory_bytes", lambda acc: 2 ** 50)
+    assert ds_config_path("auto", "cuda", cfg, 8) == DS_CONFIG_DIR / "zero3_gpu.json"
+
 
 
 @pytest.mark.slow

@@ -131,3 +131,21 @@ def test_other_world_size_is_refused_with_one_line(reference):
                          ["--config", str(reference.parent / "ref.yaml")], nproc=1)
     assert proc.returncode != 0
     assert "was written by 2 ranks and this job has 1" in proc.stderr
+
+
+def test_a_checkpoint_of_another_zero_stage_is_refused_in_one_line(tiny_config, tmp_path):
+    """`deepspeed: auto` picks the stage by memory, so a relaunch elsewhere could resolve to
+    another stage than the checkpoint's: one line naming both, before anything is loaded."""
+    from gere_ds.config import load_config
+    from gere_ds.errors import InputError
+    from gere_ds.resume import check_state
+
+    cfg = load_config(tiny_config("tm"))
+    state = {"world_size": 2, "zero_stage": 3, "task_names": [t.name for t in cfg.tasks],
+             "teacher_fingerprint": "fp"}
+    check_state(state, tmp_path, cfg, 2, "fp", zero_stage=3)
+    check_state({k: v for k, v in state.items() if k != "zero_stage"}, tmp_path, cfg, 2, "fp",
+                zero_stage=2)  # written before the stage was recorded: not checked
+    with pytest.raises(InputError, match=r"written under ZeRO-3 and this launch resolves "
+                                         r"`deepspeed` to ZeRO-2.*ds_configs/zero3.json"):
+        check_state(state, tmp_path, cfg, 2, "fp", zero_stage=2)
