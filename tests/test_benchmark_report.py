@@ -63,7 +63,28 @@ def test_numbers_by_hand(tmp_path):
     # replay - none: t1 examples 2 and 3 kept, everything else equal -> +25.0 points of AP
     assert paired.splitlines()[2].startswith("| replay - none | 2 vs 2 | 25.0 [")
     learning = B.render_learning(b)
-    assert "| none | t1 | 0.0 | 100.0 | 25.0 |" in learning
+    assert "| none | t1 | - | 0.0 | 100.0 | 25.0 |" in learning  # no majority rate recorded
+
+
+def test_learning_table_shows_the_majority_label_rate(tmp_path):
+    """outcomes.json records each test set's majority-label rate (what answering its most
+    frequent label to everything scores); the learning table prints it beside the accuracies."""
+    from types import SimpleNamespace
+
+    from gere_ds.evaluation.outcomes import majority_rates
+
+    ex = SimpleNamespace
+    suite = SimpleNamespace(examples={"t1": [ex(label="a"), ex(label="b"), ex(label="a"),
+                                             ex(label="a")], "t2": [ex(label="x")]})
+    assert majority_rates(suite) == {"t1": 0.75, "t2": 1.0}
+    _standard(tmp_path)
+    for folder in tmp_path.glob("*/seed*"):
+        path = folder / "outcomes.json"
+        doc = json.loads(path.read_text())
+        path.write_text(json.dumps({**doc, "majority": {"t1": 0.75, "t2": 0.5}}))
+    learning = B.render_learning(B.load_benchmark(tmp_path))
+    assert "| none | t1 | 75.0 | 0.0 | 100.0 | 25.0 |" in learning
+    assert "| replay | t2 | 50.0 |" in learning
 
 
 def test_report_is_reproducible(tmp_path):

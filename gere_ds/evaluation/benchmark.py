@@ -201,13 +201,18 @@ def render_table(b: Benchmark) -> str:
 
 
 def render_learning(b: Benchmark) -> str:
-    """Per task: base accuracy, right after its own training, and at the end (mean over seeds)."""
-    head = ["row", "task", "base", "after own training", "after last task"]
+    """Per task: the majority-label rate of its test set (what answering the most frequent label
+    to everything scores), base accuracy, right after its own training, and at the end (mean
+    over seeds). A task is learned when its accuracy after its own training passes the majority
+    rate, not merely the base accuracy."""
+    head = ["row", "task", "majority label", "base", "after own training", "after last task"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row, runs in b.runs.items():
+        majority = runs[0].outcomes.get("majority", {})
         for i, task in enumerate(b.tasks):
             vals = [[r.metrics["matrix"][k][i] for r in runs] for k in (0, i + 1, -1)]
-            cells = [row, task] + [f"{sum(v) / len(v):.1f}" for v in vals]
+            rate = f"{100 * majority[task]:.1f}" if task in majority else "-"
+            cells = [row, task, rate] + [f"{sum(v) / len(v):.1f}" for v in vals]
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

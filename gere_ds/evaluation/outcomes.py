@@ -6,10 +6,13 @@ which test examples each one got right. After each evaluation the main rank rewr
 replaces it)::
 
     {"test_sets": {name: sha256 of the scored examples, ...},
+     "majority": {task: share of the test set's most frequent label, ...},
      "rows": [{"row": 0, "tasks": {task: "0110..."}, "general": {name: "1011..."},
                "general_acc": {name: "1001..."}}, ...]}
 
-``tasks`` holds one character per test example (1 = right); ``general`` the cloze sets'
+``majority`` is what answering the most frequent label to everything scores: a task counts as
+learned only above it, not merely above the base model. ``tasks`` holds one character per test
+example (1 = right); ``general`` the cloze sets'
 length-normalised outcomes and ``general_acc`` their raw-sum outcomes. ``test_sets`` fingerprints
 the exact examples, so rows scored on different test sets are never compared.
 """
@@ -51,6 +54,18 @@ def test_set_digests(suite: Any) -> dict[str, str]:
     return out
 
 
+def majority_rates(suite: Any) -> dict[str, float]:
+    """Per task: the share of its scored test examples that carry the most frequent label."""
+    from collections import Counter
+
+    out = {}
+    for name, examples in suite.examples.items():
+        counts = Counter(ex.label for ex in examples)
+        if counts:
+            out[name] = max(counts.values()) / sum(counts.values())
+    return out
+
+
 def row_outcomes(row_index: int, eval_row: Any) -> dict[str, Any]:
     """One evaluation's outcomes (an EvalRow of gere_ds.evaluation.scoring)."""
     general, general_acc = {}, {}
@@ -74,7 +89,7 @@ def record_outcomes(run_dir: str | Path, row_index: int, eval_row: Any, suite: A
             rows = []  # written atomically, so only a hand-edited file gets here: start over
     rows = [r for r in rows if r.get("row", -1) < row_index]
     rows.append(row_outcomes(row_index, eval_row))
-    doc = {"test_sets": test_set_digests(suite), "rows": rows}
+    doc = {"test_sets": test_set_digests(suite), "majority": majority_rates(suite), "rows": rows}
     write_text_atomic(path, json.dumps(doc, indent=1) + "\n")
 
 
