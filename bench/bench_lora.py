@@ -31,15 +31,9 @@ LORA = {"r": 16, "alpha": 32.0, "dropout": 0.0, "continual": "carry",
 
 def worker(args: argparse.Namespace) -> None:
     from gere_ds import dist
-    from gere_ds.config import load_config
-    from gere_ds.inputs import validate_inputs
     from gere_ds.trainer import ContinualTrainer
 
-    cfg = load_config(args.config)
-    W = dist.world_size()
-    inputs = validate_inputs(cfg, W)
-    dist.init()
-    rank = dist.rank()
+    cfg, inputs, rank = common.start_worker(args.config)
     tr = ContinualTrainer(cfg)
     tr.setup(inputs)
     tr.prepare_teacher()

@@ -37,18 +37,13 @@ def worker(args: argparse.Namespace) -> None:
     import torch
 
     from gere_ds import dist
-    from gere_ds.config import load_config
-    from gere_ds.inputs import validate_inputs
     from gere_ds.losses import STAT_NAMES
     from gere_ds.step import TrainStep
     from gere_ds.strategies import make_term
     from gere_ds.trainer import ContinualTrainer
 
-    cfg = load_config(args.config)
+    cfg, inputs, rank = common.start_worker(args.config)
     W = dist.world_size()
-    inputs = validate_inputs(cfg, W)
-    dist.init()
-    rank = dist.rank()
     tr = ContinualTrainer(cfg)
     tr.setup(inputs)
     B = cfg.train.micro_batch_size

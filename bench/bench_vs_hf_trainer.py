@@ -220,18 +220,13 @@ def worker(args: argparse.Namespace) -> None:
     from transformers import AutoModelForCausalLM, TrainerCallback, TrainingArguments
 
     from gere_ds import dist
-    from gere_ds.config import load_config
     from gere_ds.engine import resolve_ds_config
-    from gere_ds.inputs import validate_inputs
     from gere_ds.step import StepStats, TrainStep
     from gere_ds.strategies import NoReplay
     from gere_ds.trainer import ContinualTrainer
 
-    cfg = load_config(args.config)
+    cfg, inputs, rank = common.start_worker(args.config)
     W = dist.world_size()
-    inputs = validate_inputs(cfg, W)
-    dist.init()
-    rank = dist.rank()
     work = Path(args.work)
     hidden_dir = work / "ref_hidden"
     stats_file = work / "ref_stats.pt"

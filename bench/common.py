@@ -167,6 +167,19 @@ def write_result(name: str, smoke: bool, payload: dict[str, Any], out_dir: Path 
 WORLD = 2  # ranks of every benchmark launch
 
 
+def start_worker(config_path: str) -> tuple[Any, Any, int]:
+    """A worker's start under the launcher: the run config, its checked inputs (before any
+    collective, as the trainer does) and this rank, with the process group up."""
+    from gere_ds import dist
+    from gere_ds.config import load_config
+    from gere_ds.inputs import validate_inputs
+
+    cfg = load_config(config_path)
+    inputs = validate_inputs(cfg, dist.world_size())
+    dist.init()
+    return cfg, inputs, dist.rank()
+
+
 def bench_parser(doc: str, smoke_help: str) -> argparse.ArgumentParser:
     """The options every benchmark script takes (driver and hidden worker side); a script adds
     its own."""

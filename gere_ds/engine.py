@@ -80,10 +80,13 @@ class ModelForward:
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return forward_logits(self.model, input_ids, attention_mask)
 
-    def __getattr__(self, name: str) -> Any:
-        if name == "tree" and self.kernel() in TREE_MASK_KERNELS:
-            return self._tree
-        raise AttributeError(name)
+    @property
+    def tree(self) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
+        """The packed-rows forward; absent (AttributeError, so ``getattr(f, "tree", None)`` is
+        None) when the attention kernel cannot take a 4D mask."""
+        if self.kernel() not in TREE_MASK_KERNELS:
+            raise AttributeError("tree: the attention kernel takes no 4D mask")
+        return self._tree
 
     def kernel(self) -> str:
         config = getattr(getattr(self.model, "module", self.model), "config", None)

@@ -167,9 +167,10 @@ class ContinualTrainer:
         """The teacher data's fingerprint (weights hashed whole; digests kept next to the cache
         so an unchanged file is not re-read at every launch)."""
         self._digests = DigestCache(self.teacher_root / DIGESTS_FILE)  # saved after the checks
-        self._fingerprinted = (self._teacher_settings(), self.teacher_root)
+        settings = self._teacher_settings()
+        self._fingerprinted = (settings, self.teacher_root)
         return fingerprint(self.cfg.model, self.cfg.tokenizer or self.cfg.model,
-                           self.cfg.replay.data, self._teacher_settings(), self._digests)
+                           self.cfg.replay.data, settings, self._digests)
 
     # ------------------------------------------------------------------ one task
     def optimizer_step(self, task_index: int, sampler: ContinualSampler, epoch: int, step: int,
