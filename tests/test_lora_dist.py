@@ -110,13 +110,12 @@ def test_lora_sigkill_mid_task_then_rerun_equals_uninterrupted(carry_reference, 
     assert _steps(run_dir) == _steps(carry_reference)  # bitwise: fp32 on CPU
 
 
-@pytest.fixture(scope="module")
-def merge_run(tmp_path_factory, tiny_paths):
-    """An uninterrupted 2-task merge run with the in-run export after every task."""
+def _merge_run(tmp_path_factory, tiny_paths, stage: int = 3) -> Path:
     from gere_assets.tiny import tiny_config_dict
 
-    d = tmp_path_factory.mktemp("lora_merge")
+    d = tmp_path_factory.mktemp(f"lora_merge_zero{stage}")
     cfg = tiny_config_dict(tiny_paths, str(d / "run_merge"), "tm")
+    cfg["deepspeed"] = str(REPO / "ds_configs" / f"zero{stage}.json")
     cfg["replay"]["per_batch"] = 2
     cfg["eval"] = {"enabled": False}
     cfg["train"].update(max_steps_per_task=3, epochs=3, lora=_lora("merge"))
@@ -126,6 +125,18 @@ def merge_run(tmp_path_factory, tiny_paths):
     proc = run_deepspeed(REPO / "launch/train.py", ["--config", str(path)])
     assert proc.returncode == 0, proc.stderr[-3000:]
     return d / "run_merge"
+
+
+@pytest.fixture(scope="module")
+def merge_run(tmp_path_factory, tiny_paths):
+    """An uninterrupted 2-task merge run with the in-run export after every task (ZeRO-3)."""
+    return _merge_run(tmp_path_factory, tiny_paths)
+
+
+@pytest.fixture(scope="module")
+def merge_run_zero2(tmp_path_factory, tiny_paths):
+    """The same under ZeRO-2 (what `deepspeed: auto` picks for adapters on a model that fits)."""
+    return _merge_run(tmp_path_factory, tiny_paths, stage=2)
 
 
 def test_lora_resume_after_a_merge_equals_uninterrupted(merge_run, tmp_path):
@@ -147,15 +158,18 @@ def test_lora_resume_after_a_merge_equals_uninterrupted(merge_run, tmp_path):
     assert ours == ref
 
 
-def test_lora_merge_starts_fresh_adapters_in_the_fp32_master(merge_run, tiny_paths):
+@pytest.mark.parametrize("stage", [3, 2])
+def test_lora_merge_starts_fresh_adapters_in_the_fp32_master(stage, request, tiny_paths):
     """After the merge, task 2 starts from fresh adapters in DeepSpeed's fp32 master copy too:
-    one Adam step (|change| <= lr = 3e-3) from task 2's fresh A, far (~0.1) from task 1's."""
+    one Adam step (|change| <= lr = 3e-3) from task 2's fresh A, far (~0.1) from task 1's;
+    under ZeRO-3 and ZeRO-2."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     from transformers import AutoModelForCausalLM
 
     from gere_ds.config import LoraConfig
     from gere_ds.lora import add_adapters, fresh_adapter_values
 
+    merge_run = request.getfixturevalue("merge_run" if stage == 3 else "merge_run_zero2")
     root = str(merge_run / "checkpoints")
     sd = {tag: get_fp32_state_dict_from_zero_checkpoint(root, tag=tag)
           for tag in ("task001-end", "task002-step000001")}
