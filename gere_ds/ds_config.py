@@ -52,7 +52,7 @@ def model_parameters(model: str) -> tuple[int, int] | None:
 
 def rank_memory_bytes(accelerator: str) -> int:
     """One rank's memory: its GPU's, or on a CPU the machine's RAM over the ranks of the node
-    (LOCAL_WORLD_SIZE, set by the launchers)."""
+    (LOCAL_WORLD_SIZE from torchrun, LOCAL_SIZE from the deepspeed launcher; 1 without)."""
     import os
 
     if accelerator != "cpu":
@@ -61,7 +61,8 @@ def rank_memory_bytes(accelerator: str) -> int:
         index = int(os.environ.get("LOCAL_RANK", "0")) % max(torch.cuda.device_count(), 1)
         return int(torch.cuda.get_device_properties(index).total_memory)
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    return ram // max(int(os.environ.get("LOCAL_WORLD_SIZE", "1")), 1)
+    local = os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or "1"
+    return ram // max(int(local), 1)
 
 
 def zero2_state_bytes(params: int, trainable: int, world_size: int, bf16: bool) -> int:
