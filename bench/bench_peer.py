@@ -35,7 +35,6 @@ import shutil
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -151,16 +150,8 @@ def run_gere(name: str, overrides: dict[str, str], cfg: dict[str, Any], out: Pat
         overrides["deepspeed"] = str(out / "ds.json")
     config = common.write_config({**cfg, "output_dir": str(out / "run")}, out / "config.yaml")
     args = ["--config", str(config), *[f"{k}={v}" for k, v in overrides.items()]]
-    env_out = os.environ.get("PROBE_OUT")
-    os.environ["PROBE_OUT"] = str(out)
-    try:
-        code, tail = common.launch(PEER / "probe.py", args, timeout=timeout,
-                                   log=out / "stdout.log")
-    finally:
-        if env_out is None:
-            os.environ.pop("PROBE_OUT", None)
-        else:
-            os.environ["PROBE_OUT"] = env_out
+    code, tail = common.launch(PEER / "probe.py", args, timeout=timeout, log=out / "stdout.log",
+                               env={"PROBE_OUT": str(out)})
     (out / "rc").write_text(f"{code}\n")
     if code != 0:
         print(f"gere-ds {name} failed (exit {code}):\n{tail[-2000:]}", file=sys.stderr)

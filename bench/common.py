@@ -440,9 +440,10 @@ def deepspeed_cmd(script: Path, args: list[str], nproc: int = 2) -> list[str]:
 
 
 def launch(script: Path, args: list[str], nproc: int = 2, timeout: int = 3600,
-           log: Path | None = None) -> tuple[int, str]:
+           log: Path | None = None, env: dict[str, str] | None = None) -> tuple[int, str]:
     """Run the worker under `deepspeed --num_gpus nproc`; returns (exit code, output tail).
-    The output streams to ``log`` (default: a temporary file) while it runs."""
+    The output streams to ``log`` (default: a temporary file) while it runs; ``env`` adds
+    variables to the launch's environment."""
     import glob
 
     cmd = deepspeed_cmd(script, args, nproc)
@@ -453,7 +454,8 @@ def launch(script: Path, args: list[str], nproc: int = 2, timeout: int = 3600,
     with open(log, "w") as fh:
         fh.write(" ".join(cmd) + "\n\n")
         fh.flush()
-        proc = subprocess.Popen(cmd, cwd=REPO, env=ds_env(), stdout=fh, stderr=subprocess.STDOUT,
+        proc = subprocess.Popen(cmd, cwd=REPO, env={**ds_env(), **(env or {})}, stdout=fh,
+                                stderr=subprocess.STDOUT,
                                 text=True, start_new_session=True)
         try:
             code = proc.wait(timeout=timeout)

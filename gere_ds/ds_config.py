@@ -34,9 +34,9 @@ def accelerator_name() -> str:
     return str(get_accelerator().device_name())
 
 
-def model_parameters(model: str) -> tuple[int, int] | None:
-    """(all parameters, the embedding's) of a model folder, counted on the meta device (nothing
-    is loaded); None when its config cannot be read."""
+def model_parameters(model: str) -> int | None:
+    """The parameters of a model folder, counted on the meta device (nothing is loaded); None
+    when its config cannot be read."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -46,8 +46,7 @@ def model_parameters(model: str) -> tuple[int, int] | None:
             net = AutoModelForCausalLM.from_config(config)
     except Exception:  # noqa: BLE001 -- no estimate: auto keeps the safe choice (ZeRO-3)
         return None
-    return (sum(p.numel() for p in net.parameters()),
-            net.get_input_embeddings().weight.numel())
+    return sum(p.numel() for p in net.parameters())
 
 
 def rank_memory_bytes(accelerator: str) -> int:
@@ -75,10 +74,9 @@ def auto_stage(cfg: RunConfig, world_size: int, accelerator: str) -> tuple[int, 
     """ZeRO-2 when the model fits replicated (its ZeRO-2 states within REPLICATED_SHARE of a
     rank's memory), else ZeRO-3; and the reason, for the log. ZeRO-3's per-forward parameter
     gathers buy nothing for a model that fits (bench/bench_peer.py measures the difference)."""
-    counted = model_parameters(cfg.model)
-    if counted is None:
+    params = model_parameters(cfg.model)
+    if params is None:
         return 3, f"{cfg.model}: parameters not countable, so ZeRO-3"
-    params, _ = counted
     trainable = 0 if cfg.train.lora is not None else params  # adapters: a rounding error
     need = zero2_state_bytes(params, trainable, world_size, cfg.train.bf16)
     have = rank_memory_bytes(accelerator)

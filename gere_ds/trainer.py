@@ -57,6 +57,7 @@ class ContinualTrainer:
         # set by setup(), in this order
         self.inputs: Inputs | None = None
         self.engine: Engine | None = None
+        self._planned_stage: int | None = None  # _zero_stage before the engine exists
         self.device: torch.device | None = None
         self.tokenizer: Any = None
         self.capture: FinalNormCapture | None = None
@@ -253,10 +254,19 @@ class ContinualTrainer:
             self.teacher_fingerprint = self._teacher_identity()
         return plan_resume(self.cfg, self.ckpt, self._check_checkpoint)
 
+    def _zero_stage(self) -> int:
+        """This launch's ZeRO stage: the engine's, or before it exists the one its DeepSpeed
+        JSON resolves to (``deepspeed: auto`` counts the model's parameters: done once)."""
+        if self.engine is not None:
+            return zero_stage(self.engine.ds_config)
+        if self._planned_stage is None:
+            self._planned_stage = zero_stage(resolve_ds_config(self.cfg, self.world))
+        return self._planned_stage
+
     def _check_checkpoint(self, folder: Path) -> None:
         state = load_trainer_state(folder)
-        stage = zero_stage(resolve_ds_config(self.cfg, self.world))
-        check_state(state, folder, self.cfg, self.world, self.teacher_fingerprint, stage)
+        check_state(state, folder, self.cfg, self.world, self.teacher_fingerprint,
+                    self._zero_stage())
         check_lora_state(state, folder, self.cfg.train.lora)
 
     def resume(self, plan: ResumePlan | None) -> None:

@@ -34,13 +34,18 @@ def _run(script: str, out: Path, assets: Path) -> dict:
     return data | {"stdout": proc.stdout}
 
 
+def _run_one_process(script: str, out: Path) -> dict:
+    """A one-process benchmark (no launcher) in smoke mode; its JSON."""
+    proc = subprocess.run([sys.executable, f"bench/{script}.py", "--smoke", "--out", str(out)],
+                          cwd=REPO, env=ds_env(), capture_output=True, text=True, timeout=300,
+                          check=False)
+    assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-3000:])
+    return json.loads((out / f"{script}-smoke.json").read_text())
+
+
 def test_bench_ce_smoke(bench_dirs):
     """One process, no launcher: the CE term variants agree in value and gradient."""
-    out = bench_dirs[0]
-    proc = subprocess.run([sys.executable, "bench/bench_ce.py", "--smoke", "--out", str(out)],
-                          cwd=REPO, env=ds_env(), capture_output=True, text=True, timeout=300, check=False)
-    assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-3000:])
-    data = json.loads((out / "bench_ce-smoke.json").read_text())
+    data = _run_one_process("bench_ce", bench_dirs[0])
     for name, r in data["results"].items():
         assert r["value_rel_diff"] < 1e-4 and r["grad_max_abs_diff"] < 1e-3, name
         assert r["ms"]["median"] > 0
@@ -103,12 +108,7 @@ def test_bench_lora_smoke(bench_dirs):
 def test_bench_optimizer_smoke(bench_dirs):
     """One process: torch's fused AdamW (the shipped DeepSpeed configs' optimizer) gives the
     same weights as the foreach one, and both are timed."""
-    out = bench_dirs[0]
-    proc = subprocess.run([sys.executable, "bench/bench_optimizer.py", "--smoke", "--out",
-                           str(out)], cwd=REPO, env=ds_env(), capture_output=True, text=True,
-                          timeout=300, check=False)
-    assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-3000:])
-    data = json.loads((out / "bench_optimizer-smoke.json").read_text())
+    data = _run_one_process("bench_optimizer", bench_dirs[0])
     assert set(data["median_s"]) == {"torch AdamW foreach", "torch AdamW fused"}
     assert data["max_weight_diff"] < 1e-5 and all(v > 0 for v in data["median_s"].values())
 
@@ -116,12 +116,7 @@ def test_bench_optimizer_smoke(bench_dirs):
 def test_bench_teacher_pass_smoke(bench_dirs):
     """One process: every batching of the teacher pass (file order or grouped by length, with
     or without the LM head) captures the same features, and grouping never pads more."""
-    out = bench_dirs[0]
-    proc = subprocess.run([sys.executable, "bench/bench_teacher_pass.py", "--smoke", "--out",
-                           str(out)], cwd=REPO, env=ds_env(), capture_output=True, text=True,
-                          timeout=300, check=False)
-    assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-3000:])
-    data = json.loads((out / "bench_teacher_pass-smoke.json").read_text())
+    data = _run_one_process("bench_teacher_pass", bench_dirs[0])
     assert len(data["median_s"]) == 5 and data["max_relative_feature_diff"] < 0.1
     pad = data["padding_share"]
     assert pad["grouped + LM head"] <= pad["file order + LM head"]

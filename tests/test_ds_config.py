@@ -106,7 +106,7 @@ def test_auto_picks_the_config_by_accelerator_and_model_size(tiny_config, monkey
     assert ds_config_path("my.json", "cuda") == Path("my.json")
     cfg = _cfg(tiny_config)
     cfg.deepspeed = "auto"
-    params, _ = D.model_parameters(cfg.model)
+    params = D.model_parameters(cfg.model)
     need = D.zero2_state_bytes(params, params, 8, cfg.train.bf16)
     assert need == (2 if cfg.train.bf16 else 4) * params + 16 * params // 8
     notes: list[str] = []

@@ -15,7 +15,6 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO))
 T0 = time.time()
 OUT = Path(os.environ["PROBE_OUT"])
 RANK = int(os.environ.get("RANK", "0"))
