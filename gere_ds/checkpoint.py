@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from gere_ds import dist
+from gere_ds import dist, stop
 from gere_ds.atomic import write_text_atomic
 from gere_ds.checkpoint_lineage import (Entry, PartView, abandoned, add_fork, doomed, max_seq,
                                         merge, read_forks)
@@ -217,6 +217,7 @@ class Checkpointer:
         torch.save(rng_state(), folder / f"rng_rank{me:05d}.pt")
         if me == 0:
             write_text_atomic(folder / "trainer_state.json", json.dumps(trainer_state, indent=1))
+        stop.crash_point("a checkpoint save")  # test hook: files written, marker not yet
         write_marker(folder, me, run=self.run or "", tag=tag, seq=seq, parent=self.parent,
                      world_size=dist.world_size())
         dist.barrier()

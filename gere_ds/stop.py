@@ -12,7 +12,11 @@ The trainer names the work under way with :func:`doing` (``the teacher pass``, `
 after task 1``, ``the export of task 1``); the loops deep inside it just call ``check()``, and a
 pre-empted run says where it stopped. Tests inject a signal at a chosen point with
 ``GERE_DS_SIGNAL_AT=<what>:<n>[:<rank>]``: the n-th ``check`` during that named work on that rank
-(default 0) first sends SIGTERM to its own process, as a scheduler would.
+(default 0) first sends SIGTERM to its own process, as a scheduler would. They inject a crash
+with ``GERE_DS_KILL_AT`` (same form): at the n-th :func:`crash_point` of that name the whole job
+(the launcher and every rank: the process group) gets SIGKILL, as on a node failure. Crash points
+are every ``check``, each micro-step between backward and the optimizer step (``a micro-step``)
+and each checkpoint save between DeepSpeed's files and the marker (``a checkpoint save``).
 
 Before :func:`install` is called (a plain ``gere-ds evaluate``, the tests of a scorer) ``check``
 does nothing and runs no collective, on every rank alike.
@@ -84,15 +88,22 @@ def requested() -> bool:
     return dist.any_rank(_received is not None) if dist.is_initialized() else _received is not None
 
 
-def _inject(where: str) -> None:
-    spec = os.environ.get("GERE_DS_SIGNAL_AT", "")
+def _injected(variable: str, where: str) -> bool:
+    """Whether the test hook in ``variable`` (``<what>:<n>[:<rank>]``) fires here and now."""
+    spec = os.environ.get(variable, "")
     if not spec:
-        return
+        return False
     at, n, rank = (spec.rsplit(":", 2) if spec.count(":") >= 2 else [*spec.rsplit(":", 1), "0"])
-    _checks[where] = _checks.get(where, 0) + 1
+    key = f"{variable}/{where}"
+    _checks[key] = _checks.get(key, 0) + 1
     here = dist.rank() if dist.is_initialized() else 0
-    if at == where and _checks[where] == int(n) and here == int(rank):
-        os.kill(os.getpid(), signal.SIGTERM)
+    return at == where and _checks[key] == int(n) and here == int(rank)
+
+
+def crash_point(where: str) -> None:
+    """Test hook (``GERE_DS_KILL_AT``): SIGKILL the whole job here, as a node failure would."""
+    if _injected("GERE_DS_KILL_AT", where):
+        os.killpg(os.getpgid(0), signal.SIGKILL)
 
 
 def check(where: str = "") -> None:
@@ -102,7 +113,9 @@ def check(where: str = "") -> None:
     if not _installed:
         return
     where = where or _doing or "work"
-    _inject(where)
+    crash_point(where)
+    if _injected("GERE_DS_SIGNAL_AT", where):
+        os.kill(os.getpid(), signal.SIGTERM)
     if requested():
         raise Preempted(f"pre-empted (signal) during {where}; nothing of it was kept; re-run "
                         f"the same command to resume")

@@ -185,6 +185,7 @@ class ContinualTrainer:
             sl = self.step.compute_loss(task_index, rows)
             self.step.apply(sl)
             stats.add(sl)
+            stop.crash_point("a micro-step")
         values = stats.reduce()
         p.epoch, p.step = epoch, step + 1
         p.step_in_task += 1
@@ -313,12 +314,13 @@ class ContinualTrainer:
         if suite is None:
             return
         label = "base model" if not p.matrix else f"after task {len(p.matrix)}"
-        self.log.info(f"evaluating the {label} on {len(self.cfg.tasks)} task(s) "
+        model = label if not p.matrix else f"model {label}"
+        self.log.info(f"evaluating the {model} on {len(self.cfg.tasks)} task(s) "
                       f"and {len(suite.general)} general set(s)")
         self.engine.engine.eval()
         score = lambda: suite.evaluate(self.engine.scorer(), self.tokenizer, device=self.device,  # noqa: E731
                                        progress=self.log.advance)
-        self.log.progress(sum(suite.sizes().values()), f"evaluating the {label} (examples)")
+        self.log.progress(sum(suite.sizes().values()), f"evaluating the {model} (examples)")
         try:
             with stop.doing("the base model's evaluation" if not p.matrix
                             else f"the evaluation {label}"):

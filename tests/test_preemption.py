@@ -4,6 +4,7 @@ an uninterrupted run. Plus the stop module's own rules in one process."""
 from __future__ import annotations
 
 import json
+import os
 import signal
 from pathlib import Path
 
@@ -99,5 +100,24 @@ def test_the_injection_hook_fires_on_the_named_check_only(monkeypatch):
             stop.check()
             with pytest.raises(stop.Preempted):
                 stop.check()
+    finally:
+        stop.uninstall()
+
+
+def test_a_crash_point_kills_only_when_named_counted_and_on_its_rank(monkeypatch):
+    killed: list[tuple[int, int]] = []
+    monkeypatch.setattr(stop.os, "killpg", lambda pgid, sig: killed.append((pgid, sig)))
+    monkeypatch.setenv("GERE_DS_KILL_AT", "a micro-step:2")
+    stop.uninstall()
+    try:
+        stop.crash_point("a checkpoint save")
+        stop.crash_point("a micro-step")
+        assert killed == []
+        stop.crash_point("a micro-step")
+        assert killed == [(os.getpgid(0), signal.SIGKILL)]
+        monkeypatch.setenv("GERE_DS_KILL_AT", "a micro-step:1:1")  # rank 1 only; this is rank 0
+        stop.uninstall()
+        stop.crash_point("a micro-step")
+        assert len(killed) == 1
     finally:
         stop.uninstall()

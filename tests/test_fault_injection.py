@@ -1,0 +1,96 @@
+"""Fault injection: a 2-rank run is killed (SIGKILL of the whole job, as a node failure) at
+randomly drawn points, several times in a row: during the teacher pass, during the base model's
+evaluation, between a micro-step's backward and the optimizer step, between a checkpoint's files
+and its marker, and during an evaluation after a task. Each attempt re-runs the same command.
+The run that finally finishes has the losses of every step and the metrics of an uninterrupted
+run, bit for bit (fp32 on CPU).
+
+The points are drawn from a seed printed with any failure; ``GERE_FAULT_SEED=<n>`` replays one."""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import random
+import signal
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, VENV_BIN, ds_env, free_port
+
+pytestmark = pytest.mark.slow
+LOSS_KEYS = ("global_step", "task", "epoch", "step_in_task", "train/loss", "train/task_ce",
+             "train/replay_ce", "train/tm", "train/lr", "train/grad_norm")
+
+
+def _config(tiny_config, name: str) -> Path:
+    return tiny_config("tm", name=name, replay={"per_batch": 2},
+                       train={"max_steps_per_task": 4, "epochs": 3},
+                       checkpoint={"every_steps": 1, "keep_last": 2})
+
+
+def _launch(cfg: Path, kill_at: str | None = None) -> subprocess.CompletedProcess:
+    """The job in its own process group, so a crash point can kill all of it and nothing else."""
+    env = ds_env()
+    env.pop("GERE_DS_KILL_AT", None)
+    if kill_at:
+        env["GERE_DS_KILL_AT"] = kill_at
+    cmd = [str(VENV_BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()),
+           str(REPO / "launch/train.py"), "--config", str(cfg)]
+    with subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, start_new_session=True) as proc:
+        try:
+            out, _ = proc.communicate(timeout=600)
+        finally:  # a killed job leaves its shared-memory buffers (named after its port)
+            for f in glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{cmd[4]}_*"):
+                os.remove(f)
+        return subprocess.CompletedProcess(cmd, proc.returncode, out, "")
+
+
+def _steps(run_dir: Path) -> list[dict]:
+    rows = [json.loads(x) for x in (run_dir / "train_steps.jsonl").read_text().splitlines()]
+    return [{k: r.get(k) for k in LOSS_KEYS} for r in rows]
+
+
+def _draw(rng: random.Random) -> list[str]:
+    """One crash per kind, in an order in which each is sure to be reached by its attempt.
+    Tiny run: 2 tasks x 4 steps x 2 micro-steps; 2-3 teacher batches and >= 2 evaluation
+    batches per rank; a checkpoint after every step."""
+    rank = lambda: rng.randint(0, 1)  # noqa: E731
+    return [f"the teacher pass:{rng.randint(1, 2)}:{rank()}",
+            f"the base model's evaluation:{rng.randint(1, 2)}:{rank()}",
+            f"a micro-step:{rng.randint(1, 6)}:{rank()}",  # task 1, at most its step 3
+            f"a checkpoint save:{rng.randint(1, 2)}:{rank()}",  # task 1, its end at the latest
+            f"the evaluation after task 1:{rng.randint(1, 2)}:{rank()}"]
+
+
+def test_repeated_crashes_at_random_points_end_with_the_uninterrupted_numbers(tiny_config):
+    reference = _config(tiny_config, "reference")
+    done = _launch(reference)
+    assert done.returncode == 0, done.stdout[-3000:]
+    ref_dir = reference.parent / "run_reference"
+
+    seed = int(os.environ.get("GERE_FAULT_SEED") or random.SystemRandom().randrange(1 << 30))
+    faults = _draw(random.Random(seed))
+    cfg = _config(tiny_config, "faulty")
+    run_dir = cfg.parent / "run_faulty"
+    for fault in faults:
+        cut = _launch(cfg, kill_at=fault)
+        why = f"seed {seed}, crash at {fault!r}: {cut.stdout[-3000:]}"
+        assert cut.returncode == -signal.SIGKILL, why  # the crash point was reached
+        assert not (run_dir / "metrics.json").exists() or len(
+            json.loads((run_dir / "metrics.json").read_text())["matrix"]) < 3, why
+    last = _launch(cfg)
+    assert last.returncode == 0, f"seed {seed}, faults {faults}: {last.stdout[-3000:]}"
+    assert "resumed from" in (run_dir / "train.log").read_text()
+    assert _steps(run_dir) == _steps(ref_dir), f"seed {seed}, faults {faults}"
+    ours = json.loads((run_dir / "metrics.json").read_text())
+    ref = json.loads((ref_dir / "metrics.json").read_text())
+    assert ours["matrix"] == ref["matrix"] and len(ours["matrix"]) == 3, f"seed {seed}"
+    assert ours["general"] == ref["general"], f"seed {seed}"
+    for tag in ("task001-end", "task002-end"):  # both task ends complete, by every rank
+        assert {p.name for p in (run_dir / "checkpoints" / tag).glob("COMPLETE.rank*")} == {
+            "COMPLETE.rank00000", "COMPLETE.rank00001"}
+
