@@ -12,6 +12,7 @@ from gere_ds.checkpoint import Checkpointer, describe
 from gere_ds.checkpoint_lineage import newest_first
 from gere_ds.config import RunConfig
 from gere_ds.errors import InputError
+from gere_ds.hashing import sha256_file
 
 
 @dataclass
@@ -149,10 +150,32 @@ def _refuse_node_local(ckpt: Checkpointer, entries: dict[str, Any]) -> None:
                          f"output_dir", field="resume")
 
 
+def task_data_digests(cfg: RunConfig) -> dict[str, dict[str, str]]:
+    """The sha256 of every task's train and test file, by task name: recorded in each
+    checkpoint, so a file edited in place under the same path is caught on resume."""
+    return {task.name: {split: sha256_file(path) for split, path in
+                        (("train", task.train), ("test", task.test)) if path}
+            for task in cfg.tasks}
+
+
+def check_task_data(recorded: dict[str, dict[str, str]], folder: Path, cfg: RunConfig,
+                    now: dict[str, dict[str, str]]) -> None:
+    """Tasks the checkpoint has seen must still read the same files (later tasks may change)."""
+    for i, task in enumerate(cfg.tasks):
+        for split, digest in recorded.get(task.name, {}).items():
+            if now.get(task.name, {}).get(split) != digest:
+                path = getattr(task, split)
+                raise InputError(f"task {task.name}'s {split} file {path or '(none)'} differs "
+                                 f"from the one checkpoint {folder} was trained and evaluated "
+                                 f"with; restore it, or start a new output_dir",
+                                 field=f"tasks[{i}].{split}")
+
+
 def check_state(state: dict[str, Any], folder: Path, cfg: RunConfig, world: int,
-                teacher_fingerprint: str | None, zero_stage: int | None = None) -> None:
-    """The checkpoint's trainer state must match this job: world size, ZeRO stage, tasks,
-    teacher data."""
+                teacher_fingerprint: str | None, zero_stage: int | None = None,
+                task_data: dict[str, dict[str, str]] | None = None) -> None:
+    """The checkpoint's trainer state must match this job: world size, ZeRO stage, tasks and
+    their files (``task_data``: :func:`task_data_digests` of this job), teacher data."""
     if state["world_size"] != world:
         raise InputError(f"checkpoint {folder} was written by {state['world_size']} ranks and "
                          f"this job has {world}; relaunch with {state['world_size']} ranks "
@@ -168,6 +191,8 @@ def check_state(state: dict[str, Any], folder: Path, cfg: RunConfig, world: int,
     if state["task_names"] != names[:len(state["task_names"])]:
         raise InputError(f"checkpoint {folder} belongs to tasks {state['task_names']}, the "
                          f"config has {names}", field="tasks")
+    if task_data is not None and "task_data" in state:  # absent in older checkpoints
+        check_task_data(state["task_data"], folder, cfg, task_data)
     if state.get("teacher_fingerprint") != teacher_fingerprint:
         raise InputError(f"checkpoint {folder} was trained against other teacher data (model, "
                          f"replay set or settings changed); use a new output_dir",

@@ -31,7 +31,8 @@ from gere_ds.inputs import Inputs
 from gere_ds.lora import check_lora_state, lora_run
 from gere_ds import stop
 from gere_ds.progress import Progress, count_bad_step, step_scalars
-from gere_ds.resume import ResumePlan, check_state, load_resume, plan_resume
+from gere_ds.resume import (ResumePlan, check_state, load_resume, plan_resume,
+                            task_data_digests)
 from gere_ds.run_log import RunLogger
 from gere_ds.schedule import lr_at
 from gere_ds.step import Phases, StepStats, TrainStep
@@ -54,8 +55,9 @@ class ContinualTrainer:
         self.ckpt = Checkpointer(self.out / "checkpoints", cfg.checkpoint.keep_last,
                                  cfg.checkpoint.keep_task_ends, run=run_identity(cfg),
                                  exclude_frozen=self.lora is not None)
-        # set by setup(), in this order
+        # set by check_resume() and setup(), in this order
         self.inputs: Inputs | None = None
+        self.task_data: dict[str, dict[str, str]] = {}  # sha256 of each task's files
         self.engine: Engine | None = None
         self._planned_stage: int | None = None  # _zero_stage before the engine exists
         self.device: torch.device | None = None
@@ -243,14 +245,23 @@ class ContinualTrainer:
                 "zero_stage": zero_stage(self.engine.ds_config),
                 "seed": self.cfg.train.seed,
                 "task_names": [task.name for task in self.cfg.tasks],
+                "task_data": self._seen_task_data(),
                 "teacher_fingerprint": self.teacher_fingerprint,
                 **(self.lora.state() if self.lora is not None else {})}
+
+    def _seen_task_data(self) -> dict[str, dict[str, str]]:
+        """Digests of the files this point of the run depends on: every test file (each matrix
+        row scores every task), the train files of the tasks trained so far."""
+        return {name: {split: digest for split, digest in files.items()
+                       if split == "test" or i <= self.progress.task_index}
+                for i, (name, files) in enumerate(self.task_data.items())}
 
     def check_resume(self, inputs: Inputs) -> ResumePlan | None:
         """Which checkpoints to resume from (auto: the trusted ones, newest first), the newest
         checked against this job (world size, tasks, teacher data); None: a fresh start. Runs
         before anything is written, so a refused relaunch leaves the run folder as it was."""
         self.inputs = inputs
+        self.task_data = task_data_digests(self.cfg)
         if self.term.needs_teacher:
             self.teacher_fingerprint = self._teacher_identity()
         return plan_resume(self.cfg, self.ckpt, self._check_checkpoint)
@@ -267,7 +278,7 @@ class ContinualTrainer:
     def _check_checkpoint(self, folder: Path) -> None:
         state = load_trainer_state(folder)
         check_state(state, folder, self.cfg, self.world, self.teacher_fingerprint,
-                    self._zero_stage())
+                    self._zero_stage(), self.task_data)
         check_lora_state(state, folder, self.cfg.train.lora)
 
     def resume(self, plan: ResumePlan | None) -> None:

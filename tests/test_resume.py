@@ -149,3 +149,29 @@ def test_a_checkpoint_of_another_zero_stage_is_refused_in_one_line(tiny_config, 
     with pytest.raises(InputError, match=r"written under ZeRO-3 and this launch resolves "
                                          r"`deepspeed` to ZeRO-2.*ds_configs/zero3.json"):
         check_state(state, tmp_path, cfg, 2, "fp", zero_stage=2)
+
+
+def test_a_task_file_changed_in_place_is_refused_on_resume_in_one_line(tiny_config, tmp_path):
+    """A checkpoint records the sha256 of the task files it depends on: a file edited under
+    the same path is refused naming the task, the file and the field; a file it does not depend
+    on (here: the second task's, as if recorded during task 1 before any test file) may change."""
+    from gere_ds.config import load_config
+    from gere_ds.errors import InputError
+    from gere_ds.resume import check_state, task_data_digests
+
+    cfg = load_config(tiny_config("tm"))
+    state = {"world_size": 2, "task_names": [cfg.tasks[0].name], "teacher_fingerprint": "fp",
+             "task_data": {cfg.tasks[0].name: task_data_digests(cfg)[cfg.tasks[0].name]}}
+    check_state(state, tmp_path, cfg, 2, "fp", task_data=task_data_digests(cfg))
+    for task in (cfg.tasks[1], cfg.tasks[0]):  # the unseen task first: still accepted
+        edited = tmp_path / f"{task.name}_test.jsonl"
+        edited.write_text(Path(task.test).read_text().replace("a", "b", 1))
+        task.test = str(edited)
+        if task is cfg.tasks[1]:
+            check_state(state, tmp_path, cfg, 2, "fp", task_data=task_data_digests(cfg))
+    with pytest.raises(InputError, match=r"task sentiment's test file .*differs from the one "
+                                         r"checkpoint") as err:
+        check_state(state, tmp_path, cfg, 2, "fp", task_data=task_data_digests(cfg))
+    assert err.value.field == "tasks[0].test"
+    check_state({k: v for k, v in state.items() if k != "task_data"}, tmp_path, cfg, 2, "fp",
+                task_data=task_data_digests(cfg))  # written before task files were recorded
