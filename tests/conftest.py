@@ -3,6 +3,7 @@ and a helper that runs scripts under the real `deepspeed` launcher with CPU rank
 from __future__ import annotations
 
 import glob
+import json
 import os
 import subprocess
 import sys
@@ -36,6 +37,17 @@ def run_deepspeed(script: str | Path, args: list[str], nproc: int = 2, timeout: 
                 os.remove(f)
             except OSError:
                 pass
+
+
+LOSS_KEYS = ("global_step", "task", "epoch", "step_in_task", "train/loss", "train/task_ce",
+             "train/replay_ce", "train/tm", "train/lr", "train/grad_norm")
+
+
+def step_losses(run_dir: Path) -> list[dict]:
+    """The step log's progress and loss columns (no timings): equal across interrupted and
+    uninterrupted runs of the same config."""
+    rows = [json.loads(x) for x in (run_dir / "train_steps.jsonl").read_text().splitlines()]
+    return [{k: r.get(k) for k in LOSS_KEYS} for r in rows]
 
 
 def run_python(args: list[str], timeout: int = 300) -> subprocess.CompletedProcess:

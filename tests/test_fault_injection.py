@@ -18,11 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, VENV_BIN, ds_env, free_port
+from conftest import REPO, VENV_BIN, ds_env, free_port, step_losses
 
 pytestmark = pytest.mark.slow
-LOSS_KEYS = ("global_step", "task", "epoch", "step_in_task", "train/loss", "train/task_ce",
-             "train/replay_ce", "train/tm", "train/lr", "train/grad_norm")
 
 
 def _config(tiny_config, name: str) -> Path:
@@ -48,10 +46,6 @@ def _launch(cfg: Path, kill_at: str | None = None) -> subprocess.CompletedProces
                 os.remove(f)
         return subprocess.CompletedProcess(cmd, proc.returncode, out, "")
 
-
-def _steps(run_dir: Path) -> list[dict]:
-    rows = [json.loads(x) for x in (run_dir / "train_steps.jsonl").read_text().splitlines()]
-    return [{k: r.get(k) for k in LOSS_KEYS} for r in rows]
 
 
 def _draw(rng: random.Random) -> list[str]:
@@ -85,7 +79,7 @@ def test_repeated_crashes_at_random_points_end_with_the_uninterrupted_numbers(ti
     last = _launch(cfg)
     assert last.returncode == 0, f"seed {seed}, faults {faults}: {last.stdout[-3000:]}"
     assert "resumed from" in (run_dir / "train.log").read_text()
-    assert _steps(run_dir) == _steps(ref_dir), f"seed {seed}, faults {faults}"
+    assert step_losses(run_dir) == step_losses(ref_dir), f"seed {seed}, faults {faults}"
     ours = json.loads((run_dir / "metrics.json").read_text())
     ref = json.loads((ref_dir / "metrics.json").read_text())
     assert ours["matrix"] == ref["matrix"] and len(ours["matrix"]) == 3, f"seed {seed}"

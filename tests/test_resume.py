@@ -12,11 +12,9 @@ from pathlib import Path
 import psutil
 import pytest
 
-from conftest import REPO, VENV_BIN, ds_env, free_port, run_deepspeed
+from conftest import REPO, VENV_BIN, ds_env, free_port, run_deepspeed, step_losses
 
 pytestmark = pytest.mark.slow
-LOSS_KEYS = ("global_step", "task", "epoch", "step_in_task", "train/loss", "train/task_ce",
-             "train/replay_ce", "train/tm", "train/lr", "train/grad_norm")
 
 
 def _three_tasks(tiny_config, tiny_paths, name):
@@ -31,10 +29,6 @@ def _three_tasks(tiny_config, tiny_paths, name):
                        train={"max_steps_per_task": 4, "epochs": 3},
                        checkpoint={"every_steps": 1, "keep_last": 2})
 
-
-def _steps(run_dir: Path) -> list[dict]:
-    rows = [json.loads(x) for x in (run_dir / "train_steps.jsonl").read_text().splitlines()]
-    return [{k: r.get(k) for k in LOSS_KEYS} for r in rows]
 
 
 def _start(cfg: Path) -> subprocess.Popen:
@@ -97,7 +91,7 @@ def test_sigkill_mid_task_then_rerun_equals_uninterrupted(reference, tiny_config
     assert again.returncode == 0, again.stderr[-3000:]
     log = (run_dir / "train.log").read_text()
     assert "resumed from" in log
-    assert _steps(run_dir) == _steps(reference)  # bitwise: fp32 on CPU
+    assert step_losses(run_dir) == step_losses(reference)  # bitwise: fp32 on CPU
     ours = json.loads((run_dir / "metrics.json").read_text())
     ref = json.loads((reference / "metrics.json").read_text())
     assert ours["matrix"] == ref["matrix"] and len(ours["matrix"]) == 4
@@ -123,7 +117,7 @@ def test_sigterm_checkpoints_exits_zero_and_resumes(reference, tiny_config, tiny
     assert (run_dir / "checkpoints" / latest / "COMPLETE.rank00001").is_file()
     again = run_deepspeed(REPO / "launch/train.py", ["--config", str(cfg)])
     assert again.returncode == 0, again.stderr[-3000:]
-    assert _steps(run_dir) == _steps(reference)
+    assert step_losses(run_dir) == step_losses(reference)
 
 
 def test_other_world_size_is_refused_with_one_line(reference):
