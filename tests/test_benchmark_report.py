@@ -87,12 +87,34 @@ def test_learning_table_shows_the_majority_label_rate(tmp_path):
     assert "| replay | t2 | 50.0 |" in learning
 
 
+def test_training_table_by_hand(tmp_path):
+    """training.md: task CE over a task's first 5 and last 10 steps, replay CE over its last
+    10, median gradient norm, mean violating fraction and median dy weight; means over seeds."""
+    _standard(tmp_path)
+    for seed in (1, 2):  # replay: 12 steps on t1 (CE 2.0 for 5 steps, then 1.0), 3 on t2
+        steps = [{"global_step": k + 1, "task": 0, "train/task_ce": 2.0 if k < 5 else 1.0,
+                  "train/replay_ce": 3.0 + seed, "train/grad_norm": float(k),
+                  "train/tm_violation_frac": 0.01 * seed, "train/tm_weight": 4.0}
+                 for k in range(12)]
+        steps += [{"global_step": 13 + k, "task": 1, "train/task_ce": 0.5,
+                   "train/replay_ce": 3.0, "train/grad_norm": 1.0} for k in range(3)]
+        (tmp_path / "replay" / f"seed{seed}" / "train_steps.jsonl").write_text(
+            "\n".join(json.dumps(s) for s in steps) + "\n")
+    text = B.render_training(B.load_benchmark(tmp_path))
+    # t1: first 5 all 2.0; last 10 = 3 x 2.0 + 7 x 1.0 -> 1.3; replay CE (4 + 5) / 2; grad norm
+    # median of 0..11 = 5.5; violating (1 % + 2 %) / 2; weight 4
+    assert "| replay | t1 | 2.000 | 1.300 | 4.500 | 5.5 | 1.50 | 4.00 |" in text
+    assert "| replay | t2 | 0.500 | 0.500 | 3.000 | 1.0 | - | - |" in text
+    assert "| none |" not in text  # rows without step logs are left out
+
+
 def test_report_is_reproducible(tmp_path):
     _standard(tmp_path / "r")
     first = B.write_report(tmp_path / "r", tmp_path / "a")
     second = B.write_report(tmp_path / "r", tmp_path / "b")
     assert first == second
-    for name in ("table.md", "paired.md", "learning.md", "forgetting.png", "general.png"):
+    for name in ("table.md", "paired.md", "learning.md", "training.md", "forgetting.png",
+                 "general.png"):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
 
 

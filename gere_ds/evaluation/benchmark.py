@@ -8,7 +8,9 @@ A results folder holds one sub-folder per row (strategy) and, inside, one per se
 made under one regime (same model, tasks, schedule and evaluation; the non-``none`` rows also
 share their replay set) or whose runs scored different test examples (``outcomes.json``
 fingerprints); nothing is silently averaged. :func:`write_report` then writes ``table.md``
-(rows with 95 % intervals), ``paired.md`` (paired differences) and three pictures.
+(rows with 95 % intervals), ``paired.md`` (paired differences), ``learning.md`` (each task
+against its majority label), ``training.md`` (what each row's training did: task and replay CE,
+gradient norm, TM's violations and weight) and three pictures.
 """
 from __future__ import annotations
 
@@ -217,6 +219,61 @@ def render_learning(b: Benchmark) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _task_steps(run: Run, task: int) -> list[dict[str, Any]]:
+    return [s for s in run.steps if s.get("task") == task]
+
+
+def _mean_of(values: Sequence[float | None]) -> float | None:
+    vals = [v for v in values if v is not None]
+    return sum(vals) / len(vals) if vals else None
+
+
+def _median_of(values: Sequence[float | None]) -> float | None:
+    vals = sorted(v for v in values if v is not None)
+    if not vals:
+        return None
+    mid = len(vals) // 2
+    return vals[mid] if len(vals) % 2 else (vals[mid - 1] + vals[mid]) / 2
+
+
+def _cell(value: float | None, fmt: str) -> str:
+    return "-" if value is None else format(value, fmt)
+
+
+TRAINING_TAIL = 10  # steps at the end of a task whose mean task CE says how far it was learned
+
+
+def render_training(b: Benchmark) -> str:
+    """Per row and task, from the step logs (mean over seeds): the task CE over the first 5 and
+    the last 10 steps (how far the training fit the task), the replay CE over the last 10, the
+    median gradient norm (before clipping) and, for TM rows, the mean violating fraction and
+    the median dy weight. It shows what a replay term did to the task's own learning."""
+    head = ["row", "task", "task CE, first 5 steps", f"task CE, last {TRAINING_TAIL}",
+            f"replay CE, last {TRAINING_TAIL}", "grad norm (median)", "TM violating %",
+            "TM weight (median)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row, runs in b.runs.items():
+        if not all(r.steps for r in runs):
+            continue
+        for i, task in enumerate(b.tasks):
+            per_run = [_task_steps(r, i) for r in runs]
+
+            def stat(key: str, pick: Any, reduce: Any = _mean_of) -> float | None:
+                return _mean_of([reduce([s.get(key) for s in pick(steps)]) for steps in per_run])
+
+            head_ce = stat("train/task_ce", lambda s: s[:5])
+            tail_ce = stat("train/task_ce", lambda s: s[-TRAINING_TAIL:])
+            replay = stat("train/replay_ce", lambda s: s[-TRAINING_TAIL:])
+            grad = stat("train/grad_norm", lambda s: s, _median_of)
+            viol = stat("train/tm_violation_frac", lambda s: s)
+            weight = stat("train/tm_weight", lambda s: s, _median_of)
+            cells = [row, task, _cell(head_ce, ".3f"), _cell(tail_ce, ".3f"),
+                     _cell(replay or None, ".3f"), _cell(grad, ".1f"),
+                     _cell(None if viol is None else 100 * viol, ".2f"), _cell(weight, ".2f")]
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def render_paired(b: Benchmark) -> str:
     """Paired differences (percentage points) for the pairs present, over examples and seeds."""
     head = ["difference", "seeds", "AP", "P(AP diff <= 0)", "general acc_norm", "P(gen diff <= 0)"]
@@ -316,12 +373,13 @@ def violation_figure(b: Benchmark) -> bytes:
 
 
 def write_report(results: str | Path, out: str | Path | None = None) -> dict[str, str]:
-    """Write table.md, learning.md, paired.md and the pictures; return the markdown texts."""
+    """Write table.md, learning.md, paired.md, training.md and the pictures; return the
+    markdown texts."""
     b = load_benchmark(results)
     out = Path(out or results)
     out.mkdir(parents=True, exist_ok=True)
     texts = {"table.md": render_table(b), "learning.md": render_learning(b),
-             "paired.md": render_paired(b)}
+             "paired.md": render_paired(b), "training.md": render_training(b)}
     for name, text in texts.items():
         write_text_atomic(out / name, text)
     for name, make in (("forgetting.png", forgetting_figure), ("general.png", general_figure),
