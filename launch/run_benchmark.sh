@@ -33,22 +33,27 @@ PLAN=(none:1 replay:1 tm_dy:1 none:2 replay:2 tm_dy:2 none:3 replay:3 tm_dy:3
 ITEMS=("${@:-${PLAN[@]}}")
 export OMP_NUM_THREADS=1 DS_ACCELERATOR=cpu TOKENIZERS_PARALLELISM=false
 export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$PWD/.cache/torch_extensions}"
+finished() {  # metrics.json of a run that completed every task
+  [ -f "$1" ] && python3 - "$1" <<'PY'
+import json, sys
+m = json.load(open(sys.argv[1]))
+sys.exit(0 if m.get("completed_tasks") == len(m.get("tasks", [])) else 1)
+PY
+}
 for item in "${ITEMS[@]}"; do
   row="${item%%:*}"; seed="${item##*:}"
   [ -n "${ROW[$row]+x}" ] || { echo "unknown row '$row'; rows: ${!ROW[*]}" >&2; exit 2; }
   keep="$KEEP/$row/seed$seed"; out="$RUNS/$row/seed$seed"
   if [ -f "$keep/metrics.json" ]; then echo "[bench] $row seed $seed: already in $keep"; continue; fi
-  echo "[bench] $(date -u +%H:%M:%S) $row seed $seed -> $out"
-  mkdir -p "$out"
-  # shellcheck disable=SC2086  # the row's overrides are words
-  .venv/bin/deepspeed --num_gpus 2 --master_port "${MASTER_PORT:-29733}" launch/train.py \
-    --config "$CONFIG" ${ROW[$row]} "train.seed=$seed" "output_dir=$out" \
-    "replay.teacher_cache=$RUNS/teacher" >> "$out.launch.log" 2>&1
-  python3 - "$out/metrics.json" <<'PY' || { echo "[bench] $row seed $seed unfinished" >&2; exit 1; }
-import json, sys
-m = json.load(open(sys.argv[1]))
-sys.exit(0 if m.get("completed_tasks") == len(m.get("tasks", [])) else 1)
-PY
+  if ! finished "$out/metrics.json"; then  # a finished run is not relaunched (it would evaluate again)
+    echo "[bench] $(date -u +%H:%M:%S) $row seed $seed -> $out"
+    mkdir -p "$out"
+    # shellcheck disable=SC2086  # the row's overrides are words
+    .venv/bin/deepspeed --num_gpus 2 --master_port "${MASTER_PORT:-29733}" launch/train.py \
+      --config "$CONFIG" ${ROW[$row]} "train.seed=$seed" "output_dir=$out" \
+      "replay.teacher_cache=$RUNS/teacher" >> "$out.launch.log" 2>&1
+    finished "$out/metrics.json" || { echo "[bench] $row seed $seed unfinished" >&2; exit 1; }
+  fi
   mkdir -p "$keep"
   cp "$out/"{config.yaml,metrics.json,outcomes.json,train_steps.jsonl} "$keep/"
   rm -rf "$out/checkpoints"
