@@ -20,16 +20,20 @@ declare -A ROW=(
   [tm_w100]="replay.strategy=tm replay.weight=100"
   [tm_dy]="replay.strategy=tm replay.weight=dy"
   [tm_dy_exact]="replay.strategy=tm replay.weight=dy replay.tm_dead_band=0"
+  [tm_w1]="replay.strategy=tm replay.weight=1"
+  [tm_dy_k2]="replay.strategy=tm replay.weight=dy replay.threshold_k=2"
   [kl]="replay.strategy=kl replay.weight=1"
   [l2]="replay.strategy=l2 replay.weight=1"
   [lora_tm_dy]="replay.strategy=tm replay.weight=dy train.lora.r=16 train.lora.alpha=32
     train.lora.dropout=0.05 train.lora.continual=carry
     train.lora.target_modules=[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj]"
 )
-# first the pairs that answer "does GeRe help" at 3 seeds, then the other strategies and GeRe
+# first the pairs that answer "does GeRe help" at 3 seeds, then the other strategies, TM's
+# weight (1, dy, 100) and threshold width (k = 1, 2) against what the model learns, and GeRe
 # with LoRA adapters (docs/lora.md) instead of full fine-tuning
 PLAN=(none:1 replay:1 tm_dy:1 none:2 replay:2 tm_dy:2 none:3 replay:3 tm_dy:3
-      tm_w100:1 kl:1 l2:1 tm_dy_exact:1 tm_w100:2 kl:2 l2:2 lora_tm_dy:1)
+      tm_w100:1 tm_w1:1 tm_dy_k2:1 kl:1 l2:1 tm_dy_exact:1 lora_tm_dy:1
+      tm_w100:2 kl:2 l2:2)
 ITEMS=("${@:-${PLAN[@]}}")
 export OMP_NUM_THREADS=1 DS_ACCELERATOR=cpu TOKENIZERS_PARALLELISM=false
 export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$PWD/.cache/torch_extensions}"

@@ -26,9 +26,11 @@ from gere_ds.atomic import write_bytes_atomic, write_text_atomic
 from gere_ds.evaluation.outcomes import OUTCOMES_JSON, unbits
 from gere_ds.evaluation.stats import Interval, concat_examples, mean_interval, paired_difference
 
-ROW_ORDER = ("none", "replay", "tm_w100", "tm_dy", "tm_dy_exact", "kl", "l2")
+ROW_ORDER = ("none", "replay", "tm_w1", "tm_w100", "tm_dy", "tm_dy_k2", "tm_dy_exact", "kl", "l2",
+             "lora_tm_dy")
 PAIRS = (("replay", "none"), ("tm_dy", "none"), ("tm_dy", "replay"), ("tm_w100", "replay"),
-         ("tm_dy", "kl"), ("tm_dy", "l2"), ("tm_dy", "tm_w100"), ("tm_dy_exact", "tm_dy"))
+         ("tm_dy", "kl"), ("tm_dy", "l2"), ("tm_dy", "tm_w100"), ("tm_w1", "tm_dy"),
+         ("tm_dy_k2", "tm_dy"), ("tm_dy_exact", "tm_dy"), ("lora_tm_dy", "tm_dy"))
 # keys that may differ between rows and seeds; everything else in config.yaml is the regime
 ROW_KEYS = {"output_dir", "resume", "replay", "checkpoint"}
 SEED_KEYS = {"seed", "lora"}  # train keys a row may set: the seed, and LoRA adapters (a LoRA row)
