@@ -19,16 +19,20 @@ VENV_BIN = Path(sys.executable).parent
 
 
 def run_deepspeed(script: str | Path, args: list[str], nproc: int = 2, timeout: int = 600,
-                  extra: list[str] | None = None) -> subprocess.CompletedProcess:
-    """`deepspeed --num_gpus nproc script args...` with a free port; output captured."""
+                  extra: list[str] | None = None, env: dict[str, str] | None = None
+                  ) -> subprocess.CompletedProcess:
+    """`deepspeed --num_gpus nproc script args...` with a free port; output captured; ``env``
+    adds variables. The job runs in its own process group (session), so a test hook that kills
+    the whole job (``GERE_DS_KILL_AT``) kills nothing else."""
     port = free_port()
     # bench/gpu_check.sh on a 1-GPU machine: NCCL needs one device per rank
     nproc = min(nproc, int(os.environ.get("GERE_TEST_RANKS", nproc)))
     cmd = [str(VENV_BIN / "deepspeed"), "--num_gpus", str(nproc), "--master_port", str(port),
            *(extra or []), str(script), *args]
     try:
-        return subprocess.run(cmd, cwd=REPO, env=ds_env(), capture_output=True, text=True,
-                              timeout=timeout)
+        return subprocess.run(cmd, cwd=REPO, env={**ds_env(), **(env or {})},
+                              capture_output=True, text=True, timeout=timeout,
+                              start_new_session=True)
     finally:
         # only this job's shm buffers (named after its master port): other DeepSpeed jobs on
         # the machine keep theirs

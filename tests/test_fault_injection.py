@@ -8,7 +8,6 @@ run, bit for bit (fp32 on CPU).
 The points are drawn from a seed printed with any failure; ``GERE_FAULT_SEED=<n>`` replays one."""
 from __future__ import annotations
 
-import glob
 import json
 import os
 import random
@@ -18,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, VENV_BIN, ds_env, free_port, step_losses
+from conftest import REPO, run_deepspeed, step_losses
 
 pytestmark = pytest.mark.slow
 
@@ -29,23 +28,9 @@ def _config(tiny_config, name: str) -> Path:
                        checkpoint={"every_steps": 1, "keep_last": 2})
 
 
-def _launch(cfg: Path, kill_at: str | None = None) -> subprocess.CompletedProcess:
-    """The job in its own process group, so a crash point can kill all of it and nothing else."""
-    env = ds_env()
-    env.pop("GERE_DS_KILL_AT", None)
-    if kill_at:
-        env["GERE_DS_KILL_AT"] = kill_at
-    cmd = [str(VENV_BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()),
-           str(REPO / "launch/train.py"), "--config", str(cfg)]
-    with subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True, start_new_session=True) as proc:
-        try:
-            out, _ = proc.communicate(timeout=600)
-        finally:  # a killed job leaves its shared-memory buffers (named after its port)
-            for f in glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{cmd[4]}_*"):
-                os.remove(f)
-        return subprocess.CompletedProcess(cmd, proc.returncode, out, "")
-
+def _launch(cfg: Path, kill_at: str = "") -> subprocess.CompletedProcess:
+    return run_deepspeed(REPO / "launch/train.py", ["--config", str(cfg)],
+                         env={"GERE_DS_KILL_AT": kill_at})  # "": no crash
 
 
 def _draw(rng: random.Random) -> list[str]:
@@ -63,7 +48,7 @@ def _draw(rng: random.Random) -> list[str]:
 def test_repeated_crashes_at_random_points_end_with_the_uninterrupted_numbers(tiny_config):
     reference = _config(tiny_config, "reference")
     done = _launch(reference)
-    assert done.returncode == 0, done.stdout[-3000:]
+    assert done.returncode == 0, done.stderr[-3000:]
     ref_dir = reference.parent / "run_reference"
 
     seed = int(os.environ.get("GERE_FAULT_SEED") or random.SystemRandom().randrange(1 << 30))
@@ -72,12 +57,12 @@ def test_repeated_crashes_at_random_points_end_with_the_uninterrupted_numbers(ti
     run_dir = cfg.parent / "run_faulty"
     for fault in faults:
         cut = _launch(cfg, kill_at=fault)
-        why = f"seed {seed}, crash at {fault!r}: {cut.stdout[-3000:]}"
+        why = f"seed {seed}, crash at {fault!r}: {cut.stderr[-3000:]}"
         assert cut.returncode == -signal.SIGKILL, why  # the crash point was reached
         assert not (run_dir / "metrics.json").exists() or len(
             json.loads((run_dir / "metrics.json").read_text())["matrix"]) < 3, why
     last = _launch(cfg)
-    assert last.returncode == 0, f"seed {seed}, faults {faults}: {last.stdout[-3000:]}"
+    assert last.returncode == 0, f"seed {seed}, faults {faults}: {last.stderr[-3000:]}"
     assert "resumed from" in (run_dir / "train.log").read_text()
     assert step_losses(run_dir) == step_losses(ref_dir), f"seed {seed}, faults {faults}"
     ours = json.loads((run_dir / "metrics.json").read_text())
@@ -87,4 +72,3 @@ def test_repeated_crashes_at_random_points_end_with_the_uninterrupted_numbers(ti
     for tag in ("task001-end", "task002-end"):  # both task ends complete, by every rank
         assert {p.name for p in (run_dir / "checkpoints" / tag).glob("COMPLETE.rank*")} == {
             "COMPLETE.rank00000", "COMPLETE.rank00001"}
-

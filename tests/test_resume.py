@@ -30,7 +30,6 @@ def _three_tasks(tiny_config, tiny_paths, name):
                        checkpoint={"every_steps": 1, "keep_last": 2})
 
 
-
 def _start(cfg: Path) -> subprocess.Popen:
     cmd = [str(VENV_BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()),
            str(REPO / "launch/train.py"), "--config", str(cfg)]
@@ -157,12 +156,15 @@ def test_a_task_file_changed_in_place_is_refused_on_resume_in_one_line(tiny_conf
     state = {"world_size": 2, "task_names": [cfg.tasks[0].name], "teacher_fingerprint": "fp",
              "task_data": {cfg.tasks[0].name: task_data_digests(cfg)[cfg.tasks[0].name]}}
     check_state(state, tmp_path, cfg, 2, "fp", task_data=task_data_digests(cfg))
-    for task in (cfg.tasks[1], cfg.tasks[0]):  # the unseen task first: still accepted
+
+    def edit_test_file(task) -> None:
         edited = tmp_path / f"{task.name}_test.jsonl"
         edited.write_text(Path(task.test).read_text().replace("a", "b", 1))
         task.test = str(edited)
-        if task is cfg.tasks[1]:
-            check_state(state, tmp_path, cfg, 2, "fp", task_data=task_data_digests(cfg))
+
+    edit_test_file(cfg.tasks[1])  # not recorded: still accepted
+    check_state(state, tmp_path, cfg, 2, "fp", task_data=task_data_digests(cfg))
+    edit_test_file(cfg.tasks[0])
     with pytest.raises(InputError, match=r"task sentiment's test file .*differs from the one "
                                          r"checkpoint") as err:
         check_state(state, tmp_path, cfg, 2, "fp", task_data=task_data_digests(cfg))

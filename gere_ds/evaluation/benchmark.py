@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import io
 import json
+import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -225,23 +226,11 @@ def _task_steps(run: Run, task: int) -> list[dict[str, Any]]:
     return [s for s in run.steps if s.get("task") == task]
 
 
-def _mean_of(values: Sequence[float | None]) -> float | None:
-    vals = [v for v in values if v is not None]
-    return sum(vals) / len(vals) if vals else None
-
-
-def _median_of(values: Sequence[float | None]) -> float | None:
-    vals = sorted(v for v in values if v is not None)
-    if not vals:
-        return None
-    mid = len(vals) // 2
-    return vals[mid] if len(vals) % 2 else (vals[mid - 1] + vals[mid]) / 2
-
-
 def _cell(value: float | None, fmt: str) -> str:
     return "-" if value is None else format(value, fmt)
 
 
+TRAINING_HEAD = 5  # steps at the start of a task: the task CE before any learning
 TRAINING_TAIL = 10  # steps at the end of a task whose mean task CE says how far it was learned
 
 
@@ -250,9 +239,11 @@ def render_training(b: Benchmark) -> str:
     the last 10 steps (how far the training fit the task), the replay CE over the last 10, the
     median gradient norm (before clipping) and, for TM rows, the mean violating fraction and
     the median dy weight. It shows what a replay term did to the task's own learning."""
-    head = ["row", "task", "task CE, first 5 steps", f"task CE, last {TRAINING_TAIL}",
+    head = ["row", "task", f"task CE, first {TRAINING_HEAD} steps",
+            f"task CE, last {TRAINING_TAIL}",
             f"replay CE, last {TRAINING_TAIL}", "grad norm (median)", "TM violating %",
             "TM weight (median)"]
+    first, last, every = slice(None, TRAINING_HEAD), slice(-TRAINING_TAIL, None), slice(None)
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row, runs in b.runs.items():
         if not all(r.steps for r in runs):
@@ -260,18 +251,22 @@ def render_training(b: Benchmark) -> str:
         for i, task in enumerate(b.tasks):
             per_run = [_task_steps(r, i) for r in runs]
 
-            def stat(key: str, pick: Any, reduce: Any = _mean_of) -> float | None:
-                return _mean_of([reduce([s.get(key) for s in pick(steps)]) for steps in per_run])
+            def stat(key: str, part: slice, per_seed: Any = statistics.fmean) -> float | None:
+                """``per_seed`` of the logged values in that part of the task, meaned over the
+                seeds that logged the key; None where none did (a row without that term)."""
+                values = [[s[key] for s in steps[part] if s.get(key) is not None]
+                          for steps in per_run]
+                found = [per_seed(v) for v in values if v]
+                return statistics.fmean(found) if found else None
 
-            head_ce = stat("train/task_ce", lambda s: s[:5])
-            tail_ce = stat("train/task_ce", lambda s: s[-TRAINING_TAIL:])
-            replay = stat("train/replay_ce", lambda s: s[-TRAINING_TAIL:])
-            grad = stat("train/grad_norm", lambda s: s, _median_of)
-            viol = stat("train/tm_violation_frac", lambda s: s)
-            weight = stat("train/tm_weight", lambda s: s, _median_of)
-            cells = [row, task, _cell(head_ce, ".3f"), _cell(tail_ce, ".3f"),
-                     _cell(replay or None, ".3f"), _cell(grad, ".1f"),
-                     _cell(None if viol is None else 100 * viol, ".2f"), _cell(weight, ".2f")]
+            replay = stat("train/replay_ce", last)
+            viol = stat("train/tm_violation_frac", every)
+            cells = [row, task, _cell(stat("train/task_ce", first), ".3f"),
+                     _cell(stat("train/task_ce", last), ".3f"),
+                     _cell(replay or None, ".3f"),  # `none` logs a replay CE of 0
+                     _cell(stat("train/grad_norm", every, statistics.median), ".1f"),
+                     _cell(None if viol is None else 100 * viol, ".2f"),
+                     _cell(stat("train/tm_weight", every, statistics.median), ".2f")]
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
