@@ -19,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
                 "task files"),
     "compare": ("gere_ds.commands.compare", "put finished runs side by side"),
     "dynamics": ("gere_ds.commands.dynamics", "plot replay terms over training"),
+    "states": ("gere_ds.commands.states", "which activation states a model flipped from the base's"),
     "prepare-assets": ("gere_assets.cli", "build the demo's model and data offline"),
 }
 PROG = "gere-ds"
