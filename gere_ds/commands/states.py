@@ -1,7 +1,7 @@
 """`gere-ds states`: which final-norm activation states a fine-tuned model has flipped.
 
     gere-ds states --config runs/demo/config.yaml --out runs/demo_states \\
-        after_task1=runs/demo/hf/task001 after_task2=runs/demo/hf/task002
+        task1=runs/demo_task1 task2=runs/demo_task2   # folders written by gere-ds export
 
 For each NAME=MODEL folder (Hugging Face, e.g. `gere-ds export` output) it compares the model's
 final-norm output with the base model's (the config's `model`) on the first `--samples` replay
