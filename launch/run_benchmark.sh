@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # The continual benchmark of docs/results.md: every row of configs/bench/continual.yaml at several
 # seeds on 2 CPU ranks, one run at a time, resumable. A finished run's small result files
-# (config.yaml, metrics.json, outcomes.json, train_steps.jsonl) are copied to
-# docs/results/continual/<row>/seed<N>/ (committed) and its checkpoints are deleted (1.5 GB each);
+# (config.yaml, metrics.json, outcomes.json, train_steps.jsonl, and states.json: the activation
+# states each task end flipped, measured by `gere-ds states` on the run's task-end exports) are
+# copied to docs/results/continual/<row>/seed<N>/ (committed) and its checkpoints and exports are
+# deleted (1.8 GB and 0.27 GB each);
 # then the tables and pictures are regenerated from every committed run:
 #   python eval/compare.py --benchmark docs/results/continual
 # A run whose results are already committed is skipped, so the script can be stopped (kill,
@@ -55,12 +57,22 @@ for item in "${ITEMS[@]}"; do
     # shellcheck disable=SC2086  # the row's overrides are words
     .venv/bin/deepspeed --num_gpus 2 --master_port "${MASTER_PORT:-29733}" launch/train.py \
       --config "$CONFIG" ${ROW[$row]} "train.seed=$seed" "output_dir=$out" \
-      "replay.teacher_cache=$RUNS/teacher" >> "$out.launch.log" 2>&1
+      "replay.teacher_cache=$RUNS/teacher" checkpoint.export_hf=true >> "$out.launch.log" 2>&1
     finished "$out/metrics.json" || { echo "[bench] $row seed $seed unfinished" >&2; exit 1; }
   fi
+  # which activation states each task end flipped from the base model's (gere-ds states), on
+  # replay and held-out texts, from the run's Hugging Face exports of its task ends
+  ends=()
+  for hf in "$out"/hf/task*; do [ -d "$hf" ] && ends+=("$(basename "$hf")=$hf"); done
+  if [ ${#ends[@]} -gt 0 ]; then
+    .venv/bin/gere-ds states --config "$out/config.yaml" --out "$out/states" --samples 64 \
+      --heldout assets/data/general/heldout.jsonl "${ends[@]}" >> "$out.launch.log" 2>&1 ||
+      { echo "[bench] $row seed $seed: gere-ds states failed (see $out.launch.log)" >&2; exit 1; }
+  fi
   mkdir -p "$keep"
+  [ -f "$out/states/states.json" ] && cp "$out/states/states.json" "$keep/"
   cp "$out/"{config.yaml,metrics.json,outcomes.json,train_steps.jsonl} "$keep/"
-  rm -rf "$out/checkpoints"
+  rm -rf "$out/checkpoints" "$out/hf"
   .venv/bin/python eval/compare.py --benchmark "$KEEP" > /dev/null
   echo "[bench] $(date -u +%H:%M:%S) $row seed $seed done"
 done

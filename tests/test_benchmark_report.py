@@ -108,13 +108,39 @@ def test_training_table_by_hand(tmp_path):
     assert "| none |" not in text  # rows without step logs are left out
 
 
+def _states(flipped: dict[str, tuple[float, float]], samples: int = 64) -> dict:
+    """A states.json: task tag -> (flipped % on replay texts, on held-out texts)."""
+    return {"base": "m", "replay": "r.jsonl", "heldout": "h.jsonl", "samples": samples,
+            "max_len": 8, "threshold_k": 1.0,
+            "models": {tag: {"replay": {"flipped_pct": r, "mean_shift_sigma": r / 10},
+                             "heldout": {"flipped_pct": h, "mean_shift_sigma": h / 10}}
+                       for tag, (r, h) in flipped.items()}}
+
+
+def test_states_table_by_hand(tmp_path):
+    """states.md: per row and task end, flipped % and shift on replay and held-out texts, the
+    mean over the seeds that measured them; rows without states.json are left out."""
+    _standard(tmp_path)
+    for seed, (a, b) in ((1, (2.0, 3.0)), (2, (4.0, 5.0))):
+        (tmp_path / "none" / f"seed{seed}" / "states.json").write_text(json.dumps(
+            _states({"task001-end": (a, b), "task002-end": (2 * a, 2 * b)})))
+    text = B.render_states(B.load_benchmark(tmp_path))
+    assert "| none | 1,2 | 1 t1 | 3.00 | 4.00 | 0.300 | 0.400 |" in text
+    assert "| none | 1,2 | 2 t2 | 6.00 | 8.00 | 0.600 | 0.800 |" in text
+    assert "| replay |" not in text
+    (tmp_path / "replay" / "seed1" / "states.json").write_text(json.dumps(
+        _states({"task001-end": (1.0, 1.0)}, samples=32)))
+    with pytest.raises(B.BenchmarkError, match=r"measured states differently \(samples: 32 vs 64"):
+        B.load_benchmark(tmp_path)
+
+
 def test_report_is_reproducible(tmp_path):
     _standard(tmp_path / "r")
     first = B.write_report(tmp_path / "r", tmp_path / "a")
     second = B.write_report(tmp_path / "r", tmp_path / "b")
     assert first == second
-    for name in ("table.md", "paired.md", "learning.md", "training.md", "forgetting.png",
-                 "general.png"):
+    for name in ("table.md", "paired.md", "learning.md", "training.md", "states.md",
+                 "forgetting.png", "general.png"):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
 
 

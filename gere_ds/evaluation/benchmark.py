@@ -2,7 +2,8 @@
 
 A results folder holds one sub-folder per row (strategy) and, inside, one per seed::
 
-    <results>/<row>/seed<N>/{config.yaml, metrics.json, outcomes.json, train_steps.jsonl}
+    <results>/<row>/seed<N>/{config.yaml, metrics.json, outcomes.json, train_steps.jsonl,
+                             states.json (optional: `gere-ds states` on the run's task ends)}
 
 :func:`load_benchmark` refuses, with one line naming the mismatch, a folder whose runs were not
 made under one regime (same model, tasks, schedule and evaluation; the non-``none`` rows also
@@ -10,7 +11,8 @@ share their replay set) or whose runs scored different test examples (``outcomes
 fingerprints); nothing is silently averaged. :func:`write_report` then writes ``table.md``
 (rows with 95 % intervals), ``paired.md`` (paired differences), ``learning.md`` (each task
 against its majority label), ``training.md`` (what each row's training did: task and replay CE,
-gradient norm, TM's violations and weight) and three pictures.
+gradient norm, TM's violations and weight), ``states.md`` (activation states flipped from the
+base model's at each task end, for the runs that measured them) and three pictures.
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ from gere_ds.atomic import write_bytes_atomic, write_text_atomic
 from gere_ds.evaluation.outcomes import OUTCOMES_JSON, unbits
 from gere_ds.evaluation.stats import Interval, concat_examples, mean_interval, paired_difference
 
+STATES_JSON = "states.json"
 ROW_ORDER = ("none", "replay", "tm_w1", "tm_w100", "tm_dy", "tm_dy_k2", "tm_dy_exact", "kl", "l2",
              "lora_tm_dy")
 PAIRS = (("replay", "none"), ("tm_dy", "none"), ("tm_dy", "replay"), ("tm_w100", "replay"),
@@ -50,6 +53,7 @@ class Run:
     metrics: dict[str, Any]
     outcomes: dict[str, Any]
     steps: list[dict[str, Any]] = field(default_factory=list)
+    states: dict[str, Any] | None = None  # states.json (gere-ds states on the task ends), if any
 
 
 @dataclass
@@ -85,6 +89,11 @@ def _replay_set(cfg: dict[str, Any]) -> dict[str, Any]:
     return {k: r.get(k) for k in ("data", "num_samples", "max_len", "per_batch")}
 
 
+def _state_settings(states: dict[str, Any]) -> dict[str, Any]:
+    return {k: states.get(k) for k in ("base", "replay", "heldout", "samples", "max_len",
+                                       "threshold_k")}
+
+
 def _first_difference(a: Any, b: Any, prefix: str = "") -> str:
     if isinstance(a, dict) and isinstance(b, dict):
         for key in sorted(set(a) | set(b)):
@@ -114,8 +123,9 @@ def load_run(folder: Path, row: str) -> Run:
     if metrics.get("completed_tasks") != n_tasks or len(outcomes.get("rows", [])) != n_tasks + 1:
         raise BenchmarkError(f"{folder}: unfinished run ({metrics.get('completed_tasks')} of "
                              f"{n_tasks} tasks, {len(outcomes.get('rows', []))} evaluations)")
+    states = _read_json(folder / STATES_JSON) if (folder / STATES_JSON).is_file() else None
     return Run(row, seed, folder, config, metrics, outcomes,
-               _read_steps(folder / "train_steps.jsonl"))
+               _read_steps(folder / "train_steps.jsonl"), states)
 
 
 def _row_sort_key(row: str) -> tuple[int, str]:
@@ -137,6 +147,11 @@ def load_benchmark(results: str | Path) -> Benchmark:
         if run.outcomes["test_sets"] != ref.outcomes["test_sets"]:
             raise BenchmarkError(f"{run.folder} and {ref.folder} scored different test sets ("
                                  f"{_first_difference(run.outcomes['test_sets'], ref.outcomes['test_sets'])})")
+    measured = [r for r in runs if r.states is not None]
+    for run in measured[1:]:
+        if _state_settings(run.states) != _state_settings(measured[0].states):
+            raise BenchmarkError(f"{run.folder} and {measured[0].folder} measured states "
+                                 f"differently ({_first_difference(_state_settings(run.states), _state_settings(measured[0].states))})")
     replayed = [r for r in runs if r.config.get("replay", {}).get("strategy") != "none"]
     for run in replayed[1:]:
         if _replay_set(run.config) != _replay_set(replayed[0].config):
@@ -286,6 +301,36 @@ def render_paired(b: Benchmark) -> str:
     return "\n".join(lines) + "\n"
 
 
+def render_states(b: Benchmark) -> str:
+    """Per row and task end (mean over the seeds whose states were measured): the percentage of
+    final-norm activation elements whose tri-state differs from the base model's, on the replay
+    texts and on held-out texts, and the mean shift of an element in sigma units."""
+    head = ["row", "seeds", "after task", "flipped %, replay texts", "flipped %, held-out",
+            "shift (sigma), replay", "shift (sigma), held-out"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row, runs in b.runs.items():
+        measured = [r for r in runs if r.states is not None]
+        if not measured:
+            continue
+        for i, task in enumerate(b.tasks):
+            # the exports are named by their checkpoint tags (checkpoint.task_tag)
+            found = [r.states["models"].get(f"task{i + 1:03d}-end") for r in measured]
+            found = [f for f in found if f is not None]
+            if not found:
+                continue
+
+            def mean(texts: str, key: str) -> str:
+                vals = [f[texts][key] for f in found if texts in f]
+                return f"{statistics.fmean(vals):.{3 if 'shift' in key else 2}f}" if vals else "-"
+
+            lines.append(f"| {row} | {','.join(str(r.seed) for r in measured)} | "
+                         f"{i + 1} {task} | {mean('replay', 'flipped_pct')} | "
+                         f"{mean('heldout', 'flipped_pct')} | "
+                         f"{mean('replay', 'mean_shift_sigma')} | "
+                         f"{mean('heldout', 'mean_shift_sigma')} |")
+    return "\n".join(lines) + "\n"
+
+
 # ------------------------------------------------------------------------------ pictures
 
 
@@ -370,13 +415,14 @@ def violation_figure(b: Benchmark) -> bytes:
 
 
 def write_report(results: str | Path, out: str | Path | None = None) -> dict[str, str]:
-    """Write table.md, learning.md, paired.md, training.md and the pictures; return the
-    markdown texts."""
+    """Write table.md, learning.md, paired.md, training.md, states.md and the pictures; return
+    the markdown texts."""
     b = load_benchmark(results)
     out = Path(out or results)
     out.mkdir(parents=True, exist_ok=True)
     texts = {"table.md": render_table(b), "learning.md": render_learning(b),
-             "paired.md": render_paired(b), "training.md": render_training(b)}
+             "paired.md": render_paired(b), "training.md": render_training(b),
+             "states.md": render_states(b)}
     for name, text in texts.items():
         write_text_atomic(out / name, text)
     for name, make in (("forgetting.png", forgetting_figure), ("general.png", general_figure),
