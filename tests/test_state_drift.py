@@ -105,6 +105,7 @@ def test_command_finds_the_flips_of_a_perturbed_model(tiny_config, tiny_paths, t
     code = states_main(["--config", str(tiny_config()), "--out", str(out), "--samples", "5",
                         "--heldout", tiny_paths["replay"], f"same={same}", f"changed={changed}"])
     assert code == 0
+    assert torch.is_grad_enabled()  # the command leaves the caller's autograd as it found it
     result = json.loads((out / "states.json").read_text())["models"]
     assert set(result) == {"same", "changed"} and set(result["same"]) == {"replay", "heldout"}
     assert result["same"]["replay"]["flipped_pct"] == 0.0

@@ -133,7 +133,6 @@ def measure_models(cfg: Any, models: list[tuple[str, str]], heldout: str, sample
     from gere_ds.evaluation.state_drift import final_norm_outputs, fit_thresholds, measure
     from gere_ds.progress_bar import progress_bar
 
-    torch.set_grad_enabled(False)
     trust = cfg.trust_remote_code
     tok = AutoTokenizer.from_pretrained(cfg.tokenizer or cfg.model, trust_remote_code=trust)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
