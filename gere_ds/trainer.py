@@ -25,7 +25,7 @@ from gere_ds.config import RunConfig, save_resolved
 from gere_ds.data.sampler import ContinualSampler
 from gere_ds.digest_cache import DIGESTS_FILE, DigestCache
 from gere_ds.engine import Engine, build_engine, resolve_ds_config, zero_stage
-from gere_ds.evaluation.base_cache import evaluate_base
+from gere_ds.evaluation.base_cache import evaluate_base, evaluate_task_end
 from gere_ds.errors import InputError
 from gere_ds.inputs import Inputs
 from gere_ds.lora import check_lora_state, lora_run
@@ -335,9 +335,13 @@ class ContinualTrainer:
         try:
             with stop.doing("the base model's evaluation" if not p.matrix
                             else f"the evaluation {label}"):
-                row = score() if p.matrix else evaluate_base(self.cfg, suite, self.world,
-                                                             self.teacher_root, score,
-                                                             self.log.info)
+                if p.matrix:  # a task end: the checkpoint just saved or resumed from holds it
+                    row = evaluate_task_end(self.cfg, suite, self.world, self.out,
+                                            self.ckpt.run or "", self.ckpt.parent or "", score,
+                                            self.log.info)
+                else:
+                    row = evaluate_base(self.cfg, suite, self.world, self.teacher_root, score,
+                                        self.log.info)
         finally:
             self.log.close_progress()
             self.engine.engine.train()

@@ -51,3 +51,26 @@ def test_off_by_default_and_damaged_file_is_a_miss(tiny_config, tmp_path):
     BC.evaluate_base(off, suite, 2, tmp_path, lambda: calls.append(1) or _row(1.0), print)
     assert len(calls) == 2  # scored both times
     assert [p.name for p in (tmp_path / BC.FOLDER).iterdir()] == [f"{key}.json"]  # nothing kept
+
+
+def test_a_task_end_evaluation_is_reused_only_for_the_same_checkpoint(tiny_config, tmp_path):
+    cfg, suite = _setup(tiny_config, tmp_path)
+    calls, logs = [], []
+    score = lambda: calls.append(1) or _row(float(len(calls)))  # noqa: E731
+
+    def at(run: str, checkpoint: str) -> EvalRow:
+        return BC.evaluate_task_end(cfg, suite, 2, tmp_path, run, checkpoint, score, logs.append)
+
+    first = at("runA", "task001-end#3")
+    assert at("runA", "task001-end#3") == first and len(calls) == 1
+    assert logs[-1].startswith("task001-end: reusing the evaluation kept in")
+    at("runA", "task001-end#7")  # the same tag saved again (after a rollback): another model
+    at("runB", "task001-end#3")  # another run's checkpoint in this folder
+    assert len(calls) == 3
+    cfg2, suite2 = _setup(tiny_config, tmp_path, max_examples=3)  # other test examples
+    BC.evaluate_task_end(cfg2, suite2, 2, tmp_path, "runA", "task001-end#3", score, print)
+    assert len(calls) == 4
+    kept = len(list((tmp_path / BC.TASK_END_FOLDER).iterdir()))
+    at("runA", "")  # no checkpoint identity: scored, nothing kept or read
+    at("runA", "")
+    assert len(calls) == 6 and len(list((tmp_path / BC.TASK_END_FOLDER).iterdir())) == kept

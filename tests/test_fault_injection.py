@@ -45,12 +45,17 @@ def _draw(rng: random.Random) -> list[str]:
             f"the evaluation after task 1:{rng.randint(1, 2)}:{rank()}"]
 
 
-def test_repeated_crashes_at_random_points_end_with_the_uninterrupted_numbers(tiny_config):
+@pytest.fixture
+def ref_dir(tiny_config) -> Path:
+    """The uninterrupted run."""
     reference = _config(tiny_config, "reference")
     done = _launch(reference)
     assert done.returncode == 0, done.stderr[-3000:]
-    ref_dir = reference.parent / "run_reference"
+    return reference.parent / "run_reference"
 
+
+def test_repeated_crashes_at_random_points_end_with_the_uninterrupted_numbers(tiny_config,
+                                                                              ref_dir):
     seed = int(os.environ.get("GERE_FAULT_SEED") or random.SystemRandom().randrange(1 << 30))
     faults = _draw(random.Random(seed))
     cfg = _config(tiny_config, "faulty")
@@ -72,3 +77,25 @@ def test_repeated_crashes_at_random_points_end_with_the_uninterrupted_numbers(ti
     for tag in ("task001-end", "task002-end"):  # both task ends complete, by every rank
         assert {p.name for p in (run_dir / "checkpoints" / tag).glob("COMPLETE.rank*")} == {
             "COMPLETE.rank00000", "COMPLETE.rank00001"}
+
+
+def test_a_crash_in_the_next_task_reuses_the_kept_evaluation_of_the_task_end(tiny_config,
+                                                                             ref_dir):
+    """Without mid-task checkpoints a crash during task 2 resumes from task 1's end, whose
+    evaluation already ran: it is read back (kept by checkpoint identity), not scored again."""
+    cfg = tiny_config("tm", name="next", replay={"per_batch": 2},
+                      train={"max_steps_per_task": 4, "epochs": 3},
+                      checkpoint={"every_steps": 0, "keep_last": 1})
+    run_dir = cfg.parent / "run_next"
+    cut = _launch(cfg, kill_at="a micro-step:10")  # task 1: 4 steps x 2 micro-steps
+    assert cut.returncode == -signal.SIGKILL, cut.stderr[-3000:]
+    assert not (run_dir / "checkpoints" / "task002-end").exists()
+    last = _launch(cfg)
+    assert last.returncode == 0, last.stderr[-3000:]
+    log = (run_dir / "train.log").read_text()
+    assert "resumed from" in log and "task001-end: reusing the evaluation kept in" in log
+    assert log.count("evaluating the model after task 1") == 2  # asked twice, scored once
+    assert step_losses(run_dir) == step_losses(ref_dir)
+    ours = json.loads((run_dir / "metrics.json").read_text())
+    ref = json.loads((ref_dir / "metrics.json").read_text())
+    assert ours["matrix"] == ref["matrix"] and ours["general"] == ref["general"]

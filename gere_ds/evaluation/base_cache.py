@@ -1,4 +1,5 @@
-"""The base model's evaluation, kept and reused across the runs of one study.
+"""Evaluations kept and reused: the base model's across the runs of one study, and each task
+end's within its run.
 
 Every run of an ablation or benchmark starts by scoring the same base model on the same test
 sets: with ``eval.reuse_base`` the first run keeps that evaluation next to its teacher cache, and
@@ -7,12 +8,18 @@ numbers: the model and tokenizer files, the exact test examples (their digests),
 settings, the prompt cut, the precision, the world size and the scorer's version (other shapes round
 differently).
 
+A task end's evaluation is kept in ``<output_dir>/eval_rows/`` under a key made of the same
+settings and the identity of the checkpoint that holds the evaluated model (the run fingerprint
+and the checkpoint's ``tag#sequence``, unique within a run folder): a run resumed from that
+checkpoint, e.g. after a crash during the next task, reads the row instead of scoring again.
+
 Rank 0 reads the file and broadcasts it, so only rank 0 needs to see the folder; a file that is
 unreadable or holds another key is a miss, never an error. Written atomically by rank 0.
 """
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 from pathlib import Path
 from typing import Any, Callable
@@ -29,10 +36,11 @@ FOLDER = "base_eval"
 SCORER_VERSION = 2  # 2: all choices of a question in one packed row
 
 
-def base_key(cfg: Any, suite: Any, world_size: int) -> str:
-    """Identity of the base evaluation of run config ``cfg`` on ``suite``."""
-    from gere_ds.teacher import fingerprint
+TASK_END_FOLDER = "eval_rows"
 
+
+def _settings(cfg: Any, suite: Any, world_size: int) -> dict[str, Any]:
+    """What decides an evaluation's numbers besides the model."""
     settings = {"tests": test_set_digests(suite), "eval": dataclasses.asdict(cfg.eval),
                 "max_source_len": cfg.train.max_source_len,
                 "max_target_len": cfg.train.max_target_len,
@@ -41,8 +49,23 @@ def base_key(cfg: Any, suite: Any, world_size: int) -> str:
                 "tasks": [dataclasses.asdict(t) for t in cfg.tasks]}
     settings["eval"].pop("reuse_base", None)
     settings["eval"].pop("max_examples", None)  # the digests say which examples
+    return settings
+
+
+def base_key(cfg: Any, suite: Any, world_size: int) -> str:
+    """Identity of the base evaluation of run config ``cfg`` on ``suite``."""
+    from gere_ds.teacher import fingerprint
+
     return fingerprint(cfg.model, cfg.tokenizer or cfg.model, cfg.model + "/config.json",
-                       settings)
+                       _settings(cfg, suite, world_size))
+
+
+def task_end_key(cfg: Any, suite: Any, world_size: int, run: str, checkpoint: str) -> str:
+    """Identity of the evaluation of the model that checkpoint ``checkpoint`` (``tag#seq``) of
+    the run with fingerprint ``run`` holds."""
+    doc = json.dumps([_settings(cfg, suite, world_size), run, checkpoint], sort_keys=True,
+                     default=str)
+    return hashlib.sha256(doc.encode()).hexdigest()
 
 
 def _to_json(key: str, row: EvalRow) -> dict[str, Any]:
@@ -58,11 +81,11 @@ def _from_json(doc: dict[str, Any]) -> EvalRow:
                                    for n, s in doc["general_scores"].items()})
 
 
-def load_base(root: Path, key: str) -> EvalRow | None:
-    """The kept base evaluation for ``key`` on every rank, or None on every rank."""
+def load_base(root: Path, key: str, folder: str = FOLDER) -> EvalRow | None:
+    """The kept evaluation for ``key`` on every rank, or None on every rank."""
     doc = None
     if dist.is_main():
-        path = root / FOLDER / f"{key}.json"
+        path = root / folder / f"{key}.json"
         try:
             doc = json.loads(path.read_text(encoding="utf-8"))
             if doc.get("key") != key:
@@ -74,10 +97,10 @@ def load_base(root: Path, key: str) -> EvalRow | None:
     return _from_json(doc) if doc else None
 
 
-def save_base(root: Path, key: str, row: EvalRow) -> None:
-    """Keep a base evaluation (rank 0 only)."""
+def save_base(root: Path, key: str, row: EvalRow, folder: str = FOLDER) -> None:
+    """Keep an evaluation (rank 0 only)."""
     if dist.is_main():
-        write_text_atomic(root / FOLDER / f"{key}.json", json.dumps(_to_json(key, row)) + "\n")
+        write_text_atomic(root / folder / f"{key}.json", json.dumps(_to_json(key, row)) + "\n")
 
 
 def evaluate_base(cfg: Any, suite: Any, world_size: int, root: Path,
@@ -92,4 +115,22 @@ def evaluate_base(cfg: Any, suite: Any, world_size: int, root: Path,
         return row
     row = evaluate()
     save_base(root, key, row)
+    return row
+
+
+def evaluate_task_end(cfg: Any, suite: Any, world_size: int, out: Path, run: str,
+                      checkpoint: str, evaluate: Callable[[], EvalRow],
+                      log: Callable[[str], None]) -> EvalRow:
+    """A task end's EvalRow: kept in the run folder, keyed by the checkpoint it scored (none
+    kept or read without a checkpoint identity)."""
+    if not checkpoint:
+        return evaluate()
+    key = task_end_key(cfg, suite, world_size, run, checkpoint)
+    row = load_base(out, key, TASK_END_FOLDER)
+    if row is not None:
+        log(f"{checkpoint.split('#')[0]}: reusing the evaluation kept in "
+            f"{out / TASK_END_FOLDER / key}.json")
+        return row
+    row = evaluate()
+    save_base(out, key, row, TASK_END_FOLDER)
     return row
