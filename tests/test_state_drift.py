@@ -112,13 +112,21 @@ def test_command_finds_the_flips_of_a_perturbed_model(tiny_config, tiny_paths, t
     assert result["changed"]["replay"]["flipped_pct"] > 0.0
     assert result["changed"]["heldout"]["mean_shift_sigma"] > 0.0
     assert "| changed | replay |" in (out / "states.md").read_text()
+    # wider thresholds: fewer elements outside them, so fewer states to flip
+    wide = tmp_path / "wide"
+    assert states_main(["--config", str(tiny_config()), "--out", str(wide), "--samples", "5",
+                        "--threshold-k", "3", f"changed={changed}"]) == 0
+    doc = json.loads((wide / "states.json").read_text())
+    assert doc["threshold_k"] == 3.0
+    assert doc["models"]["changed"]["replay"]["flipped_pct"] < result["changed"]["replay"]["flipped_pct"]
     assert (out / "states.png").read_bytes()[:4] == b"\x89PNG"
 
 
-@pytest.mark.parametrize("spec, words", [("noequals", "NAME=MODEL_FOLDER"),
-                                         ("x=/nonexistent", "no config.json")])
-def test_command_refuses_bad_model_specs_in_one_line(tiny_config, tmp_path, capsys, spec, words):
-    code = states_main(["--config", str(tiny_config()), "--out", str(tmp_path / "o"), spec])
+@pytest.mark.parametrize("args, words", [(["noequals"], "NAME=MODEL_FOLDER"),
+                                         (["x=/nonexistent"], "no config.json"),
+                                         (["--threshold-k", "0", "x=y"], "--threshold-k")])
+def test_command_refuses_bad_input_in_one_line(tiny_config, tmp_path, capsys, args, words):
+    code = states_main(["--config", str(tiny_config()), "--out", str(tmp_path / "o"), *args])
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and words in err
     assert not (tmp_path / "o").exists()

@@ -8,7 +8,7 @@ final-norm output with the base model's (the config's `model`) on the first `--s
 texts of the config (tokenized as replay rows: no BOS, cut to `replay.max_len`) and, with
 `--heldout`, on texts the replay set does not hold. States are the TM loss's tri-states with
 thresholds mu +- k*sigma fitted on the base model's outputs of those replay texts
-(k = `replay.threshold_k`). Per model and text set it reports the percentage of elements whose
+(k = `replay.threshold_k`, or `--threshold-k`). Per model and text set it reports the percentage of elements whose
 state flipped (0 -> +-1, +-1 -> 0, sign), the mean violation of a flipped element and the mean
 shift of every element, in units of the dimension's sigma. `OUT/states.json` holds every count,
 `OUT/states.md` the table and `OUT/states.png` the flipped percentages.
@@ -90,6 +90,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--samples", type=int, default=256,
                    help="replay texts (the first of the set) and held-out texts to use")
     p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--threshold-k", type=float, default=None,
+                   help="k of the thresholds mu +- k*sigma (default: the config's "
+                        "replay.threshold_k)")
     p.add_argument("models", nargs="+", metavar="NAME=MODEL", help="model folders to measure")
     return p.parse_args(argv)
 
@@ -99,10 +102,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.samples < 1 or args.batch_size < 1:
             raise InputError("--samples and --batch-size must be at least 1", field="arguments")
+        if args.threshold_k is not None and not 0 < args.threshold_k < float("inf"):
+            raise InputError(f"{args.threshold_k} is not a positive number", field="--threshold-k")
         models = parse_models(args.models)
         from gere_ds.config import load_config
 
         cfg = load_config(args.config)
+        if args.threshold_k is not None:
+            cfg.replay.threshold_k = args.threshold_k
         results = measure_models(cfg, models, args.heldout, args.samples, args.batch_size)
     except InputError as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
