@@ -136,11 +136,13 @@ def test_states_table_by_hand(tmp_path):
 
 def test_report_is_reproducible(tmp_path):
     _standard(tmp_path / "r")
+    (tmp_path / "r" / "none" / "seed1" / "states.json").write_text(json.dumps(
+        _states({"task001-end": (2.0, 3.0), "task002-end": (4.0, 5.0)})))
     first = B.write_report(tmp_path / "r", tmp_path / "a")
     second = B.write_report(tmp_path / "r", tmp_path / "b")
     assert first == second
     for name in ("table.md", "paired.md", "learning.md", "training.md", "states.md",
-                 "forgetting.png", "general.png"):
+                 "forgetting.png", "general.png", "violations.png", "states.png"):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
 
 

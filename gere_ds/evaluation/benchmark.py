@@ -301,6 +301,12 @@ def render_paired(b: Benchmark) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _end_tag(i: int) -> str:
+    """The name states.json gives task i's end: its export's folder, named by the checkpoint tag
+    (checkpoint.task_tag, not imported: it would pull torch into the report)."""
+    return f"task{i + 1:03d}-end"
+
+
 def render_states(b: Benchmark) -> str:
     """Per row and task end (mean over the seeds whose states were measured): the percentage of
     final-norm activation elements whose tri-state differs from the base model's, on the replay
@@ -313,8 +319,7 @@ def render_states(b: Benchmark) -> str:
         if not measured:
             continue
         for i, task in enumerate(b.tasks):
-            # the exports are named by their checkpoint tags (checkpoint.task_tag)
-            found = [r.states["models"].get(f"task{i + 1:03d}-end") for r in measured]
+            found = [r.states["models"].get(_end_tag(i)) for r in measured]
             found = [f for f in found if f is not None]
             if not found:
                 continue
@@ -335,8 +340,12 @@ def render_states(b: Benchmark) -> str:
 
 
 def _png(fig: Any) -> bytes:
+    """The figure as PNG bytes (no timestamp: the same data gives the same file); closed after."""
+    import matplotlib.pyplot as plt
+
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, metadata={"Software": None})
+    plt.close(fig)
     return buf.getvalue()
 
 
@@ -414,6 +423,38 @@ def violation_figure(b: Benchmark) -> bytes:
     return _png(fig)
 
 
+def states_figure(b: Benchmark) -> bytes:
+    """Activation states flipped from the base model's after each task, per row (mean over the
+    seeds that measured them), on replay texts (solid) and held-out texts (dashed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    xs = list(range(1, len(b.tasks) + 1))
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for k, (row, runs) in enumerate(b.runs.items()):
+        measured = [r.states for r in runs if r.states is not None]
+        for texts, style in (("replay", "-"), ("heldout", "--")):
+            ys = []
+            for i in range(len(b.tasks)):
+                vals = [m["models"][_end_tag(i)][texts]["flipped_pct"] for m in measured
+                        if texts in m["models"].get(_end_tag(i), {})]
+                ys.append(statistics.fmean(vals) if vals else float("nan"))
+            if any(y == y for y in ys):  # not all NaN
+                ax.plot(xs, ys, style, marker="o", color=colours[k % len(colours)],
+                        label=f"{row} ({'replay' if texts == 'replay' else 'held-out'})")
+    ax.set_xticks(xs, [f"after {t}" for t in b.tasks], fontsize=8)
+    ax.set_ylabel("states flipped (% of elements)")
+    ax.set_ylim(bottom=0)
+    ax.set_title("Final-norm activation states moved from the base model's")
+    if ax.lines:
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    return _png(fig)
+
+
 def write_report(results: str | Path, out: str | Path | None = None) -> dict[str, str]:
     """Write table.md, learning.md, paired.md, training.md, states.md and the pictures; return
     the markdown texts."""
@@ -426,7 +467,7 @@ def write_report(results: str | Path, out: str | Path | None = None) -> dict[str
     for name, text in texts.items():
         write_text_atomic(out / name, text)
     for name, make in (("forgetting.png", forgetting_figure), ("general.png", general_figure),
-                       ("violations.png", violation_figure)):
+                       ("violations.png", violation_figure), ("states.png", states_figure)):
         write_bytes_atomic(out / name, make(b))
     return texts
 
