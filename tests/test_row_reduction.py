@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from gere_ds.losses import (RowTerms, reduce_global_micro_batch, reduce_per_row, rounding_step,
-                            row_ce_sums, step_means, tm_dead_band, tm_row_terms)
+                            row_ce_sums, step_means, tm_dead_band, tm_row_terms, tm_violations)
 from reference_losses import tm_reference
 
 V, D, T = 11, 6, 7
@@ -114,6 +114,33 @@ def test_a_replay_row_weighs_one_row_of_the_global_batch():
                                                data[3][3:4]), tm)
     assert torch.allclose(g[3], 100.0 / B * g_tm[0], rtol=1e-6)
     assert torch.count_nonzero(g[torch.arange(B) != 3]) == 0
+
+
+def test_dy_makes_a_replay_rows_tm_gradient_that_of_ce_times_log_of_its_violation_sum():
+    """With w = dy (CE_r / TM_r, detached) the TM term's gradient is CE_r * grad(log sum v_r):
+    the count of violating elements cancels, so the push does not shrink as violations become
+    rare, and it grows as their sum shrinks (docs/strategies.md). Checked at a row with many
+    violations and at the same row with all but two of its elements moved back inside."""
+    B, replay = 2, {1}
+    data = _rows(B, replay, seed=7)
+    logits, hidden, states, mask, targets, sup, lo, hi = data
+    inside = torch.where(states > 0, hi + 0.5, torch.where(states < 0, lo - 0.5, (lo + hi) / 2))
+    few = inside.clone()
+    out = torch.where(states[1, 0, :2] > 0, lo[:2] - 1.0, hi[:2] + 1.0)
+    few[1, 0, :2] = out  # two elements outside their state's interval
+    for h0 in (hidden, few):
+        h = h0.clone().requires_grad_(True)
+        terms = row_terms_of([0, 1], logits, h, states, mask, targets, sup, lo, hi, replay)
+        sl = reduce_per_row(terms, "dy", global_rows=B, grad_accum=1, world=1)
+        (g,) = torch.autograd.grad(sl.local_loss, h)
+        h2 = h0.clone().requires_grad_(True)
+        v_sum = tm_violations(h2[1:2], states[1:2], lo, hi, mask[1:2]).sum()
+        ce = F.cross_entropy(logits[1][sup[1]], targets[1][sup[1]])
+        (g_ref,) = torch.autograd.grad(ce.detach() * torch.log(v_sum) / B, h2)
+        assert float(v_sum) > 0
+        if h0 is few:
+            assert int((tm_violations(h0, states, lo, hi, mask)[1] > 0).sum()) == 2
+        assert torch.allclose(g[1], g_ref[1], rtol=1e-5, atol=1e-9)
 
 
 def test_global_micro_batch_reduction_is_the_old_mix_on_one_process():
