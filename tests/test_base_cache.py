@@ -44,7 +44,7 @@ def test_off_by_default_and_damaged_file_is_a_miss(tiny_config, tmp_path):
     key = BC.base_key(cfg, suite, 2)
     (tmp_path / BC.FOLDER).mkdir()
     (tmp_path / BC.FOLDER / f"{key}.json").write_text("{not json")
-    assert BC.load_base(tmp_path, key) is None
+    assert BC.load_kept(tmp_path, key) is None
     off = SimpleNamespace(**{**vars(cfg), "eval": dataclasses.replace(cfg.eval, reuse_base=False)})
     calls = []
     BC.evaluate_base(off, suite, 2, tmp_path, lambda: calls.append(1) or _row(1.0), print)

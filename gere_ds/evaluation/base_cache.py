@@ -81,7 +81,7 @@ def _from_json(doc: dict[str, Any]) -> EvalRow:
                                    for n, s in doc["general_scores"].items()})
 
 
-def load_base(root: Path, key: str, folder: str = FOLDER) -> EvalRow | None:
+def load_kept(root: Path, key: str, folder: str = FOLDER) -> EvalRow | None:
     """The kept evaluation for ``key`` on every rank, or None on every rank."""
     doc = None
     if dist.is_main():
@@ -97,7 +97,7 @@ def load_base(root: Path, key: str, folder: str = FOLDER) -> EvalRow | None:
     return _from_json(doc) if doc else None
 
 
-def save_base(root: Path, key: str, row: EvalRow, folder: str = FOLDER) -> None:
+def save_kept(root: Path, key: str, row: EvalRow, folder: str = FOLDER) -> None:
     """Keep an evaluation (rank 0 only)."""
     if dist.is_main():
         write_text_atomic(root / folder / f"{key}.json", json.dumps(_to_json(key, row)) + "\n")
@@ -109,12 +109,12 @@ def evaluate_base(cfg: Any, suite: Any, world_size: int, root: Path,
     if not cfg.eval.reuse_base:
         return evaluate()
     key = base_key(cfg, suite, world_size)
-    row = load_base(root, key)
+    row = load_kept(root, key)
     if row is not None:
         log(f"base model: reusing the evaluation kept in {root / FOLDER / key}.json")
         return row
     row = evaluate()
-    save_base(root, key, row)
+    save_kept(root, key, row)
     return row
 
 
@@ -126,11 +126,11 @@ def evaluate_task_end(cfg: Any, suite: Any, world_size: int, out: Path, run: str
     if not checkpoint:
         return evaluate()
     key = task_end_key(cfg, suite, world_size, run, checkpoint)
-    row = load_base(out, key, TASK_END_FOLDER)
+    row = load_kept(out, key, TASK_END_FOLDER)
     if row is not None:
         log(f"{checkpoint.split('#')[0]}: reusing the evaluation kept in "
             f"{out / TASK_END_FOLDER / key}.json")
         return row
     row = evaluate()
-    save_base(out, key, row, TASK_END_FOLDER)
+    save_kept(out, key, row, TASK_END_FOLDER)
     return row
