@@ -91,6 +91,16 @@ def _batches(shard: list[int], batch_size: int, n_forwards: int,
     return out + [None] * (n_forwards - len(out))
 
 
+def thresholds_from_sums(s1: torch.Tensor, s2: torch.Tensor, n: torch.Tensor | float,
+                         threshold_k: float) -> torch.Tensor:
+    """[4, D] float32: lo, hi, mu, sigma per dimension from float64 sums of h and h^2 over n
+    tokens (population sigma; lo/hi = mu -+ k*sigma)."""
+    mu = s1 / n
+    sigma = (s2 / n - mu * mu).clamp(min=0).sqrt()
+    lo, hi = (mu - threshold_k * sigma).float(), (mu + threshold_k * sigma).float()
+    return torch.stack([lo, hi, mu.float(), sigma.float()])
+
+
 @torch.no_grad()
 def teacher_pass(forward: Callable[[torch.Tensor, torch.Tensor], object],
                  capture: FinalNormCapture, replay_ids: dict[int, list[int]], shard: list[int],
@@ -130,11 +140,8 @@ def teacher_pass(forward: Callable[[torch.Tensor, torch.Tensor], object],
             spans.append((sid, row, n))
             row += n
     stats = dist.all_reduce_sum(torch.cat([s1, s2, count]))
-    s1, s2, n = stats[:hidden_size], stats[hidden_size:2 * hidden_size], stats[-1]
-    mu = s1 / n
-    sigma = (s2 / n - mu * mu).clamp(min=0).sqrt()
-    lo, hi = (mu - threshold_k * sigma).float(), (mu + threshold_k * sigma).float()
-    thresholds = torch.stack([lo, hi, mu.float(), sigma.float()]).cpu().numpy()
+    thresholds = thresholds_from_sums(stats[:hidden_size], stats[hidden_size:2 * hidden_size],
+                                      stats[-1], threshold_k).cpu().numpy()
     lo_np, hi_np = thresholds[0], thresholds[1]
     samples = []
     for sid, start, n in spans:

@@ -136,13 +136,14 @@ def measure_models(cfg: Any, models: list[tuple[str, str]], heldout: str, sample
 
     from gere_ds.data.encode import encode_replay
     from gere_ds.data.replay import load_replay_texts
+    from gere_ds.evaluation.batching import pad_id
     from gere_ds.evaluation.general import load_texts
     from gere_ds.evaluation.state_drift import final_norm_outputs, fit_thresholds, measure
     from gere_ds.progress_bar import progress_bar
 
     trust = cfg.trust_remote_code
     tok = AutoTokenizer.from_pretrained(cfg.tokenizer or cfg.model, trust_remote_code=trust)
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    pad = pad_id(tok)
     text_sets = {"replay": load_replay_texts(cfg.replay.data, samples)}
     if heldout:
         text_sets["heldout"] = load_texts(heldout, samples)
@@ -155,14 +156,14 @@ def measure_models(cfg: Any, models: list[tuple[str, str]], heldout: str, sample
 
     bar = progress_bar(len(models) + 1, "models (base first)")
     base = load(cfg.model)
-    base_out = {k: list(final_norm_outputs(base, r, pad_id, batch_size)) for k, r in rows.items()}
+    base_out = {k: list(final_norm_outputs(base, r, pad, batch_size)) for k, r in rows.items()}
     del base
     bar.update(1)
     thresholds = fit_thresholds(base_out["replay"], cfg.replay.threshold_k)
     results: dict[str, dict[str, dict[str, Any]]] = {}
     for name, folder in models:
         model = load(folder)
-        results[name] = {k: measure(model, rows[k], base_out[k], thresholds, pad_id,
+        results[name] = {k: measure(model, rows[k], base_out[k], thresholds, pad,
                                     batch_size).summary() for k in rows}
         del model
         bar.update(1)

@@ -12,7 +12,7 @@ fingerprints); nothing is silently averaged. :func:`write_report` then writes ``
 (rows with 95 % intervals), ``paired.md`` (paired differences), ``learning.md`` (each task
 against its majority label), ``training.md`` (what each row's training did: task and replay CE,
 gradient norm, TM's violations and weight), ``states.md`` (activation states flipped from the
-base model's at each task end, for the runs that measured them) and three pictures.
+base model's at each task end, for the runs that measured them) and four pictures.
 """
 from __future__ import annotations
 
@@ -307,6 +307,14 @@ def _end_tag(i: int) -> str:
     return f"task{i + 1:03d}-end"
 
 
+def _states_mean(runs: Sequence[Run], task: int, texts: str, key: str) -> float | None:
+    """Mean over ``runs`` (with states.json) of ``key`` at task ``task``'s end on ``texts``
+    ("replay" or "heldout"); None where no run measured it."""
+    vals = [m[texts][key] for m in (r.states["models"].get(_end_tag(task), {}) for r in runs)
+            if texts in m]
+    return statistics.fmean(vals) if vals else None
+
+
 def render_states(b: Benchmark) -> str:
     """Per row and task end (mean over the seeds whose states were measured): the percentage of
     final-norm activation elements whose tri-state differs from the base model's, on the replay
@@ -319,20 +327,13 @@ def render_states(b: Benchmark) -> str:
         if not measured:
             continue
         for i, task in enumerate(b.tasks):
-            found = [r.states["models"].get(_end_tag(i)) for r in measured]
-            found = [f for f in found if f is not None]
-            if not found:
+            if not any(_end_tag(i) in r.states["models"] for r in measured):
                 continue
-
-            def mean(texts: str, key: str) -> str:
-                vals = [f[texts][key] for f in found if texts in f]
-                return f"{statistics.fmean(vals):.{3 if 'shift' in key else 2}f}" if vals else "-"
-
+            cells = [_cell(_states_mean(measured, i, texts, key), fmt)
+                     for key, fmt in (("flipped_pct", ".2f"), ("mean_shift_sigma", ".3f"))
+                     for texts in ("replay", "heldout")]
             lines.append(f"| {row} | {','.join(str(r.seed) for r in measured)} | "
-                         f"{i + 1} {task} | {mean('replay', 'flipped_pct')} | "
-                         f"{mean('heldout', 'flipped_pct')} | "
-                         f"{mean('replay', 'mean_shift_sigma')} | "
-                         f"{mean('heldout', 'mean_shift_sigma')} |")
+                         f"{i + 1} {task} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -435,15 +436,12 @@ def states_figure(b: Benchmark) -> bytes:
     xs = list(range(1, len(b.tasks) + 1))
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for k, (row, runs) in enumerate(b.runs.items()):
-        measured = [r.states for r in runs if r.states is not None]
+        measured = [r for r in runs if r.states is not None]
         for texts, style in (("replay", "-"), ("heldout", "--")):
-            ys = []
-            for i in range(len(b.tasks)):
-                vals = [m["models"][_end_tag(i)][texts]["flipped_pct"] for m in measured
-                        if texts in m["models"].get(_end_tag(i), {})]
-                ys.append(statistics.fmean(vals) if vals else float("nan"))
-            if any(y == y for y in ys):  # not all NaN
-                ax.plot(xs, ys, style, marker="o", color=colours[k % len(colours)],
+            ys = [_states_mean(measured, i, texts, "flipped_pct") for i in range(len(b.tasks))]
+            if any(y is not None for y in ys):
+                ax.plot(xs, [float("nan") if y is None else y for y in ys], style, marker="o",
+                        color=colours[k % len(colours)],
                         label=f"{row} ({'replay' if texts == 'replay' else 'held-out'})")
     ax.set_xticks(xs, [f"after {t}" for t in b.tasks], fontsize=8)
     ax.set_ylabel("states flipped (% of elements)")

@@ -19,6 +19,8 @@ from typing import Any, Iterator, Sequence
 import torch
 
 from gere_ds.capture import FinalNormCapture
+from gere_ds.data.collate import pad_rows
+from gere_ds.teacher import thresholds_from_sums
 
 STATES = (-1, 0, 1)
 
@@ -32,16 +34,6 @@ class Thresholds:
     sigma: torch.Tensor
 
 
-def _pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, :len(r)] = torch.tensor(r, dtype=torch.long)
-        mask[i, :len(r)] = 1
-    return ids, mask
-
-
 @torch.no_grad()
 def final_norm_outputs(model: torch.nn.Module, rows: Sequence[Sequence[int]], pad_id: int,
                        batch_size: int = 8) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -50,7 +42,7 @@ def final_norm_outputs(model: torch.nn.Module, rows: Sequence[Sequence[int]], pa
     capture = FinalNormCapture(model)
     try:
         for start in range(0, len(rows), batch_size):
-            ids, mask = _pad(rows[start:start + batch_size], pad_id)
+            ids, mask = pad_rows(rows[start:start + batch_size], pad_id)
             model(input_ids=ids, attention_mask=mask, use_cache=False)
             yield capture.pop().float(), mask.bool()
     finally:
@@ -58,7 +50,8 @@ def final_norm_outputs(model: torch.nn.Module, rows: Sequence[Sequence[int]], pa
 
 
 def fit_thresholds(outputs: Sequence[tuple[torch.Tensor, torch.Tensor]], k: float) -> Thresholds:
-    """mu and population sigma per dimension over every real token (float64 sums)."""
+    """mu and population sigma per dimension over every real token (float64 sums), as the
+    teacher pass computes them."""
     s1 = s2 = None
     count = 0
     for hidden, mask in outputs:
@@ -68,10 +61,8 @@ def fit_thresholds(outputs: Sequence[tuple[torch.Tensor, torch.Tensor]], k: floa
         count += h.shape[0]
     if not count:
         raise ValueError("no tokens to fit thresholds on")
-    mu = s1 / count
-    sigma = (s2 / count - mu * mu).clamp_min(0).sqrt()
-    return Thresholds(lo=(mu - k * sigma).float(), hi=(mu + k * sigma).float(),
-                      mu=mu.float(), sigma=sigma.float())
+    lo, hi, mu, sigma = thresholds_from_sums(s1, s2, count, k)
+    return Thresholds(lo=lo, hi=hi, mu=mu, sigma=sigma)
 
 
 def tri_states(hidden: torch.Tensor, t: Thresholds) -> torch.Tensor:
