@@ -21,12 +21,15 @@ that makes TM exactly 0.
     python bench/tm_dead_band.py --dtypes bfloat16 --docs 32             # ~25 min, 2 cores
     python bench/tm_dead_band.py --dtypes float32 --docs 8 --teacher-batch 1 8 --micro 1 2 \\
         --append                                                          # fp32 next to it
+    python bench/tm_dead_band.py --dtypes bfloat16 --docs 32 --variants native \
+        --out results/tm_dead_band_amx.json             # on an Intel CPU with AMX: its own kernels
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
 import json
+import platform
 import time
 from pathlib import Path
 
@@ -40,6 +43,7 @@ from gere_ds.data.encode import Encoded, encode_example, encode_replay
 from gere_ds.data.files import read_rows
 from gere_ds.losses import rounding_step, tm_dead_band, tm_violations
 
+VARIANTS = ("native", "one-ulp", "split-k")
 UNITS = (8, 16, 32, 48, 64, 1024)  # dead-bands tried, in rounding units of the dtype x sigma_d
 
 
@@ -106,7 +110,7 @@ def measure(args: argparse.Namespace, dtype: torch.dtype) -> list[dict]:
     mu, sigma = allh.mean(0), allh.std(0, unbiased=False)
     lo, hi = mu - args.k * sigma, mu + args.k * sigma
     gen = torch.Generator().manual_seed(0)
-    for variant in ("native", "one-ulp", "split-k"):
+    for variant in args.variants:
         for micro in args.micro:
             # each replay row with micro-1 task rows (another padded width than the teacher's)
             student: list[torch.Tensor] = []
@@ -146,6 +150,20 @@ def case(dtype, variant, tb, micro, teach, student, lo, hi, sigma) -> dict:
     return out
 
 
+def machine() -> dict:
+    """The CPU the native cases ran on, and whether its bf16 matmuls can use AMX tiles."""
+    info = {"torch": torch.__version__, "cpu": platform.processor() or platform.machine()}
+    with contextlib.suppress(OSError):
+        text = Path("/proc/cpuinfo").read_text()
+        names = [ln.split(":", 1)[1].strip() for ln in text.splitlines()
+                 if ln.startswith("model name")]
+        flags = set(next((ln.split(":", 1)[1].split() for ln in text.splitlines()
+                          if ln.startswith("flags")), []))
+        info.update(cpu=names[0] if names else info["cpu"], amx_bf16="amx_bf16" in flags,
+                    avx512_bf16="avx512_bf16" in flags)
+    return info
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="assets/models/smollm2-135m-instruct")
@@ -157,6 +175,8 @@ def main() -> None:
     p.add_argument("--teacher-batch", type=int, nargs="+", default=[1, 4, 8])
     p.add_argument("--micro", type=int, nargs="+", default=[1, 2, 4])
     p.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"])
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS,
+                   help="native only on a machine whose own kernels are the question (e.g. AMX)")
     p.add_argument("--out", type=Path, default=Path("results/tm_dead_band.json"))
     p.add_argument("--append", action="store_true",
                    help="keep the cases of other dtypes already in --out (e.g. fp32 at fewer docs)")
@@ -173,7 +193,7 @@ def main() -> None:
     needed = {d: max(r["needed_units"] for r in rows if r["dtype"] == d)
               for d in sorted({r["dtype"] for r in rows})}
     write_json_atomic(args.out, {"seconds_last_run": round(time.time() - start, 1),
-                                 "needed_units": needed, "cases": rows})
+                                 "machine": machine(), "needed_units": needed, "cases": rows})
     print(f"dead-band needed for TM == 0, rounding units x sigma (max over cases): {needed}")
     print(f"wrote {args.out}")
 
