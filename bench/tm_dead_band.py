@@ -29,13 +29,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import platform
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+import common  # bench/ is the script's folder, hence on sys.path
 from gere_ds.atomic import write_json_atomic
 from gere_ds.capture import FinalNormCapture
 from gere_ds.data.collate import collate
@@ -150,20 +150,6 @@ def case(dtype, variant, tb, micro, teach, student, lo, hi, sigma) -> dict:
     return out
 
 
-def machine() -> dict:
-    """The CPU the native cases ran on, and whether its bf16 matmuls can use AMX tiles."""
-    info = {"torch": torch.__version__, "cpu": platform.processor() or platform.machine()}
-    with contextlib.suppress(OSError):
-        text = Path("/proc/cpuinfo").read_text()
-        names = [ln.split(":", 1)[1].strip() for ln in text.splitlines()
-                 if ln.startswith("model name")]
-        flags = set(next((ln.split(":", 1)[1].split() for ln in text.splitlines()
-                          if ln.startswith("flags")), []))
-        info.update(cpu=names[0] if names else info["cpu"], amx_bf16="amx_bf16" in flags,
-                    avx512_bf16="avx512_bf16" in flags)
-    return info
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="assets/models/smollm2-135m-instruct")
@@ -193,7 +179,7 @@ def main() -> None:
     needed = {d: max(r["needed_units"] for r in rows if r["dtype"] == d)
               for d in sorted({r["dtype"] for r in rows})}
     write_json_atomic(args.out, {"seconds_last_run": round(time.time() - start, 1),
-                                 "machine": machine(), "needed_units": needed, "cases": rows})
+                                 "machine": common.machine_info(), "needed_units": needed, "cases": rows})
     print(f"dead-band needed for TM == 0, rounding units x sigma (max over cases): {needed}")
     print(f"wrote {args.out}")
 

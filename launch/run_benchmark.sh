@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The continual benchmark of docs/results.md: every row of configs/bench/continual.yaml at several
 # seeds on 2 CPU ranks, one run at a time, resumable. A finished run's small result files
-# (config.yaml, metrics.json, outcomes.json, train_steps.jsonl, and states.json: the activation
-# states each task end flipped, measured by `gere-ds states` on the run's task-end exports) are
+# (config.yaml, metrics.json, outcomes.json, train_steps.jsonl, machine.json: the CPU it ran on,
+# and states.json: the activation states each task end flipped, measured by `gere-ds states` on
+# the run's task-end exports) are
 # copied to docs/results/continual/<row>/seed<N>/ (committed) and its checkpoints and exports are
 # deleted (1.8 GB and 0.27 GB each);
 # then the tables and pictures are regenerated from every committed run:
@@ -72,6 +73,11 @@ for item in "${ITEMS[@]}"; do
   mkdir -p "$keep"
   [ -f "$out/states/states.json" ] && cp "$out/states/states.json" "$keep/"
   cp "$out/"{config.yaml,metrics.json,outcomes.json,train_steps.jsonl} "$keep/"
+  # the machine it ran on: bf16 kernels differ between CPUs (AMX or not), and so, slightly, do
+  # the base model's scores
+  .venv/bin/python -c "import json, sys; sys.path.insert(0, 'bench'); import common; \
+m = common.machine_info(); [m.pop(k) for k in ('load_average', 'torch_threads')]; \
+print(json.dumps(m, indent=2))" > "$keep/machine.json"
   rm -rf "$out/checkpoints" "$out/hf"
   .venv/bin/python eval/compare.py --benchmark "$KEEP" > /dev/null
   echo "[bench] $(date -u +%H:%M:%S) $row seed $seed done"
