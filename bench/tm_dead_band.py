@@ -21,7 +21,7 @@ that makes TM exactly 0.
     python bench/tm_dead_band.py --dtypes bfloat16 --docs 32             # ~25 min, 2 cores
     python bench/tm_dead_band.py --dtypes float32 --docs 8 --teacher-batch 1 8 --micro 1 2 \\
         --append                                                          # fp32 next to it
-    python bench/tm_dead_band.py --dtypes bfloat16 --docs 32 --variants native \
+    python bench/tm_dead_band.py --dtypes bfloat16 --docs 32 --variants native \\
         --out results/tm_dead_band_amx.json             # on an Intel CPU with AMX: its own kernels
 """
 from __future__ import annotations
@@ -179,7 +179,8 @@ def main() -> None:
     needed = {d: max(r["needed_units"] for r in rows if r["dtype"] == d)
               for d in sorted({r["dtype"] for r in rows})}
     write_json_atomic(args.out, {"seconds_last_run": round(time.time() - start, 1),
-                                 "machine": common.machine_info(), "needed_units": needed, "cases": rows})
+                                 "machine": common.machine_info(), "needed_units": needed,
+                                 "cases": rows})
     print(f"dead-band needed for TM == 0, rounding units x sigma (max over cases): {needed}")
     print(f"wrote {args.out}")
 

@@ -75,9 +75,10 @@ for item in "${ITEMS[@]}"; do
   cp "$out/"{config.yaml,metrics.json,outcomes.json,train_steps.jsonl} "$keep/"
   # the machine it ran on: bf16 kernels differ between CPUs (AMX or not), and so, slightly, do
   # the base model's scores
-  .venv/bin/python -c "import json, sys; sys.path.insert(0, 'bench'); import common; \
-m = common.machine_info(); [m.pop(k) for k in ('load_average', 'torch_threads')]; \
-print(json.dumps(m, indent=2))" > "$keep/machine.json"
+  # (written by Python, not through stdout, where DeepSpeed may log on import)
+  .venv/bin/python -c "import json, sys, pathlib; sys.path.insert(0, 'bench'); import common; \
+pathlib.Path(sys.argv[1]).write_text(json.dumps(common.machine_info(), indent=2) + '\n')" \
+    "$keep/machine.json"
   rm -rf "$out/checkpoints" "$out/hf"
   .venv/bin/python eval/compare.py --benchmark "$KEEP" > /dev/null
   echo "[bench] $(date -u +%H:%M:%S) $row seed $seed done"
