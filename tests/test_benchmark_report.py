@@ -181,6 +181,16 @@ def test_committed_tables_regenerate_byte_for_byte(tmp_path):
         assert (COMMITTED / name).read_text(encoding="utf-8") == text, name
 
 
+def test_committed_machine_records_are_json():
+    """Each run's machine.json (which CPU ran it: bf16 kernels differ between CPUs) is one JSON
+    record, nothing logged around it."""
+    records = sorted(COMMITTED.glob("*/seed*/machine.json"))
+    assert records
+    for path in records:
+        info = json.loads(path.read_text(encoding="utf-8"))
+        assert info["cpu_model"] and info["logical_cpus"] >= 1, path
+
+
 def _saved_run(folder: Path, cfg_path: Path, strategy: str, max_examples: int, bits_of) -> None:
     """A finished run of the tiny config: config.yaml as the trainer saves it, metrics and
     outcomes where ``bits_of(task, k, n)`` gives the outcomes of evaluation k on n examples."""
