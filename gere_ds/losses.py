@@ -81,6 +81,12 @@ def row_ce_sums(logits: torch.Tensor, targets: torch.Tensor, row_of: torch.Tenso
     return sums, counts
 
 
+def tri_states(hidden: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+    """The activation state of each element (int8): +1 at or above hi, -1 at or below lo, else 0.
+    The one rule for the teacher's cached states and for every later measurement of them."""
+    return (hidden >= hi).to(torch.int8) - (hidden <= lo).to(torch.int8)
+
+
 def tm_violations(hidden: torch.Tensor, states: torch.Tensor, lo: torch.Tensor,
                   hi: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Elementwise TM penalty v >= 0 (docs/method.md table), zero on padding.

@@ -28,6 +28,7 @@ import torch
 
 from gere_ds import dist, stop
 from gere_ds.capture import FinalNormCapture
+from gere_ds.losses import tri_states
 from gere_ds.data.collate import collate
 from gere_ds.data.encode import Encoded
 from gere_ds.digest_cache import DigestCache
@@ -142,11 +143,11 @@ def teacher_pass(forward: Callable[[torch.Tensor, torch.Tensor], object],
     stats = dist.all_reduce_sum(torch.cat([s1, s2, count]))
     thresholds = thresholds_from_sums(stats[:hidden_size], stats[hidden_size:2 * hidden_size],
                                       stats[-1], threshold_k).cpu().numpy()
-    lo_np, hi_np = thresholds[0], thresholds[1]
+    lo_t, hi_t = torch.from_numpy(thresholds[0]), torch.from_numpy(thresholds[1])
     samples = []
     for sid, start, n in spans:
         h = feats[start:start + n]
-        states = (h >= hi_np).astype(np.int8) - (h <= lo_np).astype(np.int8)
+        states = tri_states(torch.from_numpy(h), lo_t, hi_t).numpy()
         samples.append((sid, states))
     del feats
     return thresholds, samples

@@ -18,6 +18,7 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
+from gere_ds import losses
 from gere_ds.capture import FinalNormCapture
 from gere_ds.data.collate import pad_rows
 from gere_ds.teacher import thresholds_from_sums
@@ -66,15 +67,13 @@ def fit_thresholds(outputs: Sequence[tuple[torch.Tensor, torch.Tensor]], k: floa
 
 
 def tri_states(hidden: torch.Tensor, t: Thresholds) -> torch.Tensor:
-    """+1 at or above hi, -1 at or below lo, else 0 (int8), as the teacher codes them."""
-    return (hidden >= t.hi).to(torch.int8) - (hidden <= t.lo).to(torch.int8)
+    """+1 at or above hi, -1 at or below lo, else 0 (int8): the teacher's rule."""
+    return losses.tri_states(hidden, t.lo, t.hi)
 
 
 def _violation(hidden: torch.Tensor, base_states: torch.Tensor, t: Thresholds) -> torch.Tensor:
     """The TM penalty per element (how far outside the base state's interval), in raw units."""
-    outside = torch.relu(hidden - t.hi) + torch.relu(t.lo - hidden)
-    return torch.where(base_states > 0, torch.relu(t.hi - hidden),
-                       torch.where(base_states < 0, torch.relu(hidden - t.lo), outside))
+    return losses.tm_violations(hidden, base_states, t.lo, t.hi, hidden.new_ones(hidden.shape[0]))
 
 
 @dataclass
