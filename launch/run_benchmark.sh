@@ -62,12 +62,13 @@ for item in "${ITEMS[@]}"; do
     finished "$out/metrics.json" || { echo "[bench] $row seed $seed unfinished" >&2; exit 1; }
   fi
   # which activation states each task end flipped from the base model's (gere-ds states), on
-  # replay and held-out texts, from the run's Hugging Face exports of its task ends
+  # replay and held-out texts, from the run's Hugging Face exports of its task ends; at k = 1
+  # for every row, so that a row trained with other thresholds is measured like the rest
   ends=()
   for hf in "$out"/hf/task*; do [ -d "$hf" ] && ends+=("$(basename "$hf")=$hf"); done
   if [ ${#ends[@]} -gt 0 ]; then
     .venv/bin/gere-ds states --config "$out/config.yaml" --out "$out/states" --samples 64 \
-      --heldout assets/data/general/heldout.jsonl "${ends[@]}" >> "$out.launch.log" 2>&1 ||
+      --threshold-k 1 --heldout assets/data/general/heldout.jsonl "${ends[@]}" >> "$out.launch.log" 2>&1 ||
       { echo "[bench] $row seed $seed: gere-ds states failed (see $out.launch.log)" >&2; exit 1; }
   fi
   mkdir -p "$keep"
