@@ -34,7 +34,7 @@ ROW_ORDER = ("none", "replay", "tm_w1", "tm_w100", "tm_dy", "tm_dy_k2", "tm_dy_e
              "lora_tm_dy")
 PAIRS = (("replay", "none"), ("tm_dy", "none"), ("tm_dy", "replay"), ("tm_w100", "replay"),
          ("tm_dy", "kl"), ("tm_dy", "l2"), ("kl", "replay"), ("l2", "replay"), ("l2", "none"),
-         ("tm_dy", "tm_w100"), ("tm_w1", "tm_dy"),
+         ("tm_dy", "tm_w100"), ("tm_w1", "tm_dy"), ("tm_w1", "replay"),
          ("tm_dy_k2", "tm_dy"), ("tm_dy_exact", "tm_dy"), ("tm_dy_exact", "replay"),
          ("tm_dy_exact", "none"), ("lora_tm_dy", "tm_dy"))
 # keys that may differ between rows and seeds; everything else in config.yaml is the regime
