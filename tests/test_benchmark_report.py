@@ -108,6 +108,29 @@ def test_training_table_by_hand(tmp_path):
     assert "| none |" not in text  # rows without step logs are left out
 
 
+def test_fit_table_by_hand(tmp_path):
+    """fit.md: per task, every run's task CE over the task's last 10 steps against its accuracy
+    right after, lowest CE first, and their rank correlation."""
+    _standard(tmp_path)
+    for row, seed, ce in (("none", 1, 0.2), ("none", 2, 0.4), ("replay", 1, 0.3),
+                          ("replay", 2, 0.5)):
+        # 12 steps on t1: the first two (CE 9) fall outside the last 10
+        steps = [{"global_step": k + 1, "task": 0, "train/task_ce": 9.0 if k < 2 else ce}
+                 for k in range(12)]
+        (tmp_path / row / f"seed{seed}" / "train_steps.jsonl").write_text(
+            "\n".join(json.dumps(s) for s in steps) + "\n")
+    b = B.load_benchmark(tmp_path)
+    # after t1 every run scores t1 at 100 %: no spread, so no correlation
+    assert ("| t1 | 4 | nan | none 1 (0.200, 100.0); replay 1 (0.300, 100.0); "
+            "none 2 (0.400, 100.0); replay 2 (0.500, 100.0) |") in B.render_fit(b)
+    assert "| t2 |" not in B.render_fit(b)  # no step logged on t2
+    b.runs["replay"][0].metrics["matrix"][1][0] = 50.0  # replay 1 now scores t1 at 50 %
+    b.runs["none"][0].metrics["matrix"][1][0] = 75.0    # none 1 at 75 %
+    # CE ranks 1, 2, 3, 4 against accuracy ranks 2 (75), 1 (50), 3.5, 3.5
+    rho = (-1.5 * -0.5 + -0.5 * -1.5 + 0.5 * 1 + 1.5 * 1) / (5 * 4.5) ** 0.5
+    assert f"| t1 | 4 | {rho:.2f} | none 1 (0.200, 75.0); replay 1 (0.300, 50.0);" in B.render_fit(b)
+
+
 def _states(flipped: dict[str, tuple[float, float]], samples: int = 64) -> dict:
     """A states.json: task tag -> (flipped % on replay texts, on held-out texts)."""
     return {"base": "m", "replay": "r.jsonl", "heldout": "h.jsonl", "samples": samples,
@@ -141,8 +164,8 @@ def test_report_is_reproducible(tmp_path):
     first = B.write_report(tmp_path / "r", tmp_path / "a")
     second = B.write_report(tmp_path / "r", tmp_path / "b")
     assert first == second
-    for name in ("table.md", "paired.md", "learning.md", "training.md", "states.md",
-                 "forgetting.png", "general.png", "violations.png", "states.png"):
+    for name in ("table.md", "paired.md", "learning.md", "training.md", "states.md", "fit.md",
+                 "forgetting.png", "general.png", "violations.png", "states.png", "fit.png"):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
 
 

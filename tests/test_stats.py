@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from gere_ds.evaluation.stats import concat_examples, mean_interval, paired_difference
+from gere_ds.evaluation.stats import (concat_examples, mean_interval, paired_difference,
+                                      rank_correlation)
 
 
 def test_constant_outcomes_have_a_point_interval():
@@ -64,3 +65,20 @@ def test_concat_examples_pools_tasks_per_seed():
     assert concat_examples([[[1, 0], [0, 0]], [[1], [1]]]) == [[1, 0, 1], [0, 0, 1]]
     with pytest.raises(ValueError, match="same seeds"):
         concat_examples([[[1]], [[1], [0]]])
+
+
+def test_rank_correlation_by_hand():
+    assert rank_correlation([1, 2, 3, 4], [10, 20, 30, 45]) == pytest.approx(1.0)
+    assert rank_correlation([1, 2, 3, 4], [9, 5, 2, 1]) == pytest.approx(-1.0)
+    # ties at their mean rank: x ranks 1, 2.5, 2.5, 4 -> centred -1.5, 0, 0, 1.5; y ranks 1, 3,
+    # 2, 4 -> -1.5, .5, -.5, 1.5; rho = 4.5 / sqrt(4.5 * 5)
+    assert rank_correlation([1, 2, 2, 3], [1, 3, 2, 4]) == pytest.approx(4.5 / (4.5 * 5) ** 0.5)
+    # only the order counts, not the values
+    assert rank_correlation([0.1, 0.5, 0.2], [1, 1000, 2]) == pytest.approx(1.0)
+
+
+def test_rank_correlation_is_undefined_without_spread():
+    assert rank_correlation([1, 1, 1], [1, 2, 3]) != rank_correlation([1, 1, 1], [1, 2, 3])  # nan
+    assert rank_correlation([1, 2], [1, 2]) != rank_correlation([1, 2], [1, 2])
+    with pytest.raises(ValueError, match="equal-length"):
+        rank_correlation([1, 2, 3], [1, 2])

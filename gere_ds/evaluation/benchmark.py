@@ -12,7 +12,8 @@ fingerprints); nothing is silently averaged. :func:`write_report` then writes ``
 (rows with 95 % intervals), ``paired.md`` (paired differences), ``learning.md`` (each task
 against its majority label), ``training.md`` (what each row's training did: task and replay CE,
 gradient norm, TM's violations and weight), ``states.md`` (activation states flipped from the
-base model's at each task end, for the runs that measured them) and four pictures.
+base model's at each task end, for the runs that measured them), ``fit.md`` (whether each
+run's fit of its training examples is what decides its test accuracy) and five pictures.
 """
 from __future__ import annotations
 
@@ -27,7 +28,8 @@ import yaml
 
 from gere_ds.atomic import write_bytes_atomic, write_text_atomic
 from gere_ds.evaluation.outcomes import OUTCOMES_JSON, unbits
-from gere_ds.evaluation.stats import Interval, concat_examples, mean_interval, paired_difference
+from gere_ds.evaluation.stats import (Interval, concat_examples, mean_interval, paired_difference,
+                                      rank_correlation)
 
 STATES_JSON = "states.json"
 ROW_ORDER = ("none", "replay", "tm_w1", "tm_w100", "tm_dy", "tm_dy_k2", "tm_dy_exact", "kl", "l2",
@@ -288,6 +290,38 @@ def render_training(b: Benchmark) -> str:
     return "\n".join(lines) + "\n"
 
 
+def fit_points(b: Benchmark, task: int) -> dict[str, list[tuple[int, float, float]]]:
+    """Per row, one point per run with a step log: (seed, its task CE over the last steps of
+    task ``task``, its accuracy on that task right after them)."""
+    points: dict[str, list[tuple[int, float, float]]] = {}
+    for row, runs in b.runs.items():
+        for r in runs:
+            ce = [s["train/task_ce"] for s in _task_steps(r, task)[-TRAINING_TAIL:]
+                  if s.get("train/task_ce") is not None]
+            if ce:
+                points.setdefault(row, []).append(
+                    (r.seed, statistics.fmean(ce), r.metrics["matrix"][task + 1][task]))
+    return points
+
+
+def render_fit(b: Benchmark) -> str:
+    """Per task, whether fitting the training examples is what decides the test accuracy: over
+    every run, Spearman's rank correlation between its task CE over the task's last steps and
+    its accuracy right after; then each run's two numbers, lowest CE first."""
+    head = ["task", "runs", f"rank correlation (task CE, last {TRAINING_TAIL} steps; accuracy)",
+            "runs, lowest task CE first: row seed (CE, accuracy)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for i, task in enumerate(b.tasks):
+        runs = sorted((ce, acc, row, seed) for row, pts in fit_points(b, i).items()
+                      for seed, ce, acc in pts)
+        if not runs:
+            continue
+        rho = rank_correlation([p[0] for p in runs], [p[1] for p in runs])
+        listing = "; ".join(f"{row} {seed} ({ce:.3f}, {acc:.1f})" for ce, acc, row, seed in runs)
+        lines.append(f"| {task} | {len(runs)} | {rho:.2f} | {listing} |")
+    return "\n".join(lines) + "\n"
+
+
 def render_paired(b: Benchmark) -> str:
     """Paired differences (percentage points) for the pairs present, over examples and seeds."""
     head = ["difference", "seeds", "AP", "P(AP diff <= 0)", "general acc_norm", "P(gen diff <= 0)"]
@@ -455,19 +489,47 @@ def states_figure(b: Benchmark) -> bytes:
     return _png(fig)
 
 
+def fit_figure(b: Benchmark) -> bytes:
+    """Per task: every run's task CE over the task's last steps against its accuracy right
+    after them, coloured by row; the dashed line is the task's majority-label rate."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(b.tasks), figsize=(4.2 * len(b.tasks), 3.8), squeeze=False)
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, (task, ax) in enumerate(zip(b.tasks, axes[0])):
+        for k, (row, pts) in enumerate(fit_points(b, i).items()):
+            ax.scatter([p[1] for p in pts], [p[2] for p in pts], s=22, label=row,
+                       color=colours[k % len(colours)], marker="os^D"[k // len(colours) % 4])
+        majority = next(iter(b.runs.values()))[0].outcomes.get("majority", {}).get(task)
+        if majority is not None:
+            ax.axhline(100 * majority, color="grey", lw=0.8, ls="--")
+        ax.set_title(task)
+        ax.set_xlabel(f"task CE, last {TRAINING_TAIL} steps of its training")
+        ax.set_ylabel("accuracy after its training (%)")
+    fullest = max(axes[0], key=lambda a: len(a.collections))  # the first panel with every row
+    if fullest.collections:
+        fullest.legend(fontsize=7)
+    fig.tight_layout()
+    return _png(fig)
+
+
 def write_report(results: str | Path, out: str | Path | None = None) -> dict[str, str]:
-    """Write table.md, learning.md, paired.md, training.md, states.md and the pictures; return
-    the markdown texts."""
+    """Write table.md, learning.md, paired.md, training.md, states.md, fit.md and the pictures;
+    return the markdown texts."""
     b = load_benchmark(results)
     out = Path(out or results)
     out.mkdir(parents=True, exist_ok=True)
     texts = {"table.md": render_table(b), "learning.md": render_learning(b),
              "paired.md": render_paired(b), "training.md": render_training(b),
-             "states.md": render_states(b)}
+             "states.md": render_states(b), "fit.md": render_fit(b)}
     for name, text in texts.items():
         write_text_atomic(out / name, text)
     for name, make in (("forgetting.png", forgetting_figure), ("general.png", general_figure),
-                       ("violations.png", violation_figure), ("states.png", states_figure)):
+                       ("violations.png", violation_figure), ("states.png", states_figure),
+                       ("fit.png", fit_figure)):
         write_bytes_atomic(out / name, make(b))
     return texts
 

@@ -109,3 +109,28 @@ def concat_examples(parts: Sequence[Sequence[Sequence[float]]]) -> list[list[flo
     if len(seeds) != 1:
         raise ValueError(f"every part needs the same seeds; got seed counts {sorted(seeds)}")
     return [sum((list(p[s]) for p in parts), []) for s in range(seeds.pop())]
+
+
+def _ranks(x: np.ndarray) -> np.ndarray:
+    """1-based ranks with ties given their mean rank."""
+    order = np.argsort(x, kind="stable")
+    ranks = np.empty(len(x), dtype=np.float64)
+    ranks[order] = np.arange(1, len(x) + 1)
+    for value in np.unique(x):  # ties share the mean of the ranks they span
+        tied = x == value
+        ranks[tied] = ranks[tied].mean()
+    return ranks
+
+
+def rank_correlation(x: Sequence[float], y: Sequence[float]) -> float:
+    """Spearman's rho: Pearson's correlation of the ranks (ties at their mean rank); nan where
+    either side is constant or there are fewer than 3 pairs."""
+    a, b = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    if a.shape != b.shape or a.ndim != 1:
+        raise ValueError(f"rank_correlation needs two equal-length vectors; got {a.shape} and "
+                         f"{b.shape}")
+    if len(a) < 3:
+        return float("nan")
+    ra, rb = _ranks(a) - (len(a) + 1) / 2, _ranks(b) - (len(b) + 1) / 2
+    denom = float(np.sqrt((ra * ra).sum() * (rb * rb).sum()))
+    return float((ra * rb).sum() / denom) if denom > 0 else float("nan")
