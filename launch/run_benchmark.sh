@@ -39,8 +39,8 @@ declare -A ROW=(
 # that turned out to matter (the exact TM test, TM at w = 1)
 PLAN=(none:1 replay:1 tm_dy:1 none:2 replay:2 tm_dy:2 none:3 replay:3 tm_dy:3
       tm_w100:1 tm_w1:1 tm_dy_k2:1 kl:1 l2:1 tm_dy_exact:1 lora_tm_dy:1
-      tm_w100:2 kl:2 l2:2 tm_dy_exact:2 tm_dy_exact:3 tm_w1:2 tm_w1:3 kl:3 l2:3
-      tm_dy_exact:4 tm_dy:4)
+      tm_w100:2 kl:2 l2:2 tm_dy_exact:2 tm_dy_exact:3 tm_w1:2 tm_w1:3 tm_dy_exact:4 tm_dy:4
+      tm_w100:3 kl:3 l2:3)
 ITEMS=("${@:-${PLAN[@]}}")
 export OMP_NUM_THREADS=1 DS_ACCELERATOR=cpu TOKENIZERS_PARALLELISM=false
 export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$PWD/.cache/torch_extensions}"
