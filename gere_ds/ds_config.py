@@ -16,15 +16,24 @@ from gere_ds.errors import InputError
 
 DS_CONFIG_DIR = Path(__file__).resolve().parents[1] / "ds_configs"
 # `deepspeed: auto` picks one of these by DeepSpeed's accelerator (any non-CPU accelerator gets
-# the GPU ones) and by whether the model fits replicated (auto_stage)
+# the GPU ones) and by what fits (auto_stage); a CPU has nothing to offload to
 AUTO_CONFIGS = {("cpu", 2): "zero2.json", ("cpu", 3): "zero3.json",
-                ("cuda", 2): "zero2_gpu.json", ("cuda", 3): "zero3_gpu.json"}
+                ("cuda", 2): "zero2_gpu.json", ("cuda", 3): "zero3_gpu.json",
+                ("cuda", "offload"): "zero3_offload.json"}
 # ZeRO-2 when its model states take at most this share of one rank's memory: the rest is left
-# for activations, the teacher pass, evaluation and the allocator (ZeRO-3 otherwise)
-REPLICATED_SHARE = 0.4
+# for activations, gradient buckets, the teacher pass, evaluation and the allocator. At 0.35 an
+# 8B model on 8 x 80 GB cards (about 85e9 bytes each as reported) gets ZeRO-3 with a margin, not
+# by a rounding of the card's size (docs/performance.md)
+REPLICATED_SHARE = 0.35
+# ZeRO-3 when its partitioned states take at most this share: the rest holds the gathered
+# layers, the activations and the logits of the supervised positions
+PARTITIONED_SHARE = 0.7
 ADAM_TYPES = ("adam", "adamw")
 
 Note = Callable[[str], None]
+
+# the minimum of every rank's memory, once the ranks have agreed on it (agree_on_memory)
+_agreed_memory: dict[str, int] = {}
 
 
 def accelerator_name() -> str:
@@ -49,19 +58,67 @@ def model_parameters(model: str) -> int | None:
     return sum(p.numel() for p in net.parameters())
 
 
-def rank_memory_bytes(accelerator: str) -> int:
-    """One rank's memory: its GPU's, or on a CPU the machine's RAM over the ranks of the node
-    (LOCAL_WORLD_SIZE from torchrun, LOCAL_SIZE from the deepspeed launcher; 1 without)."""
+def ranks_per_node(world_size: int) -> int:
+    """Ranks on this node: LOCAL_SIZE (deepspeed launcher) or LOCAL_WORLD_SIZE (torchrun); the
+    whole world without a launcher."""
+    import os
+
+    local = os.environ.get("LOCAL_SIZE") or os.environ.get("LOCAL_WORLD_SIZE")
+    return max(int(local), 1) if local else max(world_size, 1)
+
+
+def node_count(world_size: int) -> int:
+    """Nodes of the job: CROSS_SIZE (deepspeed launcher), else the world over a node's ranks."""
+    import os
+
+    nodes = os.environ.get("CROSS_SIZE")
+    return max(int(nodes), 1) if nodes else max(world_size // ranks_per_node(world_size), 1)
+
+
+def host_memory_bytes() -> int:
+    """This node's RAM over its ranks."""
+    import os
+
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    local = os.environ.get("LOCAL_SIZE") or os.environ.get("LOCAL_WORLD_SIZE") or "1"
+    return ram // max(int(local), 1)
+
+
+def local_memory_bytes(accelerator: str) -> int:
+    """This rank's memory: its GPU's free memory, or on a CPU the node's RAM over its ranks."""
     import os
 
     if accelerator != "cpu":
         import torch
 
         index = int(os.environ.get("LOCAL_RANK", "0")) % max(torch.cuda.device_count(), 1)
-        return int(torch.cuda.get_device_properties(index).total_memory)
-    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    local = os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or "1"
-    return ram // max(int(local), 1)
+        return int(torch.cuda.mem_get_info(index)[0])
+    return host_memory_bytes()
+
+
+def agree_on_memory(accelerator: str | None = None) -> int:
+    """The least memory of any rank, all-reduced once after the process group starts (every
+    rank calls it): from then on every rank's ``auto`` sees the same number and picks the same
+    stage, so mixed cards cannot pick different stages and hang."""
+    import torch
+
+    from gere_ds import dist
+
+    accelerator = accelerator or accelerator_name()
+    mine = local_memory_bytes(accelerator)
+    if dist.is_initialized() and dist.world_size() > 1:
+        t = torch.tensor([-float(mine)], dtype=torch.float64, device=dist.device())
+        mine = int(-dist.all_reduce_max(t).item())
+    _agreed_memory[accelerator] = mine
+    return mine
+
+
+def rank_memory_bytes(accelerator: str) -> int:
+    """One rank's memory for ``auto``: the ranks' agreed minimum once agree_on_memory ran, else
+    this rank's own (checks before the process group starts)."""
+    if accelerator in _agreed_memory:
+        return _agreed_memory[accelerator]
+    return local_memory_bytes(accelerator)
 
 
 def zero2_state_bytes(params: int, trainable: int, world_size: int, bf16: bool) -> int:
@@ -70,21 +127,53 @@ def zero2_state_bytes(params: int, trainable: int, world_size: int, bf16: bool) 
     return (2 if bf16 else 4) * params + 16 * trainable // max(world_size, 1)
 
 
-def auto_stage(cfg: RunConfig, world_size: int, accelerator: str) -> tuple[int, str]:
-    """ZeRO-2 when the model fits replicated (its ZeRO-2 states within REPLICATED_SHARE of a
-    rank's memory), else ZeRO-3; and the reason, for the log. ZeRO-3's per-forward parameter
-    gathers buy nothing for a model that fits (bench/bench_peer.py measures the difference)."""
+def zero3_state_bytes(params: int, trainable: int, world_size: int, bf16: bool) -> int:
+    """Model states per rank under ZeRO-3: everything of ZeRO-2, the weights partitioned too."""
+    return ((2 if bf16 else 4) * params + 16 * trainable) // max(world_size, 1)
+
+
+Stage = int | str  # 2, 3 or "offload" (ZeRO-3 with optimizer and parameters on the host)
+
+
+def auto_stage(cfg: RunConfig, world_size: int, accelerator: str,
+               memory: int | None = None, nodes: int | None = None,
+               host_memory: int | None = None) -> tuple[Stage, str]:
+    """The stage ``deepspeed: auto`` takes, and why (for the log): ZeRO-2 when the model fits
+    replicated (its ZeRO-2 states within REPLICATED_SHARE of a rank's memory) on one node; else
+    ZeRO-3 when its partitioned states fit PARTITIONED_SHARE; else ZeRO-3 with offload to the
+    host when there is a config for it and the host holds the states; else one InputError.
+    ZeRO-3's per-forward parameter gathers buy nothing for a model that fits
+    (bench/bench_peer.py measures the difference); across nodes ZeRO-3 writes a partition per
+    rank, so every node can resume from its own files. ``memory`` (a rank's), ``nodes`` and
+    ``host_memory`` (a rank's share of its node's RAM) default to this job's."""
     params = model_parameters(cfg.model)
     if params is None:
         return 3, f"{cfg.model}: parameters not countable, so ZeRO-3"
     trainable = 0 if cfg.train.lora is not None else params  # adapters: a rounding error
-    need = zero2_state_bytes(params, trainable, world_size, cfg.train.bf16)
-    have = rank_memory_bytes(accelerator)
-    fits = need <= REPLICATED_SHARE * have
-    gib = 2 ** 30
-    return (2 if fits else 3), (
-        f"{params / 1e6:,.0f}M parameters: ZeRO-2 model states {need / gib:.1f} GiB per rank "
-        f"{'<=' if fits else '>'} {REPLICATED_SHARE:.0%} of {have / gib:.1f} GiB")
+    have = rank_memory_bytes(accelerator) if memory is None else memory
+    nodes = node_count(world_size) if nodes is None else nodes
+    gb, bf16 = 1e9, cfg.train.bf16
+    size = f"{params / 1e6:,.0f}M parameters"
+    need2 = zero2_state_bytes(params, trainable, world_size, bf16)
+    fits2 = need2 <= REPLICATED_SHARE * have
+    if fits2 and nodes == 1:
+        return 2, (f"{size}: ZeRO-2 model states {need2 / gb:.1f} GB per rank <= "
+                   f"{REPLICATED_SHARE:.0%} of {have / gb:.1f} GB")
+    why2 = (f"{nodes} nodes" if fits2 else f"ZeRO-2 model states {need2 / gb:.1f} GB per rank "
+            f"> {REPLICATED_SHARE:.0%} of {have / gb:.1f} GB")
+    need3 = zero3_state_bytes(params, trainable, world_size, bf16)
+    if need3 <= PARTITIONED_SHARE * have:
+        return 3, f"{size}: {why2}, so ZeRO-3 ({need3 / gb:.1f} GB per rank)"
+    why3 = (f"{size}: ZeRO-3 model states {need3 / gb:.1f} GB per rank > "
+            f"{PARTITIONED_SHARE:.0%} of {have / gb:.1f} GB")
+    host = host_memory_bytes() if host_memory is None else host_memory
+    kind = "cpu" if accelerator == "cpu" else "cuda"
+    if (kind, "offload") in AUTO_CONFIGS and need3 <= PARTITIONED_SHARE * host:
+        return "offload", f"{why3}, so ZeRO-3 with offload to {host / gb:.1f} GB of host RAM"
+    where = ("and a CPU has nothing to offload to" if kind == "cpu" else
+             f"and over {PARTITIONED_SHARE:.0%} of the host's {host / gb:.1f} GB per rank")
+    raise InputError(f"deepspeed: auto: {why3} {where}; use more ranks, LoRA (train.lora) or "
+                     f"name a DeepSpeed JSON", field="deepspeed")
 
 
 def ds_config_path(deepspeed: str, accelerator: str | None = None, cfg: RunConfig | None = None,
@@ -271,9 +360,11 @@ def fill_ds_config(ds: dict[str, Any], cfg: RunConfig, world_size: int, file: st
 
 
 def resolve_ds_config(cfg: RunConfig, world_size: int, note: Note | None = None,
-                      accelerator: str | None = None) -> dict[str, Any]:
-    """Load the run's DeepSpeed JSON (``deepspeed: auto`` by accelerator) and fill it."""
-    check_global_batch(cfg, world_size)
+                      accelerator: str | None = None, check_batch: bool = True) -> dict[str, Any]:
+    """Load the run's DeepSpeed JSON (``deepspeed: auto`` by accelerator) and fill it;
+    ``check_batch`` False for evaluation, which has no optimizer step."""
+    if check_batch:
+        check_global_batch(cfg, world_size)
     accelerator = accelerator or accelerator_name()
     path = ds_config_path(cfg.deepspeed, accelerator, cfg, world_size, note)
     return fill_ds_config(read_ds_json(path), cfg, world_size, str(path), accelerator, note)

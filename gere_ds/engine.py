@@ -182,24 +182,37 @@ def build_engine(cfg: RunConfig, world_size: int, log: Callable[[str], None]) ->
 def build_eval_engine(cfg: RunConfig, log: Callable[[str], None]) -> Engine:
     """An engine that only scores ``cfg.model``, in eval mode.
 
-    Under a process group: a DeepSpeed engine without an optimizer (ZeRO-3 partitions the
-    weights; every forward is a collective). In one plain process: the Hugging Face model on
-    the device of DeepSpeed's accelerator, as training would use.
+    In one plain process, or under a process group whose training config is ZeRO-0/1/2: the
+    Hugging Face model on the device of DeepSpeed's accelerator (every rank holds the weights,
+    as training did; the scorers shard the examples). Under ZeRO-3: a DeepSpeed stage-3 engine
+    without an optimizer (weights partitioned; every forward is a collective). Neither runs the
+    global-batch check: scoring has no optimizer step, so any rank count may evaluate.
     """
     from gere_ds import dist
 
     check_model_folder(cfg)
     tokenizer = load_tokenizer(cfg, log)
-    if not dist.is_initialized():
-        ds: dict[str, Any] = {}
-        model, _ = _load_model(cfg, ds)
-        module = model.to(dist.device()).eval()
-        return Engine(engine=module, tokenizer=tokenizer, ds_config=ds, hf_ds_config=None)
-    import deepspeed
+    if dist.is_initialized():
+        ds = eval_ds_config(cfg, dist.world_size())
+        if zero_stage(ds) == 3:
+            import deepspeed
 
-    ds = resolve_ds_config(cfg, dist.world_size())
+            model, hf_ds = _load_model(cfg, ds)
+            engine, _, _, _ = deepspeed.initialize(model=model, config=ds)
+            engine.eval()
+            return Engine(engine=engine, tokenizer=tokenizer, ds_config=ds, hf_ds_config=hf_ds)
+    model, _ = _load_model(cfg, {})
+    module = model.to(dist.device()).eval()
+    return Engine(engine=module, tokenizer=tokenizer, ds_config={}, hf_ds_config=None)
+
+
+def eval_ds_config(cfg: RunConfig, world_size: int) -> dict[str, Any]:
+    """The training DeepSpeed JSON made an inference one: no optimizer, one micro-batch per
+    step and no accumulation (DeepSpeed's own batch arithmetic then holds on any rank count)."""
+    from gere_ds.ds_config import resolve_ds_config as resolve
+
+    ds = resolve(cfg, world_size, check_batch=False)
     ds.pop("optimizer", None)
-    model, hf_ds = _load_model(cfg, ds)
-    engine, _, _, _ = deepspeed.initialize(model=model, config=ds)
-    engine.eval()
-    return Engine(engine=engine, tokenizer=tokenizer, ds_config=ds, hf_ds_config=hf_ds)
+    ds.update(train_micro_batch_size_per_gpu=1, gradient_accumulation_steps=1,
+              train_batch_size=world_size)
+    return ds

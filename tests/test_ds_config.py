@@ -114,7 +114,7 @@ def test_auto_picks_the_config_by_accelerator_and_model_size(tiny_config, monkey
     monkeypatch.setattr(D, "rank_memory_bytes", lambda acc: int(need / D.REPLICATED_SHARE) + 1)
     gpu = resolve_ds_config(cfg, world_size=8, accelerator="cuda", note=notes.append)
     assert gpu["zero_optimization"]["stage"] == 2 and gpu["zero_optimization"]["overlap_comm"]
-    assert notes and "ds_configs/zero2_gpu.json" in notes[0] and "<= 40%" in notes[0]
+    assert notes and "ds_configs/zero2_gpu.json" in notes[0] and "<= 35%" in notes[0]
     # torch's fused AdamW everywhere (DeepSpeed's FusedAdam would need nvcc at the first run)
     assert gpu["optimizer"]["params"]["torch_adam"] is True and gpu["optimizer"]["params"]["fused"]
     assert gpu["zero_optimization"]["reduce_bucket_size"] == HIDDEN * HIDDEN
@@ -131,6 +131,61 @@ def test_auto_picks_the_config_by_accelerator_and_model_size(tiny_config, monkey
     monkeypatch.setattr(D, "rank_memory_bytes", lambda acc: 2 ** 50)
     assert ds_config_path("auto", "cuda", cfg, 8) == DS_CONFIG_DIR / "zero3_gpu.json"
 
+
+
+LLAMA_8B = 8_030_261_248  # Llama-3.1-8B's parameters
+H100_80GB = 85_000_000_000  # what an "80 GB" card reports free, about
+H200_141GB = 150_000_000_000
+
+
+@pytest.mark.parametrize("world, memory, nodes, host, want", [
+    (8, H100_80GB, 1, 10**12, 3),  # docs/performance.md: 8 x 80 GB -> ZeRO-3
+    (6, H100_80GB, 1, 10**12, 3),  # the paper's 6 GPUs
+    (8, H200_141GB, 1, 10**12, 2),  # 8 x 141 GB -> ZeRO-2
+    (16, H200_141GB, 2, 10**12, 3),  # fits replicated, but two nodes: ZeRO-3
+    (1, H100_80GB, 1, 256 * 10**9, "offload"),  # 144 GB of ZeRO-3 states on one GPU
+])
+def test_auto_stage_at_8b_matches_the_docs(tiny_config, monkeypatch, world, memory, nodes, host,
+                                           want):
+    import gere_ds.ds_config as D
+
+    cfg = _cfg(tiny_config, train={"bf16": True})
+    monkeypatch.setattr(D, "model_parameters", lambda model: LLAMA_8B)
+    stage, why = D.auto_stage(cfg, world, "cuda", memory=memory, nodes=nodes, host_memory=host)
+    assert stage == want, why
+    if want == "offload":
+        assert D.AUTO_CONFIGS[("cuda", stage)] == "zero3_offload.json"
+
+
+@pytest.mark.parametrize("accelerator, host", [("cuda", 20 * 10**9), ("cpu", 20 * 10**9)])
+def test_auto_stops_with_one_line_when_nothing_fits(tiny_config, monkeypatch, accelerator, host):
+    """8B on one rank: ZeRO-3 needs 144 GB; no offload config on a CPU, too little host RAM on a
+    GPU: one line naming the field, raised while the inputs are checked (before any load)."""
+    import gere_ds.ds_config as D
+
+    cfg = _cfg(tiny_config, train={"bf16": True})
+    cfg.deepspeed = "auto"
+    monkeypatch.setattr(D, "model_parameters", lambda model: LLAMA_8B)
+    monkeypatch.setattr(D, "rank_memory_bytes", lambda acc: H100_80GB)
+    monkeypatch.setattr(D, "host_memory_bytes", lambda: host)
+    with pytest.raises(InputError) as err:
+        resolve_ds_config(cfg, world_size=1, accelerator=accelerator)
+    line = str(err.value)
+    assert "\n" not in line and line.startswith("deepspeed: ") and "ZeRO-3 model states" in line
+
+
+@pytest.mark.slow
+def test_ranks_agree_on_the_stage_with_different_memory(tiny_config, tmp_path):
+    """Two ranks whose memory differs across the ZeRO-2 threshold pick one stage: the
+    smaller rank's."""
+    cfg = tiny_config("tm", name="agree")
+    out = tmp_path / "agree"
+    proc = run_deepspeed(REPO / "tests/dist_scripts/auto_stage.py",
+                         ["--config", str(cfg), "--out", str(out)], nproc=2, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert got[0]["alone"] == 2 and got[1]["alone"] == 3  # each rank alone would differ
+    assert got[0]["agreed"] == got[1]["agreed"] == 3
 
 
 @pytest.mark.slow

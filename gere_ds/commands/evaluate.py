@@ -166,6 +166,10 @@ def main(argv: list[str] | None = None) -> int:
         cfg.eval.enabled = True
         if _launched():
             dist.init()
+            if cfg.deepspeed == "auto":  # one stage on every rank (ZeRO-3 is collective)
+                from gere_ds.ds_config import agree_on_memory
+
+                agree_on_memory()
         models = ([(Path(m).name, m) for m in args.model] if args.model
                   else run_models(cfg, Path(args.run), Path(args.out)))
         delete = frozenset(folder for _, folder in models[1:]) \

@@ -84,6 +84,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr, flush=True)
         return 2
     dist.init(timeout_s=timeout)
+    if cfg.deepspeed == "auto":  # every rank's auto then sees the same memory: one stage
+        from gere_ds.ds_config import agree_on_memory
+
+        agree_on_memory()
     try:  # one job per output_dir, before anything there is read or written
         lock = acquire_run_lock(cfg.output_dir, args.force_unlock)
     except InputError as err:
