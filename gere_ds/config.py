@@ -25,7 +25,7 @@ EVAL_MODES = ("rank", "generate")
 TRUNCATE_SOURCE = ("head", "tail")
 # how the per-row losses of a global batch become one number (docs/method.md, "Weighing rows")
 REDUCTIONS = ("row", "global_micro_batch")
-# the TM dead-band may hide violations up to this many threshold_k * sigma_d, no more
+# TM's opt-in rounding guard may hold violations up to this many threshold_k * sigma_d, no more
 MAX_TM_DEAD_BAND = 0.5
 # what happens to a LoRA adapter between tasks (docs/lora.md, "The continual choice")
 LORA_CONTINUAL = ("carry", "merge")
@@ -73,10 +73,10 @@ class ReplayConfig:
                          "loss, dy per row (the reference recipe) | global_micro_batch: CE 1:1 "
                          "and TM over all rows of all ranks at one micro-step", default="row")
     tm_dead_band: Union[float, str] = doc(
-        "TM ignores a violation no larger than this many rounding units of the compute dtype "
-        "(eps: 2^-7 bf16, 2^-23 fp32) times sigma_d, plus one rounding step, so kernels that "
-        "round by shape leave TM exactly 0 at the base model; auto = 48 in bf16 (0.375 sigma), "
-        "1024 in fp32 (1.2e-4 sigma); 0 = the reference's exact test", default="auto")
+        "0 = the reference's exact TM test (default). > 0: an opt-in rounding guard: a violation "
+        "no larger than this many rounding units of the compute dtype (eps: 2^-7 bf16, 2^-23 "
+        "fp32) times sigma_d, plus one rounding step, keeps its value and its place in the "
+        "per-row count but passes no gradient (docs/method.md)", default=0.0)
     per_batch: int = doc("0: replay shuffled into each task's data; k>0: exactly k per global batch",
                          default=0)
     teacher_batch_size: int = doc("replay samples per forward in the teacher pass, per rank "
@@ -518,16 +518,22 @@ def _validate_replay(r: ReplayConfig, bf16: bool, marks: _Marks) -> None:
         hint = f" (did you mean '{close[0]}'?)" if close else ""
         raise marks.error("replay.reduction", f"unknown reduction {r.reduction!r}{hint}; one of "
                                               f"{', '.join(REDUCTIONS)}")
-    if isinstance(r.tm_dead_band, str) and r.tm_dead_band != "auto":
-        raise marks.error("replay.tm_dead_band", f"must be a number or 'auto', got "
+    if r.tm_dead_band == "auto":  # the former default
+        raise marks.error("replay.tm_dead_band", "'auto' is no longer accepted: 0 is the "
+                                                 "reference's exact test (the default), a number "
+                                                 "of rounding units opts into the rounding guard "
+                                                 "('auto' was 48 in bf16, 1024 in fp32)")
+    if isinstance(r.tm_dead_band, str):
+        raise marks.error("replay.tm_dead_band", f"must be a number >= 0, got "
                                                  f"{r.tm_dead_band!r}")
-    if isinstance(r.tm_dead_band, float):
-        band_sigmas = r.tm_dead_band * (2.0 ** -7 if bf16 else 2.0 ** -23)
-        if not r.tm_dead_band >= 0 or band_sigmas > MAX_TM_DEAD_BAND * r.threshold_k:
-            raise marks.error("replay.tm_dead_band",
-                              f"must be >= 0 and at most {MAX_TM_DEAD_BAND} * threshold_k sigma "
-                              f"(a wider band would hide real violations); {r.tm_dead_band!r} "
-                              f"units = {band_sigmas:.3g} sigma in {'bf16' if bf16 else 'fp32'}")
+    if not r.tm_dead_band >= 0:
+        raise marks.error("replay.tm_dead_band", f"must be >= 0, got {r.tm_dead_band!r}")
+    band_sigmas = r.tm_dead_band * (2.0 ** -7 if bf16 else 2.0 ** -23)
+    if band_sigmas > MAX_TM_DEAD_BAND * r.threshold_k:
+        raise marks.error("replay.tm_dead_band",
+                          f"must be at most {MAX_TM_DEAD_BAND} * threshold_k sigma (a wider band "
+                          f"would hide real violations); {r.tm_dead_band!r} units = "
+                          f"{band_sigmas:.3g} sigma in {'bf16' if bf16 else 'fp32'}")
     if STRATEGIES[r.strategy].uses_replay and not r.data:
         raise marks.error("replay.data", f"strategy {r.strategy!r} needs a replay data file")
     for key in ("num_samples", "max_len", "teacher_batch_size", "kl_topk"):

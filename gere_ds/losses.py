@@ -109,25 +109,12 @@ def rounding_step(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.ldexp(torch.full_like(x, eps, dtype=torch.float32), exponent - 1)
 
 
-# replay.tm_dead_band: auto, per compute dtype, in its rounding units. Measured on the real
-# SmolLM2-135M (bench/tm_dead_band.py), the base model's final-norm output differs between the
-# teacher's and training's batch shapes by up to 22 units x sigma in bf16 with this CPU's own
-# kernels and 37 with linear layers that accumulate in another order; in fp32 (where the noise
-# is fp32 summation order in long dot products) 57 and 311 units, and 1024 fp32 units are still
-# only 1.2e-4 sigma.
-AUTO_DEAD_BAND_UNITS = {torch.bfloat16: 48.0, torch.float16: 48.0, torch.float32: 1024.0}
-
-
-def dead_band_units(setting: float | str, compute_dtype: torch.dtype) -> float:
-    """``replay.tm_dead_band`` as a number of rounding units ('auto': per compute dtype)."""
-    return AUTO_DEAD_BAND_UNITS[compute_dtype] if setting == "auto" else float(setting)
-
-
 def tm_dead_band(lo: torch.Tensor, hi: torch.Tensor, sigma: torch.Tensor, units: float,
                  compute_dtype: torch.dtype) -> torch.Tensor:
-    """Per-dimension dead-band [D]: ``units`` rounding units of the compute dtype (its eps:
-    2^-7 for bf16, 2^-23 for fp32) times sigma_d, plus one rounding step at the larger threshold
-    magnitude; all 0 when ``units`` is 0 (the reference's exact test).
+    """Per-dimension band [D] of the opt-in rounding guard (``replay.tm_dead_band``):
+    ``units`` rounding units of the compute dtype (its eps: 2^-7 for bf16, 2^-23 for fp32) times
+    sigma_d, plus one rounding step at the larger threshold magnitude; all 0 when ``units`` is 0
+    (the default: the reference's exact test).
 
     Kernels that round by shape make the base model's final-norm output differ between the
     teacher pass and training by a few rounding units of the layers below, which scale with the
@@ -145,21 +132,25 @@ def tm_dead_band(lo: torch.Tensor, hi: torch.Tensor, sigma: torch.Tensor, units:
 def tm_row_terms(hidden: torch.Tensor, states: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor,
                  mask: torch.Tensor, band: torch.Tensor | None = None
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per row [B]: (sum of violations, violating elements, valid elements, elements whose
-    violation the dead-band ignored).
+    """Per row [B]: (sum of violations, violating elements, valid elements, violating elements
+    inside the band).
 
-    A violation no larger than ``band`` [D] counts as none (out of the sum and the count); a
-    larger one counts in full, exactly as the reference's.
+    Without ``band`` (or band 0) this is the reference's exact test. With the opt-in ``band`` [D]
+    a violation no larger than its dimension's band keeps its value in the sum and its place in
+    the count, but passes no gradient: the loss, the per-row normaliser and the dy weight are
+    the reference's, so a larger violation gets exactly the reference's gradient, the loss is
+    continuous at the band's edge, and only the push on rounding-sized violations is removed.
     """
     v = tm_violations(hidden, states, lo, hi, mask)
-    ignored = v.new_zeros(v.shape[0])
+    inside = v.new_zeros(v.shape[0])
     if band is not None:
-        kept = v > band
-        ignored = ((v.detach() > 0) & ~kept).sum((1, 2)).to(torch.float32)
-        v = torch.where(kept, v, v.new_zeros(()))
+        small = (v <= band) & (v.detach() > 0)
+        inside = small.sum((1, 2)).to(torch.float32)
+        # value kept, gradient cut: the normaliser and dy weight see every violation
+        v = torch.where(small, v.detach(), v)
     elems = mask.sum(1).to(torch.float32) * hidden.shape[-1]
     violating = (v.detach() > 0).sum((1, 2)).to(torch.float32)
-    return v.sum((1, 2)), violating, elems, ignored
+    return v.sum((1, 2)), violating, elems, inside
 
 
 def _fp32(x: torch.Tensor) -> torch.Tensor:
@@ -264,7 +255,7 @@ class RowTerms:
     reg_sum: torch.Tensor
     reg_count: torch.Tensor
     reg_elems: torch.Tensor  # elements the term looked at (violation fraction)
-    reg_ignored: torch.Tensor  # tm: violating elements the dead-band ignored
+    reg_ignored: torch.Tensor  # tm: violations inside the opt-in rounding guard (no gradient)
     tokens: torch.Tensor  # scalar: non-pad tokens of the micro-batch (throughput)
 
 

@@ -16,13 +16,12 @@ from typing import TYPE_CHECKING, Any, Callable, ClassVar
 import torch
 
 from gere_ds.errors import InputError
-from gere_ds.losses import dead_band_units, feature_diff_rows, tm_dead_band, tm_row_terms, \
-    topk_kl_rows
+from gere_ds.losses import feature_diff_rows, tm_dead_band, tm_row_terms, topk_kl_rows
 
 if TYPE_CHECKING:  # config imports this module (validation asks the registry)
     from gere_ds.config import ReplayConfig, RunConfig
 
-# (sum, counted elements, elements looked at, elements the dead-band ignored), [R] each
+# (sum, counted elements, elements looked at, violations the opt-in band holds without gradient)
 LocalSums = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 
 
@@ -117,18 +116,19 @@ class ThresholdMargin(ReplayTerm):
         super().attach(teacher, device, log)
         self.device = device
         self.lo, self.hi = teacher.lo.to(device), teacher.hi.to(device)
-        units = dead_band_units(self.replay.tm_dead_band, self.compute_dtype)
+        units = float(self.replay.tm_dead_band)
+        # band 0 (the default) takes the reference's path, not a band of zeros
         self.band = tm_dead_band(teacher.lo, teacher.hi, teacher.sigma, units,
-                                 self.compute_dtype).to(device)
+                                 self.compute_dtype).to(device) if units > 0 else None
         if log is None:
             return
-        if units > 0:
-            log(f"TM dead-band: {units:g} rounding units x sigma + one {self.compute_dtype} "
-                f"rounding step (median {float(self.band.median()):.3g}, max "
-                f"{float(self.band.max()):.3g}; median sigma "
-                f"{float(teacher.sigma.median()):.3g})")
+        if self.band is not None:
+            log(f"TM rounding guard: violations up to {units:g} rounding units x sigma + one "
+                f"{self.compute_dtype} rounding step pass no gradient (median "
+                f"{float(self.band.median()):.3g}, max {float(self.band.max()):.3g}; median "
+                f"sigma {float(teacher.sigma.median()):.3g})")
         else:
-            log("TM dead-band: off (the reference's exact test)")
+            log("TM: the reference's exact test (no rounding guard)")
 
     def local_sums(self, replay: ReplayRows, logits: torch.Tensor, hidden: torch.Tensor
                    ) -> LocalSums:

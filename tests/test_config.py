@@ -67,7 +67,10 @@ def test_unknown_override_key(tmp_path):
     ("  weight: -1", r"c.yaml:\d+: replay.weight: must be >= 0"),
     ("  threshold_k: -0.5", r"c.yaml:\d+: replay.threshold_k: must be > 0"),
     ("  tm_dead_band: -1", r"c.yaml:\d+: replay.tm_dead_band: must be >= 0"),
-    ("  tm_dead_band: wide", r"c.yaml:\d+: replay.tm_dead_band: must be a number or 'auto'"),
+    ("  tm_dead_band: wide", r"c.yaml:\d+: replay.tm_dead_band: must be a number >= 0, got 'wide'"),
+    # the former default: one line saying what replaced it
+    ("  tm_dead_band: auto", r"c.yaml:\d+: replay.tm_dead_band: 'auto' is no longer accepted: 0 "
+                            r"is the reference's exact test \(the default\)"),
     # 128 bf16 units = 1 sigma: wider than half the threshold distance
     ("  tm_dead_band: 128", r"c.yaml:\d+: replay.tm_dead_band: .*would hide real violations"),
 ])
@@ -77,6 +80,10 @@ def test_bad_values(tmp_path, line, needle):
     with pytest.raises(InputError, match=needle) as err:
         load_config(_write(tmp_path, text))
     assert str(err.value).startswith(str(tmp_path / "c.yaml"))
+
+
+def test_the_default_is_the_reference_exact_tm_test(tmp_path):
+    assert load_config(_write(tmp_path, BASE)).replay.tm_dead_band == 0.0
 
 
 def test_dead_band_bound_follows_the_compute_dtype(tmp_path):

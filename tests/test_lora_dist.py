@@ -87,8 +87,9 @@ def carry_reference(tmp_path_factory, tiny_paths):
 def test_lora_tm_zero_at_first_step_and_adapter_only_checkpoints(carry_reference):
     steps = _steps(carry_reference)
     assert len(steps) == 6
-    # fresh adapters: B = 0, the student is the teacher (the dead-band covers batch shapes)
-    assert steps[0]["train/tm"] == 0.0 and steps[0]["train/replay_ce"] > 0
+    # fresh adapters: B = 0, the student is the teacher up to fp32 rounding between the
+    # teacher's and training's batch shapes, which the exact test counts
+    assert steps[0]["train/tm"] < 1e-5 and steps[0]["train/replay_ce"] > 0
     assert any(s["train/tm"] > 0 for s in steps[1:])
     folder = carry_reference / "checkpoints" / "task002-end"
     state = json.loads((folder / "trainer_state.json").read_text())

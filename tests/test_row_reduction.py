@@ -168,18 +168,72 @@ def test_rounding_step_is_the_grid_spacing():
         assert torch.equal(rounding_step(x.to(dtype), dtype), (up - x.to(dtype)).float()), dtype
 
 
-def test_dead_band_ignores_small_violations_and_keeps_large_ones_in_full():
+def test_guard_keeps_small_violations_in_value_and_count_but_passes_them_no_gradient():
     lo, hi = torch.tensor([-1.0, -1.0]), torch.tensor([1.0, 1.0])
     band = torch.tensor([0.1, 0.1])
     states = torch.tensor([[[1, 0]]], dtype=torch.int8)  # element 0 must stay >= hi
     mask = torch.ones(1, 1, dtype=torch.long)
-    small = torch.tensor([[[0.95, 0.0]]])  # violates by 0.05 <= band
-    large = torch.tensor([[[0.5, 0.0]]])  # violates by 0.5 > band: counts as 0.5, not 0.4
-    s, c, e, ignored = tm_row_terms(small, states, lo, hi, mask, band)
-    assert float(s) == 0 and float(c) == 0 and float(ignored) == 1 and float(e) == 2
-    s, c, _, ignored = tm_row_terms(large, states, lo, hi, mask, band)
-    assert float(s) == pytest.approx(0.5) and float(c) == 1 and float(ignored) == 0
-    assert float(tm_reference(large, states, lo, hi, mask)) == pytest.approx(0.5)
+    small = torch.tensor([[[0.95, 0.0]]], requires_grad=True)  # violates by 0.05 <= band
+    large = torch.tensor([[[0.5, 0.0]]], requires_grad=True)  # violates by 0.5 > band
+    s, c, e, inside = tm_row_terms(small, states, lo, hi, mask, band)
+    assert float(s) == pytest.approx(0.05) and float(c) == 1 and float(inside) == 1
+    assert float(e) == 2
+    s.sum().backward()
+    assert torch.count_nonzero(small.grad) == 0
+    s, c, _, inside = tm_row_terms(large, states, lo, hi, mask, band)
+    assert float(s) == pytest.approx(0.5) and float(c) == 1 and float(inside) == 0
+    s.sum().backward()
+    assert large.grad.tolist() == [[[-1.0, 0.0]]]
+
+
+def _worked_row(band: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One replay row of 100 elements that must stay >= hi = 1: 99 violate by 0.05 and one by
+    1.0; CE = 2. Returns the gradient of the row's loss on its hidden at w = dy and w = 100."""
+    hidden = torch.full((1, 100, 1), 0.95, dtype=torch.float64)
+    hidden[0, 0, 0] = 0.0
+    hidden.requires_grad_(True)
+    states = torch.ones(1, 100, 1, dtype=torch.int8)
+    lo, hi = torch.tensor([-1.0], dtype=torch.float64), torch.tensor([1.0], dtype=torch.float64)
+    mask = torch.ones(1, 100, dtype=torch.long)
+    guard = None if band is None else torch.tensor([band], dtype=torch.float64)
+    s, c, e, inside = tm_row_terms(hidden, states, lo, hi, mask, guard)
+    ce = torch.tensor([2.0], dtype=torch.float64)
+    grads = []
+    for weight in ("dy", 100.0):
+        terms = RowTerms(torch.tensor([True]), ce * 1, torch.ones(1, dtype=torch.float64), s, c,
+                         e, inside, torch.tensor(100.0))
+        loss = reduce_per_row(terms, weight, global_rows=1, grad_accum=1, world=1).local_loss
+        grads.append(torch.autograd.grad(loss, hidden, retain_graph=True)[0][0, :, 0])
+    return grads[0], grads[1]
+
+
+def test_worked_example_the_guard_gives_a_kept_violation_the_exact_tests_gradient():
+    """99 violations of 0.05 and one of 1.0 in one row, CE = 2, a guard of 0.375 (the former
+    'auto' band in sigma units). The reference normalises by all 100 violating elements: at
+    w = 100 the 1.0 violation's gradient is 100 / 100 = 1.0; at dy, w = 2 / (5.95 / 100) and
+    its gradient is w / 100 = 2 / 5.95 = 0.336. The guard keeps both, and cuts the 0.05 ones."""
+    exact_dy, exact_100 = _worked_row(None)
+    guard_dy, guard_100 = _worked_row(0.375)
+    assert float(exact_100[0]) == pytest.approx(-1.0, rel=1e-9)
+    assert float(exact_dy[0]) == pytest.approx(-2.0 / 5.95, rel=1e-6)
+    assert float(guard_100[0]) == float(exact_100[0])
+    assert float(guard_dy[0]) == float(exact_dy[0])
+    assert torch.count_nonzero(guard_dy[1:]) == 0 and torch.count_nonzero(guard_100[1:]) == 0
+    assert torch.count_nonzero(exact_dy[1:]) == 99
+
+
+def test_guard_leaves_the_loss_continuous_at_the_band_edge():
+    """A violation moving across the band's edge changes neither the row's TM value nor its
+    count: the guard cuts gradients, not values."""
+    lo, hi = torch.tensor([-1.0]), torch.tensor([1.0])
+    band = torch.tensor([0.1])
+    states = torch.ones(1, 2, 1, dtype=torch.int8)
+    mask = torch.ones(1, 2, dtype=torch.long)
+    for just in (0.1 - 1e-6, 0.1 + 1e-6):
+        x = torch.tensor([[[1.0 - just], [0.5]]])
+        guarded = tm_row_terms(x, states, lo, hi, mask, band)
+        exact = tm_row_terms(x, states, lo, hi, mask)
+        assert float(guarded[0]) == float(exact[0]) and float(guarded[1]) == float(exact[1])
 
 
 def _teacher_case(dtype: torch.dtype, seed: int = 0):
@@ -199,16 +253,17 @@ def _teacher_case(dtype: torch.dtype, seed: int = 0):
     return h, states, lo, hi, sigma, torch.ones(B, Tn, dtype=torch.long), g
 
 
+# the former 'auto' band, in rounding units: still the measured rounding noise of
+# bench/tm_dead_band.py (22-37 bf16 units x sigma, 57-311 fp32 units) with some room
+GUARD_UNITS = {torch.bfloat16: 48.0, torch.float32: 1024.0}
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_base_model_tm_is_exactly_zero_under_rounding_perturbations(dtype):
+def test_guard_passes_no_gradient_at_the_base_model_under_rounding_perturbations(dtype):
     """Stand-in for kernels that round by shape: the student is the teacher moved by one grid
     step (random sign), and by noise of a few rounding units x sigma from the layers below.
-    The reference's test reports violations; with the default dead-band TM is exactly 0, and
-    so is its gradient."""
-    from gere_ds.config import ReplayConfig
-    from gere_ds.losses import dead_band_units
-
-    units = dead_band_units(ReplayConfig().tm_dead_band, dtype)
+    The reference's test reports violations and pushes on them; with the opt-in guard they
+    keep their value (the logged TM is the reference's) but pass no gradient."""
     h, states, lo, hi, sigma, mask, g = _teacher_case(dtype)
     sign = torch.randint(0, 2, h.shape, generator=g) * 2 - 1
     one_step = (h.float() + sign * rounding_step(h, dtype)).to(dtype)
@@ -217,12 +272,14 @@ def test_base_model_tm_is_exactly_zero_under_rounding_perturbations(dtype):
     measured = {torch.bfloat16: 37.0, torch.float32: 311.0}[dtype]
     noisy = (h.float() + (torch.rand(h.shape, generator=g) * 2 - 1) * measured * eps
              * sigma).to(dtype)
-    band = tm_dead_band(lo, hi, sigma, units, dtype)
+    band = tm_dead_band(lo, hi, sigma, GUARD_UNITS[dtype], dtype)
     for student in (one_step, noisy):
-        assert float(tm_reference(student, states, lo, hi, mask)) > 0  # the perturbation bites
+        reference = float(tm_reference(student, states, lo, hi, mask))
+        assert reference > 0  # the perturbation bites
         x = student.float().requires_grad_(True)
-        s, c, _, ignored = tm_row_terms(x, states, lo, hi, mask, band)
-        assert float(s.detach().sum()) == 0 and float(c.sum()) == 0 and float(ignored.sum()) > 0
+        s, c, _, inside = tm_row_terms(x, states, lo, hi, mask, band)
+        assert float(s.detach().sum() / (c.sum() + 1e-8)) == pytest.approx(reference, rel=1e-5)
+        assert float(inside.sum()) == float(c.sum()) > 0  # every violation is inside the band
         s.sum().backward()
         assert torch.count_nonzero(x.grad) == 0
 

@@ -90,11 +90,12 @@ def summarise(steps: list[dict[str, Any]]) -> dict[str, Optional[float]]:
             out["reg_weight"] = statistics.median(weights) if weights else None
     viol = col("train/tm_violation_frac")
     if viol:
-        # the first step's fraction is 0 by construction (the model is the teacher): report
-        # the second step as "start"
+        # the first step's fraction is rounding noise at most (the model is the teacher):
+        # report the second step as "start"
         out["viol_first"] = viol[1] if len(viol) > 1 else viol[0]
         out["viol"], out["viol_last"] = sum(viol) / len(viol), viol[-1]
-    # violations no larger than the TM dead-band (not in the loss): what the band hides
+    # violations inside TM's opt-in rounding guard: they keep their value and pass no gradient
+    # (runs made before the guard took that form left them out of the loss)
     out["ignored"] = mean("train/tm_ignored_frac")
     return out
 
