@@ -15,6 +15,9 @@ COMMITTED = REPO / "docs" / "results" / "continual"
 # every committed study whose tables compare regenerates: the benchmark, and adjective order
 # trained for three rounds (configs/bench/adjective_rounds.yaml)
 STUDIES = [COMMITTED, REPO / "docs" / "results" / "adjective_rounds"]
+# studies whose committed tables pair runs made on different machines (compare
+# --allow-mixed-machines): the AMD runs of the benchmark predate machine.json
+MIXED_MACHINES = {COMMITTED}
 TASKS = ["t1", "t2"]
 
 
@@ -42,6 +45,10 @@ def _write_run(root: Path, row: str, seed: int, task_bits: list[dict[str, str]],
     return folder
 
 
+def _machine(folder: Path, cpu: str) -> None:
+    (folder / "machine.json").write_text(json.dumps({"cpu_model": cpu, "logical_cpus": 2}))
+
+
 def _standard(root: Path) -> None:
     for seed in (1, 2):
         _write_run(root, "none", seed,
@@ -59,12 +66,17 @@ def test_numbers_by_hand(tmp_path):
     table = B.render_table(b)
     # none: AP = (1/4 + 4/4) / 2 = 62.5, BWT = 1/4 - 4/4 = -75.0, general 0 %; identical seeds
     # leave only example noise
-    assert "| none | 1,2 | 62.5 [" in table and "| -75.0 [" in table
-    assert "| replay | 1,2 | 87.5 [" in table and "| -25.0 [" in table
+    assert "| none | 1,2 | A | 62.5 [" in table and "| -75.0 [" in table
+    assert "| replay | 1,2 | A | 87.5 [" in table and "| -25.0 [" in table
     assert "30.00 (base 30.00)" not in table and "32.00 (base 30.00)" in table
+    # general against the row's own base: none 50 % -> 0 %, replay 50 % -> 25 %
+    assert "| 0.0 [0.0, 0.0] | 50.0 | -50.0 [" in table and "| 50.0 | -25.0 [" in table
+    assert "A = machine.json not recorded" in table
     paired = B.render_paired(b)
-    # replay - none: t1 examples 2 and 3 kept, everything else equal -> +25.0 points of AP
-    assert paired.splitlines()[2].startswith("| replay - none | 2 vs 2 | 25.0 [")
+    # replay - none: t1 examples 2 and 3 kept, everything else equal -> +25.0 points of AP;
+    # BWT -25 against -75 -> +50.0
+    line = paired.splitlines()[2]
+    assert line.startswith("| replay - none | 1,2 | A | 25.0 [") and "| 50.0 [" in line
     learning = B.render_learning(b)
     assert "| none | t1 | - | 0.0 | 100.0 | 25.0 |" in learning  # no majority rate recorded
 
@@ -172,6 +184,82 @@ def test_report_is_reproducible(tmp_path):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
 
 
+def test_a_one_seed_row_has_no_interval_and_says_so_in_every_table(tmp_path):
+    _standard(tmp_path)
+    _write_run(tmp_path, "tm_dy", 1, [{"t1": "0000", "t2": "0000"}, {"t1": "1100", "t2": "0000"},
+                                      {"t1": "1100", "t2": "1100"}], ["1100", "1100", "1100"])
+    b = B.load_benchmark(tmp_path)
+    table = B.render_table(b)
+    assert "| tm_dy (1 seed) | 1 | A | 50.0 (1 seed) | 0.0 (1 seed) | 50.0 (1 seed) | 50.0 | " \
+           "0.0 (1 seed) |" in table
+    assert "| tm_dy (1 seed) | t1 |" in B.render_learning(b)
+    # tm_dy - none pairs seed 1 only: a point value, no interval and no P
+    line = next(x for x in B.render_paired(b).splitlines() if x.startswith("| tm_dy - none"))
+    assert line.startswith("| tm_dy - none | 1 | A | -12.5 (1 seed) | - |"), line
+
+
+def test_differences_pair_the_seeds_both_rows_ran(tmp_path):
+    _standard(tmp_path)
+    _write_run(tmp_path, "replay", 3, [{"t1": "0000", "t2": "0000"}] * 3, ["0000"] * 3)
+    line = B.render_paired(B.load_benchmark(tmp_path)).splitlines()[2]
+    assert line.startswith("| replay - none | 1,2 | A | 25.0 [")  # replay's seed 3 left out
+
+
+def _two_machines(root: Path, replay_seed2_cpu: str = "Y") -> None:
+    """none on machine X at seeds 1, 2; replay on X at seed 1 and on ``replay_seed2_cpu`` at 2;
+    the general suite's base scores differ between machines (replay seed 2: 75 %)."""
+    for seed in (1, 2):
+        _machine(_write_run(root, "none", seed, [{"t1": "0000", "t2": "0000"},
+                                                 {"t1": "1111", "t2": "0000"},
+                                                 {"t1": "1000", "t2": "1111"}],
+                            ["1100", "1000", "0000"]), "X")
+        base = "1110" if seed == 2 else "1100"
+        _machine(_write_run(root, "replay", seed, [{"t1": "0000", "t2": "0000"},
+                                                   {"t1": "1111", "t2": "0000"},
+                                                   {"t1": "1110", "t2": "1111"}],
+                            [base, "1100", "1000"]), "X" if seed == 1 else replay_seed2_cpu)
+
+
+def test_a_difference_across_machines_is_refused_in_one_line(tmp_path):
+    _two_machines(tmp_path)
+    b = B.load_benchmark(tmp_path)
+    with pytest.raises(B.MixedMachinesError) as err:
+        B.render_paired(b)
+    msg = str(err.value)
+    assert "\n" not in msg and "cpu_model: 'X' vs 'Y'" in msg and "--allow-mixed-machines" in msg
+    with pytest.raises(B.MixedMachinesError):
+        B.write_report(tmp_path, tmp_path / "out")
+    assert not (tmp_path / "out").exists()  # nothing written
+    # one machine throughout: no refusal
+    _two_machines(tmp_path / "same", replay_seed2_cpu="X")
+    assert "mixed" not in B.render_paired(B.load_benchmark(tmp_path / "same"))
+
+
+def test_allowed_mixed_machines_are_marked_and_split_by_machine(tmp_path):
+    _two_machines(tmp_path)
+    b = B.load_benchmark(tmp_path)
+    lines = B.render_paired(b, allow_mixed_machines=True).splitlines()
+    assert lines[2].startswith("| replay - none | 1,2 | mixed: replay A (1), B (2); none A |")
+    assert lines[3].startswith("| replay - none | 1 | A only | 25.0 (1 seed) |")
+    text = "\n".join(lines)
+    assert "A = cpu_model 'X'; B = cpu_model 'Y'" in text and "Mixed machines:" in text
+    # each row's general ability against its own runs' base: replay's is (50 + 75) / 2
+    table = B.render_table(b)
+    assert "| replay | 1,2 | A (1), B (2) |" in table and "| 62.5 | -37.5 [" in table
+
+
+def test_compare_benchmark_command_refuses_mixed_machines(tmp_path, capsys):
+    from gere_ds.commands.compare import main
+
+    _two_machines(tmp_path)
+    assert main(["--benchmark", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "cpu_model" in err
+    assert main(["--benchmark", str(tmp_path), "--out", str(tmp_path / "o"),
+                 "--allow-mixed-machines"]) == 0
+    assert "mixed: replay" in (tmp_path / "o" / "paired.md").read_text()
+
+
 def test_refuses_mixed_regimes(tmp_path):
     _standard(tmp_path)
     _write_run(tmp_path, "tm_dy", 1, [{"t1": "0000", "t2": "0000"}] * 3, ["0000"] * 3,
@@ -202,7 +290,7 @@ def test_refuses_different_replay_sets_and_unfinished_runs(tmp_path):
 
 @pytest.mark.parametrize("study", STUDIES, ids=lambda p: p.name)
 def test_committed_tables_regenerate_byte_for_byte(study, tmp_path):
-    texts = B.write_report(study, tmp_path)
+    texts = B.write_report(study, tmp_path, allow_mixed_machines=study in MIXED_MACHINES)
     for name, text in texts.items():
         assert (study / name).read_text(encoding="utf-8") == text, name
     for name in ("forgetting.png", "general.png", "violations.png", "states.png", "fit.png"):

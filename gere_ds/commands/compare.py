@@ -12,11 +12,14 @@ task).
 ``--out`` defaults to the current directory; ``--names`` (comma-separated, one per run) defaults
 to the run directory names. A missing or unreadable run stops with one line on stderr (exit 2).
 
-    python eval/compare.py --benchmark docs/results/continual [--out DIR]
+    python eval/compare.py --benchmark docs/results/continual [--out DIR] [--allow-mixed-machines]
 
 makes the continual benchmark's tables (with 95 % intervals and paired differences) and pictures
 from a folder of ``<row>/seed<N>/`` result files (:mod:`gere_ds.evaluation.benchmark`); a folder
-mixing regimes or test sets is refused with one line naming the mismatch.
+mixing regimes or test sets is refused with one line naming the mismatch, and so is a paired
+difference between runs made on different machines (their ``machine.json``), unless
+``--allow-mixed-machines``: then the tables mark such a difference as mixed and add one per
+machine.
 """
 from __future__ import annotations
 
@@ -234,6 +237,9 @@ def benchmark_main(argv: Sequence[str]) -> int:
     ap.add_argument("--against", default="", metavar="RUN_DIR",
                     help="instead: print this finished run next to the committed none and replay "
                          "rows, all scored on the examples the run scored (the demo does this)")
+    ap.add_argument("--allow-mixed-machines", action="store_true",
+                    help="pair runs made on different CPUs/GPUs (their machine.json) anyway; the "
+                         "tables mark those differences as mixed")
     args = ap.parse_args(argv)
     try:
         if args.against:
@@ -241,7 +247,7 @@ def benchmark_main(argv: Sequence[str]) -> int:
 
             print(compare_run(args.against, args.benchmark), end="")
             return 0
-        texts = write_report(args.benchmark, args.out or None)
+        texts = write_report(args.benchmark, args.out or None, args.allow_mixed_machines)
     except BenchmarkError as err:
         print(f"compare: {err}", file=sys.stderr)
         return 2

@@ -9,11 +9,15 @@ A results folder holds one sub-folder per row (strategy) and, inside, one per se
 made under one regime (same model, tasks, schedule and evaluation; the non-``none`` rows also
 share their replay set) or whose runs scored different test examples (``outcomes.json``
 fingerprints); nothing is silently averaged. :func:`write_report` then writes ``table.md``
-(rows with 95 % intervals), ``paired.md`` (paired differences), ``learning.md`` (each task
+(rows with 95 % intervals, each row's general ability against its own runs' base model),
+``paired.md`` (paired differences over the seeds both rows ran, refused where their runs ran
+on different machines unless ``allow_mixed_machines``), ``learning.md`` (each task
 against its majority label), ``training.md`` (what each row's training did: task and replay CE,
 gradient norm, TM's violations and weight), ``states.md`` (activation states flipped from the
 base model's at each task end, for the runs that measured them), ``fit.md`` (whether each
 run's fit of its training examples is what decides its test accuracy) and five pictures.
+A row of one seed has no interval (its training noise is not measured) and every table says
+"1 seed" beside it.
 """
 from __future__ import annotations
 
@@ -32,6 +36,8 @@ from gere_ds.evaluation.stats import (Interval, concat_examples, mean_interval, 
                                       rank_correlation)
 
 STATES_JSON = "states.json"
+MACHINE_JSON = "machine.json"
+NOT_RECORDED = "not recorded"  # a run made before the runner wrote machine.json
 ROW_ORDER = ("none", "replay", "tm_w1", "tm_w100", "tm_dy", "tm_dy_k2", "tm_dy_exact", "kl", "l2",
              "lora_tm_dy")
 PAIRS = (("replay", "none"), ("tm_dy", "none"), ("tm_dy", "replay"), ("tm_w100", "replay"),
@@ -58,6 +64,7 @@ class Run:
     outcomes: dict[str, Any]
     steps: list[dict[str, Any]] = field(default_factory=list)
     states: dict[str, Any] | None = None  # states.json (gere-ds states on the task ends), if any
+    machine: dict[str, str] = field(default_factory=lambda: {"cpu_model": NOT_RECORDED})
 
 
 @dataclass
@@ -66,6 +73,12 @@ class Benchmark:
     general: list[str]          # cloze sets (intervals from their outcomes)
     perplexity: list[str]       # perplexity sets (point values)
     runs: dict[str, list[Run]]  # row -> its seeds, in ROW_ORDER then name order
+    machines: list[dict[str, str]] = field(default_factory=list)  # machine i is letter A + i
+    task_sizes: list[int] = field(default_factory=list)      # test examples per task
+    general_sizes: list[int] = field(default_factory=list)   # examples per cloze set
+
+    def machine_letter(self, run: Run) -> str:
+        return chr(ord("A") + self.machines.index(run.machine))
 
 
 def _read_json(path: Path) -> Any:
@@ -106,14 +119,33 @@ def _first_difference(a: Any, b: Any, prefix: str = "") -> str:
     return f"{prefix.rstrip('.')}: {a!r} vs {b!r}"
 
 
+# replay.tm_dead_band 'auto', the default of runs saved before 0 was: the rounding units it
+# meant by compute dtype (those runs' band left small violations out of the loss entirely)
+FORMER_AUTO_BAND = {True: 48.0, False: 1024.0}
+
+
+def _former_values(path: Path) -> list[str]:
+    """Overrides that read a saved config's former values as what they meant when it ran."""
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError):
+        return []  # load_config says what is wrong
+    replay, train = raw.get("replay") or {}, raw.get("train") or {}
+    if isinstance(replay, dict) and replay.get("tm_dead_band") == "auto":
+        bf16 = train.get("bf16", True) if isinstance(train, dict) else True
+        return [f"replay.tm_dead_band={FORMER_AUTO_BAND[bool(bf16)]:g}"]
+    return []
+
+
 def resolved_config(path: Path) -> dict[str, Any]:
     """A run's saved config with every default filled in by this version's loader, so runs
-    saved before a new key existed compare equal to runs that carry its default."""
+    saved before a new key existed compare equal to runs that carry its default; a former
+    value is read as the number it meant."""
     from gere_ds.config import load_config
     from gere_ds.errors import InputError
 
     try:
-        return load_config(path).to_dict()
+        return load_config(path, _former_values(path)).to_dict()
     except InputError as err:
         raise BenchmarkError(f"{path}: unreadable ({err})") from None
 
@@ -128,8 +160,19 @@ def load_run(folder: Path, row: str) -> Run:
         raise BenchmarkError(f"{folder}: unfinished run ({metrics.get('completed_tasks')} of "
                              f"{n_tasks} tasks, {len(outcomes.get('rows', []))} evaluations)")
     states = _read_json(folder / STATES_JSON) if (folder / STATES_JSON).is_file() else None
+    info = _read_json(folder / MACHINE_JSON) if (folder / MACHINE_JSON).is_file() else None
     return Run(row, seed, folder, config, metrics, outcomes,
-               _read_steps(folder / "train_steps.jsonl"), states)
+               _read_steps(folder / "train_steps.jsonl"), states, machine_key(info))
+
+
+def machine_key(info: dict[str, Any] | None) -> dict[str, str]:
+    """What decides a run's kernels, from its machine.json: the CPU model and any GPU the
+    record names (keys starting gpu or cuda); a run without the record is 'not recorded'."""
+    if not info:
+        return {"cpu_model": NOT_RECORDED}
+    key = {"cpu_model": str(info.get("cpu_model") or NOT_RECORDED)}
+    key.update({k: str(v) for k, v in sorted(info.items()) if k.startswith(("gpu", "cuda"))})
+    return key
 
 
 def _row_sort_key(row: str) -> tuple[int, str]:
@@ -167,10 +210,17 @@ def load_benchmark(results: str | Path) -> Benchmark:
     last = ref.outcomes["rows"][-1]
     kinds = {name: vals for name, vals in ref.metrics.get("general", {}).items()}
     perplexity = [n for n in kinds if n not in last["general"]]
-    return Benchmark(tasks=list(ref.metrics["tasks"]), general=sorted(last["general"]),
-                     perplexity=perplexity,
-                     runs={row: sorted(by_row[row], key=lambda r: r.seed)
-                           for row in sorted(by_row, key=_row_sort_key)})
+    ordered = {row: sorted(by_row[row], key=lambda r: r.seed)
+               for row in sorted(by_row, key=_row_sort_key)}
+    machines: list[dict[str, str]] = []
+    for run in (r for rs in ordered.values() for r in rs):
+        if run.machine not in machines:
+            machines.append(run.machine)
+    tasks, general = list(ref.metrics["tasks"]), sorted(last["general"])
+    return Benchmark(tasks=tasks, general=general, perplexity=perplexity, runs=ordered,
+                     machines=machines,
+                     task_sizes=[len(unbits(last["tasks"][t])) for t in tasks],
+                     general_sizes=[len(unbits(last["general"][g])) for g in general])
 
 
 # ------------------------------------------------------------------------------ outcome vectors
@@ -201,27 +251,62 @@ def general_outcomes(runs: Sequence[Run], sets: Sequence[str], row: int = -1
 
 
 def _pct(iv: Interval) -> str:
-    return f"{100 * iv.mean:.1f} [{100 * iv.low:.1f}, {100 * iv.high:.1f}]"
+    """Percent with its interval, or "(1 seed)" and none."""
+    return iv.fmt(1, 100.0)
+
+
+def _row_label(row: str, runs: Sequence[Run]) -> str:
+    """The row's name, marked where one seed ran it (no interval: training noise unmeasured)."""
+    return f"{row} (1 seed)" if len(runs) == 1 else row
+
+
+def _machines_cell(b: Benchmark, runs: Sequence[Run]) -> str:
+    """The machines that ran ``runs``: 'B', or 'A (1,2), B (3)' where they differ."""
+    by: dict[str, list[int]] = {}
+    for r in runs:
+        by.setdefault(b.machine_letter(r), []).append(r.seed)
+    if len(by) == 1:
+        return next(iter(by))
+    return ", ".join(f"{m} ({','.join(map(str, seeds))})" for m, seeds in sorted(by.items()))
+
+
+def machines_legend(b: Benchmark) -> str:
+    """One line naming each machine letter by its machine.json record."""
+    parts = []
+    for i, m in enumerate(b.machines):
+        what = ", ".join(f"{k} {v!r}" for k, v in m.items())
+        if m == {"cpu_model": NOT_RECORDED}:
+            what = "machine.json not recorded (runs made before the runner wrote it)"
+        parts.append(f"{chr(ord('A') + i)} = {what}")
+    return "Machines (each run's machine.json): " + "; ".join(parts) + ".\n"
 
 
 def _ppl(runs: Sequence[Run], name: str) -> str:
     values = [r.metrics["general"][name][-1] for r in runs]
-    base = runs[0].metrics["general"][name][0]
-    return f"{sum(values) / len(values):.2f} (base {base:.2f})"
+    base = [r.metrics["general"][name][0] for r in runs]  # each run's own machine's base
+    return f"{sum(values) / len(values):.2f} (base {sum(base) / len(base):.2f})"
 
 
 def render_table(b: Benchmark) -> str:
-    """One line per row: AP, BWT and the general suite with 95 % intervals; perplexities."""
-    head = ["row", "seeds", "AP", "BWT", "general acc_norm"] + [f"{p} ppl" for p in b.perplexity]
+    """One line per row: AP, BWT and the general suite with 95 % intervals, the general suite of
+    the row's own runs' base model (each on its own machine) and the row's paired change from
+    it; perplexities against the runs' own base."""
+    head = ["row", "seeds", "machine", "AP", "BWT", "general acc_norm", "own base general",
+            "general - own base"] + [f"{p} ppl" for p in b.perplexity]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    bwt_strata = b.task_sizes[:-1]
     for row, runs in b.runs.items():
-        cells = [row, ",".join(str(r.seed) for r in runs),
-                 _pct(mean_interval(ap_outcomes(runs, b.tasks))),
-                 _pct(mean_interval(bwt_outcomes(runs, b.tasks))),
-                 _pct(mean_interval(general_outcomes(runs, b.general)))]
+        final, base = (general_outcomes(runs, b.general, k) for k in (-1, 0))
+        own_base = mean_interval(base, b.general_sizes, n_boot=1).mean
+        cells = [_row_label(row, runs), ",".join(str(r.seed) for r in runs),
+                 _machines_cell(b, runs),
+                 _pct(mean_interval(ap_outcomes(runs, b.tasks), b.task_sizes)),
+                 _pct(mean_interval(bwt_outcomes(runs, b.tasks), bwt_strata)),
+                 _pct(mean_interval(final, b.general_sizes)), f"{100 * own_base:.1f}",
+                 _pct(paired_difference(final, base, b.general_sizes))]
         cells += [_ppl(runs, p) for p in b.perplexity]
         lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n\n" + machines_legend(b)
 
 
 def render_learning(b: Benchmark) -> str:
@@ -236,7 +321,7 @@ def render_learning(b: Benchmark) -> str:
         for i, task in enumerate(b.tasks):
             vals = [[r.metrics["matrix"][k][i] for r in runs] for k in (0, i + 1, -1)]
             rate = f"{100 * majority[task]:.1f}" if task in majority else "-"
-            cells = [row, task, rate] + [f"{sum(v) / len(v):.1f}" for v in vals]
+            cells = [_row_label(row, runs), task, rate] + [f"{sum(v) / len(v):.1f}" for v in vals]
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -280,7 +365,7 @@ def render_training(b: Benchmark) -> str:
 
             replay = stat("train/replay_ce", last)
             viol = stat("train/tm_violation_frac", every)
-            cells = [row, task, _cell(stat("train/task_ce", first), ".3f"),
+            cells = [_row_label(row, runs), task, _cell(stat("train/task_ce", first), ".3f"),
                      _cell(stat("train/task_ce", last), ".3f"),
                      _cell(replay or None, ".3f"),  # `none` logs a replay CE of 0
                      _cell(stat("train/grad_norm", every, statistics.median), ".1f"),
@@ -322,19 +407,70 @@ def render_fit(b: Benchmark) -> str:
     return "\n".join(lines) + "\n"
 
 
-def render_paired(b: Benchmark) -> str:
-    """Paired differences (percentage points) for the pairs present, over examples and seeds."""
-    head = ["difference", "seeds", "AP", "P(AP diff <= 0)", "general acc_norm", "P(gen diff <= 0)"]
+class MixedMachinesError(BenchmarkError):
+    """A difference would pair runs made on different machines."""
+
+
+def _pair_line(b: Benchmark, name: str, ra: Sequence[Run], rc: Sequence[Run], machine: str
+               ) -> str:
+    """One paired difference over the seeds of ``ra`` and ``rc`` (same seeds, same order)."""
+    ap = paired_difference(ap_outcomes(ra, b.tasks), ap_outcomes(rc, b.tasks), b.task_sizes)
+    bwt = paired_difference(bwt_outcomes(ra, b.tasks), bwt_outcomes(rc, b.tasks),
+                            b.task_sizes[:-1])
+    gen = paired_difference(general_outcomes(ra, b.general), general_outcomes(rc, b.general),
+                            b.general_sizes)
+    p = lambda iv: "-" if iv.p_not_above_zero is None else f"{iv.p_not_above_zero:.3f}"  # noqa: E731
+    return (f"| {name} | {','.join(str(r.seed) for r in ra)} | {machine} | {_pct(ap)} | {p(ap)} "
+            f"| {_pct(bwt)} | {_pct(gen)} | {p(gen)} |")
+
+
+def paired_runs(b: Benchmark, a: str, c: str, allow_mixed_machines: bool = False
+                ) -> list[tuple[str, list[Run], list[Run]]]:
+    """The differences ``a - c`` to report, each (machine cell, a's runs, c's runs) over seeds
+    both rows ran. One machine: one difference. Runs on different machines are refused with
+    one line naming the key that differs, unless ``allow_mixed_machines``: then the mixed
+    difference, marked so, and one per machine over the seeds both rows ran on it."""
+    seeds = sorted({r.seed for r in b.runs[a]} & {r.seed for r in b.runs[c]})
+    ra = [r for r in b.runs[a] if r.seed in seeds]
+    rc = [r for r in b.runs[c] if r.seed in seeds]
+    if not seeds:
+        return []
+    runs = ra + rc
+    other = next((r for r in runs if r.machine != runs[0].machine), None)
+    if other is None:
+        return [(b.machine_letter(runs[0]), ra, rc)]
+    if not allow_mixed_machines:
+        raise MixedMachinesError(
+            f"{a} - {c}: {runs[0].row} seed {runs[0].seed} and {other.row} seed {other.seed} ran "
+            f"on different machines ({_first_difference(runs[0].machine, other.machine)}, "
+            f"machine.json); --allow-mixed-machines pairs them anyway")
+    out = [(f"mixed: {a} {_machines_cell(b, ra)}; {c} {_machines_cell(b, rc)}", ra, rc)]
+    for i in range(len(b.machines)):
+        keep = [s for s, x, y in zip(seeds, ra, rc)
+                if b.machines.index(x.machine) == b.machines.index(y.machine) == i]
+        if keep:
+            out.append((f"{chr(ord('A') + i)} only", [r for r in ra if r.seed in keep],
+                        [r for r in rc if r.seed in keep]))
+    return out
+
+
+def render_paired(b: Benchmark, allow_mixed_machines: bool = False) -> str:
+    """Paired differences (percentage points) for the pairs present, over the seeds both rows
+    ran (one seed draw and one example draw per task or set shared by both sides)."""
+    head = ["difference", "seeds", "machine", "AP", "P(AP diff <= 0)", "BWT", "general acc_norm",
+            "P(gen diff <= 0)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    mixed = False
     for a, c in PAIRS:
         if a not in b.runs or c not in b.runs:
             continue
-        ra, rc = b.runs[a], b.runs[c]
-        ap = paired_difference(ap_outcomes(ra, b.tasks), ap_outcomes(rc, b.tasks))
-        gen = paired_difference(general_outcomes(ra, b.general), general_outcomes(rc, b.general))
-        lines.append(f"| {a} - {c} | {len(ra)} vs {len(rc)} | {_pct(ap)} | "
-                     f"{ap.p_not_above_zero:.3f} | {_pct(gen)} | {gen.p_not_above_zero:.3f} |")
-    return "\n".join(lines) + "\n"
+        for machine, ra, rc in paired_runs(b, a, c, allow_mixed_machines):
+            mixed = mixed or machine.startswith("mixed")
+            lines.append(_pair_line(b, f"{a} - {c}", ra, rc, machine))
+    note = ("Mixed machines: a difference marked 'mixed' pairs runs made on different machines "
+            "(allowed with --allow-mixed-machines); the lines after it keep one machine.\n"
+            if mixed else "")
+    return "\n".join(lines) + "\n\n" + machines_legend(b) + note
 
 
 def _end_tag(i: int) -> str:
@@ -368,7 +504,8 @@ def render_states(b: Benchmark) -> str:
             cells = [_cell(_states_mean(measured, i, texts, key), fmt)
                      for key, fmt in (("flipped_pct", ".2f"), ("mean_shift_sigma", ".3f"))
                      for texts in ("replay", "heldout")]
-            lines.append(f"| {row} | {','.join(str(r.seed) for r in measured)} | "
+            lines.append(f"| {_row_label(row, measured)} | "
+                         f"{','.join(str(r.seed) for r in measured)} | "
                          f"{i + 1} {task} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -516,15 +653,18 @@ def fit_figure(b: Benchmark) -> bytes:
     return _png(fig)
 
 
-def write_report(results: str | Path, out: str | Path | None = None) -> dict[str, str]:
+def write_report(results: str | Path, out: str | Path | None = None,
+                 allow_mixed_machines: bool = False) -> dict[str, str]:
     """Write table.md, learning.md, paired.md, training.md, states.md, fit.md and the pictures;
-    return the markdown texts."""
+    return the markdown texts. Nothing is written where a difference would mix machines and
+    ``allow_mixed_machines`` is not given."""
     b = load_benchmark(results)
     out = Path(out or results)
-    out.mkdir(parents=True, exist_ok=True)
     texts = {"table.md": render_table(b), "learning.md": render_learning(b),
-             "paired.md": render_paired(b), "training.md": render_training(b),
+             "paired.md": render_paired(b, allow_mixed_machines),
+             "training.md": render_training(b),
              "states.md": render_states(b), "fit.md": render_fit(b)}
+    out.mkdir(parents=True, exist_ok=True)
     for name, text in texts.items():
         write_text_atomic(out / name, text)
     for name, make in (("forgetting.png", forgetting_figure), ("general.png", general_figure),
@@ -575,7 +715,7 @@ def compare_run(run_dir: str | Path, results: str | Path,
     if mine != theirs:
         raise BenchmarkError(f"{run_dir} was not trained as the benchmark was "
                              f"({_first_difference(mine, theirs)})")
-    cfg = load_config(run_dir / "config.yaml")
+    cfg = load_config(run_dir / "config.yaml", _former_values(run_dir / "config.yaml"))
     own = _read_json(run_dir / OUTCOMES_JSON)
     full = {t: len(ref.outcomes["rows"][-1]["tasks"][t]) for t in b.tasks}
     idx = _run_sample(cfg, own["test_sets"], full)

@@ -1,17 +1,28 @@
 """Intervals for the continual benchmark: means and paired differences over examples and seeds.
 
 The benchmark's design is paired: every row (strategy) and every seed scores the very same test
-examples; seeds vary only the training (data order, replay assignment). A row's outcomes are
-therefore a matrix ``O[s, e]`` (seed ``s``, example ``e``; 0/1 for accuracy, or any per-example
-score). Two sources of noise matter: which examples the test set happens to hold, and which seed
-the training happened to get. A two-level bootstrap draws both: examples with replacement (the
-same draw for both sides of a paired difference, which is what makes it paired) and, within each
-row, seeds with replacement. The interval is the percentile interval of the resampled statistic.
+examples; seeds vary only the training (data order, replay assignment), and two rows trained
+with the same seed see the same batches. A row's outcomes are therefore a matrix ``O[s, e]``
+(seed ``s``, example ``e``; 0/1 for accuracy, or any per-example score). Two sources of noise
+matter: which examples the test sets happen to hold, and which seed the training happened to
+get. A two-level bootstrap draws both:
 
-Everything is numpy, deterministic in ``seed``, and small enough to run inside ``compare``.
+- examples with replacement *within each stratum* (a task's test set, a general set), so every
+  draw keeps each stratum's size and the average weighs the strata as the estimate does; the
+  same example draw serves both sides of a paired difference;
+- seeds with replacement, and for a paired difference the *same* seed draw for both rows (the
+  rows must hold the same seeds, in the same order).
+
+The interval is the percentile interval of the resampled statistic. With one seed the training
+noise is not measured at all, so there is no interval (``Interval.low`` and ``high`` are nan
+and ``fmt`` says "1 seed"): an interval from the examples alone would look exact where it is not.
+
+Everything is numpy (float64), deterministic in ``seed``, and small enough to run inside
+``compare``.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -23,7 +34,8 @@ N_BOOT = 4000
 
 @dataclass(frozen=True)
 class Interval:
-    """A point estimate with a percentile-bootstrap interval (same unit as the data)."""
+    """A point estimate with a percentile-bootstrap interval (same unit as the data); low and
+    high are nan where one seed leaves the training noise unmeasured."""
 
     mean: float
     low: float
@@ -32,8 +44,16 @@ class Interval:
     n_seeds: int
     p_not_above_zero: float | None = None  # paired differences: share of draws <= 0
 
-    def fmt(self, digits: int = 1) -> str:
-        return f"{self.mean:.{digits}f} [{self.low:.{digits}f}, {self.high:.{digits}f}]"
+    @property
+    def has_interval(self) -> bool:
+        return not (math.isnan(self.low) or math.isnan(self.high))
+
+    def fmt(self, digits: int = 1, scale: float = 1.0) -> str:
+        """``mean [low, high]``, or ``mean (1 seed)`` without an interval."""
+        mean = f"{scale * self.mean:.{digits}f}"
+        if not self.has_interval:
+            return f"{mean} ({self.n_seeds} seed)"
+        return f"{mean} [{scale * self.low:.{digits}f}, {scale * self.high:.{digits}f}]"
 
 
 def outcome_matrix(rows: Sequence[Sequence[float]]) -> np.ndarray:
@@ -45,17 +65,27 @@ def outcome_matrix(rows: Sequence[Sequence[float]]) -> np.ndarray:
     return np.asarray(rows, dtype=np.float64)
 
 
+def _strata_bounds(strata: Sequence[int] | None, n_examples: int) -> list[tuple[int, int]]:
+    """[start, end) of each stratum along the example axis; None = one stratum of all."""
+    sizes = [n_examples] if strata is None else [int(n) for n in strata]
+    if any(n < 1 for n in sizes) or sum(sizes) != n_examples:
+        raise ValueError(f"strata {sizes} must be positive and add up to the {n_examples} "
+                         f"examples")
+    ends = np.cumsum(sizes).tolist()
+    return list(zip([0] + ends[:-1], ends))
+
+
+def _example_draws(rng: np.random.Generator, bounds: list[tuple[int, int]], n_boot: int
+                   ) -> np.ndarray:
+    """(n_boot, E) example indices: each stratum resampled within itself, keeping its size."""
+    return np.concatenate([rng.integers(lo, hi, size=(n_boot, hi - lo)) for lo, hi in bounds],
+                          axis=1)
+
+
 def _percentiles(draws: np.ndarray, level: float) -> tuple[float, float]:
     tail = (1.0 - level) / 2.0 * 100.0
     low, high = np.percentile(draws, [tail, 100.0 - tail])
     return float(low), float(high)
-
-
-def _seed_draws(rng: np.random.Generator, n_seeds: int, n_boot: int) -> np.ndarray:
-    # one seed has nothing to resample: its training noise is simply not measured
-    if n_seeds == 1:
-        return np.zeros((n_boot, 1), dtype=np.int64)
-    return rng.integers(0, n_seeds, size=(n_boot, n_seeds))
 
 
 def _resampled_means(m: np.ndarray, seeds: np.ndarray, examples: np.ndarray) -> np.ndarray:
@@ -65,45 +95,57 @@ def _resampled_means(m: np.ndarray, seeds: np.ndarray, examples: np.ndarray) -> 
     return np.take_along_axis(per_example, examples, axis=1).mean(axis=1)
 
 
-def mean_interval(outcomes: Sequence[Sequence[float]], level: float = LEVEL,
-                  n_boot: int = N_BOOT, seed: int = 0) -> Interval:
-    """Mean over seeds and examples with a two-level bootstrap interval."""
+def mean_interval(outcomes: Sequence[Sequence[float]], strata: Sequence[int] | None = None,
+                  level: float = LEVEL, n_boot: int = N_BOOT, seed: int = 0) -> Interval:
+    """Mean over seeds and examples with a two-level bootstrap interval; ``strata``: the sizes
+    of the consecutive test sets the examples come from (resampled each within itself)."""
     m = outcome_matrix(outcomes)
     n_seeds, n_examples = m.shape
+    bounds = _strata_bounds(strata, n_examples)
+    if n_seeds == 1:
+        return Interval(float(m.mean()), math.nan, math.nan, n_examples, 1)
     rng = np.random.default_rng(seed)
-    seeds = _seed_draws(rng, n_seeds, n_boot)
-    examples = rng.integers(0, n_examples, size=(n_boot, n_examples))
-    draws = _resampled_means(m, seeds, examples)
+    seeds = rng.integers(0, n_seeds, size=(n_boot, n_seeds))
+    draws = _resampled_means(m, seeds, _example_draws(rng, bounds, n_boot))
     low, high = _percentiles(draws, level)
     return Interval(float(m.mean()), low, high, n_examples, n_seeds)
 
 
 def paired_difference(a: Sequence[Sequence[float]], b: Sequence[Sequence[float]],
-                      level: float = LEVEL, n_boot: int = N_BOOT, seed: int = 0) -> Interval:
-    """mean(a) - mean(b) over the same examples, with one example draw shared by both sides.
+                      strata: Sequence[int] | None = None, level: float = LEVEL,
+                      n_boot: int = N_BOOT, seed: int = 0) -> Interval:
+    """mean(a) - mean(b) over the same examples and seeds, with one example draw (within each
+    stratum) and one seed draw shared by both sides.
 
-    ``a`` and ``b`` are seeds x examples of two rows; their seed counts may differ (each row's
-    seeds are resampled on their own), their examples must be the same and in the same order.
+    ``a`` and ``b`` are seeds x examples of two rows with the same seeds in the same order (the
+    caller keeps the seeds both rows ran) and the same examples in the same order.
     """
     ma, mb = outcome_matrix(a), outcome_matrix(b)
     if ma.shape[1] != mb.shape[1]:
         raise ValueError(f"paired rows must score the same examples: {ma.shape[1]} vs "
                          f"{mb.shape[1]}")
-    n_examples = ma.shape[1]
+    if ma.shape[0] != mb.shape[0]:
+        raise ValueError(f"paired rows must hold the same seeds: {ma.shape[0]} vs "
+                         f"{mb.shape[0]}")
+    n_seeds, n_examples = ma.shape
+    bounds = _strata_bounds(strata, n_examples)
+    mean = float(ma.mean() - mb.mean())
+    if n_seeds == 1:
+        return Interval(mean, math.nan, math.nan, n_examples, 1)
     rng = np.random.default_rng(seed)
-    examples = rng.integers(0, n_examples, size=(n_boot, n_examples))
-    draws = (_resampled_means(ma, _seed_draws(rng, ma.shape[0], n_boot), examples)
-             - _resampled_means(mb, _seed_draws(rng, mb.shape[0], n_boot), examples))
+    seeds = rng.integers(0, n_seeds, size=(n_boot, n_seeds))
+    examples = _example_draws(rng, bounds, n_boot)
+    draws = _resampled_means(ma - mb, seeds, examples)
     low, high = _percentiles(draws, level)
-    return Interval(float(ma.mean() - mb.mean()), low, high, n_examples,
-                    min(ma.shape[0], mb.shape[0]), float((draws <= 0).mean()))
+    return Interval(mean, low, high, n_examples, n_seeds, float((draws <= 0).mean()))
 
 
 def concat_examples(parts: Sequence[Sequence[Sequence[float]]]) -> list[list[float]]:
     """Join several test sets' outcome matrices (same seeds, in order) into one, example-wise.
 
     An average over tasks is then the mean over their pooled examples, weighted by test-set size;
-    the benchmark's test sets all have the same size, so this is the plain task mean.
+    the benchmark's test sets all have the same size, so this is the plain task mean. Pass the
+    parts' sizes as ``strata`` to the intervals so the bootstrap keeps that weighting.
     """
     seeds = {len(p) for p in parts}
     if len(seeds) != 1:
