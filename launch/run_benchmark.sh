@@ -17,7 +17,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 CONFIG="${CONFIG:-configs/bench/continual.yaml}"
 RUNS="${RUNS:-runs/bench/continual}"
-KEEP="${KEEP:-docs/results/continual}"
+KEEP="${KEEP:-docs/results/continual_med}"
 # what makes each row: overrides of the one regime
 declare -A ROW=(
   [none]="replay.strategy=none"

@@ -403,4 +403,4 @@ def test_model_step_builds_a_plain_reloadable_folder(tmp_path: Path) -> None:
 
 
 def test_step_order_is_fixed() -> None:
-    assert STEP_ORDER == ("model", "tasks", "general", "mmlu", "suite", "bench")
+    assert STEP_ORDER == ("model", "tasks", "general", "mmlu", "suite", "bench", "bigbench")
