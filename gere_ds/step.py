@@ -8,11 +8,12 @@ unless the term reads logits at every replay token; the hook keeps the final-nor
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from typing import Callable, ContextManager
 
 import torch
 
-from gere_ds import dist
+from gere_ds import dist, stop
 from gere_ds.batches import BatchMaker
 from gere_ds.capture import FinalNormCapture, lm_head_on_positions
 from gere_ds.config import RunConfig
@@ -21,6 +22,7 @@ from gere_ds.data.sampler import Row
 from gere_ds.engine import Engine
 from gere_ds.losses import RowTerms, StepLoss, reduce_rows, row_ce_sums, step_means, \
     supervised_positions
+from gere_ds.step_guard import skipped_step, step_is_nonfinite
 from gere_ds.strategies import ReplayRows, ReplayTerm
 
 # phases(name) -> a context manager around that phase (benchmarks time them; default: nothing)
@@ -40,6 +42,8 @@ class TrainStep:
         self.cfg, self.engine, self.capture = cfg, engine, capture
         self.batches, self.term, self.world = batches, term, world
         self.phases = phases or _no_phase
+        self._losses_bad: torch.Tensor | None = None  # this optimizer step's, on the device
+        self.skipped = False  # whether the last optimizer step was skipped as non-finite
 
     def row_terms(self, logits: torch.Tensor, hidden: torch.Tensor, mb: MicroBatch,
                   replay_ids: list[int], picked: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -84,6 +88,8 @@ class TrainStep:
                     logits = self.engine.forward(mb.input_ids, mb.attention_mask)
         with self.phases("row_terms"):
             terms = self.row_terms(logits, self.capture.pop(), mb, replay_ids, picked)
+        if stop.injected("GERE_DS_NAN_AT", "a micro-step"):  # test hook: a non-finite loss
+            terms = dataclasses.replace(terms, ce_sum=terms.ce_sum * float("nan"))
         t = self.cfg.train
         with self.phases("reduce_rows"):
             return reduce_rows(terms, self.cfg.replay.reduction, self.term.weight,
@@ -91,16 +97,25 @@ class TrainStep:
 
     def apply(self, sl: StepLoss, before_step: Callable[[], None] | None = None) -> None:
         """Backward and DeepSpeed's step (which applies the optimizer at the accumulation
-        boundary). A non-finite loss still goes through backward: DeepSpeed finds the
-        non-finite gradient norm and skips that optimizer step (skipping backward instead would
-        leave ZeRO-3 without gradients to step on). ``before_step`` runs between the two (tests
-        read the accumulated gradients there)."""
+        boundary). A non-finite loss still goes through backward (skipping backward would leave
+        ZeRO-3 without gradients to step on); at the boundary the ranks agree whether any loss
+        of this optimizer step or any gradient is non-finite (gere_ds.step_guard), and such a
+        step is skipped: no update, the gradients dropped. ``before_step`` runs between the two
+        (tests read the accumulated gradients there)."""
+        ds = self.engine.engine
         with self.phases("backward"):
-            self.engine.engine.backward(sl.local_loss)
+            ds.backward(sl.local_loss)
+        bad = (~torch.isfinite(sl.local_loss.detach())).float()
+        self._losses_bad = bad if self._losses_bad is None else self._losses_bad + bad
         if before_step is not None:
             before_step()
+        skip = False
+        if ds.is_gradient_accumulation_boundary():
+            skip = step_is_nonfinite(ds, self._losses_bad)
+            self._losses_bad, self.skipped = None, skip
         with self.phases("optimizer_step"):
-            self.engine.engine.step()
+            with skipped_step(ds) if skip else contextlib.nullcontext():
+                ds.step()
 
 
 class StepStats:

@@ -17,6 +17,7 @@ with ``GERE_DS_KILL_AT`` (same form): at the n-th :func:`crash_point` of that na
 (the launcher and every rank: the process group) gets SIGKILL, as on a node failure. Crash points
 are every ``check``, each micro-step between backward and the optimizer step (``a micro-step``)
 and each checkpoint save between DeepSpeed's files and the marker (``a checkpoint save``).
+``GERE_DS_NAN_AT=a micro-step:<n>[:<rank>]`` makes that micro-step's loss NaN (gere_ds.step).
 
 Before :func:`install` is called (a plain ``gere-ds evaluate``, the tests of a scorer) ``check``
 does nothing and runs no collective, on every rank alike.
@@ -88,7 +89,7 @@ def requested() -> bool:
     return dist.any_rank(_received is not None) if dist.is_initialized() else _received is not None
 
 
-def _injected(variable: str, where: str) -> bool:
+def injected(variable: str, where: str) -> bool:
     """Whether the test hook in ``variable`` (``<what>:<n>[:<rank>]``) fires here and now."""
     spec = os.environ.get(variable, "")
     if not spec:
@@ -102,7 +103,7 @@ def _injected(variable: str, where: str) -> bool:
 
 def crash_point(where: str) -> None:
     """Test hook (``GERE_DS_KILL_AT``): SIGKILL the whole job here, as a node failure would."""
-    if _injected("GERE_DS_KILL_AT", where):
+    if injected("GERE_DS_KILL_AT", where):
         os.killpg(os.getpgid(0), signal.SIGKILL)
 
 
@@ -114,7 +115,7 @@ def check(where: str = "") -> None:
         return
     where = where or _doing or "work"
     crash_point(where)
-    if _injected("GERE_DS_SIGNAL_AT", where):
+    if injected("GERE_DS_SIGNAL_AT", where):
         os.kill(os.getpid(), signal.SIGTERM)
     if requested():
         raise Preempted(f"pre-empted (signal) during {where}; nothing of it was kept; re-run "

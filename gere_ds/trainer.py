@@ -230,6 +230,8 @@ class ContinualTrainer:
         every, p = self.cfg.checkpoint.every_steps, self.progress
         periodic = bool(every) and p.step_in_task % every == 0 and p.step_in_task < total
         stopping = stop.requested()
+        if p.bad_steps_in_a_row:  # inside a non-finite streak: the last good checkpoint stays
+            periodic = False
         if periodic or stopping:
             tag = step_tag(task_index, p.step_in_task)
             self.ckpt.save(self.engine.engine, tag, self.trainer_state())
