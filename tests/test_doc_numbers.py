@@ -242,6 +242,67 @@ def test_every_interval_on_the_pages_is_in_a_committed_table(page):
     assert not missing, missing
 
 
+TASK_NAMES = {"adjective order": "hyperbaton", "medical-care sentiment": "medicine",
+              "hotel-review sentiment": "sentiment"}
+
+
+def _page_tables(page: str) -> list[list[list[str]]]:
+    """Every markdown table of a page as rows of cells (header first, the rule left out)."""
+    blocks, current = [], []
+    for line in _page(page).splitlines() + [""]:
+        if line.lstrip().startswith("|"):
+            current.append([c.strip() for c in line.strip().strip("|").split("|")])
+        elif current:
+            blocks.append([current[0]] + current[2:])
+            current = []
+    return blocks
+
+
+def _task_name(cell: str) -> str:
+    """'1 adjective order' -> '1 hyperbaton', 'adjective order' -> 'hyperbaton'."""
+    for page_name, file_name in TASK_NAMES.items():
+        cell = cell.replace(page_name, file_name)
+    return cell
+
+
+@pytest.mark.parametrize("name,keys", [("training.md", ("row", "task")),
+                                       ("states.md", ("row", "after task"))])
+def test_results_page_tables_quote_the_committed_cells(name, keys):
+    """The page's training and states tables keep a subset of the committed columns; every cell
+    they show is the committed cell of its row."""
+    committed = _rows(CONTINUAL / name)
+    head = list(committed[0])
+    shown = [t for t in _page_tables("docs/results.md")
+             if set(t[0]) <= set(head) and set(keys) <= set(t[0]) and len(t[0]) > 3]
+    assert shown, name
+    for t in shown:
+        for cells in t[1:]:
+            row = dict(zip(t[0], cells))
+            want = [r for r in committed
+                    if all(r[k] == _task_name(row[k]) for k in keys)]
+            assert len(want) == 1, (name, row)
+            for column, value in row.items():
+                if column not in keys:
+                    assert value == want[0][column], (name, row, column, want[0][column])
+
+
+def test_results_page_learning_tables_quote_learning_md():
+    """The two pivoted accuracy tables: each row's 'after own training -> after last task' and
+    the task's majority rate are learning.md's; "base" is `none`'s."""
+    tables = [t for t in _page_tables("docs/results.md") if t[0][:3] == ["task", "majority label",
+                                                                         "base"]]
+    assert len(tables) == 2
+    for t in tables:
+        for cells in t[1:]:
+            task = TASK_NAMES[cells[0]]
+            assert cells[1] == learning("none", task, "majority label")
+            assert cells[2] == learning("none", task, "base")
+            for row, value in zip(t[0][3:], cells[3:]):
+                after = learning(row, task, "after own training")
+                last = learning(row, task, "after last task")
+                assert value in (f"{after} -> {last}", after), (row, task, value)
+
+
 def test_the_results_page_shows_the_committed_table_and_paired_differences():
     page = _page("docs/results.md")
     for name in ("table.md", "paired.md"):
