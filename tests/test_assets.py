@@ -238,14 +238,19 @@ def test_missing_package_is_downloaded_and_unpacked_not_installed(tmp_path: Path
     pkg = PACKAGES["gensim"]
     calls: list[str] = []
 
-    def fake_download(requirement: str, folder: Path) -> None:
-        calls.append(requirement)
+    def fake_download(package: sources.AssetPackage, folder: Path) -> None:
+        calls.append(package.requirement)
         folder.mkdir(parents=True, exist_ok=True)
         with zipfile.ZipFile(folder / f"gensim-{pkg.version}-cp311-cp311-linux_x86_64.whl",
                              "w") as zf:
             zf.writestr(f"{pkg.module}/{pkg.probe}", b"dump")
 
     monkeypatch.setattr(sources, "pip_download", fake_download)
+    # this platform's wheel name is not pinned: the dump read from it is, and here it is b"dump"
+    import hashlib
+
+    monkeypatch.setitem(sources.FILE_SHA256, ("gensim", sources.WIKI_DUMP),
+                        hashlib.sha256(b"dump").hexdigest())
     monkeypatch.setattr(sources, "_installed_version", lambda dist: None)
     # the repository's own cache may already hold the package (a fresh clone's first tests fill
     # it); this test is about an empty one
@@ -259,9 +264,13 @@ def test_missing_package_is_downloaded_and_unpacked_not_installed(tmp_path: Path
     # a second locator reads the unpacked copy; without it and without permission: one line
     SourceLocator(install=False, downloads=downloads).wiki_dump()
     assert calls == [pkg.requirement]
-    with pytest.raises(InputError, match=r"gensim==4.4.0 is required; fetch it with `.*pip "
-                                         r"download --no-deps gensim==4.4.0 -d"):
+    with pytest.raises(InputError, match=r"asset package gensim==4.4.0 \(the Wikipedia replay and "
+                                         r"held-out text\) is not in .*empty; put its archive"):
         SourceLocator(install=False, downloads=tmp_path / "empty").wiki_dump()
+    # a dump that differs from the pinned one is refused, not used
+    monkeypatch.setitem(sources.FILE_SHA256, ("gensim", sources.WIKI_DUMP), "0" * 64)
+    with pytest.raises(InputError, match=r"has sha256 .* expected 000000000000\.\.\. as committed: refused"):
+        SourceLocator(install=False, downloads=downloads).wiki_dump()
 
 
 # ------------------------------------------------------------------ errors and CLI
