@@ -29,6 +29,26 @@ def is_main() -> bool:
     return rank() == 0
 
 
+LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")
+
+
+def launched() -> bool:
+    """Whether a launcher (deepspeed, torchrun, Slurm's srun through them) set up this process."""
+    return any(name in os.environ for name in LAUNCHER_VARIABLES)
+
+
+def single_rank_environment() -> None:
+    """A world of one on this host, for a process started without a launcher: DeepSpeed would
+    otherwise look for MPI. The port is one the system has just handed out."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_SIZE="1",
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+
+
 def init(timeout_s: float = 1800.0) -> None:
     """Start the process group through DeepSpeed (gloo on CPU, NCCL on GPU).
 

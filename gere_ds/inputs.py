@@ -43,8 +43,21 @@ def check_label_tokens(cfg: RunConfig, tokenizer: Any) -> None:
             seen[target] = label
 
 
+def check_output_dir(output_dir: str) -> None:
+    """``output_dir`` must be a folder or creatable as one: not a file, nor below a file."""
+    path = Path(output_dir)
+    for part in (path, *path.parents):
+        if part.exists():
+            if not part.is_dir():
+                what = "is a file" if part == path else f"is below a file ({part})"
+                raise InputError(f"{output_dir} {what}; output_dir must be a folder",
+                                 field="output_dir")
+            return
+
+
 def validate_inputs(cfg: RunConfig, world_size: int) -> Inputs:
     """Read and check every input; raises InputError with file, line and field."""
+    check_output_dir(cfg.output_dir)
     check_model_folder(cfg)
     resolve_ds_config(cfg, world_size)
     check_report_to(cfg.report_to)

@@ -185,3 +185,27 @@ def test_bad_input_under_the_launcher_stops_both_ranks(tiny_config, tmp_path):
                          timeout=180)
     assert proc.returncode != 0
     assert sum(needle in ln for ln in proc.stderr.splitlines()) == 1
+
+
+def test_one_process_without_a_launcher_trains(tiny_config):
+    """`python launch/train.py --config X`: a world of one, no MPI discovery, no traceback."""
+    cfg = tiny_config("replay", name="plain", replay={"per_batch": 2}, eval={"enabled": False},
+                      train={"max_steps_per_task": 2})
+    proc = run_python(["launch/train.py", "--config", str(cfg)])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and "mpi4py" not in proc.stderr
+    steps = _steps(cfg.parent / "run_plain")
+    assert len(steps) == 4 and all(s["train/loss"] == s["train/loss"] for s in steps)
+
+
+@pytest.mark.parametrize("below", [False, True])
+def test_output_dir_naming_a_file_is_one_line_before_any_start(tiny_config, tmp_path, below):
+    taken = tmp_path / "taken.txt"
+    taken.write_text("not a folder")
+    out = taken / "run" if below else taken
+    cfg = tiny_config("replay", name="on_file", output_dir=str(out))
+    proc = run_python(["launch/train.py", "--config", str(cfg)])
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1 and "output_dir" in lines[0] and str(taken) in lines[0]
+    assert "Traceback" not in proc.stderr and taken.read_text() == "not a folder"

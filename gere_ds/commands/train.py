@@ -68,6 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.print_config:
         return print_config(args)
+    if not dist.launched():  # `python launch/train.py`: one rank, no launcher needed
+        dist.single_rank_environment()
     error, cfg, inputs = None, None, None
     try:
         cfg = load_config(args.config, args.overrides)
