@@ -84,7 +84,7 @@ def carry_reference(tmp_path_factory, tiny_paths):
     return d / "run_ref"
 
 
-def test_lora_tm_zero_at_first_step_and_adapter_only_checkpoints(carry_reference):
+def test_lora_tm_is_rounding_at_first_step_and_adapter_only_checkpoints(carry_reference):
     steps = _steps(carry_reference)
     assert len(steps) == 6
     # fresh adapters: B = 0, the student is the teacher up to fp32 rounding between the
