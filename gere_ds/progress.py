@@ -53,10 +53,27 @@ def count_bad_step(p: Progress, nonfinite: int, applied: bool, micro_batches: in
                             f"or check the data; last good checkpoint kept")
 
 
-def step_scalars(m: dict[str, float], lr: float, seconds: float, grad_norm: float | None,
+class TokenWindow:
+    """Tokens trained since the last log line, for a rate over that whole window (a log line
+    every ``log_every`` steps covers that many steps' tokens, not only the last one's)."""
+
+    def __init__(self, start: float) -> None:
+        self.start, self.tokens = start, 0.0
+
+    def add(self, tokens: float) -> None:
+        self.tokens += tokens
+
+    def rate(self, now: float) -> float:
+        """Tokens per second since the window opened; opens the next window at ``now``."""
+        rate = self.tokens / max(now - self.start, 1e-9)
+        self.start, self.tokens = now, 0.0
+        return rate
+
+
+def step_scalars(m: dict[str, float], lr: float, tokens_per_s: float, grad_norm: float | None,
                  term: ReplayTerm) -> dict[str, float]:
     """The TensorBoard scalars of one optimizer step (``m``: losses.step_means)."""
     return {"train/loss": m["loss"], "train/task_ce": m["task_ce"],
             "train/replay_ce": m["replay_ce"], "train/lr": lr,
             "train/grad_norm": float(grad_norm) if grad_norm is not None else 0.0,
-            "train/tokens_per_s": m["tokens"] / max(seconds, 1e-9), **term.log_values(m)}
+            "train/tokens_per_s": tokens_per_s, **term.log_values(m)}

@@ -30,7 +30,7 @@ from gere_ds.errors import InputError
 from gere_ds.inputs import Inputs
 from gere_ds.lora import check_lora_state, lora_run
 from gere_ds import stop
-from gere_ds.progress import Progress, count_bad_step, step_scalars
+from gere_ds.progress import Progress, TokenWindow, count_bad_step, step_scalars
 from gere_ds.resume import (ResumePlan, check_state, load_resume, plan_resume,
                             task_data_digests)
 from gere_ds.run_log import RunLogger
@@ -206,21 +206,20 @@ class ContinualTrainer:
             self.engine.reset_optimizer_state()
         self.log.progress(total, f"task {task_index + 1}/{len(cfg.tasks)} "
                                  f"{cfg.tasks[task_index].name}", initial=p.step_in_task)
-        tick = time.perf_counter()
+        window = TokenWindow(time.perf_counter())
         for epoch in range(p.epoch, t.epochs):
             for step in range(p.step if epoch == p.epoch else 0, sampler.steps_per_epoch()):
                 if p.step_in_task >= total:
                     break
                 values, lr = self.optimizer_step(task_index, sampler, epoch, step, total)
+                window.add(values["tokens"])
                 if p.step_in_task % t.log_every == 0 or p.step_in_task == total:
-                    now = time.perf_counter()
-                    scalars = step_scalars(values, lr, now - tick,
+                    scalars = step_scalars(values, lr, window.rate(time.perf_counter()),
                                            self.engine.engine.get_global_grad_norm(), self.term)
                     self.log.scalars(scalars, p.global_step, {"task": task_index, "epoch": epoch,
                                                               "step_in_task": p.step_in_task})
                     self.log.advance(0, loss=f"{values['loss']:.4f}", lr=f"{lr:.2e}",
                                      run=f"{p.global_step}/{self.run_steps()}")
-                    tick = now
                 self.log.advance(1)
                 self._maybe_checkpoint(task_index, total)
         self.log.close_progress()
