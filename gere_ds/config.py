@@ -189,9 +189,9 @@ class RunConfig:
     output_dir: str = doc("run directory: config, teacher cache, checkpoints, logs, metrics")
     tasks: list[TaskConfig] = doc("tasks, trained in this order")
     deepspeed: str = doc("DeepSpeed JSON config, its \"auto\" keys filled from `train`; auto = "
-                         "ZeRO-2 when the model's replicated states fit 40 % of a rank's memory, "
-                         "else ZeRO-3 (ds_configs/zero{2,3}.json on CPU, zero{2,3}_gpu.json on "
-                         "a GPU)", default="auto")
+                         "ZeRO-2 when the model's replicated states fit 35 % of a rank's memory on "
+                         "one node, else ZeRO-3, else (GPUs) zero3_offload.json "
+                         "(ds_configs/zero{2,3}.json on CPU, zero{2,3}_gpu.json on a GPU)", default="auto")
     tokenizer: str = doc("tokenizer folder or hub id (empty = the model's)", default="")
     model_id: str = doc("set by gere-ds: the hub id `model` named (model then holds its local "
                         "snapshot folder); empty for a folder", default="")
