@@ -431,10 +431,11 @@ def paired_runs(b: Benchmark, a: str, c: str, allow_mixed_machines: bool = False
     one line naming the key that differs, unless ``allow_mixed_machines``: then the mixed
     difference, marked so, and one per machine over the seeds both rows ran on it."""
     seeds = sorted({r.seed for r in b.runs[a]} & {r.seed for r in b.runs[c]})
-    ra = [r for r in b.runs[a] if r.seed in seeds]
-    rc = [r for r in b.runs[c] if r.seed in seeds]
     if not seeds:
         return []
+    # runs are sorted by seed, so ra[i] and rc[i] share a seed: the seed draw pairs them
+    ra = [r for r in b.runs[a] if r.seed in seeds]
+    rc = [r for r in b.runs[c] if r.seed in seeds]
     runs = ra + rc
     other = next((r for r in runs if r.machine != runs[0].machine), None)
     if other is None:
@@ -445,12 +446,11 @@ def paired_runs(b: Benchmark, a: str, c: str, allow_mixed_machines: bool = False
             f"on different machines ({_first_difference(runs[0].machine, other.machine)}, "
             f"machine.json); --allow-mixed-machines pairs them anyway")
     out = [(f"mixed: {a} {_machines_cell(b, ra)}; {c} {_machines_cell(b, rc)}", ra, rc)]
-    for i in range(len(b.machines)):
-        keep = [s for s, x, y in zip(seeds, ra, rc)
-                if b.machines.index(x.machine) == b.machines.index(y.machine) == i]
+    for machine in b.machines:
+        keep = [s for s, x, y in zip(seeds, ra, rc) if x.machine == y.machine == machine]
         if keep:
-            out.append((f"{chr(ord('A') + i)} only", [r for r in ra if r.seed in keep],
-                        [r for r in rc if r.seed in keep]))
+            out.append((f"{b.machine_letter(next(r for r in ra if r.seed == keep[0]))} only",
+                        [r for r in ra if r.seed in keep], [r for r in rc if r.seed in keep]))
     return out
 
 
