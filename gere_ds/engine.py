@@ -88,6 +88,15 @@ class ModelForward:
             raise AttributeError("tree: the attention kernel takes no 4D mask")
         return self._tree
 
+    def at_positions(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                     flat_positions: torch.Tensor) -> torch.Tensor:
+        """Logits [N, V] at ``flat_positions`` (rows of the [B*T] positions) only: the LM head
+        never sees the others (greedy decoding reads one position per row)."""
+        from gere_ds.capture import lm_head_on_positions
+
+        with lm_head_on_positions(getattr(self.model, "module", self.model), flat_positions):
+            return forward_logits(self.model, input_ids, attention_mask)
+
     def kernel(self) -> str:
         config = getattr(getattr(self.model, "module", self.model), "config", None)
         return str(getattr(config, "_attn_implementation", None))

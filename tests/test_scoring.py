@@ -223,7 +223,8 @@ def test_generate_fake_forward_and_forward_count(tok):
     assert res.predictions == ["Positive!"] * 5  # after "Answer:", stripped (O-LoRA)
     assert res.correct == [True, False, False, True, False]  # normalised exact match
     assert res.accuracy == pytest.approx(40.0)
-    assert len(calls) == math.ceil(5 / 2) * 5  # always max_new_tokens forwards per batch
+    # ' Positive', '!', eos: 3 forwards per batch, not max_new_tokens (every row has ended)
+    assert len(calls) == math.ceil(5 / 2) * 3
 
 
 def test_generate_with_generate_fn(tok):

@@ -108,12 +108,14 @@ def test_train_entry_point_two_tasks(tiny_config, strategy):
         assert again["matrix"] == metrics["matrix"]
 
 
-@pytest.mark.parametrize("ds_json", ["zero3.json", "zero2.json"])
-def test_two_rank_evaluation_equals_one_process(tiny_config, tiny_paths, tmp_path, ds_json):
+@pytest.mark.parametrize("ds_json, mode", [("zero3.json", "rank"), ("zero2.json", "rank"),
+                                           ("zero3.json", "generate"), ("zero2.json", "generate")])
+def test_two_rank_evaluation_equals_one_process(tiny_config, tiny_paths, tmp_path, ds_json, mode):
     """Multi-rank evaluation under either stage of the training config, with a global batch
-    that the evaluation's rank count does not give (scoring has no optimizer step)."""
+    that the evaluation's rank count does not give (scoring has no optimizer step); generate
+    mode's ranks stop decoding together."""
     cfg = tiny_config("tm", name="evalonly", deepspeed=str(REPO / "ds_configs" / ds_json),
-                      train={"global_batch": 12})
+                      train={"global_batch": 12}, eval={"mode": mode, "max_new_tokens": 4})
     args = ["--config", str(cfg), "--model", tiny_paths["model"]]
     one = run_python(["eval/evaluate.py", *args, "--out", str(tmp_path / "one")])
     assert one.returncode == 0, one.stderr[-3000:]

@@ -37,8 +37,10 @@ Modes
   normalised exact match (:func:`normalize_answer`: lower-case, ASCII punctuation removed,
   whitespace collapsed and stripped).
   Without a ``generate_fn`` the decoding loop calls ``forward`` on the whole growing sequence at
-  every step (no KV cache: simple, works for any callable and is ZeRO-3 safe because every batch
-  runs exactly ``max_new_tokens`` forwards, even when all rows have finished early). With a
+  every step (no KV cache: simple and works for any callable); it stops once every row of the
+  batch on every rank has ended (one all-reduced flag, so ZeRO-3's collective forwards stay in
+  step), and a forward with ``at_positions`` (gere_ds.engine.ModelForward) computes the
+  logits of each row's last token only, not [B, T, V]. With a
   ``generate_fn(input_ids, attention_mask, max_new_tokens) -> LongTensor[B, T + new]`` (e.g.
   ``model.generate`` with ``synced_gpus=True`` under ZeRO-3) the prompts are LEFT-padded, the
   returned sequences are expected to include the prompt (Hugging Face convention), and keeping
@@ -56,7 +58,8 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 
-from gere_ds.config import EVAL_MODES
+from gere_ds import dist
+from gere_ds.constants import EVAL_MODES
 from gere_ds.data.collate import pad_rows
 from gere_ds.data.encode import encode_source, encode_target
 from gere_ds.data.prompts import build_prompt
@@ -64,6 +67,7 @@ from gere_ds.data.tasks import Example, read_examples
 from gere_ds.errors import InputError
 from gere_ds.evaluation.batching import ForwardFn, argmax_first, pad_id, run_sharded, sample_rows
 from gere_ds.evaluation.packing import Choices, score_continuations
+from gere_ds.evaluation.cloze import load_cloze, score_cloze
 from gere_ds.evaluation.general import (
     GeneralScore,
     MMLUExample,
@@ -130,17 +134,27 @@ def rank_scores(forward: ForwardFn, tokenizer: Any, sources: Sequence[Sequence[i
     return [[sum(tokens) / len(tokens) for tokens in per_label] for per_label in logprobs]
 
 
+def _rows_left(done: list[bool]) -> bool:
+    """Whether a row of this batch on any rank is still decoding (one small all-reduce under a
+    process group, so ZeRO-3's collective forwards stay in step)."""
+    left = not all(done)
+    return dist.any_rank(left) if dist.is_initialized() and dist.world_size() > 1 else left
+
+
 def greedy_decode(forward: ForwardFn, tokenizer: Any, sources: Sequence[Sequence[int]],
                   max_new_tokens: int, batch_size: int = 8, device: Any = None,
                   generate_fn: Optional[GenerateFn] = None) -> list[list[int]]:
     """Greedy continuations (eos excluded, at most ``max_new_tokens``) of every source.
 
-    Without ``generate_fn``: a KV-less loop of exactly ``max_new_tokens`` forwards per batch on
-    the right-padded growing sequences (see the module doc).
+    Without ``generate_fn``: a KV-less loop of at most ``max_new_tokens`` forwards per batch on
+    the right-padded growing sequences, until every row of the batch on every rank ended (see
+    the module doc); a ``forward`` with ``at_positions`` runs the LM head on the last tokens
+    only.
     """
     eos = tokenizer.eos_token_id
     pad = pad_id(tokenizer)
     idx = list(range(len(sources)))
+    at_positions = getattr(forward, "at_positions", None)
 
     def run_loop(batch: list[int]) -> list[list[int]]:
         seqs = [list(sources[j]) for j in batch]
@@ -151,12 +165,19 @@ def greedy_decode(forward: ForwardFn, tokenizer: Any, sources: Sequence[Sequence
             buf[r, :len(s)] = torch.tensor(s, dtype=torch.long)
         done = [False] * len(batch)
         new: list[list[int]] = [[] for _ in batch]
-        for _ in range(max_new_tokens):  # always max_new_tokens forwards (ZeRO-3)
+        for _ in range(max_new_tokens):
+            if not _rows_left(done):  # every rank's rows ended: the ranks stop together
+                break
             w = max(lens)
             mask = (torch.arange(w)[None, :] < torch.tensor(lens)[:, None]).long()
-            logits = forward(buf[:, :w].to(device), mask.to(device))
-            last = torch.tensor([n - 1 for n in lens], device=logits.device)
-            nxt = logits[torch.arange(len(batch), device=logits.device), last].argmax(-1).tolist()
+            if at_positions is not None:  # the LM head on each row's last token only
+                flat = torch.tensor([r * w + n - 1 for r, n in enumerate(lens)], device=device)
+                nxt = at_positions(buf[:, :w].to(device), mask.to(device), flat).argmax(-1)
+            else:
+                logits = forward(buf[:, :w].to(device), mask.to(device))
+                last = torch.tensor([n - 1 for n in lens], device=logits.device)
+                nxt = logits[torch.arange(len(batch), device=logits.device), last].argmax(-1)
+            nxt = nxt.tolist()
             for r, t in enumerate(nxt):
                 if done[r]:
                     continue
@@ -249,8 +270,6 @@ def load_general(gcfg: Any, seed: int = 42, dev_path: Optional[str] = None) -> G
     if gcfg.kind == "perplexity":
         return GeneralData(cfg=gcfg, texts=load_texts(gcfg.path, gcfg.max_examples, seed))
     if gcfg.kind == "cloze":
-        from gere_ds.evaluation.cloze import load_cloze
-
         return GeneralData(cfg=gcfg, cloze=load_cloze(gcfg.path, gcfg.max_examples))
     rows = load_mmlu(gcfg.path, gcfg.max_examples, seed)
     dev: list[MMLUExample] = []
@@ -272,8 +291,6 @@ def score_general(forward: ForwardFn, tokenizer: Any, data: GeneralData, batch_s
         return score_perplexity(forward, tokenizer, data.texts, batch_size, max_len, device,
                                 name=g.name)
     if g.kind == "cloze":
-        from gere_ds.evaluation.cloze import score_cloze
-
         c = score_cloze(forward, tokenizer, data.cloze, batch_size, max_len, device, name=g.name)
         return GeneralScore(name=g.name, kind="cloze", value=c.acc_norm, n=c.n,
                             extra={"acc": c.acc, "acc_norm": c.acc_norm, "correct": c.correct,
