@@ -30,10 +30,13 @@ import torch
 
 from gere_ds import dist, stop
 from gere_ds.checkpoint import Checkpointer, all_ranks_problem, run_identity, task_tag
+from gere_ds.config import load_config
+from gere_ds.engine import check_model_folder, load_tokenizer
 from gere_ds.errors import InputError
 from gere_ds.hf_folder import (DTYPES, ExportError, config_dtype, fmt_shape,  # noqa: F401
                                inspect_export, meta_model, plain_model_building, tied_aliases,
                                resolve_dtype, verify_export)
+from gere_ds.lora_export import lora_export_parts, model_from_checkpoint
 
 EXPORT_INFO = "export_info.json"
 
@@ -135,8 +138,6 @@ def _cast_state_dict(sd: dict[str, Any], dtype: torch.dtype) -> dict[str, torch.
 # ---------------------------------------------------------------------------- from a checkpoint
 def _run_of(run_dir: Path) -> str | None:
     """The run fingerprint of the run directory's config.yaml (None: no readable config)."""
-    from gere_ds.config import load_config
-
     try:
         return run_identity(load_config(Path(run_dir) / "config.yaml"))
     except InputError:
@@ -218,8 +219,6 @@ def export_checkpoint(run_dir: str | Path, out: str | Path, task: int | None = N
     """
     from transformers import AutoConfig
 
-    from gere_ds.config import load_config
-    from gere_ds.engine import check_model_folder, load_tokenizer
 
     run_dir, out = Path(run_dir), Path(out).absolute()
     cfg_path = run_dir / "config.yaml"
@@ -265,8 +264,6 @@ def _export_lora_checkpoint(cfg: Any, run_dir: Path, root: Path, tag: str, lazy:
                             tokenizer: Any, out: Path, target: torch.dtype, force: bool,
                             log: Callable[[str], None]) -> dict[str, Any]:
     """A LoRA checkpoint: base + merges + adapters on CPU, then the in-run export's writer."""
-    from gere_ds.lora_export import model_from_checkpoint
-
     dtype = torch.bfloat16 if cfg.train.bf16 else torch.float32
     model, merged = model_from_checkpoint(cfg, run_dir, root / tag, lazy, dtype)
     info = export_from_engine(model, tokenizer, out, dtype=target, force=force,
@@ -434,8 +431,6 @@ def export_from_engine(engine_module: torch.nn.Module, tokenizer: Any, out_dir: 
                 raise ExportError(bad, file=str(out))
             module, extra = engine_module, None
             if hasattr(engine_module, "peft_config"):  # LoRA: merged + adapter/
-                from gere_ds.lora_export import lora_export_parts
-
                 module, sd, extra = lora_export_parts(engine_module, sd, given)
             elif given:
                 extra = lambda folder: given  # noqa: E731

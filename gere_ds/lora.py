@@ -25,6 +25,7 @@ from torch import nn
 from gere_ds import dist
 from gere_ds.config import LoraConfig, RunConfig
 from gere_ds.errors import InputError
+from gere_ds.hf_folder import meta_model
 
 ADAPTER = "default"  # PEFT's adapter name
 MERGES_DIR = "lora_merges"
@@ -35,8 +36,6 @@ def check_targets(cfg: RunConfig) -> None:
     """Every ``train.lora.target_modules`` name must name linear layers of the model (checked on
     the meta device: no weights are read). One line naming the key on a mistake."""
     from transformers import AutoConfig
-
-    from gere_ds.hf_folder import meta_model
 
     lora = cfg.train.lora
     try:

@@ -16,7 +16,8 @@ from torch import nn
 
 from gere_ds.config import RunConfig
 from gere_ds.hf_folder import ExportError, plain_model_building
-from gere_ds.lora import ADAPTER, add_adapters, load_merges, lora_layers, merge_values
+from gere_ds.lora import (ADAPTER, add_adapters, load_merges, lora_layers, merge_values,
+                          merged_weight)
 
 PREFIX = "base_model.model."  # PEFT's name of the wrapped model
 ADAPTER_DIR = "adapter"
@@ -40,8 +41,6 @@ def merged_state_dict(peft_module: nn.Module, sd: dict[str, torch.Tensor]
 
 def _merge(weight: torch.Tensor, adapters: dict[str, torch.Tensor], name: str, scaling: float
            ) -> torch.Tensor:
-    from gere_ds.lora import merged_weight
-
     a = adapters[f"{name}.lora_A.{ADAPTER}.weight"]
     b = adapters[f"{name}.lora_B.{ADAPTER}.weight"]
     return merged_weight(weight, a, b, scaling)

@@ -133,7 +133,7 @@ def versions() -> dict[str, str]:
 
 
 def check_model(cfg: Any, info: dict[str, Any]) -> str:
-    from gere_ds.engine import check_model_folder
+    from gere_ds.engine import check_model_folder  # lazy: launcher-side checks run without torch
 
     check_model_folder(cfg)
     folder = Path(cfg.model)
@@ -163,7 +163,7 @@ def check_model(cfg: Any, info: dict[str, Any]) -> str:
 
 
 def check_data(cfg: Any, info: dict[str, Any]) -> str:
-    from gere_ds.data.tasks import load_examples
+    from gere_ds.data.tasks import load_examples  # lazy: launcher-side checks run without torch
 
     prints, n = {}, 0
     for task in cfg.tasks:
@@ -187,7 +187,7 @@ def check_data(cfg: Any, info: dict[str, Any]) -> str:
 
 def check_replay(cfg: Any, world: int, info: dict[str, Any]) -> str | None:
     """The replay set as training checks it (gere_ds.data.replay.check_replay_inputs)."""
-    from gere_ds.data.replay import check_replay_inputs
+    from gere_ds.data.replay import check_replay_inputs  # lazy: launcher-side checks run without torch
 
     texts = check_replay_inputs(cfg, world)
     if not texts:
@@ -241,6 +241,7 @@ def check_output(cfg: Any, info: dict[str, Any]) -> str:
 
 def local_checks(row: Row, config: str, overrides: list[str], world: int) -> Any:
     """Config, model, data, replay set and output folder as seen by this rank."""
+    # lazy: launcher-side checks run without torch
     from gere_ds.config import load_config
     from gere_ds.engine import resolve_ds_config
 
@@ -333,7 +334,7 @@ def cross_checks(rows: list[Row]) -> None:
 def check_collectives(row: Row, world: int, bench_mb: float, dog: Watchdog, limit: float) -> None:
     """ranks, all_reduce (a sum, then a timed ``bench_mb`` MiB one) and all_gather; every rank
     must call it (each step is a collective) under a joined process group."""
-    import torch
+    import torch  # lazy: launcher-side checks run without torch
     import torch.distributed as tdist
 
     from gere_ds import dist
@@ -410,7 +411,7 @@ def shared_filesystem(rows: list[Row], row: Row) -> dict[int, str]:
 
     Decided from the gathered rows, so every rank takes the same branch into the collectives.
     """
-    from gere_ds import dist
+    from gere_ds import dist  # lazy: launcher-side checks run without torch
 
     ref = rows[0]
     if ref.results.get("output", ("-",))[0] != "ok" or "config" not in ref.info:
@@ -434,12 +435,3 @@ def shared_filesystem(rows: list[Row], row: Row) -> dict[int, str]:
     if row.rank == 0:
         marker.unlink(missing_ok=True)
     return {r.rank: "yes" if s else "no" for r, s in zip(rows, sees)}
-
-
-if __name__ == "__main__":  # `python -m gere_ds.preflight`: the same as `gere-ds preflight`
-    from gere_ds.commands.preflight import main
-
-    code = main()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)  # no destroy_process_group; abandoned name-lookup threads are not joined

@@ -20,6 +20,8 @@ from typing import Any, Callable, Mapping
 from gere_ds import dist
 from gere_ds.atomic import write_text_atomic
 from gere_ds.errors import InputError
+from gere_ds.progress_bar import progress_bar
+from gere_ds.wandb_sink import WandbSink
 
 STEPS_FILE = "train_steps.jsonl"
 
@@ -115,8 +117,6 @@ class RunLogger:
     def wandb(self) -> Any:
         """The W&B sink (rank 0, when report_to names it), or None."""
         if self.enabled and "wandb" in self.report_to and self._wandb is None:
-            from gere_ds.wandb_sink import WandbSink
-
             self._wandb = WandbSink(self.output_dir, self._config)
         return self._wandb if self.enabled else None
 
@@ -155,8 +155,6 @@ class RunLogger:
     def progress(self, total: int, desc: str, initial: int = 0) -> None:
         if not self.enabled:
             return
-        from gere_ds.progress_bar import progress_bar
-
         self.close_progress()
         self._bar = progress_bar(total, desc, initial, sys.stdout)
 

@@ -87,8 +87,8 @@ def test_node_rank_outside_node_count(tmp_path):
 
 
 def test_module_spelling_and_launch_script_run_the_same_command():
-    """`python -m gere_ds.preflight` and launch/preflight.py stay equal to `gere-ds preflight`."""
-    for argv in (["-m", "gere_ds.preflight"], [str(PREFLIGHT)]):
+    """`python -m gere_ds.commands.preflight` and launch/preflight.py stay equal to `gere-ds preflight`."""
+    for argv in (["-m", "gere_ds.commands.preflight"], [str(PREFLIGHT)]):
         r = subprocess.run([sys.executable, *argv, "--num_nodes", "2", "--node_rank", "0"],
                            cwd=REPO, env=ds_env(), capture_output=True, text=True, timeout=120,
                            check=False)

@@ -43,7 +43,7 @@ def evaluate_models(cfg: RunConfig, models: list[tuple[str, str]], out: Path,
                     delete: frozenset[str] = frozenset()) -> dict[str, Any]:
     """Evaluate each (label, folder); rows in order; writes the report on rank 0. Folders in
     ``delete`` are removed once scored (every rank has finished with them)."""
-    import torch
+    import torch  # lazy: the CLI starts without torch
 
     from gere_ds.engine import build_eval_engine
     from gere_ds.evaluation.report import write_report
@@ -111,7 +111,7 @@ def run_models(cfg: RunConfig, run_dir: Path, out: Path) -> list[tuple[str, str]
 
     An earlier export there is reused only if it records this very checkpoint (run folder, tag,
     marker checksum); anything else (another run's, an older save of the tag) is re-exported."""
-    from gere_ds.export import checkpoint_problem, export_checkpoint
+    from gere_ds.export import checkpoint_problem, export_checkpoint  # lazy: the CLI starts without torch
 
     models = [("base", cfg.model)]
     for t in range(1, len(cfg.tasks) + 1):
@@ -167,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
         if _launched():
             dist.init()
             if cfg.deepspeed == "auto":  # one stage on every rank (ZeRO-3 is collective)
-                from gere_ds.ds_config import agree_on_memory
+                from gere_ds.ds_config import agree_on_memory  # lazy: the CLI starts without torch
 
                 agree_on_memory()
         models = ([(Path(m).name, m) for m in args.model] if args.model

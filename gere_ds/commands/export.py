@@ -16,6 +16,8 @@ import argparse
 import os
 import sys
 
+from gere_ds.errors import InputError
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__,
@@ -42,8 +44,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # silences DeepSpeed's detection warning
-    from gere_ds.errors import InputError
-    from gere_ds.export import export_checkpoint, inspect_export
+    from gere_ds.export import export_checkpoint, inspect_export  # lazy: after DS_ACCELERATOR
 
     try:
         if args.verify:

@@ -19,6 +19,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from gere_ds.errors import InputError
+
 REPO = Path(__file__).resolve().parents[2]
 RESULTS = "lm_eval_results.json"
 
@@ -56,7 +58,7 @@ def score(folder: str, tasks: list[str], include_path: str, batch_size: str,
 
 
 def run_exports(run_dir: Path, out: Path) -> list[tuple[str, str]]:
-    from gere_ds.export import checkpoint_problem, export_checkpoint
+    from gere_ds.export import checkpoint_problem, export_checkpoint  # lazy: the CLI starts without torch
 
     models = []
     for folder in sorted((run_dir / "checkpoints").glob("task*-end")):
@@ -77,7 +79,6 @@ def main(argv: list[str] | None = None) -> int:
         print("error: lm-evaluation-harness is not installed (pip install -e '.[lmeval]')",
               file=sys.stderr)
         return 2
-    from gere_ds.errors import InputError
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -118,7 +118,7 @@ def run_distributed(args: argparse.Namespace) -> int:
     code = _check_environment(row, who, args.timeout)
     if code is not None:
         return code
-    import torch.distributed as tdist
+    import torch.distributed as tdist  # lazy: launcher-side checks run without torch
 
     from gere_ds import dist
 
@@ -259,3 +259,10 @@ def _notes(rows: list[Row]) -> list[str]:
             if cell == "ok" and d:
                 notes.append(f"output on {r.host} (node {r.node}): {d}")
     return notes
+
+
+if __name__ == "__main__":  # `python -m gere_ds.commands.preflight`: the same as `gere-ds preflight`
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)  # no destroy_process_group; abandoned name-lookup threads are not joined

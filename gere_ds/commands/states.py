@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.threshold_k is not None and not 0 < args.threshold_k < float("inf"):
             raise InputError(f"{args.threshold_k} is not a positive number", field="--threshold-k")
         models = parse_models(args.models)
-        from gere_ds.config import load_config
+        from gere_ds.config import load_config  # lazy: the CLI starts without torch
 
         cfg = load_config(args.config)
         if args.threshold_k is not None:
@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
 def measure_models(cfg: Any, models: list[tuple[str, str]], heldout: str, samples: int,
                    batch_size: int) -> dict[str, dict[str, dict[str, Any]]]:
     """{name: {"replay" | "heldout": Drift.summary()}} against the config's base model."""
-    import torch
+    import torch  # lazy: the CLI starts without torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from gere_ds.data.encode import encode_replay

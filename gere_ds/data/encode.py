@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from gere_ds.config import TRUNCATE_SOURCE
+from gere_ds.constants import TRUNCATE_SOURCE
 from gere_ds.data.prompts import build_prompt
 
 IGNORE = -100

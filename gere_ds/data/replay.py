@@ -5,6 +5,7 @@ from __future__ import annotations
 from gere_ds.config import RunConfig
 from gere_ds.data.files import read_rows
 from gere_ds.errors import InputError
+from gere_ds.strategies import make_term
 
 
 def load_replay_texts(path: str, num_samples: int) -> list[str]:
@@ -25,8 +26,6 @@ def check_replay_inputs(cfg: RunConfig, world_size: int) -> list[str]:
     The file must hold ``num_samples`` documents, every rank needs at least one document of its
     own, and a fixed number of replay rows per global batch must leave room for task rows.
     """
-    from gere_ds.strategies import make_term  # the registry imports config, which imports data
-
     if not make_term(cfg).uses_replay:
         return []
     texts = load_replay_texts(cfg.replay.data, cfg.replay.num_samples)

@@ -29,6 +29,7 @@ from gere_ds.atomic import write_text_atomic
 from gere_ds.evaluation.general import GeneralScore
 from gere_ds.evaluation.outcomes import test_set_digests
 from gere_ds.evaluation.scoring import EvalRow, TaskScore
+from gere_ds.teacher import fingerprint
 
 FOLDER = "base_eval"
 # Bumped whenever the scorers change how a number is computed (row layout included: other
@@ -54,8 +55,6 @@ def _settings(cfg: Any, suite: Any, world_size: int) -> dict[str, Any]:
 
 def base_key(cfg: Any, suite: Any, world_size: int) -> str:
     """Identity of the base evaluation of run config ``cfg`` on ``suite``."""
-    from gere_ds.teacher import fingerprint
-
     return fingerprint(cfg.model, cfg.tokenizer or cfg.model, cfg.model + "/config.json",
                        _settings(cfg, suite, world_size))
 

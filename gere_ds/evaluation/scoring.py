@@ -138,7 +138,7 @@ def _rows_left(done: list[bool]) -> bool:
     """Whether a row of this batch on any rank is still decoding (one small all-reduce under a
     process group, so ZeRO-3's collective forwards stay in step)."""
     left = not all(done)
-    return dist.any_rank(left) if dist.is_initialized() and dist.world_size() > 1 else left
+    return dist.any_rank_host(left)
 
 
 def greedy_decode(forward: ForwardFn, tokenizer: Any, sources: Sequence[Sequence[int]],
