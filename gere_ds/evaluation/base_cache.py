@@ -33,8 +33,10 @@ from gere_ds.teacher import fingerprint
 
 FOLDER = "base_eval"
 # Bumped whenever the scorers change how a number is computed (row layout included: other
-# shapes round differently), so a kept evaluation is never mixed with new ones.
-SCORER_VERSION = 2  # 2: all choices of a question in one packed row
+# shapes round differently) or what a kept row holds, so a kept evaluation is never mixed with
+# new ones. 2: all choices of a question in one packed row; 3: every general set's per-example
+# outcomes (rows kept before have none for MMLU and perplexity).
+SCORER_VERSION = 3
 
 
 TASK_END_FOLDER = "eval_rows"

@@ -175,7 +175,7 @@ def score_mmlu(forward: ForwardFn, tokenizer: Any, examples: Sequence[MMLUExampl
     preds = [argmax_first(s) for s in scores]
     correct = [p == ex.answer for p, ex in zip(preds, examples)]
     return GeneralScore(name=name, kind="mmlu", value=100.0 * sum(correct) / len(correct),
-                        n=len(correct), extra={"shots": shots,
+                        n=len(correct), extra={"shots": shots, "correct": correct,
                                                "predictions": [LETTERS[p] for p in preds]})
 
 
@@ -231,4 +231,5 @@ def score_perplexity(forward: ForwardFn, tokenizer: Any, texts: Sequence[str],
         raise ValueError("no text has 2 or more tokens: perplexity is undefined")
     nll = total / count
     return GeneralScore(name=name, kind="perplexity", value=math.exp(nll), n=len(encoded),
-                        extra={"nll": nll, "tokens": count})
+                        extra={"nll": nll, "tokens": count, "text_nll": [p[0] for p in parts],
+                               "text_tokens": [p[1] for p in parts]})

@@ -8,22 +8,29 @@ replaces it)::
     {"test_sets": {name: sha256 of the scored examples, ...},
      "majority": {task: share of the test set's most frequent label, ...},
      "rows": [{"row": 0, "tasks": {task: "0110..."}, "general": {name: "1011..."},
-               "general_acc": {name: "1001..."}}, ...]}
+               "general_acc": {name: "1001..."}, "general_nll": {name: [2.31, ...]},
+               "general_tokens": {name: [17, ...]}}, ...]}
 
 ``majority`` is what answering the most frequent label to everything scores: a task counts as
 learned only above it, not merely above the base model. ``tasks`` holds one character per test
-example (1 = right); ``general`` the cloze sets'
-length-normalised outcomes and ``general_acc`` their raw-sum outcomes. ``test_sets`` fingerprints
-the exact examples, so rows scored on different test sets are never compared.
+example (1 = right). Every general set writes the per-example series its kind gives
+(:mod:`gere_ds.evaluation.general_kinds`) under ``general_<series>``: cloze ``acc_norm`` and
+``acc``, MMLU ``acc``, perplexity each text's summed ``nll`` and its predicted ``tokens``; the
+``acc_norm`` series sits under plain ``general``, where the benchmark's paired statistics read
+it. Right-or-wrong series are strings of 0/1, others lists of numbers. ``test_sets``
+fingerprints the exact examples of the tasks and of the general sets compared example by example,
+so rows scored on different test sets are never compared.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 from pathlib import Path
+from collections import Counter
 from typing import Any, Iterable, Sequence
 
 from gere_ds.atomic import write_text_atomic
+from gere_ds.evaluation.general_kinds import general_kind
 
 OUTCOMES_JSON = "outcomes.json"
 
@@ -44,20 +51,18 @@ def digest(items: Sequence[Any]) -> str:
 
 
 def test_set_digests(suite: Any) -> dict[str, str]:
-    """Fingerprints of every task test set and every cloze set of an EvalSuite."""
+    """Fingerprints of every task test set and every paired general set of an EvalSuite."""
     out = {name: digest([(ex.text, ex.label) for ex in examples])
            for name, examples in suite.examples.items()}
     for data in suite.general:
-        if getattr(data, "cloze", None):
-            out[data.cfg.name] = digest([(q.context, list(q.choices), q.gold)
-                                         for q in data.cloze])
+        kind = general_kind(data.cfg.kind)
+        if kind.paired:
+            out[data.cfg.name] = digest(kind.fingerprint(data))
     return out
 
 
 def majority_rates(suite: Any) -> dict[str, float]:
     """Per task: the share of its scored test examples that carry the most frequent label."""
-    from collections import Counter
-
     out = {}
     for name, examples in suite.examples.items():
         counts = Counter(ex.label for ex in examples)
@@ -66,16 +71,21 @@ def majority_rates(suite: Any) -> dict[str, float]:
     return out
 
 
+def _series(values: Sequence[Any]) -> str | list[Any]:
+    return bits(values) if all(isinstance(v, bool) for v in values) else list(values)
+
+
 def row_outcomes(row_index: int, eval_row: Any) -> dict[str, Any]:
     """One evaluation's outcomes (an EvalRow of gere_ds.evaluation.scoring)."""
-    general, general_acc = {}, {}
+    row: dict[str, Any] = {"row": row_index,
+                           "tasks": {name: bits(s.correct)
+                                     for name, s in eval_row.task_scores.items()},
+                           "general": {}}
     for name, score in eval_row.general_scores.items():
-        if score.kind == "cloze":
-            general[name] = bits(score.extra["correct_norm"])
-            general_acc[name] = bits(score.extra["correct"])
-    return {"row": row_index,
-            "tasks": {name: bits(s.correct) for name, s in eval_row.task_scores.items()},
-            "general": general, "general_acc": general_acc}
+        for series, values in general_kind(score.kind).outcomes(score).items():
+            key = "general" if series == "acc_norm" else f"general_{series}"
+            row.setdefault(key, {})[name] = _series(values)
+    return row
 
 
 def record_outcomes(run_dir: str | Path, row_index: int, eval_row: Any, suite: Any) -> None:
@@ -91,8 +101,3 @@ def record_outcomes(run_dir: str | Path, row_index: int, eval_row: Any, suite: A
     rows.append(row_outcomes(row_index, eval_row))
     doc = {"test_sets": test_set_digests(suite), "majority": majority_rates(suite), "rows": rows}
     write_text_atomic(path, json.dumps(doc, indent=1) + "\n")
-
-
-def load_outcomes(run_dir: str | Path) -> dict[str, Any]:
-    path = Path(run_dir) / OUTCOMES_JSON
-    return json.loads(path.read_text(encoding="utf-8"))

@@ -46,12 +46,11 @@ Modes
   returned sequences are expected to include the prompt (Hugging Face convention), and keeping
   the ranks in step is the callable's job.
 
-Rows are sharded over ranks by :func:`gere_ds.evaluation.batching.run_sharded`; MMLU and
-perplexity are in :mod:`gere_ds.evaluation.general`.
+Rows are sharded over ranks by :func:`gere_ds.evaluation.batching.run_sharded`; the general
+evaluations (MMLU, perplexity, cloze) are kinds of :mod:`gere_ds.evaluation.general_kinds`.
 """
 from __future__ import annotations
 
-import os
 import string
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
@@ -67,16 +66,8 @@ from gere_ds.data.tasks import Example, read_examples
 from gere_ds.errors import InputError
 from gere_ds.evaluation.batching import ForwardFn, argmax_first, pad_id, run_sharded, sample_rows
 from gere_ds.evaluation.packing import Choices, score_continuations
-from gere_ds.evaluation.cloze import load_cloze, score_cloze
-from gere_ds.evaluation.general import (
-    GeneralScore,
-    MMLUExample,
-    find_dev_file,
-    load_mmlu,
-    load_texts,
-    score_mmlu,
-    score_perplexity,
-)
+from gere_ds.evaluation.general import GeneralScore
+from gere_ds.evaluation.general_kinds import GeneralData, load_general, score_general
 
 GenerateFn = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
 ANSWER_PREFIX = "Answer:"  # O-LoRA's: a generated answer is the text after the last one
@@ -244,61 +235,6 @@ def score_task(forward: ForwardFn, tokenizer: Any, examples: Sequence[Example],
                      predictions=preds, correct=correct, label_scores=scores)
 
 
-GENERAL_KINDS = ("mmlu", "perplexity", "cloze")
-
-
-@dataclass
-class GeneralData:
-    """A general evaluation loaded and validated (see :func:`load_general`)."""
-
-    cfg: Any
-    mmlu: list[MMLUExample] = field(default_factory=list)
-    dev: list[MMLUExample] = field(default_factory=list)
-    texts: list[str] = field(default_factory=list)
-    cloze: list[Any] = field(default_factory=list)  # ClozeQuestion (gere_ds.evaluation.cloze)
-
-
-def load_general(gcfg: Any, seed: int = 42, dev_path: Optional[str] = None) -> GeneralData:
-    """Load a :class:`~gere_ds.config.GeneralEvalConfig`'s data.
-
-    For ``mmlu`` with ``shots > 0`` the dev file is ``dev_path``, else ``gcfg.dev`` if the config
-    has such a field, else :func:`find_dev_file` next to ``gcfg.path``.
-    """
-    if gcfg.kind not in GENERAL_KINDS:
-        raise InputError(f"unknown general eval kind {gcfg.kind!r}; one of "
-                         f"{', '.join(GENERAL_KINDS)}", field=f"eval.general.{gcfg.name}.kind")
-    if gcfg.kind == "perplexity":
-        return GeneralData(cfg=gcfg, texts=load_texts(gcfg.path, gcfg.max_examples, seed))
-    if gcfg.kind == "cloze":
-        return GeneralData(cfg=gcfg, cloze=load_cloze(gcfg.path, gcfg.max_examples))
-    rows = load_mmlu(gcfg.path, gcfg.max_examples, seed)
-    dev: list[MMLUExample] = []
-    if gcfg.shots > 0:
-        dev_path = dev_path or getattr(gcfg, "dev", "") or find_dev_file(gcfg.path)
-        if not dev_path:
-            raise InputError(f"{gcfg.shots}-shot needs a dev file (e.g. "
-                             f"{os.path.basename(gcfg.path).replace('test', 'dev')} next to it)",
-                             file=gcfg.path, field="shots")
-        dev = load_mmlu(dev_path)
-    return GeneralData(cfg=gcfg, mmlu=rows, dev=dev)
-
-
-def score_general(forward: ForwardFn, tokenizer: Any, data: GeneralData, batch_size: int = 8,
-                  max_len: int = 2048, device: Any = None) -> GeneralScore:
-    """Score one loaded general evaluation."""
-    g = data.cfg
-    if g.kind == "perplexity":
-        return score_perplexity(forward, tokenizer, data.texts, batch_size, max_len, device,
-                                name=g.name)
-    if g.kind == "cloze":
-        c = score_cloze(forward, tokenizer, data.cloze, batch_size, max_len, device, name=g.name)
-        return GeneralScore(name=g.name, kind="cloze", value=c.acc_norm, n=c.n,
-                            extra={"acc": c.acc, "acc_norm": c.acc_norm, "correct": c.correct,
-                                   "correct_norm": c.correct_norm})
-    return score_mmlu(forward, tokenizer, data.mmlu, data.dev, g.shots, batch_size, max_len,
-                      device, name=g.name)
-
-
 # ============================================================================ whole evaluation
 
 
@@ -340,13 +276,13 @@ class EvalSuite:
                                  field=f"tasks.{i}.test")
             self.examples[task.name] = load_task_examples(task.test, task,
                                                           eval_cfg.max_examples, seed)
-        self.general = [load_general(g, seed) for g in eval_cfg.general]
+        self.general: list[GeneralData] = [load_general(g, seed) for g in eval_cfg.general]
 
     def sizes(self) -> dict[str, int]:
         """Examples (questions, texts) of every test set, by name: the units of progress."""
         out = {task.name: len(self.examples[task.name]) for task in self.tasks}
         for data in self.general:
-            out[data.cfg.name] = len(data.cloze or data.mmlu or data.texts)
+            out[data.cfg.name] = len(data.items)
         return out
 
     def evaluate(self, forward: ForwardFn, tokenizer: Any, device: Any = None,
