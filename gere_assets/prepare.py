@@ -55,13 +55,7 @@ def prepare(out: Path, settings: Settings | None = None, steps: Iterable[str] = 
     reasons = {name: "forced" if force else manifest.stale_reason(name, STEPS[name].settings(settings, out))
                for name in chosen}
     # every source the steps to build need is found and verified before any of them starts
-    needed = [key for name in chosen if reasons[name] is not None for key in STEPS[name].sources]
-    locator.check(list(dict.fromkeys(needed)))
-    if reasons.get("bigbench") is not None:
-        if not settings.bigbench:
-            raise InputError("the bigbench step needs --bigbench PATH (BIG-bench 1.0.0's sdist or "
-                             "a folder holding it)", field="bigbench")
-        locator.bigbench_sdist(Path(settings.bigbench))
+    fetch_sources([name for name in chosen if reasons[name] is not None], settings, locator)
     for number, name in enumerate(chosen, start=1):
         step = STEPS[name]
         prefix = f"[{number}/{len(chosen)}] {name}:"
@@ -90,6 +84,21 @@ def prepare(out: Path, settings: Settings | None = None, steps: Iterable[str] = 
         report.seconds[name] = seconds
         log(f"{prefix} built {result.summary} ({seconds:.1f}s)")
     return report
+
+
+def fetch_sources(steps: Iterable[str], settings: Settings, locator: SourceLocator) -> list[str]:
+    """Find (downloading when allowed) and verify every package the given steps read; an
+    unavailable or changed one is an InputError before anything is built. Returns their keys."""
+    chosen = check_steps(steps)
+    keys = list(dict.fromkeys(key for name in chosen for key in STEPS[name].sources))
+    locator.check(keys)
+    if "bigbench" in chosen:
+        if not settings.bigbench:
+            raise InputError("the bigbench step needs --bigbench PATH (BIG-bench 1.0.0's sdist or "
+                             "a folder holding it)", field="bigbench")
+        locator.bigbench_sdist(Path(settings.bigbench))
+        keys.append("bigbench")
+    return keys
 
 
 def _remove_orphans(out: Path, manifest: Manifest, name: str, keep: set[str]) -> None:

