@@ -102,7 +102,7 @@ def local_views(root: Path, run: str | None, only: str | None = None) -> list[Pa
             views.append(PartView(folder.name, None))
         for rank in ranks:
             marker = read_marker(folder, rank)
-            if isinstance(marker, str):  # an older format or unreadable: provenance unknown
+            if isinstance(marker, str):  # another format or unreadable: provenance unknown
                 views.append(PartView(folder.name, rank, ours=False, problem=marker))
                 continue
             views.append(PartView(folder.name, rank, marker.seq, marker.world_size,
@@ -258,15 +258,10 @@ class Checkpointer:
 
     def discard_untrusted(self, entries: dict[str, Entry]) -> list[str]:
         """Collective: remove this run's folders that were never complete or fail their checks
-        (another run's or an older format's are left alone); returns their tags."""
+        (another run's or another format's are left alone); returns their tags."""
         gone = sorted(t for t, e in entries.items() if e.ours)
         if dist.local_rank() == 0:
             for tag in gone:
                 shutil.rmtree(self.root / tag, ignore_errors=True)
         dist.barrier()
         return gone
-
-
-def prune_checkpoints(root: Path, keep_last: int, keep_task_ends: int = 0) -> None:
-    """Prune ``root`` as a run with these settings would (one process)."""
-    Checkpointer(root, keep_last, keep_task_ends).prune()

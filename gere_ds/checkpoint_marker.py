@@ -118,8 +118,7 @@ def read_marker(folder: Path, rank: int) -> Marker | str:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return f"unreadable completion marker {path.name}"
     if not isinstance(data, dict) or data.get("format") != FORMAT:
-        return (f"{path.name} has no checksums (written by an older gere-ds or another tool); "
-                f"not trusted")
+        return f"{path.name} has no checksums (not a gere-ds marker); not trusted"
     try:
         return Marker(rank=int(data["rank"]), run=str(data["run"]), tag=str(data["tag"]),
                       seq=int(data["seq"]), parent=data.get("parent"),

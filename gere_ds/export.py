@@ -22,7 +22,6 @@ import json
 import os
 import re
 import shutil
-import socket
 from pathlib import Path
 from typing import Any, Callable
 
@@ -37,27 +36,18 @@ from gere_ds.hf_folder import (DTYPES, ExportError, config_dtype, fmt_shape,  # 
                                inspect_export, meta_model, plain_model_building, tied_aliases,
                                resolve_dtype, verify_export)
 from gere_ds.lora_export import lora_export_parts, model_from_checkpoint
+from gere_ds.owners import owner_tag, stale
 
 EXPORT_INFO = "export_info.json"
 
 
 # ---------------------------------------------------------------------------- writing
-# ``.<name>.export-tmp-<host>-<pid>`` (and ``-old-``); older versions wrote no host
-_TEMP = re.compile(r"^\..+\.export-(?:tmp|old)-(?:(?P<host>.+)-)?(?P<pid>\d+)$")
+# ``.<name>.export-tmp-<pid>@<host>`` (and ``-old-``): the prefix before the owner tag
+_TEMP = re.compile(r"^(\..+\.export-(?:tmp|old)-)\d+@")
 
 
 def _temp_dir(out: Path) -> Path:
-    return out.parent / f".{out.name}.export-tmp-{socket.gethostname()}-{os.getpid()}"
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # another user's live process
-    return True
+    return out.parent / f".{out.name}.export-tmp-{owner_tag()}"
 
 
 def clean_stale_temps(folder: Path, log: Callable[[str], None] | None = None) -> list[Path]:
@@ -66,11 +56,7 @@ def clean_stale_temps(folder: Path, log: Callable[[str], None] | None = None) ->
     gone = []
     for path in Path(folder).glob(".*.export-*") if Path(folder).is_dir() else []:
         m = _TEMP.match(path.name)
-        if m is None or not path.is_dir():
-            continue
-        host, pid = m.group("host"), int(m.group("pid"))
-        if (host is None or host == socket.gethostname()) and pid != os.getpid() \
-                and not _pid_alive(pid):
+        if m is not None and path.is_dir() and stale(path.name, m.group(1)):
             shutil.rmtree(path, ignore_errors=True)
             gone.append(path)
     if gone and log:
@@ -91,7 +77,7 @@ def _publish(tmp: Path, out: Path, force: bool) -> None:
     """Move a verified temp folder into place (an existing DIR only with force)."""
     check_destination(out, force)
     if out.is_dir():
-        old = out.parent / f".{out.name}.export-old-{socket.gethostname()}-{os.getpid()}"
+        old = out.parent / f".{out.name}.export-old-{owner_tag()}"
         os.replace(out, old)
         os.replace(tmp, out)
         shutil.rmtree(old, ignore_errors=True)

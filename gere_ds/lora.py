@@ -110,10 +110,6 @@ def add_adapters(model: nn.Module, lora: LoraConfig, seed: int) -> nn.Module:
     return wrapped
 
 
-def is_peft(module: nn.Module) -> bool:
-    return hasattr(module, "peft_config") and hasattr(module, "get_base_model")
-
-
 @contextlib.contextmanager
 def _gathered(params: list[nn.Parameter], modifier_rank: int | None = None) -> Iterator[None]:
     """Full tensors of ZeRO-3 partitioned parameters inside (no-op for others). With

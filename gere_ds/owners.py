@@ -12,7 +12,6 @@ import socket
 from pathlib import Path
 
 _OWNER = re.compile(r"(\d+)@([A-Za-z0-9.\-]+)")  # <pid>@<host>, right after the prefix
-_LEGACY = re.compile(r"(\d+)$")  # <pid> alone (names written before hosts were recorded)
 
 
 def host() -> str:
@@ -44,10 +43,7 @@ def stale(name: str, prefix: str) -> bool:
         return False
     rest = name[len(prefix):]
     m = _OWNER.match(rest)
-    if m:
-        return m.group(2) == host() and not pid_alive(int(m.group(1)))
-    m = _LEGACY.match(rest)
-    return bool(m) and not pid_alive(int(m.group(1)))
+    return bool(m) and m.group(2) == host() and not pid_alive(int(m.group(1)))
 
 
 def stale_entries(folder: Path, prefix: str) -> list[Path]:

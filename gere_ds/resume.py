@@ -68,7 +68,7 @@ def plan_resume(cfg: RunConfig, ckpt: Checkpointer,
 
 
 def _refuse_foreign(ckpt: Checkpointer, entries: dict[str, Any]) -> None:
-    """Nothing of this run to resume, but another run's checkpoints (or ones of an older format)
+    """Nothing of this run to resume, but another run's checkpoints (or ones in another format)
     are there: starting from scratch would write this run's config, logs and checkpoints over
     that run's folder, so stop before anything is written."""
     foreign = sorted(t for t, e in entries.items() if not e.ours)
@@ -112,13 +112,6 @@ def load_resume(plan: ResumePlan | None, ckpt: Checkpointer, log: Callable[[str]
         log(f"no complete checkpoint in {ckpt.root}: starting from scratch"
             + (f" (removed the incomplete {', '.join(gone)})" if gone else ""))
     return None
-
-
-def resume_run(cfg: RunConfig, ckpt: Checkpointer, log: Callable[[str], None],
-               load: Callable[[Path], None],
-               check: Callable[[Path], None] = lambda folder: None) -> Path | None:
-    """:func:`plan_resume` then :func:`load_resume` (for callers that check nothing first)."""
-    return load_resume(plan_resume(cfg, ckpt, check), ckpt, log, load)
 
 
 def _load_or_why(load: Callable[[Path], None], folder: Path) -> str | None:
@@ -181,8 +174,8 @@ def check_state(state: dict[str, Any], folder: Path, cfg: RunConfig, world: int,
                          f"this job has {world}; relaunch with {state['world_size']} ranks "
                          f"(the replay shards and data order depend on the world size), or "
                          f"start a new output_dir", field="resume")
-    written = state.get("zero_stage")  # absent in checkpoints of older versions
-    if zero_stage is not None and written is not None and written != zero_stage:
+    written = state["zero_stage"]
+    if zero_stage is not None and written != zero_stage:
         raise InputError(f"checkpoint {folder} was written under ZeRO-{written} and this "
                          f"launch resolves `deepspeed` to ZeRO-{zero_stage}; set deepspeed to "
                          f"a ZeRO-{written} config (ds_configs/zero{written}.json) to resume",
@@ -191,7 +184,7 @@ def check_state(state: dict[str, Any], folder: Path, cfg: RunConfig, world: int,
     if state["task_names"] != names[:len(state["task_names"])]:
         raise InputError(f"checkpoint {folder} belongs to tasks {state['task_names']}, the "
                          f"config has {names}", field="tasks")
-    if task_data is not None and "task_data" in state:  # absent in older checkpoints
+    if task_data is not None:
         check_task_data(state["task_data"], folder, cfg, task_data)
     if state.get("teacher_fingerprint") != teacher_fingerprint:
         raise InputError(f"checkpoint {folder} was trained against other teacher data (model, "

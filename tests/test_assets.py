@@ -411,5 +411,11 @@ def test_model_step_builds_a_plain_reloadable_folder(tmp_path: Path) -> None:
     assert prepare(tmp_path, Settings(), ["model"], _locator(), log=lambda _: None).changed == []
 
 
-def test_step_order_is_fixed() -> None:
-    assert STEP_ORDER == ("model", "tasks", "general", "mmlu", "suite", "bench", "bigbench")
+def test_steps_run_in_their_order_whatever_order_they_are_asked_in() -> None:
+    from gere_assets.prepare import check_steps
+
+    asked = list(reversed(STEP_ORDER))
+    assert check_steps(asked) == STEP_ORDER
+    assert check_steps(["bench", "model"]) == ("model", "bench")  # the model comes first
+    with pytest.raises(InputError, match="unknown step.* modle; choose from model,"):
+        check_steps(["model", "modle"])

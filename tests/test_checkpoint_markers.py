@@ -8,12 +8,11 @@ from types import SimpleNamespace
 
 import pytest
 
-from gere_ds.checkpoint import (Checkpointer, all_ranks_problem, prune_checkpoints, step_tag,
-                                tag_order, task_tag)
+from gere_ds.checkpoint import Checkpointer, all_ranks_problem, step_tag, tag_order, task_tag
 from gere_ds.checkpoint_lineage import add_fork, read_forks
 from gere_ds.checkpoint_marker import file_owner, rank_files, write_marker
 from gere_ds.errors import InputError
-from gere_ds.resume import resume_run
+from gere_ds.resume import load_resume, plan_resume
 
 RUN = "f" * 32
 ZERO3 = {"zero_pp_rank_0_mp_rank_00_model_states.pt": b"x" * 100,
@@ -37,9 +36,14 @@ def _fake(root: Path, tag: str, seq: int, complete: bool = True, files: dict | N
     return folder
 
 
+def _plan_and_load(cfg, ckpt: Checkpointer, log, load) -> Path | None:
+    return load_resume(plan_resume(cfg, ckpt, lambda folder: None), ckpt, log, load)
+
+
 def _resume(root: Path, mode: str = "auto", fail: set[str] = frozenset()
             ) -> tuple[Path | None, list[str], list[str]]:
-    """resume_run on a fake folder: (the folder loaded, log lines, every folder tried)."""
+    """A resume, as training runs it, on a fake folder: (the folder loaded, log lines, every
+    folder tried)."""
     lines: list[str] = []
     tried: list[str] = []
 
@@ -49,7 +53,7 @@ def _resume(root: Path, mode: str = "auto", fail: set[str] = frozenset()
             raise RuntimeError("PytorchStreamReader failed reading zip archive\nmore")
 
     cfg = SimpleNamespace(resume=mode)
-    got = resume_run(cfg, Checkpointer(root, keep_last=2, run=RUN), lines.append, load)
+    got = _plan_and_load(cfg, Checkpointer(root, keep_last=2, run=RUN), lines.append, load)
     return got, lines, tried
 
 
@@ -124,8 +128,9 @@ def test_foreign_checkpoints_are_refused_before_loading(tmp_path):
     _fake(tmp_path, "task001-end", seq=1, run=other)
     tried: list[str] = []
     with pytest.raises(InputError) as err:  # auto: refused, not a fresh start over that run
-        resume_run(SimpleNamespace(resume="auto"), Checkpointer(tmp_path, keep_last=2, run=RUN),
-                   lambda line: None, tried.append)
+        _plan_and_load(SimpleNamespace(resume="auto"),
+                       Checkpointer(tmp_path, keep_last=2, run=RUN), lambda line: None,
+                       tried.append)
     assert "holds checkpoints of another run (task001-end: written by another run" in str(err.value)
     assert tried == [] and (tmp_path / "task001-end").is_dir()  # nothing unpickled or deleted
     with pytest.raises(InputError) as err:
@@ -143,7 +148,7 @@ def test_foreign_checkpoints_are_refused_before_loading(tmp_path):
 def test_keep_last_never_removes_the_newest_checkpoint(tmp_path):
     _fake(tmp_path, "task001-step000001", seq=1)
     _fake(tmp_path, "task001-step000002", seq=2)
-    prune_checkpoints(tmp_path, keep_last=0)  # refused by the config; pruning keeps it anyway
+    Checkpointer(tmp_path, keep_last=0).prune()  # refused by the config; pruning keeps it anyway
     assert Checkpointer(tmp_path).tags() == ["task001-step000002"]
 
 
@@ -159,7 +164,7 @@ def test_rollback_orders_by_sequence_and_abandons_the_later_branch(tmp_path):
     # a crash before the first new save: auto goes back to the rollback point, not the branch
     assert _resume(tmp_path)[0] == tmp_path / "task001-end"
     _fake(tmp_path, "task002-step000010", seq=7)
-    prune_checkpoints(tmp_path, keep_last=2)
+    Checkpointer(tmp_path, keep_last=2).prune()
     assert Checkpointer(tmp_path, run=RUN).tags() == ["task002-step000010", "task001-end"]
     assert _resume(tmp_path)[0] == tmp_path / "task002-step000010"
 
@@ -169,7 +174,7 @@ def test_only_complete_checkpoints_count_toward_retention(tmp_path):
     _fake(tmp_path, "task002-step000001", seq=2)
     _fake(tmp_path, "task002-end", seq=3)
     _fake(tmp_path, "task003-end", seq=4, complete=False)  # never finished saving
-    prune_checkpoints(tmp_path, keep_last=1, keep_task_ends=1)
+    Checkpointer(tmp_path, keep_last=1, keep_task_ends=1).prune()
     assert Checkpointer(tmp_path).tags() == ["task002-end", "task002-step000001"]
 
 
@@ -177,14 +182,14 @@ def test_retention_of_task_ends_and_newest_steps(tmp_path):
     for seq, tag in enumerate(("task001-step000001", "task001-step000002", "task001-end",
                                "task002-step000001", "task002-step000002"), start=1):
         _fake(tmp_path, tag, seq)
-    prune_checkpoints(tmp_path, keep_last=2)
+    Checkpointer(tmp_path, keep_last=2).prune()
     assert sorted(Checkpointer(tmp_path).tags()) == ["task001-end", "task002-step000001",
                                                      "task002-step000002"]
     _fake(tmp_path, "task002-end", seq=6)
     _fake(tmp_path, "task003-end", seq=7)
-    prune_checkpoints(tmp_path, keep_last=5, keep_task_ends=0)  # 0: every task end is kept
+    Checkpointer(tmp_path, keep_last=5, keep_task_ends=0).prune()  # 0: every task end is kept
     assert len(Checkpointer(tmp_path).tags()) == 5
-    prune_checkpoints(tmp_path, keep_last=1, keep_task_ends=1)
+    Checkpointer(tmp_path, keep_last=1, keep_task_ends=1).prune()
     assert Checkpointer(tmp_path).tags() == ["task003-end", "task002-step000002"]
 
 

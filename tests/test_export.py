@@ -280,16 +280,15 @@ def test_stale_export_temp_folders_of_dead_processes_are_removed(tmp_path):
                           capture_output=True, text=True, check=True)
     dead_pid = int(dead.stdout)
     host = socket.gethostname()
-    names = {"old_style_dead": f".hf.export-tmp-{dead_pid}",
-             "dead": f".hf.export-tmp-{host}-{dead_pid}",
-             "dead_old": f".hf.export-old-{host}-{dead_pid}",
-             "live": f".hf.export-tmp-{host}-{os.getppid()}",
-             "other_host": f".hf.export-tmp-elsewhere-{dead_pid}",
+    names = {"no_owner": f".hf.export-tmp-{dead_pid}",
+             "dead": f".hf.export-tmp-{dead_pid}@{host}",
+             "dead_old": f".hf.export-old-{dead_pid}@{host}",
+             "live": f".hf.export-tmp-{os.getppid()}@{host}",
+             "other_host": f".hf.export-tmp-{dead_pid}@elsewhere",
              "not_ours": ".hf.something-else"}
     for name in names.values():
         (tmp_path / name).mkdir()
     gone = clean_stale_temps(tmp_path)
-    assert sorted(p.name for p in gone) == sorted(names[k] for k in ("old_style_dead", "dead",
-                                                                     "dead_old"))
+    assert sorted(p.name for p in gone) == sorted(names[k] for k in ("dead", "dead_old"))
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
-        names[k] for k in ("live", "other_host", "not_ours"))
+        names[k] for k in ("no_owner", "live", "other_host", "not_ours"))

@@ -71,10 +71,30 @@ def test_a_signal_on_one_rank_during_long_work_stops_all_and_the_rerun_matches(
 
 
 def test_check_without_install_does_nothing_and_runs_no_collective(monkeypatch):
-    stop.uninstall()
+    """Under a process group, with the hook armed for this very check: nothing is sent and no
+    collective runs until install(); after it the same check sends and asks the ranks."""
+    sent: list[int] = []
+    asked: list[bool] = []
+    monkeypatch.setattr(stop.os, "kill", lambda pid, sig: sent.append(sig))
+    monkeypatch.setattr(stop.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(stop.dist, "rank", lambda: 0)
+    for collective in ("any_rank", "any_rank_host"):  # whichever agreement the module uses
+        if hasattr(stop.dist, collective):
+            monkeypatch.setattr(stop.dist, collective, lambda flag: asked.append(flag) or flag)
+    monkeypatch.delenv("GERE_DS_KILL_AT", raising=False)
     monkeypatch.setenv("GERE_DS_SIGNAL_AT", "work:1")
-    stop.check()  # not installed: no signal sent, nothing raised
-    assert stop.received() is None
+    stop.uninstall()
+    with stop.doing("work"):
+        stop.check()
+    assert sent == [] and asked == []
+    monkeypatch.setattr(stop.signal, "signal", lambda sig, handler: None)  # keep pytest's own
+    stop.install()
+    try:
+        with stop.doing("work"):
+            stop.check()  # the patched kill delivers nothing: no rank received, no stop
+    finally:
+        stop.uninstall()
+    assert sent == [signal.SIGTERM] and asked == [False]
 
 
 def test_a_received_signal_is_raised_at_the_next_check_with_the_work_named(monkeypatch):

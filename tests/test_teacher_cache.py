@@ -379,7 +379,7 @@ def test_cache_writer_removes_only_temp_folders_of_dead_processes(tmp_path):
     folder.parent.mkdir(parents=True)
     host, dead, alive = socket.gethostname(), _dead_pid(), os.getppid()
     names = {"dead_here": f"{folder.name}.tmp{dead}@{host}",
-             "legacy_dead": f"{folder.name}.tmp{dead}",
+             "no_owner": f"{folder.name}.tmp{dead}",
              "alive_here": f"{folder.name}.tmp{alive}@{host}",
              "dead_elsewhere": f"{folder.name}.tmp{dead}@another-node-7"}
     for name in names.values():
@@ -387,7 +387,7 @@ def test_cache_writer_removes_only_temp_folders_of_dead_processes(tmp_path):
     writer = CacheWriter(folder, "f" * 64, "features", 4)
     writer.abort()
     left = {k for k, name in names.items() if (folder.parent / name).exists()}
-    assert left == {"alive_here", "dead_elsewhere"}
+    assert left == {"alive_here", "dead_elsewhere", "no_owner"}  # only dead owners' go
 
 
 def test_teacher_scratch_checks_free_space_and_removes_dead_scratch(tiny_lm, tmp_path,
