@@ -65,6 +65,15 @@ def init(timeout_s: float = 1800.0) -> None:
 
     if get_accelerator().device_name() == "cuda":
         torch.cuda.set_device(local_rank())
+    global _host_group
+    if tdist.get_backend() != "gloo":  # every rank creates it here, in the same order
+        _host_group = tdist.new_group(backend="gloo",
+                                      timeout=datetime.timedelta(seconds=timeout_s))
+
+
+# a gloo group over the same ranks when the main backend is a device one (NCCL): host flags
+# agree over it without a device copy, so the GPU's launch queue is never drained for them
+_host_group: Any = None
 
 
 def device() -> torch.device:
@@ -106,6 +115,17 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     box = [obj]
     tdist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def any_rank_host(flag: bool) -> bool:
+    """``any_rank`` over host memory (the gloo group; the default group when it is gloo)."""
+    if not is_initialized() or world_size() == 1:
+        return flag
+    if _host_group is None and tdist.get_backend() != "gloo":
+        return any_rank(flag)  # the process group was started elsewhere: no host group
+    t = torch.tensor([1 if flag else 0], dtype=torch.int32)
+    tdist.all_reduce(t, op=tdist.ReduceOp.MAX, group=_host_group)
+    return bool(t.item())
 
 
 def any_rank(flag: bool) -> bool:

@@ -53,7 +53,7 @@ class TrainStep:
         n_rows, width = mb.input_ids.shape
         logits_at = logits
         if picked is None:  # full logits: take the supervised positions here
-            picked = supervised_positions(mb.labels)
+            picked = self._picked(mb)
             logits_at = logits.reshape(-1, logits.shape[-1]).index_select(0, picked[0])
         pos, targets = picked
         ce_sum, ce_count = row_ce_sums(logits_at.reshape(-1, logits_at.shape[-1]), targets,
@@ -62,13 +62,21 @@ class TrainStep:
         reg = [zeros, zeros, zeros, zeros]  # sum, count, elements, ignored
         rows = [i for i, sid in enumerate(replay_ids) if sid >= 0]
         if rows and self.term.needs_teacher:
-            sel = torch.tensor(rows, device=hidden.device)
+            sel = mb.replay_rows if mb.replay_rows is not None else torch.tensor(
+                rows, device=hidden.device)
             replay = ReplayRows(sel, [replay_ids[i] for i in rows],
                                 mb.attention_mask.index_select(0, sel), width)
             parts = self.term.local_sums(replay, logits, hidden)
             reg = [zeros.index_put((sel,), part.to(zeros.dtype)) for part in parts]
         return RowTerms(mb.is_replay, ce_sum, ce_count, *reg,
                         mb.attention_mask.sum().to(torch.float32))
+
+    @staticmethod
+    def _picked(mb: MicroBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """The supervised positions and targets, as collate built them on the CPU."""
+        if mb.positions is not None and mb.targets is not None:
+            return mb.positions, mb.targets
+        return supervised_positions(mb.labels)
 
     def compute_loss(self, task_index: int, rows: list[Row],
                      full_logits: bool | None = None) -> StepLoss:
@@ -79,7 +87,7 @@ class TrainStep:
         with self.phases("make_batch"):
             mb, replay_ids = self.batches.make(task_index, rows)
         full = self.term.needs_full_logits if full_logits is None else full_logits
-        picked = None if full else supervised_positions(mb.labels)
+        picked = None if full else self._picked(mb)
         with self.phases("forward"):
             if full:
                 logits = self.engine.forward(mb.input_ids, mb.attention_mask)

@@ -86,7 +86,9 @@ def requested() -> bool:
     """Whether any rank received a stop signal (a collective once :func:`install` ran)."""
     if not _installed:
         return False
-    return dist.any_rank(_received is not None) if dist.is_initialized() else _received is not None
+    if not dist.is_initialized():
+        return _received is not None
+    return dist.any_rank_host(_received is not None)  # no device copy: no drained GPU queue
 
 
 def injected(variable: str, where: str) -> bool:
