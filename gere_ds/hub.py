@@ -57,7 +57,7 @@ def resolve_source(name: str, field: str) -> str:
     except LocalEntryNotFoundError:
         why = "HF_HUB_OFFLINE is set" if offline else "the hub could not be reached"
         raise InputError(f"{name!r} is not a local folder and not in the Hugging Face cache "
-                         f"({hub_cache()}; {why}); fetch it with `huggingface-cli download "
+                         f"({hub_cache()}; {why}); fetch it with `hf download "
                          f"{name}` or run with HF_HUB_OFFLINE=0", field=field) from None
     except Exception as err:  # repository not found, gated, HTTP errors: one line, not a trace
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__

@@ -7,7 +7,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_venv.sh assets
-export OMP_NUM_THREADS=1 DS_ACCELERATOR=cpu TOKENIZERS_PARALLELISM=false
+export OMP_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false
+# CPU ranks only where no CUDA device is visible; on a GPU machine DeepSpeed takes the GPUs
+.venv/bin/python -c 'import torch,sys; sys.exit(0 if torch.cuda.is_available() else 1)' ||
+  export DS_ACCELERATOR=cpu
 export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$PWD/.cache/torch_extensions}"
 OUT="${DEMO_OUT:-runs/demo}"
 .venv/bin/python launch/prepare_assets.py

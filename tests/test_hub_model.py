@@ -64,7 +64,7 @@ def test_uncached_hub_id_offline_is_one_line_saying_how_to_fetch(tiny_config, of
         check_model_folder(cfg)
     line = str(err.value)
     assert "\n" not in line and line.startswith("model: 'tiny-org/absent' is not a local folder")
-    assert "huggingface-cli download tiny-org/absent" in line and "HF_HUB_OFFLINE=0" in line
+    assert "`hf download tiny-org/absent`" in line and "HF_HUB_OFFLINE=0" in line
     assert str(offline_cache) in line
 
 
