@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from gere_ds.data.encode import IGNORE, Encoded
+from gere_ds.losses import supervised_positions
 
 
 @dataclass
@@ -66,8 +67,6 @@ def collate(rows: list[Encoded], replay_ids: list[int], pad_id: int) -> MicroBat
     labels = torch.full_like(ids, IGNORE)
     for b, row in enumerate(rows):
         labels[b, :len(row.labels)] = torch.tensor(row.labels)
-    from gere_ds.losses import supervised_positions
-
     positions, targets = supervised_positions(labels)
     replay_rows = torch.tensor([b for b, sid in enumerate(replay_ids) if sid >= 0],
                                dtype=torch.long)
