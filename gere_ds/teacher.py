@@ -230,20 +230,31 @@ class TeacherJob:
 SCRATCH_PREFIX = "gere-teacher-"  # + <pid>@<host>+<random>: a dead owner's leftover can go
 
 
+def scratch_problems(entries: list[tuple[str, str, int, int]]) -> list[str]:
+    """One line per node whose scratch folder cannot hold the features of all its ranks;
+    ``entries`` has one (host, folder, bytes needed, bytes free) per rank. The ranks of a node
+    share its disk, so their needs add up against that disk's free space."""
+    needs: dict[tuple[str, str], list[int]] = {}
+    for host, root, need, free in entries:
+        total = needs.setdefault((host, root), [0, free, 0])
+        total[0] += need
+        total[1] = min(total[1], free)
+        total[2] += 1
+    return [f"teacher pass: its scratch files need {need / 2**30:.2f} GiB in {root} ({ranks} "
+            f"rank(s)) but only {free / 2**30:.2f} GiB are free on {host}; set TMPDIR to a "
+            f"local disk with room"
+            for (host, root), (need, free, ranks) in needs.items() if free < need]
+
+
 def _scratch_folder(job: TeacherJob) -> Path:
     """A fresh local scratch folder for the tm pass's fp32 features, after removing what passes
-    killed on this host left there and checking (on every rank, agreed) that the features fit."""
+    killed on this host left there and checking (all ranks, per node) that the features fit."""
     root = Path(os.environ.get("TMPDIR") or tempfile.gettempdir())
     for left in stale_entries(root, SCRATCH_PREFIX):
         shutil.rmtree(left, ignore_errors=True)
     need = max(sum(len(job.replay_ids[s]) for s in job.shard), 1) * job.hidden_size * 4
     free = shutil.disk_usage(root).free
-    problem = None
-    if free < need:
-        problem = (f"teacher pass: its scratch file needs {need / 2**30:.2f} GiB in {root} "
-                   f"but only {free / 2**30:.2f} GiB are free on {owners.host()}; set TMPDIR "
-                   f"to a local disk with room")
-    problems = [p for p in dist.all_gather_object(problem) if p]
+    problems = scratch_problems(dist.all_gather_object((owners.host(), str(root), need, free)))
     if problems:
         raise InputError(problems[0])
     return Path(tempfile.mkdtemp(prefix=f"{SCRATCH_PREFIX}{owner_tag()}+", dir=root))

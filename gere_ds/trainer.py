@@ -172,8 +172,13 @@ class ContinualTrainer:
         self._digests = DigestCache(self.teacher_root / DIGESTS_FILE)  # saved after the checks
         settings = self._teacher_settings()
         self._fingerprinted = (settings, self.teacher_root)
-        return fingerprint(self.cfg.model, self.cfg.tokenizer or self.cfg.model,
-                           self.cfg.replay.data, settings, self._digests)
+        # the weights are read once per node (its local rank 0; the node's ranks share its
+        # files), not once per rank: 8 ranks reading 16 GB each would cost minutes at launch
+        mine = (fingerprint(self.cfg.model, self.cfg.tokenizer or self.cfg.model,
+                            self.cfg.replay.data, settings, self._digests)
+                if dist.local_rank() == 0 else None)
+        every = dist.all_gather_object(mine)
+        return every[self.rank - dist.local_rank()]
 
     # ------------------------------------------------------------------ one task
     def optimizer_step(self, task_index: int, sampler: ContinualSampler, epoch: int, step: int,

@@ -417,5 +417,5 @@ def test_teacher_scratch_checks_free_space_and_removes_dead_scratch(tiny_lm, tmp
 
     Usage = namedtuple("Usage", "total used free")
     monkeypatch.setattr(T.shutil, "disk_usage", lambda p: Usage(10**9, 10**9 - 1000, 1000))
-    with pytest.raises(InputError, match=r"scratch file needs .* GiB in .*scratch.* set TMPDIR"):
+    with pytest.raises(InputError, match=r"scratch files need .* GiB in .*scratch.* set TMPDIR"):
         _prepare(tiny_lm, "states", tmp_path / "cache2", fp, logs)

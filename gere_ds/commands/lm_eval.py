@@ -41,6 +41,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def export_dtype(folder: str) -> str:
+    """The dtype the folder's config.json declares, as lm-eval's ``dtype=`` takes it: an 8B
+    bf16 export loads in bf16 (16 GB), not upcast to fp32 (32 GB); float32 when undeclared."""
+    from transformers import AutoConfig
+
+    from gere_ds.hf_folder import config_dtype
+
+    return str(config_dtype(AutoConfig.from_pretrained(folder))).removeprefix("torch.")
+
+
 def score(folder: str, tasks: list[str], include_path: str, batch_size: str,
           limit: int | None) -> dict[str, Any]:
     """lm-eval's results for one model folder ({task: {metric: value}})."""
@@ -49,7 +59,7 @@ def score(folder: str, tasks: list[str], include_path: str, batch_size: str,
     from lm_eval.tasks import TaskManager
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    out = simple_evaluate(model="hf", model_args=f"pretrained={folder},dtype=float32",
+    out = simple_evaluate(model="hf", model_args=f"pretrained={folder},dtype={export_dtype(folder)}",
                           tasks=tasks, task_manager=TaskManager(include_path=include_path),
                           batch_size=batch_size, device=device, limit=limit,
                           log_samples=False)
