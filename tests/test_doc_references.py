@@ -12,6 +12,8 @@ What counts as a citation (inside backticks, except full ``gere_ds.`` names, fou
 * a source file named alone (``teacher_cache.py``): a file of that name must be in the repo;
 * a class or call named alone (``EvalSuite``, ``prepare_teacher_data()``): defined in the code;
 * a test (``test_resume.py::test_name``): that function must be in tests/;
+* a Markdown link or image to a file (``![fit](results/continual/fit.png)``): relative to the
+  page, it must exist;
 * in a call diagram (a fenced block drawn with ``->``): every function, class, method and
   ``module.name`` it draws must be defined in the code.
 """
@@ -160,10 +162,10 @@ def path_problem(span: str) -> str | None:
     top_dirs = {t.split("/")[0] for t in tracked() if "/" in t}
     if top not in top_dirs:
         return None  # a run's or the assets' output (runs/..., assets/...), a URL, a module path
-    where = REPO / span.rstrip("/")
-    if where.exists() or _ignored(span):
-        return None  # an ignored path is something a run writes (bench/results/...)
-    return f"no such file or folder: {span}"
+    where = span.rstrip("/")
+    if where in tracked() or any(t.startswith(where + "/") for t in tracked()) or _ignored(span):
+        return None  # in the repository, or ignored: something a run writes (bench/results/...)
+    return f"not in the repository: {span}"
 
 
 def _ignored(span: str) -> bool:
@@ -213,10 +215,11 @@ def problems(text: str) -> list[str]:
 
 @lru_cache(maxsize=None)
 def defined_names() -> frozenset[str]:
-    """Every module, function, class, method, field and assigned name of the repository's code."""
+    """Every module, function, class, method, field and assigned name of the repository's code
+    (tests left out: their strings would vouch for any name)."""
     out: set[str] = set()
     for name in tracked():
-        if not name.endswith(".py"):
+        if not name.endswith(".py") or name.startswith("tests/"):
             continue
         out.add(Path(name).stem)
         for node in ast.walk(ast.parse((REPO / name).read_text(encoding="utf-8"))):
@@ -279,6 +282,23 @@ def test_every_name_a_call_diagram_draws_is_defined(page):
     assert not found, f"{page.relative_to(REPO)}: " + "; ".join(found)
 
 
+def link_problems(page: Path, text: str) -> list[str]:
+    """Links and images to files of the repository (relative to the page) that are missing."""
+    out = []
+    for target in re.findall(r"\]\(([^)\s]+)\)", text):
+        if re.match(r"^[a-z]+:", target) or target.startswith("#"):
+            continue  # a URL or an anchor on the page
+        if not (page.parent / target.split("#")[0]).exists():
+            out.append(f"{target}: the link leads nowhere")
+    return out
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(REPO)))
+def test_every_link_leads_to_a_file(page):
+    found = link_problems(page, page.read_text(encoding="utf-8"))
+    assert not found, f"{page.relative_to(REPO)}: " + "; ".join(found)
+
+
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(REPO)))
 def test_every_name_path_and_test_a_page_cites_exists(page):
     found = problems(page.read_text(encoding="utf-8"))
@@ -287,7 +307,7 @@ def test_every_name_path_and_test_a_page_cites_exists(page):
 
 def test_code_cites_only_pages_that_exist():
     cited = set()
-    for name in tracked():
+    for name in tracked() - {str(Path(__file__).relative_to(REPO))}:  # its examples cite none
         if name.endswith((".py", ".sh", ".yaml")):
             text = (REPO / name).read_text(encoding="utf-8", errors="replace")
             cited |= {(name, page) for page in re.findall(r"\bdocs/[\w./-]+\.md\b", text)}
@@ -305,7 +325,7 @@ def test_code_cites_only_pages_that_exist():
     ("`losses.no_such_thing`", ["does not import"]),
     ("`replay.tm_dead_band` and `train.lora.continual` and `eval.general`", []),
     ("`replay.no_such_key`", ["neither a config key"]),
-    ("`configs/demo.yaml` and `docs/no_such_page.md`", ["no such file or folder: docs/no_such"]),
+    ("`configs/demo.yaml` and `docs/no_such_page.md`", ["not in the repository: docs/no_such"]),
     ("`runs/demo/metrics.json` and `torch.save` and `<output_dir>/x.json`", []),
     ("`test_resume.py::test_no_such_test` and `teacher_cache.py`", ["no such test"]),
     ("`no_such_module.py` is fine, `losses.py` exists", []),
@@ -315,6 +335,12 @@ def test_code_cites_only_pages_that_exist():
 def test_the_checker_finds_what_is_missing(text, bad):
     found = problems(text)
     assert len(found) == len(bad) and all(b in f for b, f in zip(bad, found)), found
+
+
+def test_the_link_checker_finds_what_is_missing():
+    text = "![fit](results/continual/fit.png), [x](https://example.org) and [y](no/such.md#a)"
+    assert link_problems(REPO / "docs" / "results.md", text) == [
+        "no/such.md#a: the link leads nowhere"]
 
 
 def test_the_diagram_checker_finds_what_is_missing():
