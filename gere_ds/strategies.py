@@ -5,7 +5,7 @@ mixed in at all, which teacher data it reads (``teacher_kind``: the teacher cach
 = no teacher pass), whether it reads the logits at every replay token (``needs_full_logits``),
 the settings its teacher data depends on (part of the cache fingerprint), the per-row local sums
 of its term, its weight and its TensorBoard names. Config validation, the trainer, the teacher
-pass and the cache ask the term; adding a strategy means one class here and its tests.
+pass and the cache ask the term (what else a new strategy touches today: docs/strategies.md).
 """
 from __future__ import annotations
 

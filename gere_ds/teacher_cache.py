@@ -295,7 +295,7 @@ def load_rank_cache(folder: Path) -> TeacherData:
     """Open a checked cache folder (see check_rank_cache): data files are memory-mapped."""
     folder = Path(folder)
     manifest = json.loads((folder / "manifest.json").read_text())
-    kind = manifest.get("kind", "states")
+    kind = manifest["kind"]
     index = np.load(folder / "index.npy", allow_pickle=False)
     if kind == "states":
         thresholds = np.load(folder / "thresholds.npy", allow_pickle=False)
