@@ -13,6 +13,7 @@ from gere_ds.data.encode import encode_target
 from gere_ds.engine import check_model_folder, load_tokenizer, resolve_ds_config
 from gere_ds.errors import InputError
 from gere_ds.evaluation.scoring import EvalSuite
+from gere_ds.lora import check_targets
 from gere_ds.strategies import make_term
 from gere_ds.wandb_sink import check_report_to
 
@@ -63,15 +64,13 @@ def validate_inputs(cfg: RunConfig, world_size: int) -> Inputs:
     check_report_to(cfg.report_to)
     term = make_term(cfg)
     train_sets = [load_examples(task, "train") for task in cfg.tasks]
-    replay = check_replay_inputs(cfg, world_size)
+    replay = check_replay_inputs(cfg, world_size) if term.uses_replay else []
     # before the model is loaded: one clear line
     vocab = json.loads((Path(cfg.model) / "config.json").read_text()).get("vocab_size")
     if vocab:
         term.check_model(int(vocab), cfg.model)
     check_label_tokens(cfg, load_tokenizer(cfg, lambda line: None))
     if cfg.train.lora is not None:
-        from gere_ds.lora import check_targets
-
         check_targets(cfg)
     suite = None
     if cfg.eval.enabled:

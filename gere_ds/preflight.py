@@ -187,11 +187,13 @@ def check_data(cfg: Any, info: dict[str, Any]) -> str:
 
 def check_replay(cfg: Any, world: int, info: dict[str, Any]) -> str | None:
     """The replay set as training checks it (gere_ds.data.replay.check_replay_inputs)."""
-    from gere_ds.data.replay import check_replay_inputs  # lazy: launcher-side checks run without torch
+    # lazy: launcher-side checks run without torch
+    from gere_ds.data.replay import check_replay_inputs
+    from gere_ds.strategies import make_term
 
-    texts = check_replay_inputs(cfg, world)
-    if not texts:
+    if not make_term(cfg).uses_replay:
         return None
+    texts = check_replay_inputs(cfg, world)
     info["replay_files"] = {cfg.replay.data: file_fingerprint(cfg.replay.data, SMALL_FILE)}
     return f"{len(texts)} documents"
 

@@ -44,7 +44,6 @@ UNMARKED_ALLOWED: set[tuple[str, str]] = {
     ("gere_ds.evaluation.benchmark", "gere_ds.data.tasks"),
     ("gere_ds.evaluation.benchmark", "gere_ds.evaluation.batching"),
     ("gere_ds.evaluation.benchmark", "gere_ds.evaluation.outcomes"),
-    ("gere_ds.inputs", "gere_ds.lora"),
     ("gere_ds.trainer", "gere_ds.evaluation.outcomes"),
     ("gere_ds.trainer", "gere_ds.evaluation.report"),
     ("gere_ds.trainer", "gere_ds.export"),

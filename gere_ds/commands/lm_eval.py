@@ -44,7 +44,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def export_dtype(folder: str) -> str:
     """The dtype the folder's config.json declares, as lm-eval's ``dtype=`` takes it: an 8B
     bf16 export loads in bf16 (16 GB), not upcast to fp32 (32 GB); float32 when undeclared."""
-    from transformers import AutoConfig
+    from transformers import AutoConfig  # lazy: the CLI starts without torch
 
     from gere_ds.hf_folder import config_dtype
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 from gere_ds.config import RunConfig
 from gere_ds.data.files import read_rows
 from gere_ds.errors import InputError
-from gere_ds.strategies import make_term
 
 
 def load_replay_texts(path: str, num_samples: int) -> list[str]:
@@ -21,13 +20,11 @@ def load_replay_texts(path: str, num_samples: int) -> list[str]:
 
 
 def check_replay_inputs(cfg: RunConfig, world_size: int) -> list[str]:
-    """The replay texts a run will use, checked against the layout; [] for strategy none.
+    """The replay texts a run that mixes in replay rows will use, checked against the layout.
 
     The file must hold ``num_samples`` documents, every rank needs at least one document of its
     own, and a fixed number of replay rows per global batch must leave room for task rows.
     """
-    if not make_term(cfg).uses_replay:
-        return []
     texts = load_replay_texts(cfg.replay.data, cfg.replay.num_samples)
     if len(texts) < cfg.replay.num_samples:
         raise InputError(f"{cfg.replay.num_samples} documents asked for, the file has only "
