@@ -13,7 +13,6 @@ because under ZeRO-3 each forward gathers parameters collectively.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -31,37 +30,15 @@ from gere_ds.capture import FinalNormCapture
 from gere_ds.losses import tri_states
 from gere_ds.data.collate import collate
 from gere_ds.data.encode import Encoded
-from gere_ds.digest_cache import DigestCache
 from gere_ds import owners
 from gere_ds.errors import InputError
-from gere_ds.hashing import is_weight_file, update_with_file
+from gere_ds.fingerprint import fingerprint  # noqa: F401 - the trainer still imports it from here
 from gere_ds.losses import teacher_topk
 from gere_ds.owners import owner_tag, stale_entries
 from gere_ds.strategies import ReplayTerm
 from gere_ds.teacher_cache import (CacheWriter, TeacherData,
                                    check_rank_cache, load_rank_cache, rank_dir, to_bf16_bits,
                                    write_rank_cache)
-
-
-def fingerprint(model_dir: str, tokenizer_dir: str, replay_file: str, settings: dict,
-                digests: DigestCache | None = None) -> str:
-    """Identity of the teacher data: model, tokenizer, replay file and every setting it uses.
-
-    Every file is hashed whole (a model changed in place changes the fingerprint); ``digests``
-    keeps the weight files' digests between launches so unchanged weights are not re-read."""
-    h = hashlib.sha256()
-    h.update(json.dumps(settings, sort_keys=True).encode())
-    for folder, weights in ((model_dir, True), (tokenizer_dir, False)):
-        for path in sorted(Path(folder).iterdir()):
-            if path.is_file() and not path.name.startswith("."):
-                big = is_weight_file(path)
-                if big and weights:
-                    digest = (digests or DigestCache(None)).digest(path)
-                    h.update(f"{path.name}:{path.stat().st_size}:{digest}".encode())
-                elif not big:
-                    update_with_file(h, path)
-    update_with_file(h, Path(replay_file))
-    return h.hexdigest()
 
 
 def teacher_settings(term: ReplayTerm, *, num_samples: int, max_len: int, world_size: int,

@@ -14,7 +14,8 @@ import torch
 from gere_ds.losses import teacher_topk
 from gere_ds.config import ReplayConfig
 from gere_ds.strategies import STRATEGIES
-from gere_ds.teacher import TeacherJob, fingerprint, prepare_teacher_data, teacher_settings
+from gere_ds.fingerprint import fingerprint
+from gere_ds.teacher import TeacherJob, prepare_teacher_data, teacher_settings
 from gere_ds.teacher_cache import (CacheWriter, TeacherFeatures, TeacherStates, TeacherTopK,
                                    check_rank_cache, load_rank_cache, pack_states, rank_dir,
                                    to_bf16_bits, unpack_states, write_rank_cache)
