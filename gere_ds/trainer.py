@@ -238,8 +238,9 @@ class ContinualTrainer:
             periodic = False
         if periodic or stopping:
             tag = step_tag(task_index, p.step_in_task)
+            tick = time.perf_counter()
             self.ckpt.save(self.engine.engine, tag, self.trainer_state())
-            self.log.info(f"checkpoint {tag}")
+            self.log.info(f"checkpoint {tag} ({time.perf_counter() - tick:.1f} s)")
         if stopping:
             raise stop.Preempted(f"pre-empted (signal) at task {task_index + 1} step "
                                  f"{p.step_in_task}: checkpoint saved; re-run the same command "
@@ -441,4 +442,9 @@ class ContinualTrainer:
             resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)]
         self.log.info("peak memory per rank (RSS): "
                       + ", ".join(f"rank {r} {gb:.2f} GiB" for r, gb in enumerate(peak_gb)))
+        if self.device is not None and self.device.type == "cuda":
+            gpu_gb = [b / 2**30 for b in dist.all_gather_object(
+                torch.cuda.max_memory_allocated(self.device))]
+            self.log.info("peak GPU memory per rank (allocated): "
+                          + ", ".join(f"rank {r} {gb:.2f} GiB" for r, gb in enumerate(gpu_gb)))
         self.log.info("run complete; " + "; ".join(where))
