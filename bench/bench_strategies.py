@@ -210,7 +210,7 @@ def term_costs(tr, terms: dict, rows, reps: int) -> dict[str, float]:
         token_ce_sum(leaf(logits), mb.labels, mb.is_replay)[0].backward()
 
     def term_fn(term):
-        return lambda: term.local_sums(replay, leaf(logits), leaf(hidden))[0].sum().backward()
+        return lambda: term.local_sums(replay, leaf(logits), leaf(hidden)).sum.sum().backward()
 
     fns = {"replay CE (all strategies but none)": replay_ce}
     fns.update({f"{name} term": term_fn(term) for name, term in terms.items()

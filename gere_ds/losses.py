@@ -19,7 +19,7 @@ forces a host-device sync per micro-step.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -244,9 +244,9 @@ def feature_diff_rows(hidden: torch.Tensor, teacher: torch.Tensor, mask: torch.T
 class RowTerms:
     """Per-row sums (with autograd) and counts (detached) of this rank's micro-batch, [B] each.
 
-    The strategy term REG_r = reg_sum / (reg_count + 1e-8): for tm the mean over the row's
-    violating elements (reg_count = violating elements), for kl the token mean, for l1/l2 the
-    element mean. Task rows, and every row of none / replay, carry zeros there.
+    The strategy term REG_r = reg_sum / (reg_count + 1e-8) (its RowStats): for tm the mean over
+    the row's violating elements (reg_count = violating elements), for kl the token mean, for
+    l1/l2 the element mean. Task rows, and every row of none / replay, carry zeros there.
     """
 
     is_replay: torch.Tensor  # bool
@@ -254,12 +254,15 @@ class RowTerms:
     ce_count: torch.Tensor
     reg_sum: torch.Tensor
     reg_count: torch.Tensor
-    reg_elems: torch.Tensor  # elements the term looked at (violation fraction)
-    reg_ignored: torch.Tensor  # tm: violations inside the opt-in rounding guard (no gradient)
+    reg_elems: torch.Tensor  # elements the term looked at (tm: its violation fraction)
+    reg_ignored: torch.Tensor  # counted elements passing no gradient (tm: inside the guard)
     tokens: torch.Tensor  # scalar: non-pad tokens of the micro-batch (throughput)
+    # the term's own per-row statistics by name (RowStats.logged), summed over replay rows
+    logged: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
-# the detached values each micro-step adds to the step's log (summed over micro-steps and ranks)
+# the detached values each micro-step adds to the step's log (summed over micro-steps and ranks);
+# a term's own statistics (RowTerms.logged) follow them, under their names (StepLoss.logged)
 STAT_NAMES = ("loss", "task_rows", "task_ce", "replay_rows", "replay_ce", "reg", "weight",
               "weight_rows", "violating", "reg_elems", "reg_ignored", "tokens", "nonfinite")
 
@@ -267,10 +270,11 @@ STAT_NAMES = ("loss", "task_rows", "task_ce", "replay_rows", "replay_ce", "reg",
 @dataclass
 class StepLoss:
     """The loss to back-propagate on this rank, and this rank's detached log values
-    (``stats``, ordered as STAT_NAMES), which sum over micro-steps and ranks."""
+    (``stats``, ordered as STAT_NAMES then ``logged``), which sum over micro-steps and ranks."""
 
     local_loss: torch.Tensor
     stats: torch.Tensor
+    logged: tuple[str, ...] = ()  # the names of the term's own statistics at the end of stats
 
 
 def _stats(t: RowTerms, loss_part: torch.Tensor, ce_r: torch.Tensor, reg_r: torch.Tensor,
@@ -287,6 +291,7 @@ def _stats(t: RowTerms, loss_part: torch.Tensor, ce_r: torch.Tensor, reg_r: torc
              (replay * t.reg_count).sum(), (replay * t.reg_elems).sum(),
              (replay * t.reg_ignored).sum(), t.tokens.float(),
              (~torch.isfinite(loss_part)).float()]
+    parts += [(replay * value).sum() for value in t.logged.values()]
     return torch.stack([x.detach().float().reshape(()) for x in parts])
 
 
@@ -313,7 +318,7 @@ def reduce_per_row(t: RowTerms, weight: float | str, global_rows: int, grad_accu
     row_loss = ce_r + torch.where(t.is_replay, w_r * reg_r, reg_r.new_zeros(()))
     local_loss = row_loss.sum() * (world * grad_accum / global_rows)
     return StepLoss(local_loss, _stats(t, row_loss.sum() / global_rows, ce_r, reg_r, w_r,
-                                       weight == "dy"))
+                                       weight == "dy"), tuple(t.logged))
 
 
 def reduce_global_micro_batch(t: RowTerms, weight: float | str, grad_accum: int,
@@ -345,7 +350,7 @@ def reduce_global_micro_batch(t: RowTerms, weight: float | str, grad_accum: int,
                           + w * reg_sum / (creg + reg_eps))
     ce_r, reg_r = _row_means(t, reg_eps)
     return StepLoss(local_loss, _stats(t, local_loss / (world * grad_accum), ce_r, reg_r,
-                                       w.expand(ce_r.shape), weight == "dy"))
+                                       w.expand(ce_r.shape), weight == "dy"), tuple(t.logged))
 
 
 def reduce_rows(t: RowTerms, reduction: str, weight: float | str, global_rows: int,
@@ -358,11 +363,13 @@ def reduce_rows(t: RowTerms, reduction: str, weight: float | str, global_rows: i
     raise ValueError(f"unknown reduction {reduction!r}")
 
 
-def step_means(total: torch.Tensor) -> dict[str, float]:
-    """Log values of one optimizer step from the STAT_NAMES sums over its micro-steps and all
-    ranks. The loss is the optimised one; CEs and the term are row means; the weight is left out
-    where no replay row had a non-zero term; the violation fraction is over replay elements."""
-    s = dict(zip(STAT_NAMES, (float(x) for x in total.tolist())))
+def step_means(total: torch.Tensor, logged: tuple[str, ...] = ()) -> dict[str, float]:
+    """Log values of one optimizer step from the STAT_NAMES sums (then the term's ``logged``
+    ones) over its micro-steps and all ranks. The loss is the optimised one; CEs and the term
+    are row means; the weight is left out where no replay row had a non-zero term; the
+    fractions (counted, held) are over the elements the term looked at; a term's own statistic
+    is its mean over replay rows, under its name."""
+    s = dict(zip(STAT_NAMES + logged, (float(x) for x in total.tolist())))
     out = {"loss": s["loss"],
            "task_ce": s["task_ce"] / max(s["task_rows"], 1.0),
            "replay_ce": s["replay_ce"] / max(s["replay_rows"], 1.0),
@@ -373,4 +380,5 @@ def step_means(total: torch.Tensor) -> dict[str, float]:
            "task_rows": s["task_rows"], "replay_rows": s["replay_rows"]}
     if s["weight_rows"] > 0:
         out["reg_weight"] = s["weight"] / s["weight_rows"]
+    out.update({name: s[name] / max(s["replay_rows"], 1.0) for name in logged})
     return out

@@ -226,8 +226,10 @@ def check_writable(folder: Path) -> str:
 
 
 def check_output(cfg: Any, info: dict[str, Any]) -> str:
+    from gere_ds.strategies import STRATEGIES  # lazy: launcher-side checks run without torch
+
     folders = [("output_dir", Path(cfg.output_dir))]
-    if cfg.replay.teacher_cache and cfg.strategy_needs_teacher():
+    if cfg.replay.teacher_cache and STRATEGIES[cfg.replay.strategy].spec_type is not None:
         folders.append(("replay.teacher_cache", Path(cfg.replay.teacher_cache)))
     details = []
     for key, folder in folders:

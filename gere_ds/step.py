@@ -3,7 +3,7 @@
 
 Data flow: rows -> BatchMaker.make -> engine forward (LM head on the supervised positions only,
 unless the term reads logits at every replay token; the hook keeps the final-norm output) ->
-``row_terms`` (per-row CE sums + the ReplayTerm's sums) -> losses.reduce_rows -> StepLoss.
+``row_terms`` (per-row CE sums + the ReplayTerm's RowStats) -> losses.reduce_rows -> StepLoss.
 """
 from __future__ import annotations
 
@@ -59,17 +59,23 @@ class TrainStep:
         ce_sum, ce_count = row_ce_sums(logits_at.reshape(-1, logits_at.shape[-1]), targets,
                                        pos // width, n_rows)
         zeros = ce_sum.new_zeros(n_rows)
-        reg = [zeros, zeros, zeros, zeros]  # sum, count, elements, ignored
+        reg = [zeros, zeros, zeros, zeros]  # sum, count, elements, held
+        # every rank and micro-step carries the same names, so the log values add up
+        logged = {name: zeros for name in self.term.stat_names}
         rows = [i for i, sid in enumerate(replay_ids) if sid >= 0]
-        if rows and self.term.needs_teacher:
+        stats = None
+        if rows and self.term.has_term:  # asked with or without teacher data
             sel = mb.replay_rows if mb.replay_rows is not None else torch.tensor(
                 rows, device=hidden.device)
             replay = ReplayRows(sel, [replay_ids[i] for i in rows],
                                 mb.attention_mask.index_select(0, sel), width)
-            parts = self.term.local_sums(replay, logits, hidden)
-            reg = [zeros.index_put((sel,), part.to(zeros.dtype)) for part in parts]
+            stats = self.term.local_sums(replay, logits, hidden)
+        if stats is not None:
+            reg = [zeros.index_put((sel,), part.to(zeros.dtype)) for part in stats]
+            logged = {name: zeros.index_put((sel,), stats.logged[name].detach().to(zeros.dtype))
+                      for name in self.term.stat_names}
         return RowTerms(mb.is_replay, ce_sum, ce_count, *reg,
-                        mb.attention_mask.sum().to(torch.float32))
+                        mb.attention_mask.sum().to(torch.float32), logged)
 
     @staticmethod
     def _picked(mb: MicroBatch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -132,10 +138,12 @@ class StepStats:
 
     def __init__(self) -> None:
         self.total: torch.Tensor | None = None
+        self.logged: tuple[str, ...] = ()  # the term's own statistics (StepLoss.logged)
 
     def add(self, sl: StepLoss) -> None:
         self.total = sl.stats if self.total is None else self.total + sl.stats
+        self.logged = sl.logged
 
     def reduce(self) -> dict[str, float]:
         """Global values of the step, identical on every rank (one all-reduce, every rank)."""
-        return step_means(dist.all_reduce_sum(self.total.clone()))
+        return step_means(dist.all_reduce_sum(self.total.clone()), self.logged)

@@ -1,13 +1,11 @@
 """The teacher pass: base-model data on the replay set, once, before task 1.
 
 Each rank runs the base model over ITS replay shard (the samples it will train on) and keeps
-exactly what its strategy needs (its ReplayTerm's ``teacher_kind``):
-- tm  ("states"):   the final-norm output is captured and per-dimension sums S1, S2 and the
-  token count are accumulated in float64; one all-reduce gives the global mean and population
-  std, hence lo/hi = mu -+ k*sigma; then each rank codes its own samples as 2-bit tri-states;
-- kl  ("topk"):     the top-k token ids and log-probabilities (T=1) of the logits that the same
-  engine forward returns, per replay token (int32 + float16);
-- l1/l2 ("features"): the final-norm output itself, in bfloat16.
+exactly what its strategy's ``TeacherSpec`` asks for: the spec names the cache's kind, whether
+the pass needs the logits or only the final-norm output, the data files kept per sample, the
+settings its data depends on (part of the fingerprint) and how the cache is read back. A
+``StreamSpec`` turns each sample's forward into its arrays as soon as it is done (kl's top-k,
+l1/l2's features); a spec needing global statistics first overrides ``compute`` (tm's states).
 Every rank runs the same number of forwards (the shorter shards run discarded dummy forwards),
 because under ZeRO-3 each forward gathers parameters collectively.
 """
@@ -18,40 +16,95 @@ import math
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, ClassVar
 
 import numpy as np
 import torch
 
 from gere_ds import dist, stop
 from gere_ds.capture import FinalNormCapture
-from gere_ds.losses import tri_states
-from gere_ds.data.collate import collate
+from gere_ds.data.collate import MicroBatch, collate
 from gere_ds.data.encode import Encoded
 from gere_ds import owners
 from gere_ds.errors import InputError
 from gere_ds.fingerprint import fingerprint  # noqa: F401 - the trainer still imports it from here
-from gere_ds.losses import teacher_topk
 from gere_ds.owners import owner_tag, stale_entries
-from gere_ds.strategies import ReplayTerm
-from gere_ds.teacher_cache import (CacheWriter, TeacherData,
-                                   check_rank_cache, load_rank_cache, rank_dir, to_bf16_bits,
-                                   write_rank_cache)
+from gere_ds.teacher_cache import (CacheWriter, DataFile, check_rank_cache, rank_dir,
+                                   read_manifest)
 
 
-def teacher_settings(term: ReplayTerm, *, num_samples: int, max_len: int, world_size: int,
-                     seed: int, bf16: bool, n_replay: int) -> dict[str, Any]:
+class TeacherSpec:
+    """What one strategy's teacher pass computes, how its cache stores and reads it back, and
+    which settings its data depends on. One instance per run (built from the replay config)."""
+
+    kind: ClassVar[str]  # the cache's kind, kept in its manifest (a cache of another is not read)
+    reads_logits: ClassVar[bool] = False  # the pass runs the LM head (else final-norm only)
+
+    def settings(self) -> dict[str, Any]:
+        """The settings, beyond the common ones, that the stored data depends on (fingerprint)."""
+        return {}
+
+    def compute(self, job: "TeacherJob", folder: Path, progress: Callable[[int, int], None]
+                ) -> None:
+        """Run the pass over this rank's shard and write its cache folder (atomically)."""
+        raise NotImplementedError
+
+    def open(self, folder: Path, manifest: dict[str, Any], index: Any) -> Any:
+        """This rank's teacher data from a checked cache folder (what the term's ``attach``
+        receives; its ``batch`` reads the samples of a micro-batch)."""
+        raise NotImplementedError
+
+
+class StreamSpec(TeacherSpec):
+    """A spec without global statistics: each sample's arrays go to the cache as soon as its
+    forward is done, so memory stays flat whatever the shard size."""
+
+    files: ClassVar[tuple[DataFile, ...]]  # the per-sample data files, in index-column order
+
+    def row_width(self, hidden_size: int) -> int:
+        """Elements stored per token (checked for every ``dtype`` file)."""
+        return hidden_size
+
+    def manifest_extras(self) -> dict[str, Any]:
+        """Entries of the manifest beyond the common ones (e.g. kl_topk)."""
+        return self.settings()
+
+    def arrays(self, logits: torch.Tensor | None, hidden: torch.Tensor) -> dict[str, np.ndarray]:
+        """One sample's arrays, keyed by file stem, from its [n, V] logits (None unless
+        ``reads_logits``) and [n, D] final-norm output."""
+        raise NotImplementedError
+
+    def compute(self, job: "TeacherJob", folder: Path, progress: Callable[[int, int], None]
+                ) -> None:
+        writer = CacheWriter(folder, job.fingerprint, self.kind, self.files,
+                             self.row_width(job.hidden_size),
+                             {**job_meta(job), **self.manifest_extras()})
+        try:
+            for ids, _, logits, hidden in forward_shard(job, progress):
+                for b, sid in enumerate(ids):
+                    n = len(job.replay_ids[sid])
+                    writer.add(sid, n, **self.arrays(
+                        logits[b, :n] if self.reads_logits else None, hidden[b, :n]))
+            writer.finish()
+        except BaseException:
+            writer.abort()
+            raise
+
+
+def teacher_settings(strategy: str, spec: TeacherSpec, *, num_samples: int, max_len: int,
+                     world_size: int, seed: int, bf16: bool, n_replay: int) -> dict[str, Any]:
     """The settings part of the fingerprint: everything the stored teacher data depends on.
 
-    The strategy (hence the kind of data) and the world size (hence the shard of each rank) are
-    always in, and what the term adds (tm: threshold_k, kl: kl_topk). kl_temperature is not: the
-    cache keeps T=1 log-probs and the loss applies T (losses.topk_kl_per_token).
+    The strategy, the kind of data and the world size (hence the shard of each rank) are always
+    in, and what the spec adds (tm: threshold_k, kl: kl_topk). kl_temperature is not: the cache
+    keeps T=1 log-probs and the loss applies T (losses.topk_kl_per_token).
     """
-    return {"strategy": term.name, "kind": term.teacher_kind, "num_samples": num_samples,
+    return {"strategy": strategy, "kind": spec.kind, "num_samples": num_samples,
             "max_len": max_len, "world_size": world_size, "seed": seed, "bf16": bf16,
-            "n_replay": n_replay, **term.teacher_settings()}
+            "n_replay": n_replay, **spec.settings()}
 
 
 def _batches(shard: list[int], batch_size: int, n_forwards: int,
@@ -79,57 +132,6 @@ def thresholds_from_sums(s1: torch.Tensor, s2: torch.Tensor, n: torch.Tensor | f
     return torch.stack([lo, hi, mu.float(), sigma.float()])
 
 
-@torch.no_grad()
-def teacher_pass(forward: Callable[[torch.Tensor, torch.Tensor], object],
-                 capture: FinalNormCapture, replay_ids: dict[int, list[int]], shard: list[int],
-                 hidden_size: int, threshold_k: float, batch_size: int, pad_id: int,
-                 device: torch.device, scratch: Path, progress: Callable[[int, int], None]
-                 ) -> tuple[np.ndarray, list[tuple[int, np.ndarray]]]:
-    """Run the pass; returns global thresholds [4, D] and this rank's (sample id, states)."""
-    local_batches = math.ceil(len(shard) / batch_size)
-    n_forwards = int(dist.all_reduce_max(torch.tensor([local_batches], device=device)).item())
-    s1 = torch.zeros(hidden_size, dtype=torch.float64, device=device)
-    s2 = torch.zeros(hidden_size, dtype=torch.float64, device=device)
-    count = torch.zeros(1, dtype=torch.float64, device=device)
-    # fp32 features spill to a local scratch file, so memory stays flat for big replay sets
-    tokens = sum(len(replay_ids[s]) for s in shard)
-    feats = np.lib.format.open_memmap(scratch / "features.npy", mode="w+", dtype=np.float32,
-                                      shape=(max(tokens, 1), hidden_size))
-    spans: list[tuple[int, int, int]] = []  # sample id, start row, tokens
-    row = 0
-    for i, ids in enumerate(_batches(shard, batch_size, n_forwards, replay_ids)):
-        stop.check()  # same batch count on every rank: a safe point to stop
-        real = ids is not None
-        ids = ids if real else shard[:1]
-        mb = collate([Encoded(replay_ids[s], replay_ids[s]) for s in ids], ids, pad_id).to(device)
-        forward(mb.input_ids, mb.attention_mask)
-        h = capture.pop().float()
-        progress(i + 1, n_forwards)
-        if not real:
-            continue
-        mask = mb.attention_mask.bool()
-        flat = h[mask].double()
-        s1 += flat.sum(0)
-        s2 += (flat * flat).sum(0)
-        count += flat.shape[0]
-        for b, sid in enumerate(ids):
-            n = len(replay_ids[sid])
-            feats[row:row + n] = h[b, :n].cpu().numpy()
-            spans.append((sid, row, n))
-            row += n
-    stats = dist.all_reduce_sum(torch.cat([s1, s2, count]))
-    thresholds = thresholds_from_sums(stats[:hidden_size], stats[hidden_size:2 * hidden_size],
-                                      stats[-1], threshold_k).cpu().numpy()
-    lo_t, hi_t = torch.from_numpy(thresholds[0]), torch.from_numpy(thresholds[1])
-    samples = []
-    for sid, start, n in spans:
-        h = feats[start:start + n]
-        states = tri_states(torch.from_numpy(h), lo_t, hi_t).numpy()
-        samples.append((sid, states))
-    del feats
-    return thresholds, samples
-
-
 def explain_miss(cache_root: Path, fp: str, settings: dict | None) -> str | None:
     """Why no cache exists under this fingerprint when caches of other fingerprints do (the
     folder name holds the fingerprint, so a changed input shows up as a missing folder)."""
@@ -153,42 +155,40 @@ def explain_miss(cache_root: Path, fp: str, settings: dict | None) -> str | None
     return f"fingerprint mismatch with cache {where} (model, tokenizer, replay data or settings)"
 
 
+def _micro_batch(job: "TeacherJob", ids: list[int]) -> MicroBatch:
+    return collate([Encoded(job.replay_ids[s], job.replay_ids[s]) for s in ids], ids,
+                   job.pad_id).to(job.device)
+
+
 @torch.no_grad()
-def stream_pass(forward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-                capture: FinalNormCapture, replay_ids: dict[int, list[int]], shard: list[int],
-                writer: CacheWriter, kind: str, batch_size: int, pad_id: int,
-                device: torch.device, progress: Callable[[int, int], None],
-                kl_topk: int = 64) -> None:
-    """The kl / l1 / l2 pass: no global statistics, so each sample goes to the writer as soon
-    as its forward is done (memory stays flat whatever the shard size)."""
-    local_batches = math.ceil(len(shard) / batch_size)
-    n_forwards = int(dist.all_reduce_max(torch.tensor([local_batches], device=device)).item())
-    for i, ids in enumerate(_batches(shard, batch_size, n_forwards, replay_ids)):
+def forward_shard(job: "TeacherJob", progress: Callable[[int, int], None]
+                  ) -> Iterator[tuple[list[int], MicroBatch, torch.Tensor, torch.Tensor]]:
+    """The base model over this rank's shard: (sample ids, micro-batch, logits, final-norm output
+    [B, T, D]) per real batch, each sample's tokens first in its row. Every rank runs the same
+    number of forwards (dummy ones are discarded)."""
+    local_batches = math.ceil(len(job.shard) / job.batch_size)
+    n_forwards = int(dist.all_reduce_max(torch.tensor([local_batches], device=job.device)).item())
+    for i, ids in enumerate(_batches(job.shard, job.batch_size, n_forwards, job.replay_ids)):
         stop.check()  # same batch count on every rank: a safe point to stop
-        real = ids is not None
-        ids = ids if real else shard[:1]
-        mb = collate([Encoded(replay_ids[s], replay_ids[s]) for s in ids], ids, pad_id).to(device)
-        logits = forward(mb.input_ids, mb.attention_mask)
-        h = capture.pop()
+        mb = _micro_batch(job, ids if ids is not None else job.shard[:1])
+        logits = job.forward(mb.input_ids, mb.attention_mask)
+        hidden = job.capture.pop()
         progress(i + 1, n_forwards)
-        if not real:
-            continue
-        for b, sid in enumerate(ids):
-            n = len(replay_ids[sid])
-            if kind == "topk":
-                top_ids, top_logp = teacher_topk(logits[b, :n], kl_topk)
-                logp = top_logp.clamp(min=-60000.0).to(torch.float16)  # finite in float16
-                writer.add(sid, n, topk_ids=top_ids.cpu().numpy(),
-                           topk_logp=logp.cpu().numpy())
-            else:
-                writer.add(sid, n, features=to_bf16_bits(h[b, :n]))
+        if ids is not None:
+            yield ids, mb, logits, hidden
+
+
+def job_meta(job: "TeacherJob") -> dict[str, Any]:
+    """The manifest entries every kind has."""
+    return {"rank": dist.rank(), "world_size": dist.world_size(), "hidden_size": job.hidden_size,
+            "settings": job.settings or {}}
 
 
 @dataclass
 class TeacherJob:
     """One rank's teacher pass: the model side, its replay shard and where the cache lives."""
 
-    kind: str  # "states" (tm), "topk" (kl) or "features" (l1/l2): ReplayTerm.teacher_kind
+    spec: TeacherSpec  # what to compute and keep: the strategy's (ReplayTerm.teacher_spec)
     forward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     capture: FinalNormCapture
     replay_ids: dict[int, list[int]]  # token ids of every sample of the shard
@@ -199,8 +199,6 @@ class TeacherJob:
     device: torch.device
     cache_root: Path
     fingerprint: str
-    threshold_k: float = 1.0
-    kl_topk: int = 64
     settings: dict | None = None  # the fingerprint's settings, kept in the manifest
 
 
@@ -223,13 +221,14 @@ def scratch_problems(entries: list[tuple[str, str, int, int]]) -> list[str]:
             for (host, root), (need, free, ranks) in needs.items() if free < need]
 
 
-def _scratch_folder(job: TeacherJob) -> Path:
-    """A fresh local scratch folder for the tm pass's fp32 features, after removing what passes
-    killed on this host left there and checking (all ranks, per node) that the features fit."""
+def scratch_folder(job: TeacherJob, bytes_per_token: int) -> Path:
+    """A fresh local scratch folder for a pass that spills ``bytes_per_token`` per replay token
+    (tm's fp32 features), after removing what passes killed on this host left there and
+    checking (all ranks, per node) that the spill fits."""
     root = Path(os.environ.get("TMPDIR") or tempfile.gettempdir())
     for left in stale_entries(root, SCRATCH_PREFIX):
         shutil.rmtree(left, ignore_errors=True)
-    need = max(sum(len(job.replay_ids[s]) for s in job.shard), 1) * job.hidden_size * 4
+    need = max(sum(len(job.replay_ids[s]) for s in job.shard), 1) * bytes_per_token
     free = shutil.disk_usage(root).free
     problems = scratch_problems(dist.all_gather_object((owners.host(), str(root), need, free)))
     if problems:
@@ -237,37 +236,8 @@ def _scratch_folder(job: TeacherJob) -> Path:
     return Path(tempfile.mkdtemp(prefix=f"{SCRATCH_PREFIX}{owner_tag()}+", dir=root))
 
 
-def _compute(job: TeacherJob, folder: Path, progress: Callable[[int, int], None]) -> None:
-    """Run the pass of ``job.kind`` and write this rank's cache folder."""
-    meta = {"rank": dist.rank(), "world_size": dist.world_size(), "hidden_size": job.hidden_size,
-            "settings": job.settings or {}}
-    if job.kind == "states":
-        scratch = _scratch_folder(job)
-        try:
-            thresholds, samples = teacher_pass(job.forward, job.capture, job.replay_ids,
-                                               job.shard, job.hidden_size, job.threshold_k,
-                                               job.batch_size, job.pad_id, job.device, scratch,
-                                               progress)
-        finally:
-            shutil.rmtree(scratch, ignore_errors=True)
-        write_rank_cache(folder, job.fingerprint, thresholds, samples,
-                         {**meta, "threshold_k": job.threshold_k})
-        return
-    topk = job.kind == "topk"
-    writer = CacheWriter(folder, job.fingerprint, job.kind,
-                         job.kl_topk if topk else job.hidden_size,
-                         {**meta, **({"kl_topk": job.kl_topk} if topk else {})})
-    try:
-        stream_pass(job.forward, job.capture, job.replay_ids, job.shard, writer, job.kind,
-                    job.batch_size, job.pad_id, job.device, progress, job.kl_topk)
-        writer.finish()
-    except BaseException:
-        writer.abort()
-        raise
-
-
 def prepare_teacher_data(job: TeacherJob, log: Callable[[str], None],
-                         progress: Callable[[int, int], None]) -> TeacherData:
+                         progress: Callable[[int, int], None]) -> Any:
     """Load this rank's cache if every rank's is intact, else recompute on all ranks.
 
     A missing, mismatched (other fingerprint: model, tokenizer, replay data, settings, world
@@ -275,14 +245,14 @@ def prepare_teacher_data(job: TeacherJob, log: Callable[[str], None],
     line saying why; the manifest keeps ``job.settings``, so a later miss can say what changed.
     """
     folder = rank_dir(job.cache_root, job.fingerprint, dist.rank(), dist.world_size())
-    reason = check_rank_cache(folder, job.fingerprint, job.kind)
+    reason = check_rank_cache(folder, job.fingerprint, job.spec.kind)
     if reason is not None and not (folder / "manifest.json").is_file():
         reason = explain_miss(Path(job.cache_root), job.fingerprint, job.settings) or reason
     if not dist.any_rank(reason is not None):
         log(f"teacher cache reused: {folder.parent}")
-        return load_rank_cache(folder)
+        return job.spec.open(folder, *read_manifest(folder))
     reasons = [r for r in dist.all_gather_object(reason) if r]
-    log(f"teacher pass: computing {job.kind} in {folder.parent} ({reasons[0]})")
-    _compute(job, folder, progress)
+    log(f"teacher pass: computing {job.spec.kind} in {folder.parent} ({reasons[0]})")
+    job.spec.compute(job, folder, progress)
     dist.barrier()
-    return load_rank_cache(folder)
+    return job.spec.open(folder, *read_manifest(folder))

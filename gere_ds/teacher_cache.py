@@ -6,18 +6,21 @@ the fingerprint and the folder name, so a run with another world size never read
     <cache_root>/<fingerprint[:16]>/rank00000-of-00002/
         index.npy        int64 [n, 2 + F]: replay sample id, tokens, byte offset in each data file
         manifest.json    kind, fingerprint, shapes, dtypes, counts, sha256 per file; written LAST
-      kind "states" (tm; ReplayTerm.teacher_kind names the kind of each strategy):
+        <data files>     what the strategy's teacher spec declares (``DataFile``), e.g.
+      STATES_FILES (tm):
         states.bin       uint8: 2-bit tri-states, 4 per byte, one byte-aligned run per sample
         thresholds.npy   float32 [4, D]: lo, hi, mu, sigma (global, identical on every rank)
-      kind "topk" (kl):
+      TOPK_FILES (kl):
         topk_ids.bin     int32 [tokens, k]: the teacher's top-k token ids per replay token
         topk_logp.bin    float16 [tokens, k]: their log-probabilities (T=1, full-vocab softmax)
-      kind "features" (l1, l2):
+      FEATURES_FILES (l1, l2):
         features.bin     bfloat16 [tokens, D] (raw bits): the teacher's final-norm output
 
 Data files are raw row-major bytes, memory-mapped for reading; one sample's rows are contiguous.
 A folder without a manifest, with another fingerprint or kind, or whose files fail their size or
-sha256 check is never read: the teacher pass recomputes it.
+sha256 check is never read: the teacher pass recomputes it. This module knows no strategy: the
+readers below are the storage formats the built-in strategies choose; a strategy with another
+kind of data declares its own files and reader (gere_ds.teacher.TeacherSpec).
 """
 from __future__ import annotations
 
@@ -25,7 +28,8 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Union
+from dataclasses import dataclass
+from typing import Any, Callable, Union
 
 import numpy as np
 import torch
@@ -34,7 +38,6 @@ from gere_ds.atomic import sha256_file, write_json_atomic
 from gere_ds.owners import owner_tag, stale_entries
 
 FORMAT_VERSION = 2
-KINDS = ("states", "topk", "features")
 # state s in {-1, 0, +1} is stored as code s + 1 in {0, 1, 2}
 _DECODE = np.array([-1, 0, 1, 0], dtype=np.int8)
 
@@ -157,12 +160,33 @@ class TeacherFeatures(_SampleCache):
 
 TeacherData = Union[TeacherStates, TeacherTopK, TeacherFeatures]
 
-# data files of each kind, in index-column order, with their manifest description
-_DATA_FILES = {
-    "states": (("states.bin", "uint8 (2-bit tri-states, 4 per byte)"),),
-    "topk": (("topk_ids.bin", "int32"), ("topk_logp.bin", "float16")),
-    "features": (("features.bin", "bfloat16 (raw bits)"),),
-}
+
+@dataclass(frozen=True)
+class DataFile:
+    """One per-sample data file of a cache kind: ``CacheWriter.add`` takes its array under the
+    file's stem; ``dtype`` rows [tokens, row_width] are checked and stored as they are, or
+    ``encode`` turns a sample's array into the bytes to store (no shape kept)."""
+
+    name: str
+    about: str  # the manifest's description of the bytes
+    dtype: Any = None  # numpy dtype of a stored row; None: ``encode`` decides
+    encode: Callable[[np.ndarray], np.ndarray] | None = None
+
+    def bytes_of(self, array: np.ndarray, tokens: int, row_width: int) -> np.ndarray:
+        """What this file stores for one sample's ``array``."""
+        if self.encode is not None:
+            return self.encode(array)
+        data = np.ascontiguousarray(array, dtype=self.dtype)
+        if data.shape != (tokens, row_width):
+            raise ValueError(f"{self.name}: shape {data.shape} != {(tokens, row_width)}")
+        return data
+
+
+STATES_FILES = (DataFile("states.bin", "uint8 (2-bit tri-states, 4 per byte)",
+                         encode=pack_states),)
+TOPK_FILES = (DataFile("topk_ids.bin", "int32", np.int32),
+              DataFile("topk_logp.bin", "float16", np.float16))
+FEATURES_FILES = (DataFile("features.bin", "bfloat16 (raw bits)", np.int16),)
 
 
 def to_bf16_bits(features: torch.Tensor) -> np.ndarray:
@@ -174,11 +198,10 @@ class CacheWriter:
     """Streams one rank's cache into a temp folder; ``finish`` writes the index, the extra
     arrays, the manifest (last) and renames the folder into place (atomic)."""
 
-    def __init__(self, folder: Path, fingerprint: str, kind: str, row_width: int,
-                 meta: dict[str, Any] | None = None) -> None:
-        if kind not in KINDS:
-            raise ValueError(f"unknown cache kind {kind!r}")
+    def __init__(self, folder: Path, fingerprint: str, kind: str, files: tuple[DataFile, ...],
+                 row_width: int, meta: dict[str, Any] | None = None) -> None:
         self.folder, self.fingerprint, self.kind = Path(folder), fingerprint, kind
+        self.files = files
         self.row_width = row_width  # elements per token: D (states, features) or k (topk)
         self.meta = dict(meta or {})
         self.tmp = self.folder.with_name(f"{self.folder.name}.tmp{owner_tag()}")
@@ -188,25 +211,18 @@ class CacheWriter:
             shutil.rmtree(left, ignore_errors=True)
         shutil.rmtree(self.tmp, ignore_errors=True)
         self.tmp.mkdir(parents=True)
-        self.names = [name for name, _ in _DATA_FILES[kind]]
+        self.names = [f.name for f in files]
         self._fh = {name: open(self.tmp / name, "wb") for name in self.names}
         self._offsets = {name: 0 for name in self.names}
         self._index: list[list[int]] = []
 
     def add(self, sample_id: int, tokens: int, **arrays: np.ndarray) -> None:
         """Append one sample: one array per data file, keyed by the file stem
-        (``states`` int8 tri-states, ``topk_ids`` + ``topk_logp``, ``features`` bf16 bits)."""
+        (e.g. ``states`` int8 tri-states, ``topk_ids`` + ``topk_logp``, ``features`` bf16 bits)."""
         row = [int(sample_id), int(tokens)]
-        for name in self.names:
-            arr = arrays[name.split(".")[0]]
-            if self.kind == "states":
-                data = pack_states(arr)
-            else:
-                dtype = {"topk_ids.bin": np.int32, "topk_logp.bin": np.float16,
-                         "features.bin": np.int16}[name]
-                data = np.ascontiguousarray(arr, dtype=dtype)
-                if data.shape != (tokens, self.row_width):
-                    raise ValueError(f"{name}: shape {data.shape} != {(tokens, self.row_width)}")
+        for f in self.files:
+            name = f.name
+            data = f.bytes_of(arrays[name.split(".")[0]], tokens, self.row_width)
             row.append(self._offsets[name])
             self._fh[name].write(data.tobytes())
             self._offsets[name] += data.nbytes
@@ -219,10 +235,10 @@ class CacheWriter:
         np.save(self.tmp / "index.npy", index)
         tokens = int(index[:, 1].sum())
         files: dict[str, dict[str, Any]] = {}
-        for name, dtype in _DATA_FILES[self.kind]:
-            files[name] = {"dtype": dtype, "elements": tokens * self.row_width}
-            if self.kind != "states":
-                files[name]["shape"] = [tokens, self.row_width]
+        for f in self.files:
+            files[f.name] = {"dtype": f.about, "elements": tokens * self.row_width}
+            if f.encode is None:
+                files[f.name]["shape"] = [tokens, self.row_width]
         files["index.npy"] = {"dtype": "int64", "shape": list(index.shape)}
         for name, arr in (extras or {}).items():
             np.save(self.tmp / name, arr)
@@ -249,7 +265,7 @@ class CacheWriter:
 def write_rank_cache(folder: Path, fingerprint: str, thresholds: np.ndarray,
                      samples: list[tuple[int, np.ndarray]], meta: dict[str, Any]) -> None:
     """Write one rank's tm cache (thresholds + tri-states) atomically."""
-    writer = CacheWriter(folder, fingerprint, "states", int(thresholds.shape[1]),
+    writer = CacheWriter(folder, fingerprint, "states", STATES_FILES, int(thresholds.shape[1]),
                          {"hidden_size": int(thresholds.shape[1]), **meta})
     try:
         for sid, states in samples:
@@ -285,29 +301,39 @@ def check_rank_cache(folder: Path, fingerprint: str, kind: str | None = None) ->
     return None
 
 
-def _memmap(path: Path) -> np.ndarray:
+def memmap_file(path: Path) -> np.ndarray:
+    """A data file as read-only uint8 bytes (an empty file as an empty array)."""
     if path.stat().st_size == 0:
         return np.zeros(0, dtype=np.uint8)
     return np.memmap(path, dtype=np.uint8, mode="r")
 
 
-def load_rank_cache(folder: Path) -> TeacherData:
-    """Open a checked cache folder (see check_rank_cache): data files are memory-mapped."""
+def read_manifest(folder: Path) -> tuple[dict[str, Any], np.ndarray]:
+    """The manifest and the index of a checked cache folder (see check_rank_cache)."""
     folder = Path(folder)
     manifest = json.loads((folder / "manifest.json").read_text())
-    kind = manifest["kind"]
-    index = np.load(folder / "index.npy", allow_pickle=False)
-    if kind == "states":
-        thresholds = np.load(folder / "thresholds.npy", allow_pickle=False)
-        return TeacherStates(torch.from_numpy(thresholds.copy()),
-                             {int(s): (int(n), int(o)) for s, n, o in index},
-                             _memmap(folder / "states.bin"))
-    if kind == "topk":
-        return TeacherTopK(int(manifest["row_width"]),
-                           {int(s): (int(n), int(a), int(b)) for s, n, a, b in index},
-                           _memmap(folder / "topk_ids.bin"), _memmap(folder / "topk_logp.bin"))
-    if kind == "features":
-        return TeacherFeatures(int(manifest["row_width"]),
-                               {int(s): (int(n), int(o)) for s, n, o in index},
-                               _memmap(folder / "features.bin"))
-    raise ValueError(f"{folder}: unknown cache kind {kind!r}")
+    return manifest, np.load(folder / "index.npy", allow_pickle=False)
+
+
+def open_states(folder: Path, manifest: dict[str, Any], index: np.ndarray) -> TeacherStates:
+    """The reader of a STATES_FILES cache (and its thresholds.npy)."""
+    thresholds = np.load(Path(folder) / "thresholds.npy", allow_pickle=False)
+    return TeacherStates(torch.from_numpy(thresholds.copy()),
+                         {int(s): (int(n), int(o)) for s, n, o in index},
+                         memmap_file(Path(folder) / "states.bin"))
+
+
+def open_topk(folder: Path, manifest: dict[str, Any], index: np.ndarray) -> TeacherTopK:
+    """The reader of a TOPK_FILES cache."""
+    return TeacherTopK(int(manifest["row_width"]),
+                       {int(s): (int(n), int(a), int(b)) for s, n, a, b in index},
+                       memmap_file(Path(folder) / "topk_ids.bin"),
+                       memmap_file(Path(folder) / "topk_logp.bin"))
+
+
+def open_features(folder: Path, manifest: dict[str, Any], index: np.ndarray
+                  ) -> TeacherFeatures:
+    """The reader of a FEATURES_FILES cache."""
+    return TeacherFeatures(int(manifest["row_width"]),
+                           {int(s): (int(n), int(o)) for s, n, o in index},
+                           memmap_file(Path(folder) / "features.bin"))

@@ -38,7 +38,6 @@ from gere_ds.schedule import lr_at
 from gere_ds.step import Phases, StepStats, TrainStep
 from gere_ds.strategies import ReplayTerm, make_term
 from gere_ds.teacher import TeacherJob, fingerprint, prepare_teacher_data, teacher_settings
-from gere_ds.teacher_cache import TeacherData
 
 
 class ContinualTrainer:
@@ -66,7 +65,7 @@ class ContinualTrainer:
         self.batches: BatchMaker | None = None
         self.step: TrainStep | None = None
         # set by prepare_teacher()
-        self.teacher: TeacherData | None = None
+        self.teacher: Any = None  # what the term's teacher spec reads back
         self.teacher_fingerprint: str | None = None
         self._digests: DigestCache | None = None
         self._fingerprinted: tuple[dict[str, Any], Path] | None = None  # what the fingerprint covers
@@ -130,8 +129,8 @@ class ContinualTrainer:
 
     # ------------------------------------------------------------------ teacher
     def prepare_teacher(self) -> None:
-        """The teacher data of this rank's replay shard (states / top-k / features), from the
-        cache when every rank's cache is intact, else from one pass of the base model."""
+        """The teacher data of this rank's replay shard (what the term's teacher spec keeps),
+        from the cache when every rank's cache is intact, else from one pass of the base model."""
         r, term, shard = self.cfg.replay, self.term, self.batches.shard
         if not term.needs_teacher:
             return
@@ -140,14 +139,13 @@ class ContinualTrainer:
             self.teacher_fingerprint = self._teacher_identity()
         fp = self.teacher_fingerprint
         self._digests.save()
-        # only kl reads the teacher's logits; the others need the final-norm output alone
-        forward = (self.engine.forward if term.teacher_kind == "topk"
-                   else self.engine.features_forward)
-        job = TeacherJob(term.teacher_kind, forward, self.capture,
+        spec = term.teacher_spec()
+        # the LM head runs only for a spec that reads the logits (kl's top-k)
+        forward = self.engine.forward if spec.reads_logits else self.engine.features_forward
+        job = TeacherJob(spec, forward, self.capture,
                          self.batches.replay_ids, shard, int(self.engine.module.config.hidden_size),
                          r.teacher_batch_size, self.tokenizer.pad_token_id, self.device,
-                         self.teacher_root, fp,
-                         threshold_k=r.threshold_k, kl_topk=r.kl_topk, settings=settings)
+                         self.teacher_root, fp, settings=settings)
         self.engine.engine.eval()
         self.log.progress(math.ceil(len(shard) / r.teacher_batch_size), "teacher pass")
         try:
@@ -162,7 +160,8 @@ class ContinualTrainer:
 
     def _teacher_settings(self) -> dict[str, Any]:
         r = self.cfg.replay
-        return teacher_settings(self.term, num_samples=r.num_samples, max_len=r.max_len,
+        return teacher_settings(self.term.name, self.term.teacher_spec(),
+                                num_samples=r.num_samples, max_len=r.max_len,
                                 world_size=self.world, seed=self.cfg.train.seed,
                                 bf16=self.cfg.train.bf16, n_replay=len(self.inputs.replay_texts))
 

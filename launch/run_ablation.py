@@ -36,6 +36,7 @@ import time
 from pathlib import Path
 
 from gere_ds.atomic import write_json_atomic
+from gere_ds.strategies import STRATEGIES, term_strategies
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -43,9 +44,9 @@ REPO = Path(__file__).resolve().parents[1]
 # each imitation term (KL on logits, L1 / L2 on final-norm features, TM on activation states)
 # at w = 1, 100 and dy (docs/method.md, "The strategies compared")
 WEIGHTS = (("w1", "1"), ("w100", "100"), ("wdy", "dy"))
-ROWS: dict[str, list[str]] = {"none": ["replay.strategy=none"],
-                              "replay": ["replay.strategy=replay"]}
-for _strategy in ("kl", "l1", "l2", "tm"):
+ROWS: dict[str, list[str]] = {name: [f"replay.strategy={name}"]
+                              for name, cls in STRATEGIES.items() if not cls.has_term}
+for _strategy in sorted(term_strategies()):  # every strategy with a term, in name order
     for _tag, _w in WEIGHTS:
         ROWS[f"replay_{_strategy}_{_tag}"] = [f"replay.strategy={_strategy}",
                                              f"replay.weight={_w}"]

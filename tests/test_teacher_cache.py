@@ -16,9 +16,22 @@ from gere_ds.config import ReplayConfig
 from gere_ds.strategies import STRATEGIES
 from gere_ds.fingerprint import fingerprint
 from gere_ds.teacher import TeacherJob, prepare_teacher_data, teacher_settings
-from gere_ds.teacher_cache import (CacheWriter, TeacherFeatures, TeacherStates, TeacherTopK,
-                                   check_rank_cache, load_rank_cache, pack_states, rank_dir,
-                                   to_bf16_bits, unpack_states, write_rank_cache)
+from gere_ds.teacher_cache import (FEATURES_FILES, CacheWriter, TeacherFeatures, TeacherStates,
+                                   TeacherTopK, check_rank_cache, pack_states, rank_dir,
+                                   read_manifest, to_bf16_bits, unpack_states, write_rank_cache)
+
+# a strategy whose teacher spec keeps each kind of data
+KIND_STRATEGY = {"states": "tm", "topk": "kl", "features": "l1"}
+
+
+def _spec(kind: str, k: int = 8):
+    return STRATEGIES[KIND_STRATEGY[kind]](ReplayConfig(kl_topk=k), bf16=False).teacher_spec()
+
+
+def load_rank_cache(folder: Path):
+    """A checked cache folder read back by the spec of the kind its manifest names."""
+    manifest, index = read_manifest(folder)
+    return _spec(manifest["kind"]).open(folder, manifest, index)
 
 # ----------------------------------------------------------------------------- format
 
@@ -56,7 +69,7 @@ def _write(folder: Path, kind: str, width: int, fp: str = "f" * 64, seed: int = 
         write_rank_cache(folder, fp, thresholds, [(s, a["states"]) for s, _, a in samples],
                          {"rank": 0, "world_size": 1})
     else:
-        w = CacheWriter(folder, fp, kind, width, {"rank": 0, "world_size": 1})
+        w = CacheWriter(folder, fp, kind, _spec(kind).files, width, {"rank": 0, "world_size": 1})
         for sid, tokens, arrays in samples:
             w.add(sid, tokens, **arrays)
         w.finish()
@@ -150,16 +163,16 @@ def tiny_lm(gpt2_tokenizer_dir, tmp_path_factory):
 
 
 def _prepare(lm, kind, root, fp, logs, settings=None, shard=None, k=8):
-    job = TeacherJob(kind, lm["forward"], lm["capture"], lm["replay_ids"],
+    job = TeacherJob(_spec(kind, k), lm["forward"], lm["capture"], lm["replay_ids"],
                      shard or sorted(lm["replay_ids"]), lm["hidden"], 3, lm["pad"],
-                     torch.device("cpu"), root, fp, threshold_k=1.0, kl_topk=k, settings=settings)
+                     torch.device("cpu"), root, fp, settings=settings)
     return prepare_teacher_data(job, logs.append, lambda i, n: None)
 
 
 def _settings(strategy, world=1, **kw):
     term = STRATEGIES[strategy](ReplayConfig(strategy=strategy, **kw), bf16=False)
-    return teacher_settings(term, num_samples=1000, max_len=24, world_size=world, seed=1,
-                            bf16=False, n_replay=7)
+    return teacher_settings(term.name, term.teacher_spec(), num_samples=1000, max_len=24,
+                            world_size=world, seed=1, bf16=False, n_replay=7)
 
 
 @torch.no_grad()
@@ -385,7 +398,7 @@ def test_cache_writer_removes_only_temp_folders_of_dead_processes(tmp_path):
              "dead_elsewhere": f"{folder.name}.tmp{dead}@another-node-7"}
     for name in names.values():
         (folder.parent / name).mkdir()
-    writer = CacheWriter(folder, "f" * 64, "features", 4)
+    writer = CacheWriter(folder, "f" * 64, "features", FEATURES_FILES, 4)
     writer.abort()
     left = {k for k, name in names.items() if (folder.parent / name).exists()}
     assert left == {"alive_here", "dead_elsewhere", "no_owner"}  # only dead owners' go

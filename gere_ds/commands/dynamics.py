@@ -26,13 +26,15 @@ from typing import Any, Optional, Sequence
 
 from gere_ds.data.files import read_rows
 from gere_ds.errors import InputError
+from gere_ds.strategies import term_strategies
 
 from gere_ds.commands.compare import (CompareError, group_by_name, mean_std, runs_cli,
                                       save_outputs)
 
 
 STEPS_FILE = "train_steps.jsonl"
-REGULARISERS = ("tm", "kl", "l1", "l2")
+# the strategies with a term on replay rows: each logs train/<name> and train/<name>_weight
+REGULARISERS = tuple(term_strategies())
 
 
 def load_steps(run_dir: str) -> list[dict[str, Any]]:
