@@ -85,6 +85,9 @@ class ReplayConfig:
                              "(per-rank files, no shared filesystem needed)", default="")
     kl_temperature: float = doc("temperature T of the kl strategy", default=2.0)
     kl_topk: int = doc("teacher log-probs kept per replay token for the kl strategy", default=64)
+    options: dict[str, Any] = doc("settings of strategies registered outside gere_ds, by key "
+                                  "(each strategy names and checks its own: docs/strategies.md)",
+                                  default_factory=dict)
 
 
 @dataclass
@@ -308,6 +311,10 @@ def _coerce(value: Any, tp: Any, path: str, marks: _Marks) -> Any:
         if not isinstance(value, dict):
             raise marks.error(path, f"expected a mapping, got {type(value).__name__}")
         return _build(tp, value, path, marks)
+    if origin is dict:  # a free mapping (replay.options): its owner checks the values
+        if not isinstance(value, dict):
+            raise marks.error(path, f"expected a mapping, got {type(value).__name__}")
+        return dict(value)
     if origin is list:
         (item_tp,) = typing.get_args(tp)
         if not isinstance(value, list):

@@ -4,8 +4,9 @@ fixture), with no edit under gere_ds/.
 
 - ``cosine``: replay row: CE + w * mean over its real tokens of 1 - cos(h, t), against the
   teacher's final-norm output t kept at unit length in float16: its own kind of teacher data
-  (its own file, reader and fingerprint field), and a statistic of its own (``aligned``: tokens
-  whose cosine is at least ``ALIGNED``).
+  (its own file, reader and fingerprint field), a setting of its own (``replay.options.aligned``,
+  checked by the strategy) and a statistic of its own (``aligned``: tokens whose cosine is at
+  least that).
 - ``decay``: replay row: CE + w * mean h^2 over its real elements: no teacher at all.
 """
 from __future__ import annotations
@@ -18,10 +19,11 @@ import torch
 import torch.nn.functional as F
 
 from gere_ds.strategies import ReplayRows, ReplayTerm, RowStats
+from gere_ds.strategies.base import field_error
 from gere_ds.teacher import StreamSpec
 from gere_ds.teacher_cache import DataFile, memmap_file
 
-ALIGNED = 0.999  # a token this close to its teacher counts as aligned
+ALIGNED = 0.999  # replay.options.aligned's default: a token this close to its teacher
 UNIT_FILES = (DataFile("unit.bin", "float16 (unit-length final-norm output)", np.float16),)
 
 
@@ -60,7 +62,7 @@ class UnitFeaturesSpec(StreamSpec):
         self.replay = replay
 
     def settings(self) -> dict[str, Any]:
-        return {"aligned": ALIGNED, "dtype": "float16"}
+        return {"unit_dtype": "float16"}
 
     def arrays(self, logits: torch.Tensor | None, hidden: torch.Tensor
                ) -> dict[str, np.ndarray]:
@@ -80,6 +82,18 @@ class FeatureCosine(ReplayTerm):
     has_term = True
     spec_type = UnitFeaturesSpec
     stat_names = ("aligned",)
+    option_keys = ("aligned",)
+
+    @classmethod
+    def check_settings(cls, replay: Any, bf16: bool) -> None:
+        aligned = replay.options.get("aligned", ALIGNED)
+        if isinstance(aligned, bool) or not isinstance(aligned, (int, float)) \
+                or not 0 < aligned <= 1:
+            raise field_error("options.aligned", f"a cosine in (0, 1], got {aligned!r}")
+
+    @property
+    def aligned(self) -> float:
+        return float(self.replay.options.get("aligned", ALIGNED))
 
     def local_sums(self, replay: ReplayRows, logits: torch.Tensor, hidden: torch.Tensor
                    ) -> RowStats:
@@ -88,7 +102,7 @@ class FeatureCosine(ReplayTerm):
         cos = (F.normalize(h, dim=-1) * teacher).sum(-1)  # the teacher is unit length already
         valid = replay.mask.bool()
         gap = torch.where(valid, 1.0 - cos, cos.new_zeros(()))
-        aligned = (valid & (cos.detach() >= ALIGNED)).sum(1).to(torch.float32)
+        aligned = (valid & (cos.detach() >= self.aligned)).sum(1).to(torch.float32)
         return RowStats(gap.sum(1), valid.sum(1).to(torch.float32), logged={"aligned": aligned})
 
     def log_values(self, means: dict[str, float]) -> dict[str, float]:

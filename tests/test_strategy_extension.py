@@ -6,6 +6,7 @@ teacher), and they load from a config, are asked by the step, log their own stat
 from __future__ import annotations
 
 import json
+import re
 import signal
 from pathlib import Path
 
@@ -43,6 +44,32 @@ def test_registered_strategies_are_config_values(tiny_config):
     with pytest.raises(InputError) as err:
         load_config(tiny_config("cosine"), ["replay.strategy=cosin"])
     assert "unknown strategy 'cosin' (did you mean 'cosine'?)" in str(err.value)
+    assert cfg.replay.options == {}
+
+
+@pytest.mark.parametrize("yaml_line,needle", [
+    ("    aligned: 2", r"c\.yaml:\d+: replay\.options\.aligned: a cosine in \(0, 1\], got 2$"),
+    ("    algned: 0.9", r"c\.yaml:\d+: replay\.options\.algned: unknown key \(did you mean "
+                      r"'aligned'\?\)$"),
+])
+def test_a_registered_strategy_checks_its_own_settings(tiny_config, tmp_path, yaml_line, needle):
+    """Its keys of replay.options, checked by the strategy, one line naming file, line and key;
+    a key no registered strategy reads is refused."""
+    text = tiny_config("cosine").read_text()
+    ok = tmp_path / "ok.yaml"
+    ok.write_text(text.replace("replay:\n", "replay:\n  options:\n    aligned: 0.5\n", 1))
+    assert load_config(ok).replay.options == {"aligned": 0.5}
+    assert STRATEGIES["cosine"](load_config(ok).replay).aligned == 0.5
+    bad = tmp_path / "c.yaml"
+    bad.write_text(text.replace("replay:\n", f"replay:\n  options:\n{yaml_line}\n", 1))
+    with pytest.raises(InputError) as err:
+        load_config(bad)
+    assert re.search(needle, str(err.value)), str(err.value)
+    with pytest.raises(InputError, match="<command line>: replay.options.aligned: a cosine"):
+        load_config(ok, ["replay.options.aligned=0"])
+
+
+def test_another_strategy_with_its_name_is_refused():
     with pytest.raises(ValueError, match="already registered"):
         register(type("Other", (cosine_strategy.ActivationDecay,), {}))
 
@@ -50,7 +77,7 @@ def test_registered_strategies_are_config_values(tiny_config):
 def test_teacher_settings_are_the_specs_and_a_teacher_free_term_has_none():
     cosine = STRATEGIES["cosine"](ReplayConfig(strategy="cosine"))
     assert cosine.teacher_kind == "unit_features" and cosine.needs_teacher
-    assert cosine.teacher_settings() == {"aligned": cosine_strategy.ALIGNED, "dtype": "float16"}
+    assert cosine.teacher_settings() == {"unit_dtype": "float16"}
     decay = STRATEGIES["decay"](ReplayConfig(strategy="decay"))
     assert decay.teacher_spec() is None and not decay.needs_teacher
     assert decay.teacher_settings() == {}

@@ -43,12 +43,20 @@ def term_strategies() -> list[str]:
 
 
 def check_replay(replay: ReplaySection, bf16: bool) -> None:
-    """The strategy name, then every registered strategy's own settings (one line each)."""
+    """The strategy name, the keys of ``replay.options`` (each must be a registered strategy's),
+    then every registered strategy's own settings; the first problem as one InputError."""
     if replay.strategy not in STRATEGIES:
         close = difflib.get_close_matches(replay.strategy, list(STRATEGIES), n=1)
         hint = f" (did you mean '{close[0]}'?)" if close else ""
         raise InputError(f"unknown strategy {replay.strategy!r}{hint}; one of "
                          f"{', '.join(STRATEGIES)}", field="replay.strategy")
+    owned = [key for cls in STRATEGIES.values() for key in cls.option_keys]
+    for key in replay.options:
+        if key not in owned:
+            close = difflib.get_close_matches(str(key), owned, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else \
+                f" (no registered strategy reads it; read: {', '.join(owned) or 'none'})"
+            raise InputError(f"unknown key{hint}", field=f"replay.options.{key}")
     for cls in STRATEGIES.values():
         cls.check_settings(replay, bf16)
     if STRATEGIES[replay.strategy].uses_replay and not replay.data:

@@ -58,7 +58,8 @@ class RowStats:
 
 
 def field_error(key: str, message: str) -> InputError:
-    """A bad ``replay.<key>`` value (the loader adds the file and line)."""
+    """A bad ``replay.<key>`` value (the loader adds the file and line); ``options.<key>`` for
+    a key of ``replay.options``."""
     return InputError(message, field=f"replay.{key}")
 
 
@@ -72,6 +73,7 @@ class ReplayTerm:
     spec_type: ClassVar[type[TeacherSpec] | None] = None  # its teacher data; None: no pass
     teacher_kind: ClassVar[str | None] = None  # spec_type.kind, set for every subclass
     stat_names: ClassVar[tuple[str, ...]] = ()  # the keys of its RowStats.logged, always all
+    option_keys: ClassVar[tuple[str, ...]] = ()  # its keys of replay.options (its own settings)
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -85,9 +87,10 @@ class ReplayTerm:
 
     @classmethod
     def check_settings(cls, replay: ReplaySection, bf16: bool) -> None:
-        """Checks of the ``replay.*`` settings this strategy reads, at config load (raise
-        ``field_error``). Every registered strategy checks its own keys whatever the run's
-        strategy, so a bad value never waits for the run that reads it."""
+        """Checks of the ``replay.*`` settings this strategy reads (its ``option_keys`` of
+        ``replay.options`` included), at config load: raise ``field_error``. Every registered
+        strategy checks its own keys whatever the run's strategy, so a bad value never waits for
+        the run that reads it."""
 
     @property
     def needs_teacher(self) -> bool:
