@@ -152,6 +152,8 @@ def summarize(run: Path, ref: Path, deepspeed: str) -> dict[str, Any]:
         "ds_config": file, "stage": stage, "why": why,
         "step1_tm": first.get("train/tm"), "step1_violating_frac": first.get(
             "train/tm_violation_frac"),
+        # at step 1 the model is the teacher, so TM is 0 there; the later steps show it move
+        "tm_by_step": [s.get("train/tm") for s in steps],
         "tokens_per_s_mean": (sum(s["train/tokens_per_s"] for s in steps) / len(steps)
                               if steps else None),
         "peak_host_gib_per_rank": _log_floats(log, "peak memory per rank (RSS)"),

@@ -51,6 +51,7 @@ def test_cpu_mode_runs_the_whole_path_and_writes_its_json(tmp_path):
     assert auto["stage"] == 2 and "ZeRO-2 model states" in auto["why"]  # the tiny model fits
     assert auto["killed_rc"] == -9 and auto["resumed"] and auto["resume_equal"]
     assert auto["step1_tm"] == 0.0 and auto["step1_violating_frac"] is not None
+    assert len(auto["tm_by_step"]) == 6  # 2 tasks x 3 steps, the resumed run's log
     assert auto["tokens_per_s_mean"] > 0 and len(auto["peak_host_gib_per_rank"]) == 2
     assert auto["checkpoint_save_s"] and all(b > 0 for b in auto["checkpoint_bytes"].values())
     for mode in ("rank", "generate"):

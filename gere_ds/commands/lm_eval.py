@@ -59,7 +59,8 @@ def score(folder: str, tasks: list[str], include_path: str, batch_size: str,
     from lm_eval.tasks import TaskManager
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    out = simple_evaluate(model="hf", model_args=f"pretrained={folder},dtype={export_dtype(folder)}",
+    args = f"pretrained={folder},dtype={export_dtype(folder)}"
+    out = simple_evaluate(model="hf", model_args=args,
                           tasks=tasks, task_manager=TaskManager(include_path=include_path),
                           batch_size=batch_size, device=device, limit=limit,
                           log_samples=False)
