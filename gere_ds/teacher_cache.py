@@ -29,7 +29,7 @@ import os
 import shutil
 from pathlib import Path
 from dataclasses import dataclass
-from typing import Any, Callable, Union
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -156,9 +156,6 @@ class TeacherFeatures(_SampleCache):
     def batch(self, sample_ids: list[int], width: int) -> torch.Tensor:
         """bfloat16 [B, width, D], zero-padded."""
         return self._padded(sample_ids, width, (((self.hidden_size,), torch.bfloat16),))[0]
-
-
-TeacherData = Union[TeacherStates, TeacherTopK, TeacherFeatures]
 
 
 @dataclass(frozen=True)
