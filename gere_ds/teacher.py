@@ -122,16 +122,6 @@ def _batches(shard: list[int], batch_size: int, n_forwards: int,
     return out + [None] * (n_forwards - len(out))
 
 
-def thresholds_from_sums(s1: torch.Tensor, s2: torch.Tensor, n: torch.Tensor | float,
-                         threshold_k: float) -> torch.Tensor:
-    """[4, D] float32: lo, hi, mu, sigma per dimension from float64 sums of h and h^2 over n
-    tokens (population sigma; lo/hi = mu -+ k*sigma)."""
-    mu = s1 / n
-    sigma = (s2 / n - mu * mu).clamp(min=0).sqrt()
-    lo, hi = (mu - threshold_k * sigma).float(), (mu + threshold_k * sigma).float()
-    return torch.stack([lo, hi, mu.float(), sigma.float()])
-
-
 def explain_miss(cache_root: Path, fp: str, settings: dict | None) -> str | None:
     """Why no cache exists under this fingerprint when caches of other fingerprints do (the
     folder name holds the fingerprint, so a changed input shows up as a missing folder)."""

@@ -21,7 +21,7 @@ import torch
 from gere_ds import losses
 from gere_ds.capture import FinalNormCapture
 from gere_ds.data.collate import pad_rows
-from gere_ds.teacher import thresholds_from_sums
+from gere_ds.strategies.tm import thresholds_from_sums
 
 STATES = (-1, 0, 1)
 

@@ -12,12 +12,21 @@ import torch
 from gere_ds import dist
 from gere_ds.losses import tm_dead_band, tm_row_terms, tri_states
 from gere_ds.strategies.base import ReplayRows, ReplaySection, ReplayTerm, RowStats, field_error
-from gere_ds.teacher import (TeacherJob, TeacherSpec, forward_shard, job_meta, scratch_folder,
-                             thresholds_from_sums)
+from gere_ds.teacher import TeacherJob, TeacherSpec, forward_shard, job_meta, scratch_folder
 from gere_ds.teacher_cache import TeacherStates, open_states, write_rank_cache
 
 # the opt-in rounding guard may hold violations up to this many threshold_k * sigma_d, no more
 MAX_TM_DEAD_BAND = 0.5
+
+
+def thresholds_from_sums(s1: torch.Tensor, s2: torch.Tensor, n: torch.Tensor | float,
+                         threshold_k: float) -> torch.Tensor:
+    """[4, D] float32: lo, hi, mu, sigma per dimension from float64 sums of h and h^2 over n
+    tokens (population sigma; lo/hi = mu -+ k*sigma)."""
+    mu = s1 / n
+    sigma = (s2 / n - mu * mu).clamp(min=0).sqrt()
+    lo, hi = (mu - threshold_k * sigma).float(), (mu + threshold_k * sigma).float()
+    return torch.stack([lo, hi, mu.float(), sigma.float()])
 
 
 @torch.no_grad()
