@@ -96,11 +96,13 @@ def encode_pair(tokenizer: Any, context: str, continuation: str) -> tuple[list[i
 
 def choice_loglikelihoods(forward: ForwardFn, tokenizer: Any,
                           questions: Sequence[ClozeQuestion], batch_size: int = 16,
-                          max_len: int = 1024, device: Any = None) -> list[list[float]]:
+                          max_len: int = 1024, device: Any = None,
+                          layout: str = "packed") -> list[list[float]]:
     """``ll[q][c]``: summed log p(continuation of choice c | context of question q).
 
     All choices of a question share one context encoding (their continuations are packed into
-    one row when the forward allows it, :mod:`gere_ds.evaluation.packing`); a context longer
+    one row when the forward allows it and ``layout`` is ``packed``,
+    :mod:`gere_ds.evaluation.packing`); a context longer
     than ``max_len`` minus the longest continuation keeps its last tokens.
     """
     items = []
@@ -116,7 +118,7 @@ def choice_loglikelihoods(forward: ForwardFn, tokenizer: Any,
         keep = max(1, max_len - max(len(cont) for _, cont in encoded))
         items.append(Choices(tuple(encoded[0][0][-keep:]),
                              tuple(tuple(cont) for _, cont in encoded)))
-    logprobs = score_continuations(forward, items, batch_size, pad_id(tokenizer), device)
+    logprobs = score_continuations(forward, items, batch_size, pad_id(tokenizer), device, layout)
     return [[float(sum(tokens)) for tokens in per_choice] for per_choice in logprobs]
 
 
@@ -130,9 +132,9 @@ def predictions(loglikelihoods: Sequence[float], choices: Sequence[str]) -> tupl
 
 def score_cloze(forward: ForwardFn, tokenizer: Any, questions: Sequence[ClozeQuestion],
                 batch_size: int = 16, max_len: int = 1024, device: Any = None,
-                name: str = "cloze") -> ClozeScore:
+                name: str = "cloze", layout: str = "packed") -> ClozeScore:
     """acc and acc_norm over ``questions`` (same result on every rank; every rank must call)."""
-    ll = choice_loglikelihoods(forward, tokenizer, questions, batch_size, max_len, device)
+    ll = choice_loglikelihoods(forward, tokenizer, questions, batch_size, max_len, device, layout)
     picks = [predictions(scores, q.choices) for q, scores in zip(questions, ll)]
     correct = [p[0] == q.gold for p, q in zip(picks, questions)]
     correct_norm = [p[1] == q.gold for p, q in zip(picks, questions)]

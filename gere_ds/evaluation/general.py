@@ -19,10 +19,11 @@ from gere_ds.data.collate import pad_rows
 from gere_ds.data.encode import encode_source
 from gere_ds.data.files import read_rows
 from gere_ds.errors import InputError
-from gere_ds.evaluation.batching import (ForwardFn, argmax_first, pad_id, run_sharded, sample_rows,
-                                        token_ids)
+from gere_ds.evaluation.batching import (MAX_BATCH_TOKENS, ForwardFn, argmax_first, check_layout,
+                                        logits_at, pad_id, run_sharded, sample_rows, token_ids)
 
 LETTERS = string.ascii_uppercase
+NLL_CHUNK = 1024  # positions per fp32 log-softmax: a [1024, V] fp32 buffer at most
 MMLU_HEADER = "The following are multiple choice questions (with answers) about {subject}.\n\n"
 
 
@@ -148,10 +149,13 @@ def select_shots(ex: MMLUExample, dev: Sequence[MMLUExample], k: int) -> list[MM
 
 def score_mmlu(forward: ForwardFn, tokenizer: Any, examples: Sequence[MMLUExample],
                dev: Sequence[MMLUExample] = (), shots: int = 0, batch_size: int = 8,
-               max_len: int = 2048, device: Any = None, name: str = "mmlu") -> GeneralScore:
+               max_len: int = 2048, device: Any = None, name: str = "mmlu",
+               layout: str = "packed") -> GeneralScore:
     """Multiple-choice accuracy (percent): the option whose letter token has the highest
     log-probability after ``Answer:`` wins (k-shot with ``shots`` dev questions). Prompts longer
-    than ``max_len`` tokens keep their end (the question)."""
+    than ``max_len`` tokens keep their end (the question). ``packed`` runs the LM head on each
+    prompt's last position only; ``rows`` computes the full logits."""
+    check_layout(layout)
     if not examples:
         raise ValueError("no multiple-choice questions to score")
     nmax = max(len(ex.options) for ex in examples)
@@ -162,10 +166,16 @@ def score_mmlu(forward: ForwardFn, tokenizer: Any, examples: Sequence[MMLUExampl
 
     def run(batch: list[int]) -> list[list[float]]:
         ids, mask = (t.to(device) for t in pad_rows([sources[j] for j in batch], pad))
-        logits = forward(ids, mask)
+        last = torch.tensor([r * ids.shape[1] + len(sources[j]) - 1 for r, j in enumerate(batch)],
+                            dtype=torch.long, device=ids.device)
+        if layout == "packed":
+            at_last = logits_at(forward, ids, mask, last)
+        else:
+            logits = forward(ids, mask)
+            at_last = logits.flatten(0, 1)[last.to(logits.device)]
         out = []
         for r, j in enumerate(batch):
-            lp = torch.log_softmax(logits[r, len(sources[j]) - 1].float(), dim=-1)
+            lp = torch.log_softmax(at_last[r].float(), dim=-1)
             out.append([float(lp[t]) for t in letter_ids[:len(examples[j].options)]])
         return out
 
@@ -195,15 +205,45 @@ def load_texts(path: str, max_examples: int = 0, seed: int = 42,
     return sample_rows(out, max_examples, seed)
 
 
+def _text_nlls_packed(forward: ForwardFn, encoded: Sequence[Sequence[int]], batch: list[int],
+                      pad: int, device: Any) -> list[tuple[float, int]]:
+    """(summed NLL, predicted tokens) of each text of one batch: the LM head runs on the predicting
+    positions only (no logits for padding), log-softmax in fp32 a chunk of positions at a time."""
+    seqs = [list(encoded[j]) if encoded[j] else [pad] for j in batch]
+    ids, mask = (t.to(device) for t in pad_rows(seqs, pad))
+    width = ids.shape[1]
+    counts = [max(len(encoded[j]) - 1, 0) for j in batch]
+    flat = [r * width + t for r, n in enumerate(counts) for t in range(n)]
+    targets = torch.tensor([encoded[j][t + 1] for j, n in zip(batch, counts) for t in range(n)],
+                           dtype=torch.long)
+    logits = logits_at(forward, ids, mask, torch.tensor(flat, dtype=torch.long, device=ids.device))
+    targets = targets.to(logits.device)
+    token_lp = torch.empty(len(flat), dtype=torch.float32, device=logits.device)
+    for s in range(0, len(flat), NLL_CHUNK):
+        lp = torch.log_softmax(logits[s:s + NLL_CHUNK].float(), dim=-1)
+        token_lp[s:s + NLL_CHUNK] = lp.gather(-1, targets[s:s + NLL_CHUNK, None])[:, 0]
+    out, start = [], 0
+    for n in counts:
+        out.append((float(-token_lp[start:start + n].sum()), n) if n else (0.0, 0))
+        start += n
+    return out
+
+
 def score_perplexity(forward: ForwardFn, tokenizer: Any, texts: Sequence[str],
                      batch_size: int = 8, max_len: int = 1024, device: Any = None,
-                     add_special_tokens: bool = True, name: str = "perplexity") -> GeneralScore:
+                     add_special_tokens: bool = True, name: str = "perplexity",
+                     layout: str = "packed") -> GeneralScore:
     """Perplexity = exp(token-level mean NLL over all predicted tokens of all texts).
 
     Each text is tokenized (with special tokens by default) and cut to its first ``max_len``
     tokens; in a text of L tokens the tokens 2..L are predicted (L - 1 terms). The mean is over
-    all tokens of the corpus, not over texts.
+    all tokens of the corpus, not over texts. ``packed`` (the default) plans batches by tokens
+    (:func:`~gere_ds.evaluation.batching.plan_batches`: texts of a few hundred to two thousand
+    tokens no longer pad fifteen others to the longest, and the ranks get equal work) and runs
+    the LM head on real positions only; ``rows`` is the former fixed-size batching with full
+    logits.
     """
+    check_layout(layout)
     encoded = [token_ids(tokenizer, t, add_special_tokens)[:max_len] for t in texts]
     pad = pad_id(tokenizer)
 
@@ -222,9 +262,17 @@ def score_perplexity(forward: ForwardFn, tokenizer: Any, texts: Sequence[str],
             out.append((float(-lp.gather(-1, tok[:, None]).sum()), n - 1))
         return out
 
+    def run_packed(batch: list[int]) -> list[tuple[float, int]]:
+        return _text_nlls_packed(forward, encoded, batch, pad, device)
+
     with torch.no_grad():
-        parts = run_sharded(list(range(len(encoded))), batch_size, run,
-                            size=lambda j: len(encoded[j]))
+        if layout == "packed":
+            parts = run_sharded(list(range(len(encoded))), batch_size, run_packed,
+                                size=lambda j: max(len(encoded[j]), 1),
+                                max_tokens=MAX_BATCH_TOKENS)
+        else:
+            parts = run_sharded(list(range(len(encoded))), batch_size, run,
+                                size=lambda j: len(encoded[j]))
     total = sum(p[0] for p in parts)
     count = sum(p[1] for p in parts)
     if count == 0:

@@ -7,6 +7,7 @@ the kind, never its name.
 """
 from __future__ import annotations
 
+import inspect
 import os
 from dataclasses import dataclass, field
 from typing import Any, Optional, Protocol
@@ -46,7 +47,7 @@ class GeneralKind(Protocol):
     def load(self, gcfg: Any, seed: int, dev_path: Optional[str]) -> GeneralData: ...
 
     def score(self, forward: ForwardFn, tokenizer: Any, data: GeneralData, batch_size: int,
-              max_len: int, device: Any) -> GeneralScore: ...
+              max_len: int, device: Any) -> GeneralScore: ...  # may also take layout=...
 
     def outcomes(self, score: GeneralScore) -> Outcomes: ...
 
@@ -71,9 +72,9 @@ class MultipleChoice:
         return GeneralData(cfg=gcfg, items=rows, dev=dev)
 
     def score(self, forward: ForwardFn, tokenizer: Any, data: GeneralData, batch_size: int,
-              max_len: int, device: Any) -> GeneralScore:
+              max_len: int, device: Any, layout: str = "packed") -> GeneralScore:
         return score_mmlu(forward, tokenizer, data.items, data.dev, data.cfg.shots, batch_size,
-                          max_len, device, name=data.cfg.name)
+                          max_len, device, name=data.cfg.name, layout=layout)
 
     def outcomes(self, score: GeneralScore) -> Outcomes:
         return {"acc": [bool(c) for c in score.extra["correct"]]}
@@ -91,9 +92,9 @@ class Perplexity:
         return GeneralData(cfg=gcfg, items=load_texts(gcfg.path, gcfg.max_examples, seed))
 
     def score(self, forward: ForwardFn, tokenizer: Any, data: GeneralData, batch_size: int,
-              max_len: int, device: Any) -> GeneralScore:
+              max_len: int, device: Any, layout: str = "packed") -> GeneralScore:
         return score_perplexity(forward, tokenizer, data.items, batch_size, max_len, device,
-                                name=data.cfg.name)
+                                name=data.cfg.name, layout=layout)
 
     def outcomes(self, score: GeneralScore) -> Outcomes:
         return {"nll": [float(v) for v in score.extra["text_nll"]],
@@ -112,9 +113,9 @@ class Cloze:
         return GeneralData(cfg=gcfg, items=load_cloze(gcfg.path, gcfg.max_examples))
 
     def score(self, forward: ForwardFn, tokenizer: Any, data: GeneralData, batch_size: int,
-              max_len: int, device: Any) -> GeneralScore:
+              max_len: int, device: Any, layout: str = "packed") -> GeneralScore:
         c = score_cloze(forward, tokenizer, data.items, batch_size, max_len, device,
-                        name=data.cfg.name)
+                        name=data.cfg.name, layout=layout)
         return GeneralScore(name=c.name, kind=self.name, value=c.acc_norm, n=c.n,
                             extra={"acc": c.acc, "acc_norm": c.acc_norm, "correct": c.correct,
                                    "correct_norm": c.correct_norm})
@@ -149,7 +150,9 @@ def load_general(gcfg: Any, seed: int = 42, dev_path: Optional[str] = None) -> G
 
 
 def score_general(forward: ForwardFn, tokenizer: Any, data: GeneralData, batch_size: int = 8,
-                  max_len: int = 2048, device: Any = None) -> GeneralScore:
-    """Score one loaded general evaluation."""
-    return general_kind(data.cfg.kind).score(forward, tokenizer, data, batch_size, max_len,
-                                             device)
+                  max_len: int = 2048, device: Any = None, layout: str = "packed") -> GeneralScore:
+    """Score one loaded general evaluation. ``layout`` (gere_ds.evaluation.batching) reaches the
+    kinds whose ``score`` takes it; a kind without the argument scores its one way."""
+    kind = general_kind(data.cfg.kind)
+    extra = {"layout": layout} if "layout" in inspect.signature(kind.score).parameters else {}
+    return kind.score(forward, tokenizer, data, batch_size, max_len, device, **extra)

@@ -27,9 +27,11 @@ instruction, options and start of the text are dropped so that the end of the te
 
 Modes
 -----
-* ``rank`` (default): every (example, label) pair is one row ``source + label_ids + [eos]``; the
-  score of a label is the mean log-probability of its target tokens (eos included) given the
-  source (length-normalised log-likelihood). The prediction is the best label (first on ties).
+* ``rank`` (default): the score of a label is the mean log-probability of its target tokens
+  ``label_ids + [eos]`` (eos included) given the source (length-normalised log-likelihood). The
+  prediction is the best label (first on ties). All labels of an example are scored from one
+  packed row (:mod:`gere_ds.evaluation.packing`); ``layout="rows"`` scores one row
+  ``source + label_ids + [eos]`` per (example, label) as before.
 * ``generate``: greedy decoding of ``max_new_tokens`` tokens, stopping per row at eos; the
   prediction is read as O-LoRA does (:func:`extract_answer`: prompt + continuation decoded with
   ``skip_special_tokens``, the text after the LAST ``Answer:``, stripped; empty if a cut prompt
@@ -117,11 +119,12 @@ def extract_answer(tokenizer: Any, source: Sequence[int], new: Sequence[int]) ->
 
 def rank_scores(forward: ForwardFn, tokenizer: Any, sources: Sequence[Sequence[int]],
                 targets: Sequence[Sequence[int]], batch_size: int = 8,
-                device: Any = None) -> list[list[float]]:
+                device: Any = None, layout: str = "packed") -> list[list[float]]:
     """``scores[e][l]`` = mean log p(targets[l] | sources[e]) over the target tokens (all labels
-    of an example in one packed row when the forward allows it)."""
+    of an example in one packed row when the forward allows it and ``layout`` is ``packed``;
+    ``rows``: one row per (example, label))."""
     items = [Choices(tuple(src), tuple(tuple(t) for t in targets)) for src in sources]
-    logprobs = score_continuations(forward, items, batch_size, pad_id(tokenizer), device)
+    logprobs = score_continuations(forward, items, batch_size, pad_id(tokenizer), device, layout)
     return [[sum(tokens) / len(tokens) for tokens in per_label] for per_label in logprobs]
 
 
@@ -202,12 +205,14 @@ def score_task(forward: ForwardFn, tokenizer: Any, examples: Sequence[Example],
                task_cfg: Any, mode: str = "rank", batch_size: int = 8,
                max_source_len: int = 512, max_target_len: Optional[int] = None,
                max_new_tokens: int = 8, generate_fn: Optional[GenerateFn] = None,
-               device: Any = None, truncate_source: str = "tail") -> TaskScore:
+               device: Any = None, truncate_source: str = "tail",
+               layout: str = "packed") -> TaskScore:
     """Accuracy (percent) of the model on ``examples`` of the task ``task_cfg``.
 
     ``task_cfg`` needs ``name``, ``instruction`` and ``labels`` (a TaskConfig; ``option_line``
     is read when present). ``mode`` is ``rank`` or ``generate`` (module doc);
-    ``truncate_source`` is ``train.truncate_source``. The result is the same on every rank.
+    ``truncate_source`` is ``train.truncate_source``; ``layout`` (rank mode) is ``packed`` or
+    ``rows`` (:func:`rank_scores`). The result is the same on every rank.
     """
     if mode not in EVAL_MODES:
         raise ValueError(f"unknown eval mode {mode!r}; one of {', '.join(EVAL_MODES)}")
@@ -221,7 +226,7 @@ def score_task(forward: ForwardFn, tokenizer: Any, examples: Sequence[Example],
     golds = [ex.label for ex in examples]
     if mode == "rank":
         targets = [encode_target(tokenizer, lab, max_target_len or NO_TARGET_CAP) for lab in labels]
-        scores = rank_scores(forward, tokenizer, sources, targets, batch_size, device)
+        scores = rank_scores(forward, tokenizer, sources, targets, batch_size, device, layout)
         preds = [labels[argmax_first(s)] for s in scores]
         correct = [p == g for p, g in zip(preds, golds)]
     else:
@@ -288,9 +293,12 @@ class EvalSuite:
     def evaluate(self, forward: ForwardFn, tokenizer: Any, device: Any = None,
                  generate_fn: Optional[GenerateFn] = None,
                  tasks: Optional[Sequence[str]] = None,
-                 progress: Optional[Callable[[int], None]] = None) -> EvalRow:
+                 progress: Optional[Callable[[int], None]] = None,
+                 layout: str = "packed") -> EvalRow:
         """Score every task (or only the names in ``tasks``) and every general evaluation;
-        ``progress(n)`` after each test set with its number of examples (:meth:`sizes`)."""
+        ``progress(n)`` after each test set with its number of examples (:meth:`sizes`).
+        ``layout="rows"`` scores as before packing (one row per choice, fixed-size batches, full
+        logits): the reference the packed default is compared against."""
         c = self.cfg
         sizes = self.sizes()
         done = progress or (lambda n: None)
@@ -302,12 +310,13 @@ class EvalSuite:
                            batch_size=c.batch_size, max_source_len=self.max_source_len,
                            max_target_len=self.max_target_len, max_new_tokens=c.max_new_tokens,
                            generate_fn=generate_fn, device=device,
-                           truncate_source=self.truncate_source)
+                           truncate_source=self.truncate_source, layout=layout)
             row.accuracy[task.name] = s.accuracy
             row.task_scores[task.name] = s
             done(sizes[task.name])
         for data in self.general:
-            g = score_general(forward, tokenizer, data, c.batch_size, self.general_max_len, device)
+            g = score_general(forward, tokenizer, data, c.batch_size, self.general_max_len, device,
+                              layout)
             row.general[g.name] = g.value
             row.general_scores[g.name] = g
             done(sizes[data.cfg.name])
