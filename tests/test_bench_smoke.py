@@ -113,6 +113,25 @@ def test_bench_optimizer_smoke(bench_dirs):
     assert data["max_weight_diff"] < 1e-5 and all(v > 0 for v in data["median_s"].values())
 
 
+def test_bench_eval_smoke(bench_dirs):
+    """One process: one evaluation point of a tiny suite of the benchmark's kinds, scored by the
+    former paths and the packed one; fp32, so the numbers agree and no prediction differs."""
+    data = _run_one_process("bench_eval", bench_dirs[0])
+    assert data["variants"] == ["rows", "tree", "packed"] and data["bf16"] is False
+    kinds = {"sentiment", "topic", "cloze", "texts_ppl"}
+    assert set(data["sets"]) == kinds
+    for name, s in data["sets"].items():
+        assert set(s["against"]) == {"rows", "tree"}, name
+        assert all(t > 0 for t in s["seconds"].values()), name
+        for c in s["against"].values():
+            assert c.get("max_score_difference", 0.0) < 1e-5, name
+            assert c.get("predictions_differing", 0) == c.get("outcomes_differing", 0) == 0, name
+    assert data["sets"]["texts_ppl"]["against"]["rows"]["relative_difference"] < 1e-5
+    assert set(data["speedup"]) == {"rows", "tree"} and data["speedup"]["rows"] > 0
+    balance = data["perplexity_busiest_rank_of_two"]["texts_ppl"]
+    assert balance["planned"] <= balance["former"]
+
+
 def test_bench_teacher_pass_smoke(bench_dirs):
     """One process: every batching of the teacher pass (file order or grouped by length, with
     or without the LM head) captures the same features, and grouping never pads more."""
