@@ -12,7 +12,7 @@ by length (longest first) to reduce padding; results are returned in the origina
 
 With a token budget (``max_tokens``, the ``packed`` layout) the batches are planned globally
 instead (:func:`plan_batches`): every rank holds every item, so each computes the same plan
-without talking to the others. Items are sorted longest first and cut into batches of at most
+without talking to the others. Items sorted longest first are cut into batches of at most
 ``batch_size`` rows and ``max_tokens`` padded tokens (a few long texts no longer pad fifteen short
 ones to their length), and each batch goes to the rank with the least estimated work so far.
 """
@@ -84,18 +84,19 @@ def plan_batches(sizes: Sequence[int], world: int, batch_size: int,
                  max_tokens: int) -> list[list[list[int]]]:
     """``plan[rank]``: that rank's batches of item indices, the same number on every rank.
 
-    Items sorted longest first (ties by index) fill batches of at most ``batch_size`` rows and
-    ``max_tokens`` padded tokens (an item longer than that is a batch alone); each batch goes to
-    the rank with the least :func:`batch_cost` so far (the lowest rank on ties). A rank with fewer
+    Items sorted longest first (ties by index) fill batches of at most ``max_tokens`` padded
+    tokens (an item longer than that is a batch alone) and at most ``batch_size`` rows, and of no
+    more than a rank's share of the items (so that no rank idles); each batch goes to the rank
+    with the least :func:`batch_cost` so far (the lowest rank on ties). A rank with fewer
     batches gets empty ones, which :func:`run_sharded` runs as a dummy batch of the shortest item.
     """
     if batch_size < 1 or max_tokens < 1:
         raise ValueError("batch_size and max_tokens must be >= 1")
-    order = sorted(range(len(sizes)), key=lambda j: (-sizes[j], j))
+    rows = min(batch_size, max(1, math.ceil(len(sizes) / world)))
     batches: list[list[int]] = []
-    for j in order:
+    for j in sorted(range(len(sizes)), key=lambda j: (-sizes[j], j)):
         last = batches[-1] if batches else None
-        if last and len(last) < batch_size and (len(last) + 1) * sizes[last[0]] <= max_tokens:
+        if last and len(last) < rows and (len(last) + 1) * sizes[last[0]] <= max_tokens:
             last.append(j)
         else:
             batches.append([j])
