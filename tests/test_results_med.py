@@ -1,0 +1,53 @@
+"""The numbers the results page quotes from the benchmark on the new tasks
+(docs/results/continual_med/) and its calibration screen, checked against the committed files."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+MED = REPO / "docs" / "results" / "continual_med"
+SCREEN = REPO / "docs" / "results" / "calibration" / "screen5_first_task"
+
+
+def _section() -> str:
+    text = (REPO / "docs" / "results.md").read_text(encoding="utf-8")
+    start = text.index("## The continual benchmark (SmolLM2-135M-Instruct; about")
+    return text[start:text.index("\n## ", start + 10)]
+
+
+def _rows(name: str) -> list[dict[str, str]]:
+    lines = (MED / name).read_text(encoding="utf-8").split("\n\n")[0].splitlines()
+    head = [c.strip() for c in lines[0].strip("|").split("|")]
+    return [dict(zip(head, (c.strip() for c in x.strip("|").split("|")))) for x in lines[2:]]
+
+
+def test_the_page_shows_the_committed_table_and_learning_table():
+    section = _section()
+    for name in ("table.md", "learning.md"):
+        assert (MED / name).read_text(encoding="utf-8").split("\n\n")[0].strip() in section, name
+
+
+def test_prose_numbers_are_the_committed_ones():
+    section = " ".join(_section().split())
+    learning = {r["task"]: r for r in _rows("learning.md") if r["row"].startswith("none")}
+    for task, r in learning.items():
+        assert f"`{task}` {r['base']} -> {r['after own training']}" in section, task
+    assert f"`med_basic` falls to {learning['med_basic']['after last task']}" in section
+    assert f"`about` only to {learning['about']['after last task']}" in section
+    none = next(r for r in _rows("table.md") if r["row"].startswith("none"))
+    gap = none["general - own base"].split()[0].lstrip("-")
+    assert f"general acc_norm ends {gap} points under its own base model's" in section
+    news, base = none["news_ppl ppl"].replace("(base ", "").rstrip(")").split()
+    assert f"news perplexity rises from {base} to {news}" in section
+
+
+def test_calibration_numbers_are_the_screens():
+    section = " ".join(_section().split())
+    about = json.loads((SCREEN / "metrics.json").read_text())["matrix"]
+    majority = json.loads((SCREEN / "outcomes.json").read_text())["majority"]["about"]
+    assert (f"`about` went {about[0][0]:.1f} -> {about[1][0]:.1f} (majority {100 * majority:.1f})"
+            in section)
+    adj2 = json.loads((SCREEN / "adj2_metrics.json").read_text())
+    column = adj2["tasks"].index("adj2")
+    assert f"2 adjectives: {adj2['matrix'][0][column]:.1f} -> {adj2['matrix'][1][column]:.1f}" in section
