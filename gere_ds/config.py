@@ -19,10 +19,9 @@ from typing import Any, Optional, Union
 import yaml
 
 from gere_ds.atomic import write_text_atomic
+from gere_ds.constants import EVAL_MODES, TRUNCATE_SOURCE
 from gere_ds.errors import InputError
 
-EVAL_MODES = ("rank", "generate")
-TRUNCATE_SOURCE = ("head", "tail")
 # how the per-row losses of a global batch become one number (docs/method.md, "Weighing rows")
 REDUCTIONS = ("row", "global_micro_batch")
 # what happens to a LoRA adapter between tasks (docs/lora.md, "The continual choice")
