@@ -130,3 +130,21 @@ def test_command_refuses_bad_input_in_one_line(tiny_config, tmp_path, capsys, ar
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and words in err
     assert not (tmp_path / "o").exists()
+
+
+def test_command_in_bfloat16_flips_nothing_on_the_same_model_and_names_a_bad_device(
+        tiny_config, tiny_paths, tmp_path, capsys):
+    """An 8B model is measured in bf16 on its GPU: the same path on the CPU here. The base
+    model against a copy of itself, both in bf16 with the same batches, flips nothing."""
+    same = tmp_path / "same"
+    shutil.copytree(tiny_paths["model"], same)
+    out = tmp_path / "bf16"
+    assert states_main(["--config", str(tiny_config()), "--out", str(out), "--samples", "5",
+                        "--dtype", "bfloat16", "--device", "cpu", f"same={same}"]) == 0
+    doc = json.loads((out / "states.json").read_text())
+    assert doc["models"]["same"]["replay"]["flipped_pct"] == 0.0
+    capsys.readouterr()
+    code = states_main(["--config", str(tiny_config()), "--out", str(tmp_path / "o"),
+                        "--device", "nodevice", f"same={same}"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "--device" in err

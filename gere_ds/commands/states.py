@@ -13,8 +13,10 @@ state flipped (0 -> +-1, +-1 -> 0, sign), the mean violation of a flipped elemen
 shift of every element, in units of the dimension's sigma. `OUT/states.json` holds every count,
 `OUT/states.md` the table and `OUT/states.png` the flipped percentages.
 
-One plain process in float32 on the CPU; no launcher. Exit status 0, or 2 with one `error:`
-line for bad input.
+One plain process, no launcher: on the GPU when one is visible, else the CPU (`--device`), in
+float32 or, for a model that float32 does not fit (8B on one card), bfloat16 (`--dtype`; the
+states are then those bf16 kernels give, and rounding alone flips a few near a threshold).
+Outputs are kept on the host. Exit status 0, or 2 with one `error:` line for bad input.
 """
 from __future__ import annotations
 
@@ -90,6 +92,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--samples", type=int, default=256,
                    help="replay texts (the first of the set) and held-out texts to use")
     p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="weights and compute of every model measured")
+    p.add_argument("--device", default="auto",
+                   help="torch device (auto: cuda when visible, else cpu)")
     p.add_argument("--threshold-k", type=float, default=None,
                    help="k of the thresholds mu +- k*sigma (default: the config's "
                         "replay.threshold_k)")
@@ -110,7 +116,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config)
         if args.threshold_k is not None:
             cfg.replay.threshold_k = args.threshold_k
-        results = measure_models(cfg, models, args.heldout, args.samples, args.batch_size)
+        results = measure_models(cfg, models, args.heldout, args.samples, args.batch_size,
+                                 dtype=args.dtype, device=args.device)
     except InputError as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         return 2
@@ -129,7 +136,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def measure_models(cfg: Any, models: list[tuple[str, str]], heldout: str, samples: int,
-                   batch_size: int) -> dict[str, dict[str, dict[str, Any]]]:
+                   batch_size: int, dtype: str = "float32",
+                   device: str = "auto") -> dict[str, dict[str, dict[str, Any]]]:
     """{name: {"replay" | "heldout": Drift.summary()}} against the config's base model."""
     import torch  # lazy: the CLI starts without torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -150,9 +158,16 @@ def measure_models(cfg: Any, models: list[tuple[str, str]], heldout: str, sample
     rows = {k: [r for r in (encode_replay(tok, t, cfg.replay.max_len) for t in texts) if r]
             for k, texts in text_sets.items()}
 
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        target = torch.device(device)
+    except RuntimeError as err:
+        raise InputError(f"{device!r} is not a torch device ({err})", field="--device") from None
+
     def load(folder: str) -> torch.nn.Module:
-        return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32,
-                                                    trust_remote_code=trust).eval()
+        return AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, dtype),
+                                                    trust_remote_code=trust).to(target).eval()
 
     bar = progress_bar(len(models) + 1, "models (base first)")
     base = load(cfg.model)

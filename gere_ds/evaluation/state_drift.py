@@ -39,13 +39,15 @@ class Thresholds:
 def final_norm_outputs(model: torch.nn.Module, rows: Sequence[Sequence[int]], pad_id: int,
                        batch_size: int = 8) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """(final-norm output [B, T, D] float32, mask [B, T] bool) per batch of token rows, right
-    padded (causal attention: padding never changes a real token's output)."""
+    padded (causal attention: padding never changes a real token's output), on the host
+    whatever device the model runs on (a base model's outputs are kept for every batch)."""
+    device = next(model.parameters()).device
     capture = FinalNormCapture(model)
     try:
         for start in range(0, len(rows), batch_size):
             ids, mask = pad_rows(rows[start:start + batch_size], pad_id)
-            model(input_ids=ids, attention_mask=mask, use_cache=False)
-            yield capture.pop().float(), mask.bool()
+            model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
+            yield capture.pop().float().cpu(), mask.bool()
     finally:
         capture.remove()
 
