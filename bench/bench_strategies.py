@@ -183,7 +183,7 @@ def worker(args: argparse.Namespace) -> None:
                "ranks": gathered, "notes": notes,
                "path_checks": checks, "teacher_manifests": manifests(tr)}
         Path(args.result).write_text(json.dumps(out, default=str))
-    dist.barrier()  # clean exit without destroy_process_group (docs/platform.md)
+    dist.barrier()  # clean exit without destroy_process_group, which sometimes aborts at exit on CPU
 
 
 def term_costs(tr, terms: dict, rows, reps: int) -> dict[str, float]:

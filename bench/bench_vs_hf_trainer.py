@@ -316,7 +316,7 @@ def worker(args: argparse.Namespace) -> None:
             hf_args.is_torch_bf16_gpu_available = lambda *a, **k: True
         # accelerate picks no backend for CPU ranks under the deepspeed launcher (each rank then
         # believes it is alone): configure its state on the existing gloo group first
-        # (docs/platform.md: accelerate + DeepSpeed on CPU needs backend="gloo")
+        # (accelerate + DeepSpeed on CPU needs backend="gloo": otherwise every rank thinks it is 0)
         import os
 
         from accelerate import PartialState
