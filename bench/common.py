@@ -199,12 +199,10 @@ def bench_parser(doc: str, smoke_help: str) -> argparse.ArgumentParser:
 def run_worker_and_exit(worker: Callable[[argparse.Namespace], None],
                         args: argparse.Namespace) -> NoReturn:
     """Run the worker side; it writes its result file and passes a barrier on every rank."""
+    from gere_ds import dist
+
     worker(args)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    # skip interpreter teardown: at-exit hooks of the process group (and of the HF Trainer's
-    # accelerate state) occasionally abort with -6 after all work is done
-    os._exit(0)
+    dist.exit_process(0)  # also skips the HF Trainer's accelerate state teardown
 
 
 @dataclass

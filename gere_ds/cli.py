@@ -6,7 +6,6 @@ run, so `gere-ds --help` and a light command never pull in torch or DeepSpeed.
 from __future__ import annotations
 
 import importlib
-import os
 import sys
 
 # command -> (module, one-line description)
@@ -55,11 +54,9 @@ def main(argv: list[str] | None = None) -> int:
     code = int(module.main(rest) or 0)
     torch_dist = sys.modules.get("torch.distributed")
     if torch_dist is not None and torch_dist.is_available() and torch_dist.is_initialized():
-        # a process group is up (every command ends on a barrier): skip interpreter teardown,
-        # whose at-exit hooks occasionally abort with -6 after all work is done
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
+        from gere_ds import dist  # lazy: dist loads torch, which only such a command has loaded
+
+        dist.exit_process(code)  # every command ends on a barrier
     return code
 
 

@@ -8,13 +8,8 @@ The same as `gere-ds preflight` (gere_ds.commands.preflight); accepts the launch
 """
 from __future__ import annotations
 
-import os
-import sys
-
+from gere_ds import dist
 from gere_ds.commands.preflight import main
 
 if __name__ == "__main__":
-    code = main()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)  # no destroy_process_group; abandoned name-lookup threads are not joined
+    dist.exit_process(main())  # abandoned name-lookup threads are not joined either

@@ -5,7 +5,6 @@ fp32: equal to 1e-5 on a tiny Llama; bf16: within the documented tolerance with 
 predictions; the real model and the benchmark's test sets in a slow test when they are built."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from types import SimpleNamespace
 

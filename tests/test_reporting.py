@@ -2,7 +2,6 @@
 the forgetting curve (run and compare), W&B offline."""
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 

@@ -407,7 +407,6 @@ def test_cache_writer_removes_only_temp_folders_of_dead_processes(tmp_path):
 def test_teacher_scratch_checks_free_space_and_removes_dead_scratch(tiny_lm, tmp_path,
                                                                    monkeypatch):
     import os
-    import shutil
     import socket
     from collections import namedtuple
 

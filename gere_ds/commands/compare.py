@@ -28,7 +28,6 @@ import io
 import json
 import os
 import sys
-from pathlib import Path
 from typing import Any, Optional, Sequence, TypeVar
 
 from gere_ds.atomic import write_bytes_atomic, write_text_atomic

@@ -20,7 +20,6 @@ import math
 import os
 import statistics
 import sys
-from pathlib import Path
 from typing import Any, Optional, Sequence
 
 

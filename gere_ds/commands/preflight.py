@@ -262,7 +262,6 @@ def _notes(rows: list[Row]) -> list[str]:
 
 
 if __name__ == "__main__":  # `python -m gere_ds.commands.preflight`: the same as `gere-ds preflight`
-    code = main()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)  # no destroy_process_group; abandoned name-lookup threads are not joined
+    from gere_ds import dist
+
+    dist.exit_process(main())  # abandoned name-lookup threads are not joined either

@@ -24,7 +24,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-import torch
 
 from gere_ds.errors import InputError
 from gere_ds.evaluation.batching import ForwardFn, argmax_first, pad_id

@@ -3,13 +3,13 @@ command, as launch/train.py runs it, with the strategies of tests/cosine_strateg
 first (a strategy defined outside gere_ds needs nothing more)."""
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the strategy module
 
 from cosine_strategy import ActivationDecay, FeatureCosine  # noqa: E402
+from gere_ds import dist  # noqa: E402
 from gere_ds.commands.train import main  # noqa: E402
 from gere_ds.strategies import register  # noqa: E402
 
@@ -17,7 +17,4 @@ register(FeatureCosine)
 register(ActivationDecay)
 
 if __name__ == "__main__":
-    code = main()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)  # as launch/train.py: no interpreter teardown after the last barrier
+    dist.exit_process(main())  # as launch/train.py
