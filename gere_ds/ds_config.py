@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 from typing import Any, Callable
 
-from gere_ds.config import RunConfig
+from gere_ds.config.sections import RunConfig
 from gere_ds.errors import InputError
 
 DS_CONFIG_DIR = Path(__file__).resolve().parents[1] / "ds_configs"

@@ -12,7 +12,7 @@ from typing import Any, Callable
 
 import torch
 
-from gere_ds.config import RunConfig
+from gere_ds.config.sections import RunConfig
 from gere_ds.errors import InputError
 
 
@@ -54,11 +54,13 @@ def check_model_folder(cfg: RunConfig) -> None:
                          field="model")
 
 
-def forward_logits(model: Any, input_ids: torch.Tensor,
-                   attention_mask: torch.Tensor) -> torch.Tensor:
+def forward_logits(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                   position_ids: torch.Tensor | None = None) -> torch.Tensor:
     """Next-token logits [B, T, V] of a Hugging Face model or a DeepSpeed engine wrapping one
-    (position p predicts token p + 1; a collective under ZeRO-3)."""
-    return model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+    (position p predicts token p + 1; a collective under ZeRO-3). Packed rows
+    (gere_ds.data.collate.PackedRows) come with no attention mask and their position ids."""
+    return model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                 use_cache=False).logits
 
 
 # Attention kernels that take an arbitrary 4D mask: sdpa a boolean one, eager an additive one.
@@ -128,9 +130,15 @@ class Engine:
     def module(self) -> torch.nn.Module:
         return getattr(self.engine, "module", self.engine)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                position_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Logits [B, T, V] from one engine forward (collective under ZeRO-3)."""
-        return forward_logits(self.engine, input_ids, attention_mask)
+        return forward_logits(self.engine, input_ids, attention_mask, position_ids)
+
+    def context_length(self) -> int | None:
+        """The longest sequence the model was built for (``max_position_embeddings``)."""
+        config = getattr(self.module, "config", None)
+        return getattr(config, "max_position_embeddings", None)
 
     def features_forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
         """A forward for the final-norm capture only: the LM head runs on no position, so the

@@ -29,7 +29,7 @@ import torch
 
 from gere_ds import dist, stop
 from gere_ds.checkpoint import Checkpointer, all_ranks_problem, run_identity, task_tag
-from gere_ds.config import load_config
+from gere_ds.config.loading import load_config
 from gere_ds.engine import check_model_folder, load_tokenizer
 from gere_ds.errors import InputError
 from gere_ds.hf_folder import (DTYPES, ExportError, config_dtype, fmt_shape,  # noqa: F401

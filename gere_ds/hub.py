@@ -11,7 +11,7 @@ import os
 import re
 from pathlib import Path
 
-from gere_ds.config import RunConfig
+from gere_ds.config.sections import RunConfig
 from gere_ds.errors import InputError
 
 # owner/name as the hub spells repository ids (a relative path with one slash looks the same:

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gere_ds.config import RunConfig
+from gere_ds.config.sections import RunConfig
 from gere_ds.data.replay import check_replay_inputs
 from gere_ds.data.tasks import Example, load_examples
 from gere_ds.data.encode import encode_target

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from gere_ds import dist
-from gere_ds.config import LoraConfig, RunConfig
+from gere_ds.config.sections import LoraConfig, RunConfig
 from gere_ds.errors import InputError
 from gere_ds.hf_folder import meta_model
 

@@ -14,7 +14,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from gere_ds.config import RunConfig
+from gere_ds.config.sections import RunConfig
 from gere_ds.hf_folder import ExportError, plain_model_building
 from gere_ds.lora import (ADAPTER, add_adapters, load_merges, lora_layers, merge_values,
                           merged_weight)

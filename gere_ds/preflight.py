@@ -246,7 +246,7 @@ def check_output(cfg: Any, info: dict[str, Any]) -> str:
 def local_checks(row: Row, config: str, overrides: list[str], world: int) -> Any:
     """Config, model, data, replay set and output folder as seen by this rank."""
     # lazy: launcher-side checks run without torch
-    from gere_ds.config import load_config
+    from gere_ds.config.loading import load_config
     from gere_ds.engine import resolve_ds_config
 
     cfg = None

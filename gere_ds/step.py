@@ -16,10 +16,11 @@ import torch
 from gere_ds import dist, stop
 from gere_ds.batches import BatchMaker
 from gere_ds.capture import FinalNormCapture, lm_head_on_positions
-from gere_ds.config import RunConfig
+from gere_ds.config.sections import RunConfig
 from gere_ds.data.collate import MicroBatch
 from gere_ds.data.sampler import Row
 from gere_ds.engine import Engine
+from gere_ds.errors import InputError
 from gere_ds.losses import RowTerms, StepLoss, reduce_rows, row_ce_sums, step_means, \
     supervised_positions
 from gere_ds.step_guard import skipped_step, step_is_nonfinite
@@ -33,6 +34,23 @@ def _no_phase(name: str) -> ContextManager:
     return contextlib.nullcontext()
 
 
+def pack_capacity(cfg: RunConfig, engine: Engine) -> int | None:
+    """Tokens per packed sequence when training packs its rows (``train.packing``), else None:
+    ``train.pack_length``, or the model's context length (positions restart in every row, so
+    this bounds memory, not positions)."""
+    t = cfg.train
+    if not t.packing:
+        return None
+    context = engine.context_length()
+    if t.pack_length and context and t.pack_length > context:
+        raise InputError(f"{t.pack_length} is longer than the model's context "
+                         f"(max_position_embeddings = {context})", field="train.pack_length")
+    return t.pack_length or context or DEFAULT_PACK_LENGTH
+
+
+DEFAULT_PACK_LENGTH = 4096  # a model that names no context length
+
+
 class TrainStep:
     """The loss of one micro-batch and its application, for one ReplayTerm."""
 
@@ -43,6 +61,7 @@ class TrainStep:
         self.batches, self.term, self.world = batches, term, world
         self.phases = phases or _no_phase
         self._losses_bad: torch.Tensor | None = None  # this optimizer step's, on the device
+        self.pack_capacity = pack_capacity(cfg, engine)
         self.skipped = False  # whether the last optimizer step was skipped as non-finite
 
     def row_terms(self, logits: torch.Tensor, hidden: torch.Tensor, mb: MicroBatch,
@@ -77,6 +96,30 @@ class TrainStep:
         return RowTerms(mb.is_replay, ce_sum, ce_count, *reg,
                         mb.attention_mask.sum().to(torch.float32), logged)
 
+    def _forward(self, mb: MicroBatch, picked: tuple[torch.Tensor, torch.Tensor] | None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits ([N, V] at the picked positions, else [B, T, V]) and the final-norm output
+        [B, T, D], from the padded rows or from their packed form: the same values, in the
+        padded layout either way, so the loss terms never see which ran."""
+        packed = mb.packed
+        if packed is None:
+            ids, mask, position_ids, head_at = mb.input_ids, mb.attention_mask, None, None
+        else:
+            ids, mask, position_ids = packed.input_ids, None, packed.position_ids
+            head_at = None if picked is None else packed.source.index_select(0, picked[0])
+        if picked is None:
+            logits = self.engine.forward(ids, mask, position_ids)
+        else:
+            at = picked[0] if packed is None else head_at
+            with lm_head_on_positions(self.engine.module, at):
+                logits = self.engine.forward(ids, mask, position_ids)
+        hidden = self.capture.pop()
+        if packed is not None:
+            hidden = packed.unpack(hidden, mb.attention_mask)
+            if picked is None:
+                logits = packed.unpack(logits, mb.attention_mask)
+        return logits, hidden
+
     @staticmethod
     def _picked(mb: MicroBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """The supervised positions and targets, as collate built them on the CPU."""
@@ -91,17 +134,13 @@ class TrainStep:
         ``full_logits`` None: the term decides (kl reads logits at every replay token; else
         the LM head runs only where a target is: same loss and gradients, less work)."""
         with self.phases("make_batch"):
-            mb, replay_ids = self.batches.make(task_index, rows)
+            mb, replay_ids = self.batches.make(task_index, rows, self.pack_capacity)
         full = self.term.needs_full_logits if full_logits is None else full_logits
         picked = None if full else self._picked(mb)
         with self.phases("forward"):
-            if full:
-                logits = self.engine.forward(mb.input_ids, mb.attention_mask)
-            else:
-                with lm_head_on_positions(self.engine.module, picked[0]):
-                    logits = self.engine.forward(mb.input_ids, mb.attention_mask)
+            logits, hidden = self._forward(mb, picked)
         with self.phases("row_terms"):
-            terms = self.row_terms(logits, self.capture.pop(), mb, replay_ids, picked)
+            terms = self.row_terms(logits, hidden, mb, replay_ids, picked)
         if stop.injected("GERE_DS_NAN_AT", "a micro-step"):  # test hook: a non-finite loss
             terms = dataclasses.replace(terms, ce_sum=terms.ce_sum * float("nan"))
         t = self.cfg.train

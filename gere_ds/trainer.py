@@ -21,7 +21,8 @@ from gere_ds.batches import BatchMaker
 from gere_ds.capture import FinalNormCapture
 from gere_ds.checkpoint import (Checkpointer, load_rng, load_trainer_state, run_identity,
                                 step_tag, task_tag)
-from gere_ds.config import RunConfig, save_resolved
+from gere_ds.config.loading import save_resolved
+from gere_ds.config.sections import RunConfig
 from gere_ds.data.sampler import ContinualSampler
 from gere_ds.digest_cache import DIGESTS_FILE, DigestCache
 from gere_ds.engine import Engine, build_engine, resolve_ds_config, zero_stage

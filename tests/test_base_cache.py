@@ -4,7 +4,7 @@ from __future__ import annotations
 import dataclasses
 from types import SimpleNamespace
 
-from gere_ds.config import load_config
+from gere_ds.config.loading import load_config
 from gere_ds.evaluation import base_cache as BC
 from gere_ds.evaluation.general import GeneralScore
 from gere_ds.evaluation.scoring import EvalRow, EvalSuite, TaskScore

@@ -313,7 +313,7 @@ def test_committed_machine_records_are_json(study):
 def _saved_run(folder: Path, cfg_path: Path, strategy: str, max_examples: int, bits_of) -> None:
     """A finished run of the tiny config: config.yaml as the trainer saves it, metrics and
     outcomes where ``bits_of(task, k, n)`` gives the outcomes of evaluation k on n examples."""
-    from gere_ds.config import load_config, save_resolved
+    from gere_ds.config.loading import load_config, save_resolved
     from gere_ds.evaluation.outcomes import test_set_digests
     from gere_ds.evaluation.scoring import EvalSuite
 
@@ -344,7 +344,7 @@ def test_a_run_is_compared_on_the_examples_it_scored(tiny_config, tmp_path):
     run = tmp_path / "demo"
     _saved_run(run, cfg_path, "tm", 5, lambda t, k, n: "1" * n)
     table = B.compare_run(run, results)
-    from gere_ds.config import load_config
+    from gere_ds.config.loading import load_config
     from gere_ds.evaluation.batching import sample_rows
 
     cfg = load_config(run / "config.yaml")
@@ -368,7 +368,7 @@ def test_a_run_is_compared_on_the_examples_it_scored(tiny_config, tmp_path):
 def test_a_run_saved_before_a_key_existed_has_the_same_regime_as_one_with_its_default(tmp_path):
     """Saved configs are compared as this version resolves them: a key that an older trainer did
     not write counts as its default, so committed rows stay comparable with new runs."""
-    from gere_ds.config import load_config
+    from gere_ds.config.loading import load_config
     from gere_ds.evaluation.benchmark import _regime, resolved_config
 
     old = _write_run(tmp_path, "none", 1, [{"t1": "1", "t2": "1"}] * 3, ["1"] * 3)

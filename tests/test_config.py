@@ -6,7 +6,7 @@ import json
 import pytest
 import yaml
 
-from gere_ds.config import load_config
+from gere_ds.config.loading import load_config
 from gere_ds.engine import resolve_ds_config
 from gere_ds.errors import InputError
 
@@ -117,7 +117,7 @@ def test_ds_config_filled_from_run_config_or_disagreement_named(tmp_path):
 
 
 def test_resolved_config_round_trips(tmp_path):
-    from gere_ds.config import save_resolved
+    from gere_ds.config.loading import save_resolved
 
     cfg = load_config(_write(tmp_path, BASE), ["replay.weight=dy"])
     save_resolved(cfg, tmp_path / "resolved.yaml")

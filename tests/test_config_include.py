@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from gere_ds.config import load_config
+from gere_ds.config.loading import load_config
 from gere_ds.errors import InputError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -74,7 +74,7 @@ def test_print_config_is_documented_yaml_that_loads_back(tmp_path, capsys):
     import yaml
 
     from gere_ds.commands.train import main
-    from gere_ds.config import RunConfig
+    from gere_ds.config.sections import RunConfig
 
     (tmp_path / "c.yaml").write_text(BASE)
     assert main(["--config", str(tmp_path / "c.yaml"), "--print-config", "train.lr=2e-5"]) == 0

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from gere_ds.config import TaskConfig
+from gere_ds.config.sections import TaskConfig
 from gere_ds.data.encode import IGNORE, encode_example, encode_replay
 from gere_ds.data.prompts import build_prompt
 from gere_ds.data.replay import load_replay_texts

@@ -109,7 +109,7 @@ def names_a_module(name: str) -> bool:
 
 @lru_cache(maxsize=None)
 def config_root() -> type:
-    from gere_ds.config import RunConfig
+    from gere_ds.config.sections import RunConfig
 
     return RunConfig
 

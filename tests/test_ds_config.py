@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, run_deepspeed
-from gere_ds.config import load_config
+from gere_ds.config.loading import load_config
 from gere_ds.ds_config import DS_CONFIG_DIR, ds_config_path, fill_ds_config, resolve_ds_config
 from gere_ds.errors import InputError
 

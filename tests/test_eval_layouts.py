@@ -204,7 +204,7 @@ def test_real_model_benchmark_sets_same_predictions(dtype):
     benchmark does not report) may fall the other way."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from gere_ds.config import load_config
+    from gere_ds.config.loading import load_config
     from gere_ds.evaluation.general_kinds import load_general, score_general
 
     folder = _real_assets()

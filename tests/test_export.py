@@ -120,7 +120,7 @@ def _fake_run(tiny_paths, tmp_path: Path, markers: bool) -> Path:
     from gere_assets.tiny import tiny_config_dict
     from gere_ds.checkpoint import run_identity
     from gere_ds.checkpoint_marker import write_marker
-    from gere_ds.config import load_config
+    from gere_ds.config.loading import load_config
 
     run = tmp_path / "run"
     folder = run / "checkpoints" / "task001-end"

@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from conftest import run_python
-from gere_ds.config import load_config, save_resolved
+from gere_ds.config.loading import load_config, save_resolved
 from gere_ds.engine import check_model_folder
 from gere_ds.errors import InputError
 

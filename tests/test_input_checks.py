@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from gere_ds.config import RunConfig, TaskConfig
+from gere_ds.config.sections import RunConfig, TaskConfig
 from gere_ds.data.replay import check_replay_inputs, load_replay_texts
 from gere_ds.errors import InputError
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import run_python
-from gere_ds.config import load_config
+from gere_ds.config.loading import load_config
 from gere_ds.errors import InputError
 
 GOOD = {"r": 4, "alpha": 8, "dropout": 0.1, "target_modules": ["q_proj", "v_proj"],
@@ -20,7 +20,7 @@ def _lora_config(tiny_config, **changes) -> Path:
 
 
 def test_lora_absent_is_full_fine_tuning_and_round_trips(tiny_config, tmp_path):
-    from gere_ds.config import save_resolved
+    from gere_ds.config.loading import save_resolved
 
     assert load_config(tiny_config("tm")).train.lora is None
     cfg = load_config(_lora_config(tiny_config))
@@ -86,7 +86,7 @@ def test_fresh_adapters_leave_the_model_unchanged_and_merge_is_exact(tiny_paths)
     the base reproduces the adapter's function; the export's names are the plain model's."""
     from transformers import AutoModelForCausalLM
 
-    from gere_ds.config import LoraConfig
+    from gere_ds.config.sections import LoraConfig
     from gere_ds.lora import (adapter_values, add_adapters, fresh_adapter_values, lora_layers,
                               merge_values)
     from gere_ds.lora_export import merged_state_dict
@@ -125,7 +125,7 @@ def test_final_norm_found_inside_the_peft_wrapper(tiny_paths):
     from transformers import AutoModelForCausalLM
 
     from gere_ds.capture import find_final_norm
-    from gere_ds.config import LoraConfig
+    from gere_ds.config.sections import LoraConfig
     from gere_ds.lora import add_adapters
 
     base = AutoModelForCausalLM.from_pretrained(tiny_paths["model"])

@@ -167,7 +167,7 @@ def test_lora_merge_starts_fresh_adapters_in_the_fp32_master(stage, request, tin
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     from transformers import AutoModelForCausalLM
 
-    from gere_ds.config import LoraConfig
+    from gere_ds.config.sections import LoraConfig
     from gere_ds.lora import add_adapters, fresh_adapter_values
 
     merge_run = request.getfixturevalue("merge_run" if stage == 3 else "merge_run_zero2")

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from gere_ds.config import TaskConfig, load_config
+from gere_ds.config.loading import load_config
+from gere_ds.config.sections import TaskConfig
 from gere_ds.data.encode import IGNORE, encode_example, encode_source
 from gere_ds.data.prompts import build_prompt
 from gere_ds.data.tasks import Example, load_examples

@@ -69,7 +69,7 @@ def test_forgetting_figure_has_one_line_per_task():
 
 
 def test_report_to_names_are_checked(tmp_path):
-    from gere_ds.config import load_config
+    from gere_ds.config.loading import load_config
     from gere_ds.errors import InputError
 
     cfg = tmp_path / "c.yaml"

@@ -30,7 +30,7 @@ def _steps(run_dir: Path) -> list[dict]:
 def test_presets_are_the_base_plus_their_row(monkeypatch):
     """configs/ablation/<row>.yaml == base.yaml + the row's overrides (regenerate them with
     `python launch/run_ablation.py --write-presets configs/ablation` after editing the base)."""
-    from gere_ds.config import load_config
+    from gere_ds.config.loading import load_config
     from gere_ds.strategies import STRATEGIES, term_strategies
 
     monkeypatch.chdir(REPO)
@@ -74,7 +74,7 @@ def test_runner_dry_run_prints_one_command_per_row():
 def test_every_ablation_row_completes_a_two_rank_tiny_run(tiny_config, tmp_path):
     """Every row, each the tiny config with the preset's strategy and weight (the presets
     themselves point at the demo model), 2 optimizer steps per task, one launch."""
-    from gere_ds.config import load_config
+    from gere_ds.config.loading import load_config
 
     rows = list(_ablation_module().ROWS)
     results = tmp_path / "ablation"

@@ -15,7 +15,8 @@ import torch
 
 import cosine_strategy
 from conftest import REPO, run_deepspeed, step_losses
-from gere_ds.config import ReplayConfig, RunConfig, TaskConfig, load_config
+from gere_ds.config.loading import load_config
+from gere_ds.config.sections import ReplayConfig, RunConfig, TaskConfig
 from gere_ds.data.collate import MicroBatch
 from gere_ds.errors import InputError
 from gere_ds.losses import reduce_rows

@@ -266,7 +266,7 @@ def test_topk_kl_close_to_full_kl_on_a_tiny_model(tiny_teacher_student):
 
 
 def test_kl_topk_larger_than_the_vocabulary_is_one_line():
-    from gere_ds.config import ReplayConfig
+    from gere_ds.config.sections import ReplayConfig
     from gere_ds.strategies import STRATEGIES
 
     STRATEGIES["kl"](ReplayConfig(kl_topk=64)).check_model(64, "m")
@@ -284,7 +284,7 @@ def test_kl_topk_larger_than_the_vocabulary_is_one_line():
     ("replay.kl_temperature=0", "replay.kl_temperature: must be > 0"),
 ])
 def test_bad_strategy_settings_stop_with_one_line(tiny_config, override, needle):
-    from gere_ds.config import load_config
+    from gere_ds.config.loading import load_config
 
     with pytest.raises(InputError) as err:
         load_config(tiny_config("kl"), [override])
@@ -293,7 +293,7 @@ def test_bad_strategy_settings_stop_with_one_line(tiny_config, override, needle)
 
 @pytest.mark.parametrize("strategy", ["kl", "l1", "l2"])
 def test_per_batch_not_below_the_global_batch_stops(tiny_config, strategy):
-    from gere_ds.config import load_config
+    from gere_ds.config.loading import load_config
     from gere_ds.inputs import validate_inputs
 
     # tiny config: micro 2 x accum 2 x 2 ranks = global batch 8
@@ -306,7 +306,7 @@ def test_per_batch_not_below_the_global_batch_stops(tiny_config, strategy):
 
 @pytest.mark.parametrize("weight", ["1", "100", "dy", "2.5e1"])
 def test_weight_number_or_dy_is_accepted(tiny_config, weight):
-    from gere_ds.config import load_config
+    from gere_ds.config.loading import load_config
 
     cfg = load_config(tiny_config("l2"), [f"replay.weight={weight}"])
     assert cfg.replay.weight == ("dy" if weight == "dy" else float(weight))
@@ -316,7 +316,7 @@ def test_weight_number_or_dy_is_accepted(tiny_config, weight):
 
 
 def test_every_strategy_is_one_replay_term():
-    from gere_ds.config import ReplayConfig
+    from gere_ds.config.sections import ReplayConfig
     from gere_ds.strategies import STRATEGIES
 
     assert list(STRATEGIES) == ["none", "replay", "tm", "kl", "l1", "l2"]
@@ -345,7 +345,7 @@ def test_every_strategy_is_one_replay_term():
 def test_feature_terms_read_their_rows_of_the_micro_batch(name, p):
     """local_sums picks the replay rows of the batch and the teacher's features of their
     samples: the same numbers as feature_diff_rows on those rows."""
-    from gere_ds.config import ReplayConfig
+    from gere_ds.config.sections import ReplayConfig
     from gere_ds.strategies import STRATEGIES, ReplayRows
 
     g = torch.Generator().manual_seed(3)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 
 from conftest import REPO
-from gere_ds.config import ReplayConfig
+from gere_ds.config.sections import ReplayConfig
 from gere_ds.strategies import STRATEGIES
 
 COMMON = {"train/loss", "train/task_ce", "train/replay_ce"}  # logged by every run with the rows

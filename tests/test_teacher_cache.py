@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from gere_ds.losses import teacher_topk
-from gere_ds.config import ReplayConfig
+from gere_ds.config.sections import ReplayConfig
 from gere_ds.strategies import STRATEGIES
 from gere_ds.fingerprint import fingerprint
 from gere_ds.teacher import TeacherJob, prepare_teacher_data, teacher_settings

@@ -31,7 +31,8 @@ from typing import Any
 
 from gere_ds import dist
 from gere_ds.atomic import write_json_atomic
-from gere_ds.config import RunConfig, load_config
+from gere_ds.config.loading import load_config
+from gere_ds.config.sections import RunConfig
 from gere_ds.errors import InputError
 
 

@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.threshold_k is not None and not 0 < args.threshold_k < float("inf"):
             raise InputError(f"{args.threshold_k} is not a positive number", field="--threshold-k")
         models = parse_models(args.models)
-        from gere_ds.config import load_config  # lazy: the CLI starts without torch
+        from gere_ds.config.loading import load_config  # lazy: the CLI starts without torch
 
         cfg = load_config(args.config)
         if args.threshold_k is not None:

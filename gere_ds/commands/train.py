@@ -15,7 +15,8 @@ import socket
 import sys
 
 from gere_ds import dist
-from gere_ds.config import RunConfig, load_config
+from gere_ds.config.loading import load_config
+from gere_ds.config.sections import RunConfig
 from gere_ds.errors import InputError
 from gere_ds.inputs import Inputs, validate_inputs
 from gere_ds.progress import TrainingError
@@ -53,7 +54,7 @@ def _report(errors: list[tuple[str, str | None]]) -> bool:
 
 
 def print_config(args: argparse.Namespace) -> int:
-    from gere_ds.config_doc import documented_yaml
+    from gere_ds.config.commented import documented_yaml
 
     try:
         cfg = load_config(args.config, args.overrides)

@@ -2,7 +2,7 @@
 against the run's layout (training and the pre-flight check use the same function)."""
 from __future__ import annotations
 
-from gere_ds.config import RunConfig
+from gere_ds.config.sections import RunConfig
 from gere_ds.data.files import read_rows
 from gere_ds.errors import InputError
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from gere_ds.config import TaskConfig
+from gere_ds.config.sections import TaskConfig
 from gere_ds.data.files import read_rows
 from gere_ds.errors import InputError
 

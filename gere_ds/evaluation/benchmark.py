@@ -141,7 +141,7 @@ def resolved_config(path: Path) -> dict[str, Any]:
     """A run's saved config with every default filled in by this version's loader, so runs
     saved before a new key existed compare equal to runs that carry its default; a former
     value is read as the number it meant."""
-    from gere_ds.config import load_config
+    from gere_ds.config.loading import load_config
     from gere_ds.errors import InputError
 
     try:
@@ -704,7 +704,7 @@ def compare_run(run_dir: str | Path, results: str | Path,
                 rows: Sequence[str] = ("none", "replay", "tm_dy")) -> str:
     """A finished run (e.g. the demo) next to the benchmark's rows, all scored on the examples the
     run scored: the committed rows' per-example outcomes are cut to the run's test sample."""
-    from gere_ds.config import load_config
+    from gere_ds.config.loading import load_config
 
     b = load_benchmark(results)
     run_dir = Path(run_dir)

@@ -141,7 +141,7 @@ def general_kind(name: str, where: str = "") -> GeneralKind:
 
 
 def load_general(gcfg: Any, seed: int = 42, dev_path: Optional[str] = None) -> GeneralData:
-    """Load a :class:`~gere_ds.config.GeneralEvalConfig`'s data.
+    """Load a :class:`~gere_ds.config.sections.GeneralEvalConfig`'s data.
 
     For ``mmlu`` with ``shots > 0`` the dev file is ``dev_path``, else ``gcfg.dev`` if the config
     has such a field, else :func:`~gere_ds.evaluation.general.find_dev_file` next to ``gcfg.path``.

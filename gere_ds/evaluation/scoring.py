@@ -78,7 +78,7 @@ NO_TARGET_CAP = 1 << 30  # score_task without max_target_len: labels are never c
 
 def load_task_examples(path: str, task_cfg: Any, max_examples: int = 0,
                        seed: int = 42) -> list[Example]:
-    """Load and validate a task's test split (``task_cfg``: a :class:`~gere_ds.config.TaskConfig`).
+    """Load and validate a task's test split (``task_cfg``: a :class:`~gere_ds.config.sections.TaskConfig`).
 
     Rows are read and validated exactly as for training (:func:`gere_ds.data.tasks.read_examples`:
     bad rows name the file, the 1-based line and the field); then ``max_examples > 0`` keeps a

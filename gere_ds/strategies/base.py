@@ -17,7 +17,7 @@ import torch
 from gere_ds.errors import InputError
 from gere_ds.teacher import TeacherSpec
 
-# ``replay`` below is the run's replay section (gere_ds.config.ReplayConfig): read by attribute
+# ``replay`` below is the run's replay section (gere_ds.config.sections.ReplayConfig): read by attribute
 # only, so that this layer does not import the config loader (the loader asks the registry)
 ReplaySection = Any
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import gere_ds.ds_config as D
 from gere_ds import dist
-from gere_ds.config import load_config
+from gere_ds.config.loading import load_config
 
 
 def main() -> None:

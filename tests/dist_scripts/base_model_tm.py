@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from gere_ds import dist
-from gere_ds.config import load_config
+from gere_ds.config.loading import load_config
 from gere_ds.losses import step_means
 from gere_ds.inputs import validate_inputs
 from gere_ds.step import TrainStep

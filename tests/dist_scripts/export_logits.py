@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from gere_ds import dist
-from gere_ds.config import load_config
+from gere_ds.config.loading import load_config
 from gere_ds.engine import build_engine
 from gere_ds.export import export_from_engine
 

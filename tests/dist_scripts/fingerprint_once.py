@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from gere_ds import dist
-from gere_ds.config import load_config
+from gere_ds.config.loading import load_config
 from gere_ds.inputs import validate_inputs
 from gere_ds.trainer import ContinualTrainer
 

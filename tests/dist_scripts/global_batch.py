@@ -11,7 +11,8 @@ from __future__ import annotations
 import argparse
 
 from gere_ds import dist
-from gere_ds.config import RunConfig, load_config
+from gere_ds.config.loading import load_config
+from gere_ds.config.sections import RunConfig
 from gere_ds.data.encode import encode_replay
 from gere_ds.inputs import Inputs, validate_inputs
 from gere_ds.trainer import ContinualTrainer
