@@ -15,9 +15,9 @@ to the run directory names. A missing or unreadable run stops with one line on s
     python eval/compare.py --benchmark docs/results/continual [--out DIR] [--allow-mixed-machines]
 
 makes the continual benchmark's tables (with 95 % intervals and paired differences) and pictures
-from a folder of ``<row>/seed<N>/`` result files (:mod:`gere_ds.evaluation.benchmark`); a folder
-mixing regimes or test sets is refused with one line naming the mismatch, and so is a paired
-difference between runs made on different machines (their ``machine.json``), unless
+from a folder of ``<row>/seed<N>/`` result files (:mod:`gere_ds.evaluation.benchmark_report`);
+a folder mixing regimes or test sets is refused with one line naming the mismatch, and so is a
+paired difference between runs made on different machines (their ``machine.json``), unless
 ``--allow-mixed-machines``: then the tables mark such a difference as mixed and add one per
 machine.
 """
@@ -227,7 +227,9 @@ def save_outputs(out: str, stem: str, table: str, png: bytes) -> None:
 
 def benchmark_main(argv: Sequence[str]) -> int:
     """``--benchmark RESULTS [--out DIR]``: the continual benchmark's tables and pictures."""
-    from gere_ds.evaluation.benchmark import BenchmarkError, write_report
+    # lazy: the report reads outcomes with torch; compare's other modes start without it
+    from gere_ds.evaluation.benchmark import BenchmarkError
+    from gere_ds.evaluation.benchmark_report import compare_run, write_report
 
     ap = argparse.ArgumentParser(description="Tables and pictures of the continual benchmark.")
     ap.add_argument("--benchmark", required=True, metavar="RESULTS",
@@ -242,8 +244,6 @@ def benchmark_main(argv: Sequence[str]) -> int:
     args = ap.parse_args(argv)
     try:
         if args.against:
-            from gere_ds.evaluation.benchmark import compare_run
-
             print(compare_run(args.against, args.benchmark), end="")
             return 0
         texts = write_report(args.benchmark, args.out or None, args.allow_mixed_machines)
