@@ -40,7 +40,9 @@ class BatchMaker:
                                                 option_line=task.option_line)
         return self._encoded[key]
 
-    def make(self, task_index: int, rows: list[Row]) -> tuple[MicroBatch, list[int]]:
+    def make(self, task_index: int, rows: list[Row],
+             pack_capacity: int | None = None) -> tuple[MicroBatch, list[int]]:
+        """The micro-batch of ``rows``; packed as well when ``pack_capacity`` is given."""
         encoded, replay_ids = [], []
         for is_replay, idx in rows:
             if is_replay:
@@ -50,5 +52,6 @@ class BatchMaker:
             else:
                 encoded.append(self.encode(task_index, idx))
                 replay_ids.append(-1)
-        mb = collate(encoded, replay_ids, self.tokenizer.pad_token_id).to(self.device)
+        mb = collate(encoded, replay_ids, self.tokenizer.pad_token_id,
+                     pack_capacity).to(self.device)
         return mb, replay_ids

@@ -26,28 +26,35 @@ def close_fp32(a: torch.Tensor, b: torch.Tensor, rel: float = 1e-5) -> bool:
 def test_two_ranks_equal_one_process_on_the_global_batch(tiny_config, tmp_path):
     """Teacher thresholds, then for tm / kl / l1 / l2 under the per-row reduction (tm also under
     the global-micro-batch one), w = 100 and dy: one optimizer step of 2 micro-steps, its logged
-    values and every parameter gradient, 2 ranks x 2 rows == 1 process x 4 rows (fp32)."""
+    values and every parameter gradient, 2 ranks x 2 rows == 1 process x 4 rows (fp32), with the
+    rows padded or packed (train.packing)."""
     results = {}
-    for n in (2, 1):
-        cfg = tiny_config("tm", name=f"eq{n}")
-        out = tmp_path / f"eq{n}.pt"
+    # (ranks, packed): packed rows (train.packing) must give the padded rows' numbers too
+    for n, packed in ((2, False), (1, False), (2, True)):
+        name = f"eq{n}{'_packed' if packed else ''}"
+        cfg = tiny_config("tm", name=name, train={"packing": packed})
+        out = tmp_path / f"{name}.pt"
         proc = run_deepspeed(REPO / "tests/dist_scripts/equivalence.py",
                              ["--config", str(cfg), "--out", str(out)], nproc=n)
         assert proc.returncode == 0, proc.stderr[-3000:]
-        results[n] = torch.load(out, weights_only=True)
-    two, one = results[2], results[1]
-    # replay count 9 is not divisible by 2: shards of 5 and 4, padded with a dummy forward
-    assert torch.allclose(two["thresholds"], one["thresholds"], rtol=1e-5, atol=1e-6)
-    modes = [k for k in one if k != "thresholds"]
-    assert len(modes) == 10 and set(modes) == {k for k in two if k != "thresholds"}
-    for mode in modes:
-        a, b = two[mode], one[mode]
-        assert float(b["reg"]) > 0.05, mode  # far from the trivial zero
-        for key in ("loss", "task_ce", "replay_ce", "reg", "reg_weight"):
-            assert close_fp32(a[key], b[key]), (mode, key, a[key], b[key])
-        for name, grad in b["grads"].items():
-            assert grad.abs().max() > 0, (mode, name)
-            assert close_fp32(a["grads"][name], grad), (mode, name)
+        results[n, packed] = torch.load(out, weights_only=True)
+    one = results[1, False]
+    modes = [k for k in one if k not in ("thresholds", "packed")]
+    assert len(modes) == 10
+    assert [bool(results[k]["packed"]) for k in ((2, False), (1, False), (2, True))] == \
+        [False, False, True]
+    for two in (results[2, False], results[2, True]):
+        # replay count 9 is not divisible by 2: shards of 5 and 4, padded with a dummy forward
+        assert torch.allclose(two["thresholds"], one["thresholds"], rtol=1e-5, atol=1e-6)
+        assert set(modes) == {k for k in two if k not in ("thresholds", "packed")}
+        for mode in modes:
+            a, b = two[mode], one[mode]
+            assert float(b["reg"]) > 0.05, mode  # far from the trivial zero
+            for key in ("loss", "task_ce", "replay_ce", "reg", "reg_weight"):
+                assert close_fp32(a[key], b[key]), (mode, key, a[key], b[key])
+            for name, grad in b["grads"].items():
+                assert grad.abs().max() > 0, (mode, name)
+                assert close_fp32(a["grads"][name], grad), (mode, name)
     # the reductions differ: per row, TM weighs 1/8 per replay row; over the global micro-batch
     # it is one ratio per micro-step
     assert not close_fp32(one["tm/row/100.0"]["loss"], one["tm/global_micro_batch/100.0"]["loss"],

@@ -108,6 +108,7 @@ def main() -> None:
             # step (lr ~ 0: parameters do not move; the step clears the gradients)
             step.apply(sl, before_step=read_grads if m + 1 == len(micro) else None)
         values = stats.reduce()
+        results["packed"] = torch.tensor(step.pack_capacity is not None)
         results[f"{strategy}/{reduction}/{weight}"] = {
             **{k: torch.tensor(values[k]) for k in LOGGED if k in values}, "grads": grads}
     if dist.is_main():
