@@ -77,7 +77,9 @@ def row_ce_sums(logits: torch.Tensor, targets: torch.Tensor, row_of: torch.Tenso
                              reduction="none") for i in range(0, logits.shape[0], CE_CHUNK)]
     ce = torch.cat(parts) if parts else logits.new_zeros((0,), dtype=torch.float32)
     sums = ce.new_zeros(n_rows).index_add(0, row_of, ce)
-    counts = torch.bincount(row_of, minlength=n_rows).to(torch.float32)
+    # index_add, not bincount: bincount reads the largest index back to size its output, a
+    # host-device sync per micro-step on a GPU
+    counts = ce.new_zeros(n_rows).index_add(0, row_of, torch.ones_like(ce))
     return sums, counts
 
 

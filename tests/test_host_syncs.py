@@ -50,3 +50,23 @@ def test_compute_loss_uses_the_collated_indices(tiny_config, monkeypatch):
     monkeypatch.setattr(step_module, "supervised_positions", refused)
     got = ts.compute_loss(0, rows).local_loss
     assert torch.isfinite(got) and torch.equal(got, expected)
+
+
+def test_row_counts_need_no_value_read_back(monkeypatch):
+    """Per-row CE sums and target counts from index_add alone: bincount (which reads the largest
+    index back to size its output) is never called."""
+    from gere_ds import losses
+
+    logits = torch.randn(7, 11)
+    targets = torch.randint(0, 11, (7,))
+    row_of = torch.tensor([0, 0, 2, 2, 2, 3, 3])
+    want = torch.bincount(row_of, minlength=5).float()
+
+    def refused(*args, **kwargs):
+        raise AssertionError("bincount in the step")
+
+    monkeypatch.setattr(losses.torch, "bincount", refused)
+    sums, counts = losses.row_ce_sums(logits, targets, row_of, 5)
+    assert torch.equal(counts, want)
+    ce = torch.nn.functional.cross_entropy(logits, targets, reduction="none")
+    assert torch.allclose(sums, torch.zeros(5).index_add(0, row_of, ce))
