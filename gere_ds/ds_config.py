@@ -7,10 +7,12 @@ and the rest is either refused with one line naming the key or mapped with one n
 """
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 from typing import Any, Callable
 
+from gere_ds.batch_split import AUTO, resolve_micro_batch
 from gere_ds.config.sections import RunConfig
 from gere_ds.errors import InputError
 
@@ -359,12 +361,36 @@ def fill_ds_config(ds: dict[str, Any], cfg: RunConfig, world_size: int, file: st
     return ds
 
 
+def device_state_bytes(cfg: RunConfig, world_size: int, ds: dict[str, Any]) -> int | None:
+    """Model states per rank on the device under the JSON's ZeRO stage (offloaded: none);
+    None when the model's parameters cannot be counted."""
+    zero = ds.get("zero_optimization") or {}
+    if zero.get("offload_param") or zero.get("offload_optimizer"):
+        return 0
+    params = model_parameters(cfg.model)
+    if params is None:
+        return None
+    trainable = 0 if cfg.train.lora is not None else params
+    states = zero3_state_bytes if int(zero.get("stage", 0)) >= 3 else zero2_state_bytes
+    return states(params, trainable, world_size, cfg.train.bf16)
+
+
 def resolve_ds_config(cfg: RunConfig, world_size: int, note: Note | None = None,
                       accelerator: str | None = None, check_batch: bool = True) -> dict[str, Any]:
     """Load the run's DeepSpeed JSON (``deepspeed: auto`` by accelerator) and fill it;
-    ``check_batch`` False for evaluation, which has no optimizer step."""
-    if check_batch:
-        check_global_batch(cfg, world_size)
+    ``check_batch`` False for evaluation, which has no optimizer step. A run config with
+    ``train.micro_batch_size: auto`` gets its split here (gere_ds.batch_split), by the ranks'
+    agreed memory."""
     accelerator = accelerator or accelerator_name()
     path = ds_config_path(cfg.deepspeed, accelerator, cfg, world_size, note)
-    return fill_ds_config(read_ds_json(path), cfg, world_size, str(path), accelerator, note)
+    ds = read_ds_json(path)
+    if cfg.train.micro_batch_size == AUTO:
+        # the split is the run's once the ranks agreed on their memory (one split on every
+        # rank); before that (input checks) it is only tried, on a copy
+        agreed = accelerator in _agreed_memory or world_size == 1
+        cfg = cfg if agreed else copy.deepcopy(cfg)
+        resolve_micro_batch(cfg, ds, str(path), rank_memory_bytes(accelerator),
+                            device_state_bytes(cfg, world_size, ds), note or (lambda _msg: None))
+    if check_batch:
+        check_global_batch(cfg, world_size)
+    return fill_ds_config(ds, cfg, world_size, str(path), accelerator, note)

@@ -87,7 +87,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr, flush=True)
         return 2
     dist.init(timeout_s=timeout)
-    if cfg.deepspeed == "auto":  # every rank's auto then sees the same memory: one stage
+    if "auto" in (cfg.deepspeed, cfg.train.micro_batch_size):
+        # every rank's auto then sees the same memory: one stage, one split
         from gere_ds.ds_config import agree_on_memory
 
         agree_on_memory()

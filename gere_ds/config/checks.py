@@ -64,9 +64,12 @@ def validate(cfg: RunConfig, marks: Marks | None = None) -> None:
     t = cfg.train
     _validate_tasks(cfg, marks)
     _validate_replay(cfg.replay, t.bf16, marks)
+    if isinstance(t.micro_batch_size, str) and t.micro_batch_size != "auto":
+        raise marks.error("train.micro_batch_size", f"{t.micro_batch_size!r}: a number of rows "
+                                                    f"or auto")
     for key in ("epochs", "micro_batch_size", "grad_accum", "max_source_len", "max_target_len",
                 "log_every"):
-        if getattr(t, key) < 1:
+        if getattr(t, key) != "auto" and getattr(t, key) < 1:
             raise marks.error(f"train.{key}", "must be >= 1")
     if t.lr <= 0:
         raise marks.error("train.lr", "must be > 0")

@@ -67,6 +67,14 @@ def _coerce(value: Any, tp: Any, path: str, marks: Marks) -> Any:
         if not isinstance(value, list):
             raise marks.error(path, f"expected a list, got {type(value).__name__}")
         return [_coerce(v, item_tp, f"{path}.{i}", marks) for i, v in enumerate(value)]
+    if origin in (Union, types.UnionType) and int in typing.get_args(tp):  # int | str
+        if isinstance(value, str) and value.strip().lstrip("+-").isdigit():
+            value = int(value)  # a key=value override
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, (int, str)):
+            raise marks.error(path, f"expected an integer or a word, got {value!r}")
+        return value
     if origin in (Union, types.UnionType):  # float | str (replay.weight)
         value = _as_number(value)
         if isinstance(value, (int, float)) and not isinstance(value, bool):

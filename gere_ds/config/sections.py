@@ -101,8 +101,12 @@ class TrainConfig:
     adam_betas: list[float] = doc("AdamW betas", default_factory=lambda: [0.9, 0.999])
     adam_eps: float = doc("AdamW epsilon", default=1.0e-8)
     grad_clip: float = doc("gradient-norm clipping (0 = off)", default=1.0)
-    micro_batch_size: int = doc("rows per rank per forward", default=1)
-    grad_accum: int = doc("micro-steps per optimizer step", default=66)
+    micro_batch_size: Union[int, str] = doc(
+        "rows per rank per forward, or 'auto': the trainer splits each rank's grad_accum rows "
+        "per step into the largest micro-batches whose activations fit its memory (the per-row "
+        "loss gives every split the same gradient; needs replay.reduction: row)", default=1)
+    grad_accum: int = doc("micro-steps per optimizer step (with micro_batch_size: auto, the "
+                          "rows per rank per optimizer step)", default=66)
     global_batch: int = doc("if > 0, the run stops with one line unless micro_batch_size x "
                             "grad_accum x ranks equals it (a recipe's batch on any rank count)",
                             default=0)

@@ -2,6 +2,7 @@
 against the run's layout (training and the pre-flight check use the same function)."""
 from __future__ import annotations
 
+from gere_ds.batch_split import rows_per_rank
 from gere_ds.config.sections import RunConfig
 from gere_ds.data.files import read_rows
 from gere_ds.errors import InputError
@@ -33,7 +34,7 @@ def check_replay_inputs(cfg: RunConfig, world_size: int) -> list[str]:
     if len(texts) < world_size:
         raise InputError(f"{len(texts)} replay documents for {world_size} ranks",
                          file=cfg.replay.data, field="replay.num_samples")
-    global_batch = cfg.train.micro_batch_size * cfg.train.grad_accum * world_size
+    global_batch = rows_per_rank(cfg) * world_size
     if cfg.replay.per_batch >= global_batch:
         raise InputError(f"per_batch={cfg.replay.per_batch} must be smaller than the global "
                          f"batch ({global_batch})", field="replay.per_batch")
