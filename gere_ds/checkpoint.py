@@ -204,7 +204,8 @@ class Checkpointer:
 
     # ------------------------------------------------------------------ writing
     def save(self, engine: Any, tag: str, trainer_state: dict[str, Any]) -> Path:
-        """Save on ALL ranks: files, fsync, checksummed markers, `latest`; then prune."""
+        """Save on ALL ranks: files, fsync, checksummed markers, `latest`; then prune.
+        ``engine``: the run's gere_ds.engine.Engine."""
         entries, forks = self.survey()
         seq = max_seq(entries, forks) + 1
         folder = self.root / tag
@@ -212,8 +213,7 @@ class Checkpointer:
         if dist.local_rank() == 0 and folder.exists():
             shutil.rmtree(folder)  # an abandoned or broken folder of this name: never mix files
         dist.barrier()
-        engine.save_checkpoint(str(self.root), tag=tag, save_latest=False,
-                               exclude_frozen_parameters=self.exclude_frozen)
+        engine.save_checkpoint(self.root, tag, self.exclude_frozen)
         torch.save(rng_state(), folder / f"rng_rank{me:05d}.pt")
         if me == 0:
             write_text_atomic(folder / "trainer_state.json", json.dumps(trainer_state, indent=1))

@@ -6,6 +6,7 @@ that object by weakref only: the Engine holds it for the whole run.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -14,6 +15,7 @@ import torch
 
 from gere_ds.config.sections import RunConfig
 from gere_ds.errors import InputError
+from gere_ds.step_guard import skipped_step, step_is_nonfinite
 
 
 def resolve_ds_config(cfg: RunConfig, world_size: int,
@@ -162,6 +164,46 @@ class Engine:
         """Fresh AdamW moments (step 0), keeping the fp32 master weights."""
         inner = getattr(self.engine.optimizer, "optimizer", self.engine.optimizer)
         inner.state.clear()
+
+    # The rest of gere-ds reaches DeepSpeed's engine only through these.
+    def eval(self) -> None:
+        self.engine.eval()
+
+    def train(self) -> None:
+        self.engine.train()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.engine.backward(loss)
+
+    def at_boundary(self) -> bool:
+        """Whether the next ``step`` ends an optimizer step (the accumulation boundary)."""
+        return self.engine.is_gradient_accumulation_boundary()
+
+    def step_is_nonfinite(self, losses_bad: torch.Tensor | None) -> bool:
+        """Every rank's verdict on this optimizer step (a collective: gere_ds.step_guard)."""
+        return step_is_nonfinite(self.engine, losses_bad)
+
+    def step(self, skip: bool = False) -> None:
+        """DeepSpeed's step; ``skip``: through its overflow path (no update, gradients dropped)."""
+        with skipped_step(self.engine) if skip else contextlib.nullcontext():
+            self.engine.step()
+
+    def was_step_applied(self) -> bool:
+        return self.engine.was_step_applied()
+
+    def grad_norm(self) -> float | None:
+        """The last optimizer step's global gradient norm, before clipping."""
+        return self.engine.get_global_grad_norm()
+
+    def save_checkpoint(self, root: Path, tag: str, exclude_frozen: bool) -> None:
+        self.engine.save_checkpoint(str(root), tag=tag, save_latest=False,
+                                    exclude_frozen_parameters=exclude_frozen)
+
+    def load_checkpoint(self, folder: Path, strict: bool) -> None:
+        """Weights and optimizer state of ``folder`` (the lr schedule is gere-ds's own)."""
+        self.engine.load_checkpoint(str(folder.parent), tag=folder.name,
+                                    load_optimizer_states=True, load_lr_scheduler_states=False,
+                                    load_module_strict=strict)
 
 
 def _load_model(cfg: RunConfig, ds: dict[str, Any]) -> tuple[Any, Any]:

@@ -23,7 +23,6 @@ from gere_ds.engine import Engine
 from gere_ds.errors import InputError
 from gere_ds.losses import RowTerms, StepLoss, reduce_rows, row_ce_sums, step_means, \
     supervised_positions
-from gere_ds.step_guard import skipped_step, step_is_nonfinite
 from gere_ds.strategies import ReplayRows, ReplayTerm
 
 # phases(name) -> a context manager around that phase (benchmarks time them; default: nothing)
@@ -155,20 +154,19 @@ class TrainStep:
         of this optimizer step or any gradient is non-finite (gere_ds.step_guard), and such a
         step is skipped: no update, the gradients dropped. ``before_step`` runs between the two
         (tests read the accumulated gradients there)."""
-        ds = self.engine.engine
+        engine = self.engine
         with self.phases("backward"):
-            ds.backward(sl.local_loss)
+            engine.backward(sl.local_loss)
         bad = (~torch.isfinite(sl.local_loss.detach())).float()
         self._losses_bad = bad if self._losses_bad is None else self._losses_bad + bad
         if before_step is not None:
             before_step()
         skip = False
-        if ds.is_gradient_accumulation_boundary():
-            skip = step_is_nonfinite(ds, self._losses_bad)
+        if engine.at_boundary():
+            skip = engine.step_is_nonfinite(self._losses_bad)
             self._losses_bad, self.skipped = None, skip
         with self.phases("optimizer_step"):
-            with skipped_step(ds) if skip else contextlib.nullcontext():
-                ds.step()
+            engine.step(skip)
 
 
 class StepStats:

@@ -33,9 +33,6 @@ UNMARKED_ALLOWED: set[tuple[str, str]] = {
     ("gere_ds.engine", "gere_ds.capture"),
     ("gere_ds.engine", "gere_ds.lora"),
     ("gere_ds.engine", "gere_ds.dist"),
-    ("gere_ds.trainer", "gere_ds.evaluation.outcomes"),
-    ("gere_ds.trainer", "gere_ds.evaluation.report"),
-    ("gere_ds.trainer", "gere_ds.export"),
 }
 
 

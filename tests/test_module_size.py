@@ -8,6 +8,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 MODULE_LIMIT = 500
+TRAINER_LIMIT = 300
 
 
 def _lines(path: Path) -> int:
@@ -18,3 +19,9 @@ def test_every_module_is_at_most_500_lines():
     long = sorted(f"{p.relative_to(REPO)} ({_lines(p)})" for p in (REPO / "gere_ds").rglob("*.py")
                   if _lines(p) > MODULE_LIMIT)
     assert not long, f"modules over {MODULE_LIMIT} lines (split them): {', '.join(long)}"
+
+
+def test_the_continual_loop_stays_under_300_lines():
+    n = _lines(REPO / "gere_ds" / "trainer.py")
+    assert n < TRAINER_LIMIT, f"gere_ds/trainer.py has {n} lines: move what is not the loop's " \
+                              f"order of events into gere_ds/training/"

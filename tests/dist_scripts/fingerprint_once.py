@@ -26,7 +26,7 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"rank{dist.rank()}.json").write_text(json.dumps(
-        {"hashed": len(tr._digests.hashed), "fingerprint": tr.teacher_fingerprint}))
+        {"hashed": len(tr.teacher_source.digests.hashed), "fingerprint": tr.teacher_fingerprint}))
     dist.barrier()
 
 
