@@ -36,8 +36,9 @@ FOLDER = "base_eval"
 # shapes round differently) or what a kept row holds, so a kept evaluation is never mixed with
 # new ones. 2: all choices of a question in one packed row; 3: every general set's per-example
 # outcomes (rows kept before have none for MMLU and perplexity); 4: the LM head on scored
-# positions only, perplexity batches planned by tokens.
-SCORER_VERSION = 4
+# positions only, perplexity batches planned by tokens; 5: generate mode decodes from the KV
+# cache.
+SCORER_VERSION = 5
 
 
 TASK_END_FOLDER = "eval_rows"

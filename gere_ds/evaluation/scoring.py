@@ -38,11 +38,12 @@ Modes
   and its continuation have no ``Answer:``) and compared to the gold label by O-LoRA's
   normalised exact match (:func:`normalize_answer`: lower-case, ASCII punctuation removed,
   whitespace collapsed and stripped).
-  Without a ``generate_fn`` the decoding loop calls ``forward`` on the whole growing sequence at
-  every step (no KV cache: simple and works for any callable); it stops once every row of the
-  batch on every rank has ended (one all-reduced flag, so ZeRO-3's collective forwards stay in
-  step), and a forward with ``at_positions`` (gere_ds.engine.ModelForward) computes the
-  logits of each row's last token only, not [B, T, V]. With a
+  Without a ``generate_fn`` the decoding loop of a model's forward (gere_ds.engine.ModelForward)
+  runs the left-padded prompts once and then one token per row and step from the model's KV
+  cache, with the LM head on the last position only; any other callable gets the whole growing
+  sequence at every step (and with ``at_positions`` the logits of each row's last token only,
+  not [B, T, V]). Either loop stops once every row of the batch on every rank has ended (one
+  all-reduced flag, so ZeRO-3's collective forwards stay in step). With a
   ``generate_fn(input_ids, attention_mask, max_new_tokens) -> LongTensor[B, T + new]`` (e.g.
   ``model.generate`` with ``synced_gpus=True`` under ZeRO-3) the prompts are LEFT-padded, the
   returned sequences are expected to include the prompt (Hugging Face convention), and keeping
@@ -135,20 +136,52 @@ def _rows_left(done: list[bool]) -> bool:
     return dist.any_rank_host(left)
 
 
+def _take(tokens: list[int], done: list[bool], new: list[list[int]], eos: int | None) -> None:
+    """Each unfinished row's next token: the end of the row at eos, else one more new token."""
+    for r, t in enumerate(tokens):
+        if done[r]:
+            continue
+        if eos is not None and t == eos:
+            done[r] = True
+            continue
+        new[r].append(int(t))
+
+
 def greedy_decode(forward: ForwardFn, tokenizer: Any, sources: Sequence[Sequence[int]],
                   max_new_tokens: int, batch_size: int = 8, device: Any = None,
-                  generate_fn: Optional[GenerateFn] = None) -> list[list[int]]:
+                  generate_fn: Optional[GenerateFn] = None,
+                  kv_cache: bool = True) -> list[list[int]]:
     """Greedy continuations (eos excluded, at most ``max_new_tokens``) of every source.
 
-    Without ``generate_fn``: a KV-less loop of at most ``max_new_tokens`` forwards per batch on
-    the right-padded growing sequences, until every row of the batch on every rank ended (see
-    the module doc); a ``forward`` with ``at_positions`` runs the LM head on the last tokens
-    only.
+    Without ``generate_fn``, at most ``max_new_tokens`` forwards per batch, until every row of
+    the batch on every rank ended (see the module doc). A forward that exposes its ``model``
+    (gere_ds.engine.ModelForward) decodes with the model's KV cache: the left-padded prompts
+    once, then one token per row and step, the LM head on the last position only. Any other
+    forward (or ``kv_cache=False``) runs the whole right-padded growing sequence every step; one
+    with ``at_positions`` runs the LM head on the last tokens only.
     """
     eos = tokenizer.eos_token_id
     pad = pad_id(tokenizer)
     idx = list(range(len(sources)))
     at_positions = getattr(forward, "at_positions", None)
+    model = getattr(forward, "model", None) if kv_cache else None
+
+    def run_cached(batch: list[int]) -> list[list[int]]:
+        ids, mask = (t.to(device) for t in pad_rows([sources[j] for j in batch], pad, left=True))
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # left padding: real tokens from 0
+        done = [False] * len(batch)
+        new: list[list[int]] = [[] for _ in batch]
+        cache = None
+        for _ in range(max_new_tokens):
+            if not _rows_left(done):  # every rank's rows ended: the ranks stop together
+                break
+            out = model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache,
+                        use_cache=True, logits_to_keep=1)
+            cache, nxt = out.cache, out.logits[:, -1].argmax(-1)
+            _take(nxt.tolist(), done, new, eos)
+            ids, positions = nxt[:, None], positions[:, -1:] + 1  # ended rows: ignored tokens
+            mask = torch.cat([mask, mask.new_ones((len(batch), 1))], dim=1)
+        return new
 
     def run_loop(batch: list[int]) -> list[list[int]]:
         seqs = [list(sources[j]) for j in batch]
@@ -173,14 +206,10 @@ def greedy_decode(forward: ForwardFn, tokenizer: Any, sources: Sequence[Sequence
                 nxt = logits[torch.arange(len(batch), device=logits.device), last].argmax(-1)
             nxt = nxt.tolist()
             for r, t in enumerate(nxt):
-                if done[r]:
-                    continue
-                if eos is not None and t == eos:
-                    done[r] = True
-                    continue
-                buf[r, lens[r]] = t
-                lens[r] += 1
-                new[r].append(int(t))
+                if not done[r] and not (eos is not None and t == eos):
+                    buf[r, lens[r]] = t
+                    lens[r] += 1
+            _take(nxt, done, new, eos)
         return new
 
     def run_gen(batch: list[int]) -> list[list[int]]:
@@ -196,9 +225,9 @@ def greedy_decode(forward: ForwardFn, tokenizer: Any, sources: Sequence[Sequence
             res.append(toks)
         return res
 
+    run = run_gen if generate_fn is not None else run_cached if model is not None else run_loop
     with torch.no_grad():
-        return run_sharded(idx, batch_size, run_gen if generate_fn is not None else run_loop,
-                           size=lambda j: len(sources[j]))
+        return run_sharded(idx, batch_size, run, size=lambda j: len(sources[j]))
 
 
 def score_task(forward: ForwardFn, tokenizer: Any, examples: Sequence[Example],
