@@ -106,6 +106,24 @@ def machine_info() -> dict[str, Any]:
     return info
 
 
+# ----------------------------------------------------------------------------- utilisation
+
+
+def gemm_rate(m: int, k: int, n: int, dtype: Any, seconds: float = 2.0) -> float:
+    """FLOP/s of one thread multiplying [m, k] by [k, n] matrices of ``dtype`` (the model's
+    shapes): the machine's attainable rate, measured the way the model uses it."""
+    import torch
+
+    a, b = torch.randn(m, k).to(dtype), torch.randn(k, n).to(dtype)
+    for _ in range(3):
+        a @ b  # warm-up: kernels chosen, caches filled
+    count, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        a @ b
+        count += 1
+    return 2.0 * m * k * n * count / (time.perf_counter() - t0)
+
+
 # ----------------------------------------------------------------------------- statistics
 
 

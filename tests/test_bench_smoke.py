@@ -132,6 +132,25 @@ def test_bench_eval_smoke(bench_dirs):
     assert balance["planned"] <= balance["former"]
 
 
+def test_bench_packing_smoke(bench_dirs):
+    """One process: the trainer's step on padded and on packed micro-batches of the same rows;
+    packing removes the padding and, in fp32, gives the same losses."""
+    data = _run_one_process("bench_packing", bench_dirs[0])
+    pad = data["padding_fraction"]
+    assert pad["packed"] == 0.0 < pad["padded"]
+    assert data["token_slots"]["packed"] == data["real_tokens"] < data["token_slots"]["padded"]
+    assert data["max_loss_difference"] < 1e-4 and data["bf16"] is False
+    assert all(v > 0 for v in data["seconds_per_micro_batch"].values())
+
+
+def test_bench_generate_smoke(bench_dirs):
+    """One process: greedy decoding from the KV cache and by the whole-sequence loop; fp32, so
+    every continuation is the same."""
+    data = _run_one_process("bench_generate", bench_dirs[0])
+    assert data["continuations_differing"] == 0 and data["new_tokens"] > 0
+    assert all(v > 0 for v in data["cpu_seconds_per_prompt"].values())
+
+
 def test_bench_teacher_pass_smoke(bench_dirs):
     """One process: every batching of the teacher pass (file order or grouped by length, with
     or without the LM head) captures the same features, and grouping never pads more."""
