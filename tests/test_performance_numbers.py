@@ -1,0 +1,53 @@
+"""The numbers docs/performance.md quotes from the committed bench results, checked against
+those files (results/bench_packing.json, results/bench_generate.json)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+PAGE = REPO / "docs" / "performance.md"
+
+
+def _section(title: str) -> str:
+    text = PAGE.read_text(encoding="utf-8")
+    start = text.index(f"## {title}")
+    end = text.find("\n## ", start + 1)
+    return text[start:end if end > 0 else None]
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f} %"
+
+
+def test_the_packing_section_quotes_its_results_file():
+    data = json.loads((REPO / "results/bench_packing.json").read_text())
+    page = _section("Training micro-batches")
+    table = PAGE.read_text(encoding="utf-8")  # the levers table quotes the same run
+    for layout in ("padded", "packed"):
+        row = (f"| {layout} | {data['token_slots'][layout]:,} | "
+               f"{_pct(data['padding_fraction'][layout])} | "
+               f"{data['seconds_per_micro_batch'][layout]:.3f} | "
+               f"{data['real_tokens_per_cpu_s'][layout]:.1f} | {_pct(data['mfu'][layout])} |")
+        assert row in page, row
+    speed = data["speedup_padded_over_packed"]
+    lever = (f"padding {_pct(data['padding_fraction']['padded'])} -> 0 %, "
+             f"{speed['median']:.2f}x less CPU time per micro-batch (rounds "
+             f"{speed['min']:.2f}-{speed['max']:.2f})")
+    assert lever in table, lever
+    assert f"{speed['median']:.2f}x on the benchmark's rows" in table
+    assert f"the {data['micro_batches']} micro-batches of the first {data['steps_per_task']} " \
+           f"steps" in page
+    assert f"over {data['rounds']} rounds" in page
+    assert f"{data['body_parameters'] / 1e6:.1f}M body parameters" in page
+    assert f"head's {data['head_parameters'] / 1e6:.1f}M" in page
+    assert f"{data['gemm_flops_per_s'] / 1e9:.0f} GFLOP/s" in page
+    assert f"(by up to {data['max_loss_difference']:.2f} here)" in page
+    shares = data["profile_share"]["packed"]
+    for part, words in (("matmul", "matrix products"), ("attention", "attention"),
+                        ("elementwise", "elementwise work"), ("other", "the rest")):
+        assert f"{words}" in page and f"{100 * shares[part]:.0f} %" in page, part
+    padded = data["profile_share"]["padded"]
+    # "padded within a point"
+    assert all(abs(round(100 * padded[k]) - round(100 * shares[k])) <= 1
+               for k in ("matmul", "attention", "elementwise")), padded
