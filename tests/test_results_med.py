@@ -51,3 +51,31 @@ def test_calibration_numbers_are_the_screens():
     adj2 = json.loads((SCREEN / "adj2_metrics.json").read_text())
     column = adj2["tasks"].index("adj2")
     assert f"2 adjectives: {adj2['matrix'][0][column]:.1f} -> {adj2['matrix'][1][column]:.1f}" in section
+
+
+def test_the_gere_paragraph_quotes_the_committed_rows():
+    section = " ".join(_section().split())
+    table = {r["row"].split()[0]: r for r in _rows("table.md")}
+    learning = {(r["row"].split()[0], r["task"]): r for r in _rows("learning.md")}
+    tm, none, replay = table["tm_dy"], table["none"], table["replay"]
+
+    def num(cell: str) -> str:
+        return cell.split()[0]
+
+    assert f"general acc_norm {num(tm['general - own base'])} over its own base model's" in section
+    assert f"where `none` ends {num(none['general - own base']).lstrip('-')} under" in section
+    assert f"news perplexity {num(tm['news_ppl ppl'])} against `none`'s " \
+           f"{num(none['news_ppl ppl'])}" in section
+    for task in ("about", "med_basic"):
+        assert f"`{task}` to {learning['tm_dy', task]['after own training']}" in section
+    assert (f"where `none` reached {learning['none', 'about']['after own training']} and "
+            f"{learning['none', 'med_basic']['after own training']}") in section
+    matrix = json.loads((MED / "tm_dy/seed1/metrics.json").read_text())["matrix"]
+    assert (f"`about` falls to {matrix[2][0]:.1f} while `med_basic` trains and ends at "
+            f"{learning['tm_dy', 'about']['after last task']}") in section
+    assert (f"AP {num(tm['AP'])} against {num(none['AP'])} for `none` and {num(replay['AP'])} "
+            f"for `replay`") in section
+    assert f"(AP {num(replay['AP'])}, BWT {num(replay['BWT'])})" in section
+    readme = " ".join((REPO / "README.md").read_text(encoding="utf-8").split())
+    assert (f"(AP {num(tm['AP'])} against {num(none['AP'])} and {num(replay['AP'])})"
+            in readme)
