@@ -171,7 +171,7 @@ def table(headers: list[str], rows: list[list[Any]]) -> str:
 
 def write_result(name: str, smoke: bool, payload: dict[str, Any], out_dir: Path | None = None
                  ) -> Path:
-    from gere_ds.atomic import write_text_atomic
+    from gere_ds.storage.atomic import write_text_atomic
 
     out_dir = Path(out_dir) if out_dir else RESULTS
     path = out_dir / f"{name}{'-smoke' if smoke else ''}.json"

@@ -36,12 +36,12 @@ import torch
 import torch.nn.functional as F
 
 import common  # bench/ is the script's folder, hence on sys.path
-from gere_ds.atomic import write_json_atomic
 from gere_ds.capture import FinalNormCapture
 from gere_ds.data.collate import collate
 from gere_ds.data.encode import Encoded, encode_example, encode_replay
 from gere_ds.data.files import read_rows
 from gere_ds.losses import rounding_step, tm_dead_band, tm_violations
+from gere_ds.storage.atomic import write_json_atomic
 
 VARIANTS = ("native", "one-ulp", "split-k")
 UNITS = (8, 16, 32, 48, 64, 1024)  # dead-bands tried, in rounding units of the dtype x sigma_d

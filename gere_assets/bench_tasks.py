@@ -21,9 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gere_ds.atomic import write_jsonl_atomic
 from gere_ds.data.files import read_rows
 from gere_ds.errors import InputError
+from gere_ds.storage.atomic import write_jsonl_atomic
 
 TEST_SIZE = 300
 SPLIT_SEED = 20260

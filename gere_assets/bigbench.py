@@ -18,9 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gere_ds.atomic import write_jsonl_atomic
 from gere_ds.errors import InputError
 from gere_ds.evaluation.outcomes import digest
+from gere_ds.storage.atomic import write_jsonl_atomic
 
 SDIST_NAME = "bigbench-1.0.0.tar.gz"
 TEST_SIZE = 300

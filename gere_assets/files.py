@@ -1,11 +1,12 @@
 """Clean-up of the temporary files a crashed asset preparation left behind.
-Assets are written with :mod:`gere_ds.atomic` (temp name in the final folder, then os.replace)."""
+Assets are written with :mod:`gere_ds.storage.atomic` (temp name in the final folder, then
+os.replace)."""
 from __future__ import annotations
 
 import shutil
 from pathlib import Path
 
-from gere_ds.atomic import TMP_MARK
+from gere_ds.storage.atomic import TMP_MARK
 
 
 def remove_stale_temps(root: Path) -> list[Path]:

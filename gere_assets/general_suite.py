@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from gere_assets.choices import answer_letter, parse_options
-from gere_ds.atomic import write_jsonl_atomic
 from gere_ds.errors import InputError
+from gere_ds.storage.atomic import write_jsonl_atomic
 
 SUITE_SEED = 20261
 QUESTIONS_PER_SET = 300

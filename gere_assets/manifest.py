@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gere_ds.atomic import sha256_file, write_json_atomic
+from gere_ds.storage.atomic import sha256_file, write_json_atomic
 
 MANIFEST_NAME = "manifest.json"
 FORMAT_VERSION = 1

@@ -14,8 +14,8 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
-from gere_ds.atomic import TMP_MARK
 from gere_ds.errors import InputError
+from gere_ds.storage.atomic import TMP_MARK
 
 MODEL_DIRNAME = "smollm2-135m-instruct"
 NEEDED_BYTES = 600 * 1024 * 1024  # bf16 weights (~270 MB) + tokenizer + headroom

@@ -25,8 +25,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from gere_ds.atomic import sha256_file
 from gere_ds.errors import InputError
+from gere_ds.storage.atomic import sha256_file
 
 Log = Callable[[str], None]
 

@@ -25,8 +25,8 @@ from gere_assets.tasks import (
     split_examples,
 )
 from gere_assets.wikitext import iter_articles
-from gere_ds.atomic import sha256_file, write_json_atomic, write_jsonl_atomic
 from gere_ds.errors import InputError
+from gere_ds.storage.atomic import sha256_file, write_json_atomic, write_jsonl_atomic
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 MODEL_SUBDIR = f"models/{MODEL_DIRNAME}"

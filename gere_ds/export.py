@@ -28,7 +28,7 @@ from typing import Any, Callable
 import torch
 
 from gere_ds import dist, stop
-from gere_ds.checkpoint import Checkpointer, all_ranks_problem, run_identity, task_tag
+from gere_ds.checkpointing.checkpoint import Checkpointer, all_ranks_problem, run_identity, task_tag
 from gere_ds.config.loading import load_config
 from gere_ds.engine import check_model_folder, load_tokenizer
 from gere_ds.errors import InputError
@@ -36,7 +36,7 @@ from gere_ds.hf_folder import (DTYPES, ExportError, config_dtype, fmt_shape,  # 
                                inspect_export, meta_model, plain_model_building, tied_aliases,
                                resolve_dtype, verify_export)
 from gere_ds.lora_export import lora_export_parts, model_from_checkpoint
-from gere_ds.owners import owner_tag, stale
+from gere_ds.storage.owners import owner_tag, stale
 
 EXPORT_INFO = "export_info.json"
 

@@ -6,8 +6,8 @@ import hashlib
 import json
 from pathlib import Path
 
-from gere_ds.digest_cache import DigestCache
-from gere_ds.hashing import is_weight_file, update_with_file
+from gere_ds.storage.digest_cache import DigestCache
+from gere_ds.storage.hashing import is_weight_file, update_with_file
 
 
 def fingerprint(model_dir: str, tokenizer_dir: str, replay_file: str, settings: dict,

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from gere_ds.errors import InputError, one_line
-from gere_ds.hashing import file_fingerprint, is_weight_file
+from gere_ds.storage.hashing import file_fingerprint, is_weight_file
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_STALLED = 0, 1, 2, 3  # the command's exit codes
 CHECKS = ("ranks", "all_reduce", "all_gather", "versions", "config", "model", "data", "replay",

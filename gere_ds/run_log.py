@@ -18,9 +18,9 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from gere_ds import dist
-from gere_ds.atomic import write_text_atomic
 from gere_ds.errors import InputError
 from gere_ds.progress_bar import progress_bar
+from gere_ds.storage.atomic import write_text_atomic
 from gere_ds.wandb_sink import WandbSink
 
 STEPS_FILE = "train_steps.jsonl"

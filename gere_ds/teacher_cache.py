@@ -34,8 +34,8 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from gere_ds.atomic import sha256_file, write_json_atomic
-from gere_ds.owners import owner_tag, stale_entries
+from gere_ds.storage.atomic import sha256_file, write_json_atomic
+from gere_ds.storage.owners import owner_tag, stale_entries
 
 FORMAT_VERSION = 2
 # state s in {-1, 0, +1} is stored as code s + 1 in {0, 1, 2}

@@ -35,7 +35,7 @@ import sys
 import time
 from pathlib import Path
 
-from gere_ds.atomic import write_json_atomic
+from gere_ds.storage.atomic import write_json_atomic
 from gere_ds.strategies import STRATEGIES, term_strategies
 
 REPO = Path(__file__).resolve().parents[1]
@@ -129,7 +129,7 @@ def clear_finished_row(run_dir: Path) -> bool:
     """``--force`` on a finished row: remove its run folder so the row trains from scratch
     (with the folder left in place, ``resume: auto`` would just resume the finished run). A
     folder a live job holds (its run.lock) is left alone; False then."""
-    from gere_ds.run_lock import LOCK_FILE, describe, holder_alive, read_holder
+    from gere_ds.checkpointing.run_lock import LOCK_FILE, describe, holder_alive, read_holder
 
     holder = read_holder(run_dir / LOCK_FILE)
     if holder is not None and holder_alive(holder) is not False:

@@ -18,9 +18,9 @@ from gere_assets.model import check_free_space
 from gere_assets.overlap import OverlapIndex
 from gere_assets.sources import PACKAGES
 from gere_assets.wikitext import clean_wikitext, split_paragraphs
-from gere_ds.atomic import sha256_file, write_jsonl_atomic
 from gere_ds.data.files import read_dicts
 from gere_ds.errors import InputError
+from gere_ds.storage.atomic import sha256_file, write_jsonl_atomic
 
 REPO = Path(__file__).resolve().parents[1]
 DATA_STEPS = ("tasks", "general", "mmlu")

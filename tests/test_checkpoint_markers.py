@@ -8,11 +8,12 @@ from types import SimpleNamespace
 
 import pytest
 
-from gere_ds.checkpoint import Checkpointer, all_ranks_problem, step_tag, tag_order, task_tag
-from gere_ds.checkpoint_lineage import add_fork, read_forks
-from gere_ds.checkpoint_marker import file_owner, rank_files, write_marker
+from gere_ds.checkpointing.checkpoint import (Checkpointer, all_ranks_problem, step_tag, tag_order,
+                                              task_tag)
+from gere_ds.checkpointing.checkpoint_lineage import add_fork, read_forks
+from gere_ds.checkpointing.checkpoint_marker import file_owner, rank_files, write_marker
+from gere_ds.checkpointing.resume import load_resume, plan_resume
 from gere_ds.errors import InputError
-from gere_ds.resume import load_resume, plan_resume
 
 RUN = "f" * 32
 ZERO3 = {"zero_pp_rank_0_mp_rank_00_model_states.pt": b"x" * 100,

@@ -138,7 +138,7 @@ def test_foreign_checkpoint_is_refused_before_unpickling(finished, tmp_path, mar
     """A checkpoint folder from elsewhere holding a pickle that runs code, with complete markers
     of another run (or of an older format, sizes only): refused in one line before DeepSpeed
     reads anything."""
-    from gere_ds.checkpoint_marker import rank_files, write_marker
+    from gere_ds.checkpointing.checkpoint_marker import rank_files, write_marker
 
     foreign = tmp_path / "downloaded" / "task001-end"
     shutil.copytree(finished / "checkpoints" / "task001-end", foreign)

@@ -118,8 +118,8 @@ def _fake_run(tiny_paths, tmp_path: Path, markers: bool) -> Path:
     """A run directory whose task-1 checkpoint has its files' names but no markers, or markers
     of which rank 1's vouches for a longer file than there is (truncated)."""
     from gere_assets.tiny import tiny_config_dict
-    from gere_ds.checkpoint import run_identity
-    from gere_ds.checkpoint_marker import write_marker
+    from gere_ds.checkpointing.checkpoint import run_identity
+    from gere_ds.checkpointing.checkpoint_marker import write_marker
     from gere_ds.config.loading import load_config
 
     run = tmp_path / "run"

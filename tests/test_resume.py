@@ -129,9 +129,9 @@ def test_other_world_size_is_refused_with_one_line(reference):
 def test_a_checkpoint_of_another_zero_stage_is_refused_in_one_line(tiny_config, tmp_path):
     """`deepspeed: auto` picks the stage by memory, so a relaunch elsewhere could resolve to
     another stage than the checkpoint's: one line naming both, before anything is loaded."""
+    from gere_ds.checkpointing.resume import check_state
     from gere_ds.config.loading import load_config
     from gere_ds.errors import InputError
-    from gere_ds.resume import check_state
 
     cfg = load_config(tiny_config("tm"))
     state = {"world_size": 2, "zero_stage": 3, "task_names": [t.name for t in cfg.tasks],
@@ -146,9 +146,9 @@ def test_a_task_file_changed_in_place_is_refused_on_resume_in_one_line(tiny_conf
     """A checkpoint records the sha256 of the task files it depends on: a file edited under
     the same path is refused naming the task, the file and the field; a file it does not depend
     on (here: the second task's, as if recorded during task 1 before any test file) may change."""
+    from gere_ds.checkpointing.resume import check_state, task_data_digests
     from gere_ds.config.loading import load_config
     from gere_ds.errors import InputError
-    from gere_ds.resume import check_state, task_data_digests
 
     cfg = load_config(tiny_config("tm"))
     state = {"world_size": 2, "zero_stage": 3, "task_names": [cfg.tasks[0].name],

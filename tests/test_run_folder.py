@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from gere_ds.atomic import write_json_atomic, write_text_atomic
+from gere_ds.storage.atomic import write_json_atomic, write_text_atomic
 
 
 def test_atomic_writes_get_the_umask_mode_not_0600(tmp_path):
@@ -106,8 +106,8 @@ def _dead_pid() -> int:
 
 
 def test_the_run_lock_admits_one_job_and_is_released(tmp_path):
+    from gere_ds.checkpointing.run_lock import LOCK_FILE, acquire_run_lock
     from gere_ds.errors import InputError
-    from gere_ds.run_lock import LOCK_FILE, acquire_run_lock
 
     lock = acquire_run_lock(tmp_path / "run")
     holder = json.loads((tmp_path / "run" / LOCK_FILE).read_text())
@@ -122,7 +122,7 @@ def test_the_run_lock_admits_one_job_and_is_released(tmp_path):
 def test_a_dead_jobs_lock_is_taken_over_with_one_line(tmp_path, capsys):
     import socket
 
-    from gere_ds.run_lock import LOCK_FILE, acquire_run_lock
+    from gere_ds.checkpointing.run_lock import LOCK_FILE, acquire_run_lock
 
     (tmp_path / LOCK_FILE).write_text(json.dumps({"host": socket.gethostname(),
                                                   "pid": _dead_pid(), "started": "earlier"}))
@@ -134,8 +134,8 @@ def test_a_dead_jobs_lock_is_taken_over_with_one_line(tmp_path, capsys):
 
 
 def test_another_hosts_lock_is_refused_naming_holder_and_the_way_out(tmp_path):
+    from gere_ds.checkpointing.run_lock import LOCK_FILE, acquire_run_lock
     from gere_ds.errors import InputError
-    from gere_ds.run_lock import LOCK_FILE, acquire_run_lock
 
     other = {"host": "node-elsewhere-3", "pid": 4242, "started": "2024-01-01 10:00:00"}
     (tmp_path / LOCK_FILE).write_text(json.dumps(other))
@@ -255,7 +255,7 @@ def test_ablation_force_reruns_a_finished_row_from_scratch(tiny_config, tmp_path
 def test_ablation_force_leaves_a_row_a_live_job_holds(tiny_config, tmp_path, monkeypatch):
     mod = _ablation()
     results = tmp_path / "results"
-    from gere_ds.run_lock import acquire_run_lock
+    from gere_ds.checkpointing.run_lock import acquire_run_lock
 
     lock = acquire_run_lock(results / "none")
     (results / "ablation.json").write_text(json.dumps({"none": {"status": "done"}}))

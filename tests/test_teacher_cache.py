@@ -353,7 +353,7 @@ def test_fingerprint_hashes_whole_weights_and_reuses_unchanged_digests(tiny_lm, 
     import os
     import shutil
 
-    from gere_ds.digest_cache import DigestCache
+    from gere_ds.storage.digest_cache import DigestCache
 
     model = tmp_path / "model"
     shutil.copytree(tiny_lm["model_dir"], model)

@@ -30,7 +30,7 @@ import os
 import sys
 from typing import Any, Optional, Sequence, TypeVar
 
-from gere_ds.atomic import write_bytes_atomic, write_text_atomic
+from gere_ds.storage.atomic import write_bytes_atomic, write_text_atomic
 
 SUMMARY = ("AP", "BWT", "FWT", "forgetting")
 _T = TypeVar("_T")

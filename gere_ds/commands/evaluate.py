@@ -30,10 +30,10 @@ from pathlib import Path
 from typing import Any
 
 from gere_ds import dist
-from gere_ds.atomic import write_json_atomic
 from gere_ds.config.loading import load_config
 from gere_ds.config.sections import RunConfig
 from gere_ds.errors import InputError
+from gere_ds.storage.atomic import write_json_atomic
 
 
 def _launched() -> bool:

@@ -27,8 +27,8 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from gere_ds.atomic import write_bytes_atomic, write_json_atomic, write_text_atomic
 from gere_ds.errors import InputError
+from gere_ds.storage.atomic import write_bytes_atomic, write_json_atomic, write_text_atomic
 
 
 def parse_models(specs: Sequence[str]) -> list[tuple[str, str]]:

@@ -4,8 +4,8 @@
 
 Every rank validates its own inputs first (nodes may differ) and the ranks agree before any
 work; then the job takes `<output_dir>/run.lock` (one job per output_dir; see
-gere_ds.run_lock, `--force-unlock`). A bad input or a held lock is one `error:` line (exit 2),
-a run that cannot go on exit 1, a pre-empted run exits 0 after its checkpoint.
+gere_ds.checkpointing.run_lock, `--force-unlock`). A bad input or a held lock is one `error:` line
+(exit 2), a run that cannot go on exit 1, a pre-empted run exits 0 after its checkpoint.
 """
 from __future__ import annotations
 
@@ -15,12 +15,12 @@ import socket
 import sys
 
 from gere_ds import dist
+from gere_ds.checkpointing.run_lock import acquire_run_lock
 from gere_ds.config.loading import load_config
 from gere_ds.config.sections import RunConfig
 from gere_ds.errors import InputError
 from gere_ds.inputs import Inputs, validate_inputs
 from gere_ds.progress import TrainingError
-from gere_ds.run_lock import acquire_run_lock
 from gere_ds.stop import Preempted
 from gere_ds.trainer import ContinualTrainer
 

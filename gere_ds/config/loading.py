@@ -16,12 +16,12 @@ from typing import Any, Union
 
 import yaml
 
-from gere_ds.atomic import write_text_atomic
 from gere_ds.config.checks import validate
 from gere_ds.config.overrides import apply_override, parse_override
 from gere_ds.config.sections import RunConfig
 from gere_ds.config.source import Marks, read_yaml
 from gere_ds.errors import InputError
+from gere_ds.storage.atomic import write_text_atomic
 
 
 def _strip_optional(tp: Any) -> Any:

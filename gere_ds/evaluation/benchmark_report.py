@@ -15,7 +15,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Sequence
 
-from gere_ds.atomic import write_bytes_atomic, write_text_atomic
 from gere_ds.config.loading import load_config
 from gere_ds.data.tasks import read_examples
 from gere_ds.evaluation.batching import sample_rows
@@ -26,6 +25,7 @@ from gere_ds.evaluation.benchmark_figures import (fit_figure, forgetting_figure,
 from gere_ds.evaluation.benchmark_tables import (render_fit, render_learning, render_paired,
                                                  render_states, render_table, render_training)
 from gere_ds.evaluation.outcomes import OUTCOMES_JSON, digest, unbits
+from gere_ds.storage.atomic import write_bytes_atomic, write_text_atomic
 
 def write_report(results: str | Path, out: str | Path | None = None,
                  allow_mixed_machines: bool = False) -> dict[str, str]:

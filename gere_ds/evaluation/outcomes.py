@@ -29,8 +29,8 @@ from pathlib import Path
 from collections import Counter
 from typing import Any, Iterable, Sequence
 
-from gere_ds.atomic import write_text_atomic
 from gere_ds.evaluation.general_kinds import general_kind
+from gere_ds.storage.atomic import write_text_atomic
 
 OUTCOMES_JSON = "outcomes.json"
 

@@ -1,6 +1,6 @@
 """Write and log the evaluation results of a run.
 
-:func:`write_report` writes, atomically (:mod:`gere_ds.atomic`), into the run directory:
+:func:`write_report` writes, atomically (:mod:`gere_ds.storage.atomic`), into the run directory:
 
 * ``metrics.json``: task names, row labels, the accuracy matrix, AP / BWT / FWT / forgetting,
   the general scores per row (``{name: [value per row]}``), the final general scores and F1,
@@ -24,8 +24,8 @@ import math
 import os
 from typing import Any, Mapping, Optional, Sequence
 
-from gere_ds.atomic import write_bytes_atomic, write_text_atomic
 from gere_ds.evaluation.metrics import CLMetrics, compute_metrics
+from gere_ds.storage.atomic import write_bytes_atomic, write_text_atomic
 
 SUMMARY_KEYS = ("AP", "BWT", "FWT", "forgetting")
 METRICS_JSON, METRICS_MD, MATRIX_PNG = "metrics.json", "metrics.md", "accuracy_matrix.png"

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from gere_ds import dist, stop
-from gere_ds.checkpoint import task_tag
+from gere_ds.checkpointing.checkpoint import task_tag
 from gere_ds.evaluation.base_cache import evaluate_base, evaluate_task_end
 from gere_ds.evaluation.outcomes import record_outcomes
 from gere_ds.evaluation.report import (build_results, final_metrics, log_hparams,

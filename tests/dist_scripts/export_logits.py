@@ -38,7 +38,7 @@ def main() -> None:
     eng = build_engine(cfg, dist.world_size(), log)
     root = Path(cfg.output_dir) / "checkpoints"
     if cfg.train.lora is not None:  # as the trainer resumes: the merged base, then the adapters
-        from gere_ds.checkpoint import load_trainer_state
+        from gere_ds.checkpointing.checkpoint import load_trainer_state
         from gere_ds.lora import LoraRun
 
         LoraRun(cfg).restore(eng.module, load_trainer_state(root / args.tag), root / args.tag)

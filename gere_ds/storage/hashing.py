@@ -1,5 +1,5 @@
 """File hashing, one way: whole files in chunks; one list of weight-file suffixes. (Digests of
-big files kept between launches: gere_ds.digest_cache.)"""
+big files kept between launches: gere_ds.storage.digest_cache.)"""
 from __future__ import annotations
 
 import hashlib

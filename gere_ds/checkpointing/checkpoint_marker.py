@@ -26,8 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gere_ds.atomic import TMP_MARK, write_text_atomic
-from gere_ds.hashing import sha256_file
+from gere_ds.storage.atomic import TMP_MARK, write_text_atomic
+from gere_ds.storage.hashing import sha256_file
 
 FORMAT = 2
 MARKER_PREFIX = "COMPLETE.rank"

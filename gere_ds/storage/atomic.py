@@ -1,4 +1,4 @@
-"""Atomic file writes (file checksums: gere_ds.hashing.sha256_file, re-exported here).
+"""Atomic file writes (file checksums: gere_ds.storage.hashing.sha256_file, re-exported here).
 
 A write goes to a unique temporary name in the destination folder, is flushed to disk, then
 ``os.replace``-d into place: a crash never leaves a half-written file that a later run would
@@ -13,7 +13,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from gere_ds.hashing import sha256_file  # noqa: F401  (re-exported)
+from gere_ds.storage.hashing import sha256_file  # noqa: F401  (re-exported)
 
 TMP_MARK = ".tmp-"  # part of every temporary name, so stale ones can be found and removed
 

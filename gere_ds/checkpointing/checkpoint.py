@@ -36,11 +36,12 @@ import numpy as np
 import torch
 
 from gere_ds import dist, stop
-from gere_ds.atomic import write_text_atomic
-from gere_ds.checkpoint_lineage import (Entry, PartView, abandoned, add_fork, doomed, max_seq,
-                                        merge, read_forks)
-from gere_ds.checkpoint_marker import (MARKER_PREFIX, Marker, marker_problem, read_marker,
-                                       rank_problem, run_fingerprint, write_marker)
+from gere_ds.checkpointing.checkpoint_lineage import (Entry, PartView, abandoned, add_fork, doomed,
+                                                      max_seq, merge, read_forks)
+from gere_ds.checkpointing.checkpoint_marker import (MARKER_PREFIX, Marker, marker_problem,
+                                                     read_marker, rank_problem, run_fingerprint,
+                                                     write_marker)
+from gere_ds.storage.atomic import write_text_atomic
 
 _TAG = re.compile(r"^task(\d{3,})-(end|step(\d{6,}))$")  # what task_tag / step_tag write
 

@@ -23,7 +23,7 @@ from typing import Any, Callable
 
 from gere_ds import dist
 from gere_ds.errors import InputError
-from gere_ds.owners import host, pid_alive
+from gere_ds.storage.owners import host, pid_alive
 
 LOCK_FILE = "run.lock"
 

@@ -12,8 +12,8 @@ import json
 import os
 from pathlib import Path
 
-from gere_ds.atomic import write_json_atomic
-from gere_ds.hashing import sha256_file
+from gere_ds.storage.atomic import write_json_atomic
+from gere_ds.storage.hashing import sha256_file
 
 DIGESTS_FILE = "file_digests.json"
 

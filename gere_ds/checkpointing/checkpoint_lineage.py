@@ -13,7 +13,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from gere_ds.atomic import write_text_atomic
+from gere_ds.storage.atomic import write_text_atomic
 
 LINEAGE_FILE = "lineage.json"
 
