@@ -30,7 +30,7 @@ LORA = {"r": 16, "alpha": 32.0, "dropout": 0.0, "continual": "carry",
 
 
 def worker(args: argparse.Namespace) -> None:
-    from gere_ds import dist
+    from gere_ds.runtime import dist
     from gere_ds.trainer import ContinualTrainer
 
     cfg, inputs, rank = common.start_worker(args.config)

@@ -36,8 +36,8 @@ WANTED = ["none", "replay", "tm", "kl", "l2"]
 def worker(args: argparse.Namespace) -> None:
     import torch
 
-    from gere_ds import dist
     from gere_ds.losses import STAT_NAMES
+    from gere_ds.runtime import dist
     from gere_ds.step import TrainStep
     from gere_ds.strategies import make_term
     from gere_ds.trainer import ContinualTrainer

@@ -55,7 +55,7 @@ def _run(model, capture, ids: dict[int, list[int]], pad: int, batch: int, groupe
     from gere_ds.capture import lm_head_on_positions
     from gere_ds.data.collate import collate
     from gere_ds.data.encode import Encoded
-    from gere_ds.teacher import _batches
+    from gere_ds.teaching.teacher import _batches
 
     shard = list(ids)
     batches = [b for b in _batches(shard, batch, 0, ids if grouped else None) if b]

@@ -219,8 +219,8 @@ def worker(args: argparse.Namespace) -> None:
     import torch
     from transformers import AutoModelForCausalLM, TrainerCallback, TrainingArguments
 
-    from gere_ds import dist
     from gere_ds.engine import resolve_ds_config
+    from gere_ds.runtime import dist
     from gere_ds.step import StepStats, TrainStep
     from gere_ds.strategies import NoReplay
     from gere_ds.trainer import ContinualTrainer

@@ -188,9 +188,9 @@ WORLD = 2  # ranks of every benchmark launch
 def start_worker(config_path: str) -> tuple[Any, Any, int]:
     """A worker's start under the launcher: the run config, its checked inputs (before any
     collective, as the trainer does) and this rank, with the process group up."""
-    from gere_ds import dist
     from gere_ds.config import load_config
     from gere_ds.inputs import validate_inputs
+    from gere_ds.runtime import dist
 
     cfg = load_config(config_path)
     inputs = validate_inputs(cfg, dist.world_size())
@@ -217,7 +217,7 @@ def bench_parser(doc: str, smoke_help: str) -> argparse.ArgumentParser:
 def run_worker_and_exit(worker: Callable[[argparse.Namespace], None],
                         args: argparse.Namespace) -> NoReturn:
     """Run the worker side; it writes its result file and passes a barrier on every rank."""
-    from gere_ds import dist
+    from gere_ds.runtime import dist
 
     worker(args)
     dist.exit_process(0)  # also skips the HF Trainer's accelerate state teardown
@@ -520,7 +520,7 @@ def command_line() -> str:
 
 
 def gather_to_rank0(obj: Any) -> list[Any]:
-    from gere_ds import dist
+    from gere_ds.runtime import dist
 
     return dist.all_gather_object(obj)
 

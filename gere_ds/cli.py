@@ -54,7 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     code = int(module.main(rest) or 0)
     torch_dist = sys.modules.get("torch.distributed")
     if torch_dist is not None and torch_dist.is_available() and torch_dist.is_initialized():
-        from gere_ds import dist  # lazy: dist loads torch, which only such a command has loaded
+        # lazy: dist loads torch, which only such a command has loaded
+        from gere_ds.runtime import dist
 
         dist.exit_process(code)  # every command ends on a barrier
     return code

@@ -104,7 +104,7 @@ def agree_on_memory(accelerator: str | None = None) -> int:
     stage, so mixed cards cannot pick different stages and hang."""
     import torch
 
-    from gere_ds import dist
+    from gere_ds.runtime import dist
 
     accelerator = accelerator or accelerator_name()
     mine = local_memory_bytes(accelerator)

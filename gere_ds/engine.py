@@ -247,7 +247,7 @@ def build_eval_engine(cfg: RunConfig, log: Callable[[str], None]) -> Engine:
     without an optimizer (weights partitioned; every forward is a collective). Neither runs the
     global-batch check: scoring has no optimizer step, so any rank count may evaluate.
     """
-    from gere_ds import dist
+    from gere_ds.runtime import dist
 
     check_model_folder(cfg)
     tokenizer = load_tokenizer(cfg, log)

@@ -27,7 +27,7 @@ from typing import Any, Callable
 
 import torch
 
-from gere_ds import dist, stop
+from gere_ds.runtime import dist, stop
 from gere_ds.checkpointing.checkpoint import Checkpointer, all_ranks_problem, run_identity, task_tag
 from gere_ds.config.loading import load_config
 from gere_ds.engine import check_model_folder, load_tokenizer

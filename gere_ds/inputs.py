@@ -15,7 +15,7 @@ from gere_ds.errors import InputError
 from gere_ds.evaluation.scoring import EvalSuite
 from gere_ds.lora import check_targets
 from gere_ds.strategies import make_term
-from gere_ds.wandb_sink import check_report_to
+from gere_ds.monitoring.wandb_sink import check_report_to
 
 
 @dataclass

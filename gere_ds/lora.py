@@ -22,10 +22,10 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from gere_ds import dist
 from gere_ds.config.sections import LoraConfig, RunConfig
 from gere_ds.errors import InputError
 from gere_ds.hf_folder import meta_model
+from gere_ds.runtime import dist
 
 ADAPTER = "default"  # PEFT's adapter name
 MERGES_DIR = "lora_merges"

@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from gere_ds import dist
 from gere_ds.data.encode import IGNORE
+from gere_ds.runtime import dist
 
 TM_EPS = 1e-8  # reference: sum(v) / (count_nonzero(v) + 1e-8)
 CE_CHUNK = 4096  # positions per fp32 log-softmax chunk

@@ -13,7 +13,6 @@ from typing import Callable, ContextManager
 
 import torch
 
-from gere_ds import dist, stop
 from gere_ds.batches import BatchMaker
 from gere_ds.capture import FinalNormCapture, lm_head_on_positions
 from gere_ds.config.sections import RunConfig
@@ -23,6 +22,7 @@ from gere_ds.engine import Engine
 from gere_ds.errors import InputError
 from gere_ds.losses import RowTerms, StepLoss, reduce_rows, row_ce_sums, step_means, \
     supervised_positions
+from gere_ds.runtime import dist, stop
 from gere_ds.strategies import ReplayRows, ReplayTerm
 
 # phases(name) -> a context manager around that phase (benchmarks time them; default: nothing)

@@ -14,7 +14,7 @@ from typing import Any, Iterator
 
 import torch
 
-from gere_ds import dist
+from gere_ds.runtime import dist
 
 
 def _gradient_tensors(engine: Any) -> list[torch.Tensor]:

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from gere_ds import dist, stop
+from gere_ds.runtime import dist, stop
 from gere_ds.checkpointing.checkpoint import Checkpointer, run_identity, step_tag, task_tag
 from gere_ds.checkpointing.resume import ResumePlan, load_resume, plan_resume
 from gere_ds.config.sections import RunConfig
@@ -23,7 +23,7 @@ from gere_ds.data.sampler import ContinualSampler
 from gere_ds.inputs import Inputs
 from gere_ds.lora import lora_run
 from gere_ds.progress import Progress, TokenWindow, count_bad_step
-from gere_ds.run_log import RunLogger
+from gere_ds.monitoring.run_log import RunLogger
 from gere_ds.schedule import lr_at
 from gere_ds.step import Phases, StepStats, TrainStep
 from gere_ds.strategies import ReplayTerm, make_term

@@ -8,8 +8,8 @@ The same as `gere-ds preflight` (gere_ds.commands.preflight); accepts the launch
 """
 from __future__ import annotations
 
-from gere_ds import dist
 from gere_ds.commands.preflight import main
+from gere_ds.runtime import dist
 
 if __name__ == "__main__":
     dist.exit_process(main())  # abandoned name-lookup threads are not joined either

@@ -2,8 +2,8 @@
 (the command itself: gere_ds.commands.train)."""
 from __future__ import annotations
 
-from gere_ds import dist
 from gere_ds.commands.train import main
+from gere_ds.runtime import dist
 
 if __name__ == "__main__":
     # an unexpected exception propagates: traceback and a non-zero exit; otherwise every file is

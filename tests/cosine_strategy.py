@@ -20,8 +20,8 @@ import torch.nn.functional as F
 
 from gere_ds.strategies import ReplayRows, ReplayTerm, RowStats
 from gere_ds.strategies.base import field_error
-from gere_ds.teacher import StreamSpec
-from gere_ds.teacher_cache import DataFile, memmap_file
+from gere_ds.teaching.teacher import StreamSpec
+from gere_ds.teaching.teacher_cache import DataFile, memmap_file
 
 ALIGNED = 0.999  # replay.options.aligned's default: a token this close to its teacher
 UNIT_FILES = (DataFile("unit.bin", "float16 (unit-length final-norm output)", np.float16),)

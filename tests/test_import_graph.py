@@ -27,12 +27,12 @@ UNMARKED_ALLOWED: set[tuple[str, str]] = {
     ("gere_ds.commands.compare", "gere_ds.evaluation.report"),
     ("gere_ds.commands.train", "gere_ds.config.commented"),
     ("gere_ds.commands.train", "gere_ds.ds_config"),
-    ("gere_ds.ds_config", "gere_ds.dist"),
+    ("gere_ds.ds_config", "gere_ds.runtime.dist"),
     ("gere_ds.engine", "gere_ds.ds_config"),
     ("gere_ds.engine", "gere_ds.hub"),
     ("gere_ds.engine", "gere_ds.capture"),
     ("gere_ds.engine", "gere_ds.lora"),
-    ("gere_ds.engine", "gere_ds.dist"),
+    ("gere_ds.engine", "gere_ds.runtime.dist"),
 }
 
 

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from conftest import REPO, run_deepspeed
-from gere_ds import stop
+from gere_ds.runtime import stop
 
 
 def _config(tiny_paths, out: Path, export: bool = False) -> Path:

@@ -22,9 +22,9 @@ from dist_scripts.launchers import (
     write_hostfile,
 )
 
-from gere_ds import launch_checks, preflight
 from gere_ds.commands.preflight import report
 from gere_ds.errors import InputError
+from gere_ds.runtime import launch_checks, preflight
 
 PREFLIGHT = REPO / "launch" / "preflight.py"
 

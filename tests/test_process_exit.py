@@ -22,7 +22,7 @@ def test_exit_process_flushes_and_keeps_the_code_but_runs_no_teardown(tmp_path):
         logging.getLogger("gere_ds").info("last line of the log")
         atexit.register(lambda: pathlib.Path({str(hook)!r}).write_text("ran"))
         print("unterminated", end="")
-        from gere_ds import dist
+        from gere_ds.runtime import dist
         dist.exit_process(3)
         print("never")
     """)

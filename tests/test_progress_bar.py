@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import io
 
-from gere_ds.progress_bar import PlainProgress, progress_bar
+from gere_ds.monitoring.progress_bar import PlainProgress, progress_bar
 
 
 class Clock:
@@ -53,7 +53,7 @@ def test_a_pipe_gets_plain_progress_and_a_terminal_gets_tqdm():
 
 
 def test_run_logger_progress_is_plain_when_stdout_is_captured(tmp_path, capsys):
-    from gere_ds.run_log import RunLogger
+    from gere_ds.monitoring.run_log import RunLogger
 
     log = RunLogger(tmp_path, enabled=True)
     log.progress(4, "task 1/1 a")

@@ -81,7 +81,7 @@ def test_report_to_names_are_checked(tmp_path):
 
 def test_wandb_offline_run_gets_the_scalars(tmp_path, monkeypatch):
     pytest.importorskip("wandb")
-    from gere_ds.run_log import RunLogger
+    from gere_ds.monitoring.run_log import RunLogger
 
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")

@@ -33,7 +33,7 @@ def _step_rows(n: int) -> str:
 
 
 def test_a_torn_last_step_line_is_dropped_with_one_warning_on_resume(tmp_path, capsys):
-    from gere_ds.run_log import RunLogger
+    from gere_ds.monitoring.run_log import RunLogger
 
     (tmp_path / "train_steps.jsonl").write_text(_step_rows(3) + '{"global_step": 4, "trai')
     log = RunLogger(tmp_path, enabled=True)
@@ -47,7 +47,7 @@ def test_a_torn_last_step_line_is_dropped_with_one_warning_on_resume(tmp_path, c
 
 
 def test_appending_after_a_torn_last_line_never_glues_rows(tmp_path):
-    from gere_ds.run_log import RunLogger
+    from gere_ds.monitoring.run_log import RunLogger
 
     (tmp_path / "train_steps.jsonl").write_text(_step_rows(2) + '{"global_st')
     log = RunLogger(tmp_path, enabled=True)
@@ -59,7 +59,7 @@ def test_appending_after_a_torn_last_line_never_glues_rows(tmp_path):
 
 def test_a_torn_line_in_the_middle_is_an_error_naming_file_and_line(tmp_path):
     from gere_ds.errors import InputError
-    from gere_ds.run_log import RunLogger
+    from gere_ds.monitoring.run_log import RunLogger
 
     (tmp_path / "train_steps.jsonl").write_text(_step_rows(2) + '{"glo\n' + _step_rows(1))
     log = RunLogger(tmp_path, enabled=True)
@@ -68,7 +68,7 @@ def test_a_torn_line_in_the_middle_is_an_error_naming_file_and_line(tmp_path):
 
 
 def test_a_fresh_start_forgets_the_steps_of_an_attempt_without_checkpoint(tmp_path):
-    from gere_ds.run_log import RunLogger
+    from gere_ds.monitoring.run_log import RunLogger
 
     (tmp_path / "train_steps.jsonl").write_text(_step_rows(4))
     log = RunLogger(tmp_path, enabled=True)
@@ -86,7 +86,7 @@ def test_a_fresh_start_forgets_the_steps_of_an_attempt_without_checkpoint(tmp_pa
 
 
 def test_a_logger_that_writes_nothing_leaves_the_folder_untouched(tmp_path):
-    from gere_ds.run_log import RunLogger
+    from gere_ds.monitoring.run_log import RunLogger
 
     log = RunLogger(tmp_path / "run", enabled=True)
     log.close()

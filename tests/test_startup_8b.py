@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from conftest import REPO, run_deepspeed
-from gere_ds.teacher import scratch_problems
+from gere_ds.teaching.teacher import scratch_problems
 
 GIB = 2 ** 30
 

@@ -14,11 +14,12 @@ import torch
 from gere_ds.losses import teacher_topk
 from gere_ds.config.sections import ReplayConfig
 from gere_ds.strategies import STRATEGIES
-from gere_ds.fingerprint import fingerprint
-from gere_ds.teacher import TeacherJob, prepare_teacher_data, teacher_settings
-from gere_ds.teacher_cache import (FEATURES_FILES, CacheWriter, TeacherFeatures, TeacherStates,
-                                   TeacherTopK, check_rank_cache, pack_states, rank_dir,
-                                   read_manifest, to_bf16_bits, unpack_states, write_rank_cache)
+from gere_ds.teaching.fingerprint import fingerprint
+from gere_ds.teaching.teacher import TeacherJob, prepare_teacher_data, teacher_settings
+from gere_ds.teaching.teacher_cache import (FEATURES_FILES, CacheWriter, TeacherFeatures,
+                                            TeacherStates, TeacherTopK, check_rank_cache,
+                                            pack_states, rank_dir, read_manifest, to_bf16_bits,
+                                            unpack_states, write_rank_cache)
 
 # a strategy whose teacher spec keeps each kind of data
 KIND_STRATEGY = {"states": "tm", "topk": "kl", "features": "l1"}
@@ -410,7 +411,7 @@ def test_teacher_scratch_checks_free_space_and_removes_dead_scratch(tiny_lm, tmp
     import socket
     from collections import namedtuple
 
-    import gere_ds.teacher as T
+    import gere_ds.teaching.teacher as T
     from gere_ds.errors import InputError
 
     scratch_root = tmp_path / "scratch"

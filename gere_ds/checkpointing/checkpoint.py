@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from gere_ds import dist, stop
+from gere_ds.runtime import dist, stop
 from gere_ds.checkpointing.checkpoint_lineage import (Entry, PartView, abandoned, add_fork, doomed,
                                                       max_seq, merge, read_forks)
 from gere_ds.checkpointing.checkpoint_marker import (MARKER_PREFIX, Marker, marker_problem,

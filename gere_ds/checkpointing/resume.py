@@ -7,11 +7,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from gere_ds import dist
 from gere_ds.checkpointing.checkpoint import Checkpointer, describe
 from gere_ds.checkpointing.checkpoint_lineage import newest_first
 from gere_ds.config.sections import RunConfig
 from gere_ds.errors import InputError
+from gere_ds.runtime import dist
 from gere_ds.storage.hashing import sha256_file
 
 

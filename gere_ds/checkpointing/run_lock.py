@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from gere_ds import dist
 from gere_ds.errors import InputError
+from gere_ds.runtime import dist
 from gere_ds.storage.owners import host, pid_alive
 
 LOCK_FILE = "run.lock"

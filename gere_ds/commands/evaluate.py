@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from gere_ds import dist
+from gere_ds.runtime import dist
 from gere_ds.config.loading import load_config
 from gere_ds.config.sections import RunConfig
 from gere_ds.errors import InputError

@@ -16,7 +16,7 @@ Rank 0 prints one table (a row per rank: host, node, rank, local rank, one cell 
 Exit codes: 0 all checks passed; 1 a check failed (one line per failure, naming the host, node,
 rank and check); 2 bad launch arguments or environment (one line); 3 a peer never joined or a
 collective stalled: one line after ``--timeout`` seconds instead of a hang. The checks
-themselves: :mod:`gere_ds.preflight` and :mod:`gere_ds.launch_checks`.
+themselves: :mod:`gere_ds.runtime.preflight` and :mod:`gere_ds.runtime.launch_checks`.
 """
 from __future__ import annotations
 
@@ -28,8 +28,8 @@ import sys
 import time
 
 from gere_ds.errors import one_line
-from gere_ds.launch_checks import check_launch, resolve_hosts
-from gere_ds.preflight import (
+from gere_ds.runtime.launch_checks import check_launch, resolve_hosts
+from gere_ds.runtime.preflight import (
     CHECKS,
     EXIT_BAD_INPUT,
     EXIT_FAILED,
@@ -120,7 +120,7 @@ def run_distributed(args: argparse.Namespace) -> int:
         return code
     import torch.distributed as tdist  # lazy: launcher-side checks run without torch
 
-    from gere_ds import dist
+    from gere_ds.runtime import dist
 
     env = os.environ
     world, addr, port = int(env["WORLD_SIZE"]), env["MASTER_ADDR"], env["MASTER_PORT"]
@@ -262,6 +262,6 @@ def _notes(rows: list[Row]) -> list[str]:
 
 
 if __name__ == "__main__":  # `python -m gere_ds.commands.preflight`: the same as `gere-ds preflight`
-    from gere_ds import dist
+    from gere_ds.runtime import dist
 
     dist.exit_process(main())  # abandoned name-lookup threads are not joined either

@@ -147,7 +147,7 @@ def measure_models(cfg: Any, models: list[tuple[str, str]], heldout: str, sample
     from gere_ds.evaluation.batching import pad_id
     from gere_ds.evaluation.general import load_texts
     from gere_ds.evaluation.state_drift import final_norm_outputs, fit_thresholds, measure
-    from gere_ds.progress_bar import progress_bar
+    from gere_ds.monitoring.progress_bar import progress_bar
 
     trust = cfg.trust_remote_code
     tok = AutoTokenizer.from_pretrained(cfg.tokenizer or cfg.model, trust_remote_code=trust)

@@ -24,11 +24,11 @@ import json
 from pathlib import Path
 from typing import Any, Callable
 
-from gere_ds import dist
+from gere_ds.runtime import dist
 from gere_ds.evaluation.general import GeneralScore
 from gere_ds.evaluation.outcomes import test_set_digests
 from gere_ds.evaluation.scoring import EvalRow, TaskScore
-from gere_ds.fingerprint import fingerprint
+from gere_ds.teaching.fingerprint import fingerprint
 from gere_ds.storage.atomic import write_text_atomic
 
 FOLDER = "base_eval"

@@ -24,7 +24,7 @@ from typing import Any, Callable, Optional, Sequence, TypeVar
 
 import torch
 
-from gere_ds import dist, stop
+from gere_ds.runtime import dist, stop
 
 ForwardFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (ids, mask) -> logits [B, T, V]
 _T = TypeVar("_T")

@@ -60,7 +60,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 
-from gere_ds import dist
+from gere_ds.runtime import dist
 from gere_ds.constants import EVAL_MODES
 from gere_ds.data.collate import pad_rows
 from gere_ds.data.encode import encode_source, encode_target

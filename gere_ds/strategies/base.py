@@ -2,10 +2,10 @@
 
 A term says whether replay rows are mixed in (``uses_replay``), whether it adds a regulariser to
 them (``has_term``), whether it reads the logits at every replay token (``needs_full_logits``),
-which teacher data it needs (``spec_type``: a gere_ds.teacher.TeacherSpec, None = no teacher
-pass), how its own ``replay.*`` settings are checked (``check_settings``), its per-row values as
-named statistics (``local_sums`` -> ``RowStats``), its weight and its TensorBoard scalars. The
-trainer, the step, the teacher pass and the cache ask the term; they name no strategy.
+which teacher data it needs (``spec_type``: a gere_ds.teaching.teacher.TeacherSpec, None = no
+teacher pass), how its own ``replay.*`` settings are checked (``check_settings``), its per-row
+values as named statistics (``local_sums`` -> ``RowStats``), its weight and its TensorBoard
+scalars. The trainer, the step, the teacher pass and the cache ask the term; they name no strategy.
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from typing import Any, Callable, ClassVar, Iterator
 import torch
 
 from gere_ds.errors import InputError
-from gere_ds.teacher import TeacherSpec
+from gere_ds.teaching.teacher import TeacherSpec
 
 # ``replay`` below is the run's replay section (gere_ds.config.sections.ReplayConfig): read by attribute
 # only, so that this layer does not import the config loader (the loader asks the registry)

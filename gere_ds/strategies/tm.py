@@ -9,11 +9,12 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from gere_ds import dist
 from gere_ds.losses import tm_dead_band, tm_row_terms, tri_states
+from gere_ds.runtime import dist
 from gere_ds.strategies.base import ReplayRows, ReplaySection, ReplayTerm, RowStats, field_error
-from gere_ds.teacher import TeacherJob, TeacherSpec, forward_shard, job_meta, scratch_folder
-from gere_ds.teacher_cache import TeacherStates, open_states, write_rank_cache
+from gere_ds.teaching.teacher import (TeacherJob, TeacherSpec, forward_shard, job_meta,
+                                      scratch_folder)
+from gere_ds.teaching.teacher_cache import TeacherStates, open_states, write_rank_cache
 
 # the opt-in rounding guard may hold violations up to this many threshold_k * sigma_d, no more
 MAX_TM_DEAD_BAND = 0.5

@@ -7,13 +7,13 @@ import math
 from pathlib import Path
 from typing import Any
 
-from gere_ds import dist, stop
+from gere_ds.runtime import dist, stop
 from gere_ds.config.sections import RunConfig
-from gere_ds.fingerprint import fingerprint
-from gere_ds.run_log import RunLogger
+from gere_ds.teaching.fingerprint import fingerprint
+from gere_ds.monitoring.run_log import RunLogger
 from gere_ds.storage.digest_cache import DIGESTS_FILE, DigestCache
 from gere_ds.strategies import ReplayTerm
-from gere_ds.teacher import TeacherJob, prepare_teacher_data, teacher_settings
+from gere_ds.teaching.teacher import TeacherJob, prepare_teacher_data, teacher_settings
 from gere_ds.training.assembly import RunParts
 
 

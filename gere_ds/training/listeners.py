@@ -9,7 +9,6 @@ from typing import Any
 
 import torch
 
-from gere_ds import dist, stop
 from gere_ds.checkpointing.checkpoint import task_tag
 from gere_ds.evaluation.base_cache import evaluate_base, evaluate_task_end
 from gere_ds.evaluation.outcomes import record_outcomes
@@ -17,6 +16,7 @@ from gere_ds.evaluation.report import (build_results, final_metrics, log_hparams
                                        log_to_tensorboard, write_report)
 from gere_ds.export import export_from_engine, gather_units
 from gere_ds.progress import step_scalars
+from gere_ds.runtime import dist, stop
 
 # ``trainer`` below is the gere_ds.trainer.ContinualTrainer whose loop calls the hook (its parts
 # set up, its progress current).

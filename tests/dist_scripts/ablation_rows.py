@@ -11,8 +11,8 @@ import argparse
 import importlib.util
 from pathlib import Path
 
-from gere_ds import dist
 from gere_ds.commands import train
+from gere_ds.runtime import dist
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -7,8 +7,8 @@ import json
 from pathlib import Path
 
 import gere_ds.ds_config as D
-from gere_ds import dist
 from gere_ds.config.loading import load_config
+from gere_ds.runtime import dist
 
 
 def main() -> None:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from gere_ds import dist
+from gere_ds.runtime import dist
 from gere_ds.config.loading import load_config
 from gere_ds.losses import step_means
 from gere_ds.inputs import validate_inputs

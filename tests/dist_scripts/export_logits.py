@@ -9,10 +9,10 @@ from pathlib import Path
 
 import torch
 
-from gere_ds import dist
 from gere_ds.config.loading import load_config
 from gere_ds.engine import build_engine
 from gere_ds.export import export_from_engine
+from gere_ds.runtime import dist
 
 TEXTS = ["The film was wonderful and the hotel was lovely.",
          "Yesterday's news was all about quantum physics."]

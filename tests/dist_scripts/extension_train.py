@@ -9,8 +9,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the strategy module
 
 from cosine_strategy import ActivationDecay, FeatureCosine  # noqa: E402
-from gere_ds import dist  # noqa: E402
 from gere_ds.commands.train import main  # noqa: E402
+from gere_ds.runtime import dist  # noqa: E402
 from gere_ds.strategies import register  # noqa: E402
 
 register(FeatureCosine)

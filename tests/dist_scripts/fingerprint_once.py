@@ -6,9 +6,9 @@ import argparse
 import json
 from pathlib import Path
 
-from gere_ds import dist
 from gere_ds.config.loading import load_config
 from gere_ds.inputs import validate_inputs
+from gere_ds.runtime import dist
 from gere_ds.trainer import ContinualTrainer
 
 

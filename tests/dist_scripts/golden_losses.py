@@ -7,8 +7,8 @@ import argparse
 import json
 from pathlib import Path
 
-from gere_ds import dist
 from gere_ds.commands import train
+from gere_ds.runtime import dist
 
 STRATEGIES = ("tm", "kl", "l1", "l2")
 

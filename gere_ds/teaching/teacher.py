@@ -24,15 +24,15 @@ from typing import Any, Callable, ClassVar
 import numpy as np
 import torch
 
-from gere_ds import dist, stop
+from gere_ds.runtime import dist, stop
 from gere_ds.capture import FinalNormCapture
 from gere_ds.data.collate import MicroBatch, collate
 from gere_ds.data.encode import Encoded
 from gere_ds.storage import owners
 from gere_ds.errors import InputError
 from gere_ds.storage.owners import owner_tag, stale_entries
-from gere_ds.teacher_cache import (CacheWriter, DataFile, check_rank_cache, rank_dir,
-                                   read_manifest)
+from gere_ds.teaching.teacher_cache import (CacheWriter, DataFile, check_rank_cache, rank_dir,
+                                            read_manifest)
 
 
 class TeacherSpec:

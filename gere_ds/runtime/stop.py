@@ -29,7 +29,7 @@ import os
 import signal
 from typing import Any, Iterator
 
-from gere_ds import dist
+from gere_ds.runtime import dist
 
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 

@@ -124,7 +124,7 @@ def versions() -> dict[str, str]:
         except Exception:  # noqa: BLE001, S110 (informational only)
             pass
     h = hashlib.sha1()
-    root = Path(__file__).resolve().parent
+    root = Path(__file__).resolve().parents[1]  # gere_ds/
     for f in sorted(root.rglob("*.py")):
         h.update(str(f.relative_to(root)).encode())
         h.update(f.read_bytes())
@@ -341,7 +341,7 @@ def check_collectives(row: Row, world: int, bench_mb: float, dog: Watchdog, limi
     import torch  # lazy: launcher-side checks run without torch
     import torch.distributed as tdist
 
-    from gere_ds import dist
+    from gere_ds.runtime import dist
 
     stall_hint = "a peer is stuck or gone (see its node's log)"
     _check_ranks(row, world)
@@ -415,7 +415,7 @@ def shared_filesystem(rows: list[Row], row: Row) -> dict[int, str]:
 
     Decided from the gathered rows, so every rank takes the same branch into the collectives.
     """
-    from gere_ds import dist  # lazy: launcher-side checks run without torch
+    from gere_ds.runtime import dist  # lazy: launcher-side checks run without torch
 
     ref = rows[0]
     if ref.results.get("output", ("-",))[0] != "ok" or "config" not in ref.info:

@@ -20,7 +20,7 @@ Data files are raw row-major bytes, memory-mapped for reading; one sample's rows
 A folder without a manifest, with another fingerprint or kind, or whose files fail their size or
 sha256 check is never read: the teacher pass recomputes it. This module knows no strategy: the
 readers below are the storage formats the built-in strategies choose; a strategy with another
-kind of data declares its own files and reader (gere_ds.teacher.TeacherSpec).
+kind of data declares its own files and reader (gere_ds.teaching.teacher.TeacherSpec).
 """
 from __future__ import annotations
 

@@ -17,11 +17,11 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from gere_ds import dist
+from gere_ds.runtime import dist
 from gere_ds.errors import InputError
-from gere_ds.progress_bar import progress_bar
+from gere_ds.monitoring.progress_bar import progress_bar
 from gere_ds.storage.atomic import write_text_atomic
-from gere_ds.wandb_sink import WandbSink
+from gere_ds.monitoring.wandb_sink import WandbSink
 
 STEPS_FILE = "train_steps.jsonl"
 
