@@ -193,7 +193,7 @@ def main() -> int:
     p.add_argument("--out", default=None)
     p.add_argument("--assets", default=None, help="unused (same interface as the others)")
     args = p.parse_args()
-    from gere_ds.engine import model_forward
+    from gere_ds.model.engine import model_forward
 
     torch.set_num_threads(1)
     rounds = args.rounds or (1 if args.smoke else 2)

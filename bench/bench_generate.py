@@ -41,8 +41,8 @@ def main() -> int:
     from gere_ds.config.loading import load_config
     from gere_ds.data.encode import encode_source
     from gere_ds.data.prompts import build_prompt
-    from gere_ds.engine import load_tokenizer, model_forward
     from gere_ds.evaluation.scoring import greedy_decode, load_task_examples
+    from gere_ds.model.engine import load_tokenizer, model_forward
     from transformers import AutoModelForCausalLM
 
     torch.set_num_threads(1)

@@ -37,9 +37,9 @@ def main() -> None:
     from gere_ds.config import TaskConfig
     from gere_ds.data.encode import encode_source, encode_target
     from gere_ds.data.prompts import build_prompt
-    from gere_ds.engine import model_forward
     from gere_ds.evaluation.cloze import choice_loglikelihoods, load_cloze
     from gere_ds.evaluation.scoring import load_task_examples, rank_scores
+    from gere_ds.model.engine import model_forward
 
     tok = AutoTokenizer.from_pretrained(args.model)
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.bfloat16).eval()

@@ -52,9 +52,9 @@ def _load(model_dir: str, replay: str, n_docs: int, max_len: int):
 def _run(model, capture, ids: dict[int, list[int]], pad: int, batch: int, grouped: bool,
          head: bool) -> tuple[float, dict[int, torch.Tensor], float]:
     """Seconds for the pass, each sample's features, and the padding share of the tokens."""
-    from gere_ds.capture import lm_head_on_positions
     from gere_ds.data.collate import collate
     from gere_ds.data.encode import Encoded
+    from gere_ds.model.capture import lm_head_on_positions
     from gere_ds.teaching.teacher import _batches
 
     shard = list(ids)
@@ -90,7 +90,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=None, help="interleaved rounds (3; smoke 1)")
     a = p.parse_args()
     torch.set_num_threads(1)
-    from gere_ds.capture import FinalNormCapture
+    from gere_ds.model.capture import FinalNormCapture
 
     if a.model is None:
         spec = common.SMOKE if a.smoke else common.FULL

@@ -219,7 +219,7 @@ def worker(args: argparse.Namespace) -> None:
     import torch
     from transformers import AutoModelForCausalLM, TrainerCallback, TrainingArguments
 
-    from gere_ds.engine import resolve_ds_config
+    from gere_ds.model.engine import resolve_ds_config
     from gere_ds.runtime import dist
     from gere_ds.step import StepStats, TrainStep
     from gere_ds.strategies import NoReplay
@@ -241,7 +241,7 @@ def worker(args: argparse.Namespace) -> None:
         tr.prepare_teacher()  # tm (reuses the cache of the main launch in solo launches)
         tok = tr.tokenizer
     else:
-        from gere_ds.engine import load_tokenizer
+        from gere_ds.model.engine import load_tokenizer
 
         tok = load_tokenizer(cfg, lambda m: None)
     task_rows, mixed_rows, _ = build_rows(tok, cfg, rank, W, inputs.replay_texts,

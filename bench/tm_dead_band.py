@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 import common  # bench/ is the script's folder, hence on sys.path
-from gere_ds.capture import FinalNormCapture
+from gere_ds.model.capture import FinalNormCapture
 from gere_ds.data.collate import collate
 from gere_ds.data.encode import Encoded, encode_example, encode_replay
 from gere_ds.data.files import read_rows

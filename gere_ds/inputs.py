@@ -10,10 +10,10 @@ from gere_ds.config.sections import RunConfig
 from gere_ds.data.replay import check_replay_inputs
 from gere_ds.data.tasks import Example, load_examples
 from gere_ds.data.encode import encode_target
-from gere_ds.engine import check_model_folder, load_tokenizer, resolve_ds_config
+from gere_ds.model.engine import check_model_folder, load_tokenizer, resolve_ds_config
 from gere_ds.errors import InputError
 from gere_ds.evaluation.scoring import EvalSuite
-from gere_ds.lora import check_targets
+from gere_ds.model.lora import check_targets
 from gere_ds.strategies import make_term
 from gere_ds.monitoring.wandb_sink import check_report_to
 

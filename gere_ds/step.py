@@ -14,11 +14,11 @@ from typing import Callable, ContextManager
 import torch
 
 from gere_ds.batches import BatchMaker
-from gere_ds.capture import FinalNormCapture, lm_head_on_positions
+from gere_ds.model.capture import FinalNormCapture, lm_head_on_positions
 from gere_ds.config.sections import RunConfig
 from gere_ds.data.collate import MicroBatch
 from gere_ds.data.sampler import Row
-from gere_ds.engine import Engine
+from gere_ds.model.engine import Engine
 from gere_ds.errors import InputError
 from gere_ds.losses import RowTerms, StepLoss, reduce_rows, row_ce_sums, step_means, \
     supervised_positions
@@ -151,7 +151,7 @@ class TrainStep:
         """Backward and DeepSpeed's step (which applies the optimizer at the accumulation
         boundary). A non-finite loss still goes through backward (skipping backward would leave
         ZeRO-3 without gradients to step on); at the boundary the ranks agree whether any loss
-        of this optimizer step or any gradient is non-finite (gere_ds.step_guard), and such a
+        of this optimizer step or any gradient is non-finite (gere_ds.model.step_guard), and such a
         step is skipped: no update, the gradients dropped. ``before_step`` runs between the two
         (tests read the accumulated gradients there)."""
         engine = self.engine

@@ -21,7 +21,7 @@ from gere_ds.checkpointing.resume import ResumePlan, load_resume, plan_resume
 from gere_ds.config.sections import RunConfig
 from gere_ds.data.sampler import ContinualSampler
 from gere_ds.inputs import Inputs
-from gere_ds.lora import lora_run
+from gere_ds.model.lora import lora_run
 from gere_ds.progress import Progress, TokenWindow, count_bad_step
 from gere_ds.monitoring.run_log import RunLogger
 from gere_ds.schedule import lr_at

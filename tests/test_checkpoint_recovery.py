@@ -168,7 +168,7 @@ def test_foreign_checkpoint_is_refused_before_unpickling(finished, tmp_path, mar
 def test_missing_export_of_a_finished_task_is_redone(finished, tmp_path):
     """The run stopped after task 2's checkpoint but before its Hugging Face export: the same
     command resumes at the end of task 2 and writes the export."""
-    from gere_ds.export import verify_export
+    from gere_ds.model.export import verify_export
 
     run, cfg = _copy(finished, tmp_path)
     proc = _train(cfg, "checkpoint.export_hf=true")

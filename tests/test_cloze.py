@@ -11,7 +11,7 @@ import torch
 
 from gere_ds.errors import InputError
 from gere_ds.evaluation import cloze as C
-from gere_ds.engine import model_forward
+from gere_ds.model.engine import model_forward
 
 QUESTIONS = [C.ClozeQuestion("Question: Where do fish live?\nAnswer:", ("in water", "on trees"), 0),
              C.ClozeQuestion("The sky is", ("blue", "a very long and unlikely answer", "green"), 2),

@@ -7,8 +7,8 @@ import pytest
 import yaml
 
 from gere_ds.config.loading import load_config
-from gere_ds.engine import resolve_ds_config
 from gere_ds.errors import InputError
+from gere_ds.model.engine import resolve_ds_config
 
 BASE = """\
 model: m
@@ -105,7 +105,7 @@ def test_ds_config_filled_from_run_config_or_disagreement_named(tmp_path):
     cfg = load_config(_write(tmp_path, BASE), ["train.micro_batch_size=2", "train.grad_accum=3"])
     ds = resolve_ds_config(cfg, world_size=4)
     assert ds["train_batch_size"] == 24 and ds["gradient_accumulation_steps"] == 3
-    from gere_ds.ds_config import ds_config_path
+    from gere_ds.model.ds_config import ds_config_path
 
     bad = json.loads(ds_config_path(cfg.deepspeed).read_text())
     bad["gradient_accumulation_steps"] = 5

@@ -9,8 +9,8 @@ import pytest
 
 from conftest import REPO, run_deepspeed
 from gere_ds.config.loading import load_config
-from gere_ds.ds_config import DS_CONFIG_DIR, ds_config_path, fill_ds_config, resolve_ds_config
 from gere_ds.errors import InputError
+from gere_ds.model.ds_config import DS_CONFIG_DIR, ds_config_path, fill_ds_config, resolve_ds_config
 
 DATA = Path(__file__).parent / "data"
 HIDDEN = 64  # the tiny model's
@@ -98,7 +98,7 @@ def test_missing_optimizer_is_adamw_from_the_run_config(tiny_config):
 
 
 def test_auto_picks_the_config_by_accelerator_and_model_size(tiny_config, monkeypatch):
-    import gere_ds.ds_config as D
+    import gere_ds.model.ds_config as D
 
     # without a run config: ZeRO-3, which fits any model
     assert ds_config_path("auto", "cpu") == DS_CONFIG_DIR / "zero3.json"
@@ -147,7 +147,7 @@ H200_141GB = 150_000_000_000
 ])
 def test_auto_stage_at_8b_matches_the_docs(tiny_config, monkeypatch, world, memory, nodes, host,
                                            want):
-    import gere_ds.ds_config as D
+    import gere_ds.model.ds_config as D
 
     cfg = _cfg(tiny_config, train={"bf16": True})
     monkeypatch.setattr(D, "model_parameters", lambda model: LLAMA_8B)
@@ -161,7 +161,7 @@ def test_auto_stage_at_8b_matches_the_docs(tiny_config, monkeypatch, world, memo
 def test_auto_stops_with_one_line_when_nothing_fits(tiny_config, monkeypatch, accelerator, host):
     """8B on one rank: ZeRO-3 needs 144 GB; no offload config on a CPU, too little host RAM on a
     GPU: one line naming the field, raised while the inputs are checked (before any load)."""
-    import gere_ds.ds_config as D
+    import gere_ds.model.ds_config as D
 
     cfg = _cfg(tiny_config, train={"bf16": True})
     cfg.deepspeed = "auto"

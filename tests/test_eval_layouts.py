@@ -12,12 +12,12 @@ import pytest
 import torch
 
 from gere_ds.data.encode import encode_target
-from gere_ds.engine import model_forward
 from gere_ds.evaluation import batching as B
 from gere_ds.evaluation import cloze as C
 from gere_ds.evaluation import general as G
 from gere_ds.evaluation import packing as P
 from gere_ds.evaluation import scoring as S
+from gere_ds.model.engine import model_forward
 
 REPO = Path(__file__).resolve().parents[1]
 # bf16: largest difference of a (mean per-token) log-probability between the layouts: other

@@ -20,7 +20,7 @@ class FakeSuite:
 
 @pytest.fixture
 def fake_scoring(monkeypatch):
-    import gere_ds.engine as engine
+    import gere_ds.model.engine as engine
     import gere_ds.evaluation.scoring as scoring
 
     monkeypatch.setattr(scoring, "EvalSuite", FakeSuite)

@@ -19,8 +19,9 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from conftest import REPO, run_deepspeed, run_python
-from gere_ds.export import (ExportError, checkpoint_problem, export_checkpoint, gather_units,
-                            export_from_engine, find_checkpoint, inspect_export, verify_export)
+from gere_ds.model.export import (ExportError, checkpoint_problem, export_checkpoint, gather_units,
+                                  export_from_engine, find_checkpoint, inspect_export,
+                                  verify_export)
 
 ATOL = 1e-5
 BROKEN_TENSOR = "model.layers.1.mlp.up_proj.weight"
@@ -236,7 +237,7 @@ def test_task_dtype_and_existing_destination(trained, monkeypatch):
         export_checkpoint(trained.run, out, task=2, log=lambda m: None)
     assert (out / "export_info.json").read_text() == stamp  # untouched
     # a failure after writing (here: the check) leaves the old folder and no temp folder
-    import gere_ds.export as ex
+    import gere_ds.model.export as ex
 
     def fail(folder, trust_remote_code=False):
         raise ExportError("tensor x missing", file=str(folder))
@@ -274,7 +275,7 @@ def test_stale_export_temp_folders_of_dead_processes_are_removed(tmp_path):
     import subprocess
     import sys
 
-    from gere_ds.export import clean_stale_temps
+    from gere_ds.model.export import clean_stale_temps
 
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
                           capture_output=True, text=True, check=True)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from gere_ds.engine import ModelForward
 from gere_ds.evaluation.scoring import greedy_decode
+from gere_ds.model.engine import ModelForward
 
 
 class CountingForward(ModelForward):

@@ -26,10 +26,10 @@ def test_compute_loss_uses_the_collated_indices(tiny_config, monkeypatch):
     the positions from the labels on the device."""
     from gere_ds import step as step_module
     from gere_ds.batches import BatchMaker
-    from gere_ds.capture import FinalNormCapture
     from gere_ds.config.loading import load_config
-    from gere_ds.engine import Engine, _load_model, load_tokenizer
     from gere_ds.inputs import validate_inputs
+    from gere_ds.model.capture import FinalNormCapture
+    from gere_ds.model.engine import Engine, _load_model, load_tokenizer
     from gere_ds.strategies import make_term
 
     cfg = load_config(tiny_config("replay", replay={"per_batch": 2}))

@@ -10,8 +10,8 @@ import yaml
 
 from conftest import run_python
 from gere_ds.config.loading import load_config, save_resolved
-from gere_ds.engine import check_model_folder
 from gere_ds.errors import InputError
+from gere_ds.model.engine import check_model_folder
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 

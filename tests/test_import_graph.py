@@ -26,13 +26,13 @@ KNOWN_CYCLE_EDGES: dict[tuple[str, str], str] = {}
 UNMARKED_ALLOWED: set[tuple[str, str]] = {
     ("gere_ds.commands.compare", "gere_ds.evaluation.report"),
     ("gere_ds.commands.train", "gere_ds.config.commented"),
-    ("gere_ds.commands.train", "gere_ds.ds_config"),
-    ("gere_ds.ds_config", "gere_ds.runtime.dist"),
-    ("gere_ds.engine", "gere_ds.ds_config"),
-    ("gere_ds.engine", "gere_ds.hub"),
-    ("gere_ds.engine", "gere_ds.capture"),
-    ("gere_ds.engine", "gere_ds.lora"),
-    ("gere_ds.engine", "gere_ds.runtime.dist"),
+    ("gere_ds.commands.train", "gere_ds.model.ds_config"),
+    ("gere_ds.model.ds_config", "gere_ds.runtime.dist"),
+    ("gere_ds.model.engine", "gere_ds.model.ds_config"),
+    ("gere_ds.model.engine", "gere_ds.model.hub"),
+    ("gere_ds.model.engine", "gere_ds.model.capture"),
+    ("gere_ds.model.engine", "gere_ds.model.lora"),
+    ("gere_ds.model.engine", "gere_ds.runtime.dist"),
 }
 
 

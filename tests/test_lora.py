@@ -62,7 +62,7 @@ def test_merge_refuses_carried_adam_moments(tiny_config):
     (["lm_head"], "'lm_head' is the LM head, whose weight is tied to the input embeddings"),
 ])
 def test_target_modules_checked_against_the_model(tiny_config, targets, needle):
-    from gere_ds.lora import check_targets
+    from gere_ds.model.lora import check_targets
 
     cfg = load_config(_lora_config(tiny_config, target_modules=targets))
     with pytest.raises(InputError) as err:
@@ -87,9 +87,9 @@ def test_fresh_adapters_leave_the_model_unchanged_and_merge_is_exact(tiny_paths)
     from transformers import AutoModelForCausalLM
 
     from gere_ds.config.sections import LoraConfig
-    from gere_ds.lora import (adapter_values, add_adapters, fresh_adapter_values, lora_layers,
-                              merge_values)
-    from gere_ds.lora_export import merged_state_dict
+    from gere_ds.model.lora import (adapter_values, add_adapters, fresh_adapter_values, lora_layers,
+                                    merge_values)
+    from gere_ds.model.lora_export import merged_state_dict
 
     base = AutoModelForCausalLM.from_pretrained(tiny_paths["model"]).eval()
     ids = torch.tensor([[5, 17, 300, 2, 9, 41]])
@@ -124,9 +124,9 @@ def test_fresh_adapters_leave_the_model_unchanged_and_merge_is_exact(tiny_paths)
 def test_final_norm_found_inside_the_peft_wrapper(tiny_paths):
     from transformers import AutoModelForCausalLM
 
-    from gere_ds.capture import find_final_norm
     from gere_ds.config.sections import LoraConfig
-    from gere_ds.lora import add_adapters
+    from gere_ds.model.capture import find_final_norm
+    from gere_ds.model.lora import add_adapters
 
     base = AutoModelForCausalLM.from_pretrained(tiny_paths["model"])
     norm = base.model.norm

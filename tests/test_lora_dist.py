@@ -168,7 +168,7 @@ def test_lora_merge_starts_fresh_adapters_in_the_fp32_master(stage, request, tin
     from transformers import AutoModelForCausalLM
 
     from gere_ds.config.sections import LoraConfig
-    from gere_ds.lora import add_adapters, fresh_adapter_values
+    from gere_ds.model.lora import add_adapters, fresh_adapter_values
 
     merge_run = request.getfixturevalue("merge_run" if stage == 3 else "merge_run_zero2")
     root = str(merge_run / "checkpoints")
@@ -199,7 +199,7 @@ def test_lora_merged_export_logits_equal_the_engines(merge_run, tmp_path):
     export from the checkpoint, each a verified HF folder with its adapter/."""
     from peft import PeftModel
 
-    from gere_ds.export import export_checkpoint, verify_export
+    from gere_ds.model.export import export_checkpoint, verify_export
 
     out = tmp_path / "logits.pt"
     proc = run_deepspeed(REPO / "tests/dist_scripts/export_logits.py",

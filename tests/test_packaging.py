@@ -46,7 +46,7 @@ def test_every_direct_dependency_is_pinned_at_or_above_its_floor():
 def test_transformers_floor_has_the_apis_the_code_uses():
     floor = next(r for r in _reqs(_setup()["options"]["install_requires"])
                  if r.name == "transformers")
-    engine = (REPO / "gere_ds" / "engine.py").read_text()
+    engine = (REPO / "gere_ds" / "model" / "engine.py").read_text()
     assert "from_pretrained(cfg.model, dtype=" in engine  # the `dtype=` keyword: 4.56
     assert floor.specifier.contains("4.56.0") and not floor.specifier.contains("4.55.4")
 

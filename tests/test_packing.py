@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gere_ds.engine import model_forward
 from gere_ds.evaluation import packing as P
 from gere_ds.evaluation.scoring import rank_scores
+from gere_ds.model.engine import model_forward
 
 # contexts of different lengths; continuations of 1, 2 and 3 tokens (a 1-token one adds nothing)
 ITEMS = [P.Choices((5, 6, 7), ((8, 9, 10), (11, 12))),

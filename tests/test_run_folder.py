@@ -163,7 +163,7 @@ def _fake_run(run: Path) -> Path:
 
 
 def test_an_export_is_reused_only_if_it_records_this_checkpoint(tmp_path, monkeypatch):
-    import gere_ds.export as E
+    import gere_ds.model.export as E
     from gere_ds.commands import evaluate as ev
     from gere_ds.config.sections import RunConfig, TaskConfig
 

@@ -15,11 +15,11 @@ from gere_ds.data.collate import pad_rows
 from gere_ds.data.encode import encode_source, encode_target
 from gere_ds.data.prompts import build_prompt
 from gere_ds.data.tasks import Example
-from gere_ds.engine import model_forward
 from gere_ds.errors import InputError
 from gere_ds.evaluation import batching as B
 from gere_ds.evaluation import general as G
 from gere_ds.evaluation import scoring as S
+from gere_ds.model.engine import model_forward
 
 TASK = SimpleNamespace(name="sent", instruction="Classify the sentiment.",
                        labels=["positive", "negative", "neutral"], text_field="sentence",

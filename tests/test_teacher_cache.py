@@ -137,7 +137,7 @@ def tiny_lm(gpt2_tokenizer_dir, tmp_path_factory):
     """A tiny Llama on the GPT-2 tokenizer (plain torch, one process) and 7 replay samples."""
     from transformers import GPT2TokenizerFast, LlamaConfig, LlamaForCausalLM
 
-    from gere_ds.capture import FinalNormCapture
+    from gere_ds.model.capture import FinalNormCapture
 
     tok = GPT2TokenizerFast.from_pretrained(str(gpt2_tokenizer_dir))
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,

@@ -206,7 +206,7 @@ class Checkpointer:
     # ------------------------------------------------------------------ writing
     def save(self, engine: Any, tag: str, trainer_state: dict[str, Any]) -> Path:
         """Save on ALL ranks: files, fsync, checksummed markers, `latest`; then prune.
-        ``engine``: the run's gere_ds.engine.Engine."""
+        ``engine``: the run's gere_ds.model.engine.Engine."""
         entries, forks = self.survey()
         seq = max_seq(entries, forks) + 1
         folder = self.root / tag

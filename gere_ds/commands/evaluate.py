@@ -11,9 +11,9 @@ Many ranks (ZeRO-3, data sharded, results all-gathered; the launcher runs a scri
 
 The config gives the tasks, the `eval` section (mode, caps, general sets) and the DeepSpeed
 settings; `--model` evaluates one folder (one matrix row); `--run` evaluates the base model and
-every complete end-of-task checkpoint (consolidated with gere_ds.export first), giving the whole
-accuracy matrix, metrics.json/md and the heatmap, like the run itself; each consolidated export
-is deleted once scored (an 8B export is 16 GB) unless `--keep-exports` is given.
+every complete end-of-task checkpoint (consolidated with gere_ds.model.export first), giving the
+whole accuracy matrix, metrics.json/md and the heatmap, like the run itself; each consolidated
+export is deleted once scored (an 8B export is 16 GB) unless `--keep-exports` is given.
 
 It runs on DeepSpeed's accelerator: the GPU of the rank when there is one, else the CPU.
 """
@@ -46,9 +46,9 @@ def evaluate_models(cfg: RunConfig, models: list[tuple[str, str]], out: Path,
     ``delete`` are removed once scored (every rank has finished with them)."""
     import torch  # lazy: the CLI starts without torch
 
-    from gere_ds.engine import build_eval_engine
     from gere_ds.evaluation.report import write_report
     from gere_ds.evaluation.scoring import EvalSuite
+    from gere_ds.model.engine import build_eval_engine
 
     suite = EvalSuite(cfg.tasks, cfg.eval, seed=cfg.train.seed,
                       max_source_len=cfg.train.max_source_len,
@@ -112,7 +112,8 @@ def run_models(cfg: RunConfig, run_dir: Path, out: Path) -> list[tuple[str, str]
 
     An earlier export there is reused only if it records this very checkpoint (run folder, tag,
     marker checksum); anything else (another run's, an older save of the tag) is re-exported."""
-    from gere_ds.export import checkpoint_problem, export_checkpoint  # lazy: the CLI starts without torch
+    # lazy: the CLI starts without torch
+    from gere_ds.model.export import checkpoint_problem, export_checkpoint
 
     models = [("base", cfg.model)]
     for t in range(1, len(cfg.tasks) + 1):
@@ -168,7 +169,8 @@ def main(argv: list[str] | None = None) -> int:
         if _launched():
             dist.init()
             if cfg.deepspeed == "auto":  # one stage on every rank (ZeRO-3 is collective)
-                from gere_ds.ds_config import agree_on_memory  # lazy: the CLI starts without torch
+                # lazy: the CLI starts without torch
+                from gere_ds.model.ds_config import agree_on_memory
 
                 agree_on_memory()
         models = ([(Path(m).name, m) for m in args.model] if args.model

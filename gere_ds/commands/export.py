@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # silences DeepSpeed's detection warning
-    from gere_ds.export import export_checkpoint, inspect_export  # lazy: after DS_ACCELERATOR
+    from gere_ds.model.export import export_checkpoint, inspect_export  # lazy: after DS_ACCELERATOR
 
     try:
         if args.verify:

@@ -46,7 +46,7 @@ def export_dtype(folder: str) -> str:
     bf16 export loads in bf16 (16 GB), not upcast to fp32 (32 GB); float32 when undeclared."""
     from transformers import AutoConfig  # lazy: the CLI starts without torch
 
-    from gere_ds.hf_folder import config_dtype
+    from gere_ds.model.hf_folder import config_dtype
 
     return str(config_dtype(AutoConfig.from_pretrained(folder))).removeprefix("torch.")
 
@@ -69,7 +69,8 @@ def score(folder: str, tasks: list[str], include_path: str, batch_size: str,
 
 
 def run_exports(run_dir: Path, out: Path) -> list[tuple[str, str]]:
-    from gere_ds.export import checkpoint_problem, export_checkpoint  # lazy: the CLI starts without torch
+    # lazy: the CLI starts without torch
+    from gere_ds.model.export import checkpoint_problem, export_checkpoint
 
     models = []
     for folder in sorted((run_dir / "checkpoints").glob("task*-end")):

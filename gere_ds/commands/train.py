@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     dist.init(timeout_s=timeout)
     if "auto" in (cfg.deepspeed, cfg.train.micro_batch_size):
         # every rank's auto then sees the same memory: one stage, one split
-        from gere_ds.ds_config import agree_on_memory
+        from gere_ds.model.ds_config import agree_on_memory
 
         agree_on_memory()
     try:  # one job per output_dir, before anything there is read or written

@@ -115,7 +115,7 @@ def plan_batches(sizes: Sequence[int], world: int, batch_size: int,
 def logits_at(forward: ForwardFn, input_ids: torch.Tensor, attention_mask: torch.Tensor,
               flat_positions: torch.Tensor) -> torch.Tensor:
     """Logits [N, V] at ``flat_positions`` (indices into the [B*T] positions). A forward with
-    ``at_positions`` (gere_ds.engine.ModelForward) runs the LM head on those rows only: no
+    ``at_positions`` (gere_ds.model.engine.ModelForward) runs the LM head on those rows only: no
     [B, T, V] logits for padding or unscored tokens."""
     at = getattr(forward, "at_positions", None)
     if at is not None:

@@ -18,13 +18,13 @@ token adds nothing to the row. This is the same saving lm-evaluation-harness mak
 single-token choices from one context forward, extended to any continuation length.
 
 A model forward opts in by having a ``tree(input_ids, mask_4d, position_ids) -> logits`` method
-(:class:`gere_ds.engine.ModelForward`); any other callable is scored one row per choice, and so is
-``layout="rows"`` (the former path, kept to compare against). When the forward also exposes its
-``model``, the LM head runs on the read positions only (a context's last position once for all
-its continuations): a row of 130 prompt tokens and 4 one-token labels needs 1 row of logits, not
-130. Up to the rounding of other matrix shapes the numbers are the same as one row per choice:
-within 1e-5 in fp32 (2e-5 on SmolLM2-135M's 30 layers); in bf16 a score moves by up to 0.3
-(the tests allow 0.5, tests/test_eval_layouts.py) and the benchmark's predictions do not change.
+(:class:`gere_ds.model.engine.ModelForward`); any other callable is scored one row per choice,
+and so is ``layout="rows"`` (the former path, kept to compare against). When the forward also
+exposes its ``model``, the LM head runs on the read positions only (a context's last position once
+for all its continuations): a row of 130 prompt tokens and 4 one-token labels needs 1 row of logits,
+not 130. Up to the rounding of other matrix shapes the numbers are the same as one row per choice:
+within 1e-5 in fp32 (2e-5 on SmolLM2-135M's 30 layers); in bf16 a score moves by up to 0.3 (the
+tests allow 0.5, tests/test_eval_layouts.py) and the benchmark's predictions do not change.
 """
 from __future__ import annotations
 
@@ -33,9 +33,9 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 
-from gere_ds.capture import lm_head_on_positions
 from gere_ds.data.collate import pad_rows
 from gere_ds.evaluation.batching import MAX_BATCH_TOKENS, ForwardFn, check_layout, run_sharded
+from gere_ds.model.capture import lm_head_on_positions
 
 # (input_ids [B, T], allowed [B, T, T] bool, position_ids [B, T]) -> logits [B, T, V]
 TreeForwardFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]

@@ -4,7 +4,7 @@ Every scorer takes
 
 * ``forward(input_ids: LongTensor[B, T], attention_mask: LongTensor[B, T]) -> FloatTensor[B, T, V]``
   returning next-token logits (position p predicts token p+1), e.g. ``Engine.forward`` or
-  :func:`gere_ds.engine.model_forward` of a plain Hugging Face model, and
+  :func:`gere_ds.model.engine.model_forward` of a plain Hugging Face model, and
 * a Hugging Face tokenizer (anything with ``__call__(text, add_special_tokens=...)`` giving
   ``input_ids``, ``eos_token_id``, ``pad_token_id`` and ``decode``).
 
@@ -38,12 +38,12 @@ Modes
   and its continuation have no ``Answer:``) and compared to the gold label by O-LoRA's
   normalised exact match (:func:`normalize_answer`: lower-case, ASCII punctuation removed,
   whitespace collapsed and stripped).
-  Without a ``generate_fn`` the decoding loop of a model's forward (gere_ds.engine.ModelForward)
-  runs the left-padded prompts once and then one token per row and step from the model's KV
-  cache, with the LM head on the last position only; any other callable gets the whole growing
-  sequence at every step (and with ``at_positions`` the logits of each row's last token only,
-  not [B, T, V]). Either loop stops once every row of the batch on every rank has ended (one
-  all-reduced flag, so ZeRO-3's collective forwards stay in step). With a
+  Without a ``generate_fn`` the decoding loop of a model's forward
+  (gere_ds.model.engine.ModelForward) runs the left-padded prompts once and then one token per row
+  and step from the model's KV cache, with the LM head on the last position only; any other callable
+  gets the whole growing sequence at every step (and with ``at_positions`` the logits of each row's
+  last token only, not [B, T, V]). Either loop stops once every row of the batch on every rank has
+  ended (one all-reduced flag, so ZeRO-3's collective forwards stay in step). With a
   ``generate_fn(input_ids, attention_mask, max_new_tokens) -> LongTensor[B, T + new]`` (e.g.
   ``model.generate`` with ``synced_gpus=True`` under ZeRO-3) the prompts are LEFT-padded, the
   returned sequences are expected to include the prompt (Hugging Face convention), and keeping
@@ -155,7 +155,7 @@ def greedy_decode(forward: ForwardFn, tokenizer: Any, sources: Sequence[Sequence
 
     Without ``generate_fn``, at most ``max_new_tokens`` forwards per batch, until every row of
     the batch on every rank ended (see the module doc). A forward that exposes its ``model``
-    (gere_ds.engine.ModelForward) decodes with the model's KV cache: the left-padded prompts
+    (gere_ds.model.engine.ModelForward) decodes with the model's KV cache: the left-padded prompts
     once, then one token per row and step, the LM head on the last position only. Any other
     forward (or ``kv_cache=False``) runs the whole right-padded growing sequence every step; one
     with ``at_positions`` runs the LM head on the last tokens only.

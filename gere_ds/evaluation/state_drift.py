@@ -19,8 +19,8 @@ from typing import Any, Iterator, Sequence
 import torch
 
 from gere_ds import losses
-from gere_ds.capture import FinalNormCapture
 from gere_ds.data.collate import pad_rows
+from gere_ds.model.capture import FinalNormCapture
 from gere_ds.strategies.tm import thresholds_from_sums
 
 STATES = (-1, 0, 1)

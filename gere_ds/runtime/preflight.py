@@ -133,7 +133,8 @@ def versions() -> dict[str, str]:
 
 
 def check_model(cfg: Any, info: dict[str, Any]) -> str:
-    from gere_ds.engine import check_model_folder  # lazy: launcher-side checks run without torch
+    # lazy: launcher-side checks run without torch
+    from gere_ds.model.engine import check_model_folder
 
     check_model_folder(cfg)
     folder = Path(cfg.model)
@@ -247,7 +248,7 @@ def local_checks(row: Row, config: str, overrides: list[str], world: int) -> Any
     """Config, model, data, replay set and output folder as seen by this rank."""
     # lazy: launcher-side checks run without torch
     from gere_ds.config.loading import load_config
-    from gere_ds.engine import resolve_ds_config
+    from gere_ds.model.engine import resolve_ds_config
 
     cfg = None
 

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from gere_ds.runtime import dist, stop
-from gere_ds.capture import FinalNormCapture
+from gere_ds.model.capture import FinalNormCapture
 from gere_ds.data.collate import MicroBatch, collate
 from gere_ds.data.encode import Encoded
 from gere_ds.storage import owners

@@ -14,7 +14,7 @@ from gere_ds.evaluation.base_cache import evaluate_base, evaluate_task_end
 from gere_ds.evaluation.outcomes import record_outcomes
 from gere_ds.evaluation.report import (build_results, final_metrics, log_hparams,
                                        log_to_tensorboard, write_report)
-from gere_ds.export import export_from_engine, gather_units
+from gere_ds.model.export import export_from_engine, gather_units
 from gere_ds.progress import step_scalars
 from gere_ds.runtime import dist, stop
 

@@ -9,9 +9,9 @@ from typing import Any
 from gere_ds.checkpointing.checkpoint import load_rng, load_trainer_state
 from gere_ds.checkpointing.resume import check_state, task_data_digests
 from gere_ds.config.sections import RunConfig
-from gere_ds.engine import Engine, resolve_ds_config, zero_stage
+from gere_ds.model.engine import Engine, resolve_ds_config, zero_stage
 from gere_ds.errors import InputError
-from gere_ds.lora import LoraRun, check_lora_state
+from gere_ds.model.lora import LoraRun, check_lora_state
 from gere_ds.progress import Progress
 
 

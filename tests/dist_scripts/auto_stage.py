@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-import gere_ds.ds_config as D
+import gere_ds.model.ds_config as D
 from gere_ds.config.loading import load_config
 from gere_ds.runtime import dist
 

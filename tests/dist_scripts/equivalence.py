@@ -66,7 +66,7 @@ def fake_teachers(tr, real_states: TeacherStates) -> dict:
 
 def perturb_adapters(module) -> None:
     """A seeded point away from B = 0 (the same on every rank and world size)."""
-    from gere_ds.lora import fresh_adapter_values, set_adapter_values
+    from gere_ds.model.lora import fresh_adapter_values, set_adapter_values
 
     values = fresh_adapter_values(module, seed=7, task_index=0)
     g = torch.Generator().manual_seed(1)

@@ -10,8 +10,8 @@ from pathlib import Path
 import torch
 
 from gere_ds.config.loading import load_config
-from gere_ds.engine import build_engine
-from gere_ds.export import export_from_engine
+from gere_ds.model.engine import build_engine
+from gere_ds.model.export import export_from_engine
 from gere_ds.runtime import dist
 
 TEXTS = ["The film was wonderful and the hotel was lovely.",
@@ -39,7 +39,7 @@ def main() -> None:
     root = Path(cfg.output_dir) / "checkpoints"
     if cfg.train.lora is not None:  # as the trainer resumes: the merged base, then the adapters
         from gere_ds.checkpointing.checkpoint import load_trainer_state
-        from gere_ds.lora import LoraRun
+        from gere_ds.model.lora import LoraRun
 
         LoraRun(cfg).restore(eng.module, load_trainer_state(root / args.tag), root / args.tag)
     path, _ = eng.engine.load_checkpoint(str(root), tag=args.tag,

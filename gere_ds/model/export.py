@@ -30,12 +30,12 @@ import torch
 from gere_ds.runtime import dist, stop
 from gere_ds.checkpointing.checkpoint import Checkpointer, all_ranks_problem, run_identity, task_tag
 from gere_ds.config.loading import load_config
-from gere_ds.engine import check_model_folder, load_tokenizer
+from gere_ds.model.engine import check_model_folder, load_tokenizer
 from gere_ds.errors import InputError
-from gere_ds.hf_folder import (DTYPES, ExportError, config_dtype, fmt_shape,  # noqa: F401
+from gere_ds.model.hf_folder import (DTYPES, ExportError, config_dtype, fmt_shape,  # noqa: F401
                                inspect_export, meta_model, plain_model_building, tied_aliases,
                                resolve_dtype, verify_export)
-from gere_ds.lora_export import lora_export_parts, model_from_checkpoint
+from gere_ds.model.lora_export import lora_export_parts, model_from_checkpoint
 from gere_ds.storage.owners import owner_tag, stale
 
 EXPORT_INFO = "export_info.json"
@@ -392,7 +392,7 @@ def export_from_engine(engine_module: torch.nn.Module, tokenizer: Any, out_dir: 
     not the fp32 master copy). ``force`` (default True here: the run owns the folder) replaces an
     existing folder. The saved config has ``use_cache: true``. Every rank gets the same
     ExportError if rank 0 fails; returns export_info on every rank (rank 0's). A PEFT (LoRA)
-    module is exported merged, with its adapter in ``adapter/`` (gere_ds/lora_export.py);
+    module is exported merged, with its adapter in ``adapter/`` (gere_ds/model/lora_export.py);
     ``info`` is added to export_info.
     """
     out = Path(out_dir).absolute()

@@ -15,13 +15,13 @@ import torch
 
 from gere_ds.config.sections import RunConfig
 from gere_ds.errors import InputError
-from gere_ds.step_guard import skipped_step, step_is_nonfinite
+from gere_ds.model.step_guard import skipped_step, step_is_nonfinite
 
 
 def resolve_ds_config(cfg: RunConfig, world_size: int,
                       log: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """The DeepSpeed JSON with every "auto" filled from the run config (gere_ds.ds_config)."""
-    from gere_ds.ds_config import resolve_ds_config as resolve
+    """The DeepSpeed JSON with every "auto" filled from the run config (gere_ds.model.ds_config)."""
+    from gere_ds.model.ds_config import resolve_ds_config as resolve
 
     return resolve(cfg, world_size, note=log)
 
@@ -45,7 +45,7 @@ def load_tokenizer(cfg: RunConfig, log: Callable[[str], None]):
 
 def check_model_folder(cfg: RunConfig) -> None:
     """Resolve a hub id to its cached folder (once; cfg is updated), then check the folder."""
-    from gere_ds.hub import resolve_model_sources
+    from gere_ds.model.hub import resolve_model_sources
 
     resolve_model_sources(cfg)
     folder = Path(cfg.model)
@@ -96,7 +96,7 @@ class ModelForward:
                      flat_positions: torch.Tensor) -> torch.Tensor:
         """Logits [N, V] at ``flat_positions`` (rows of the [B*T] positions) only: the LM head
         never sees the others (greedy decoding reads one position per row)."""
-        from gere_ds.capture import lm_head_on_positions
+        from gere_ds.model.capture import lm_head_on_positions
 
         with lm_head_on_positions(getattr(self.model, "module", self.model), flat_positions):
             return forward_logits(self.model, input_ids, attention_mask)
@@ -146,7 +146,7 @@ class Engine:
         """A forward for the final-norm capture only: the LM head runs on no position, so the
         [B, T, V] logits (at a 128k vocabulary the largest tensor and over a third of a small
         model's FLOPs) are never computed. Collective under ZeRO-3 like any forward."""
-        from gere_ds.capture import lm_head_on_positions
+        from gere_ds.model.capture import lm_head_on_positions
 
         none = torch.zeros(0, dtype=torch.long, device=input_ids.device)
         with lm_head_on_positions(self.module, none):
@@ -180,7 +180,7 @@ class Engine:
         return self.engine.is_gradient_accumulation_boundary()
 
     def step_is_nonfinite(self, losses_bad: torch.Tensor | None) -> bool:
-        """Every rank's verdict on this optimizer step (a collective: gere_ds.step_guard)."""
+        """Every rank's verdict on this optimizer step (a collective: gere_ds.model.step_guard)."""
         return step_is_nonfinite(self.engine, losses_bad)
 
     def step(self, skip: bool = False) -> None:
@@ -230,7 +230,7 @@ def build_engine(cfg: RunConfig, world_size: int, log: Callable[[str], None]) ->
     if cfg.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.train.lora is not None:  # before initialize: DeepSpeed partitions the adapters too
-        from gere_ds.lora import add_adapters
+        from gere_ds.model.lora import add_adapters
 
         model = add_adapters(model, cfg.train.lora, cfg.train.seed)
     engine, _, _, _ = deepspeed.initialize(
@@ -268,7 +268,7 @@ def build_eval_engine(cfg: RunConfig, log: Callable[[str], None]) -> Engine:
 def eval_ds_config(cfg: RunConfig, world_size: int) -> dict[str, Any]:
     """The training DeepSpeed JSON made an inference one: no optimizer, one micro-batch per
     step and no accumulation (DeepSpeed's own batch arithmetic then holds on any rank count)."""
-    from gere_ds.ds_config import resolve_ds_config as resolve
+    from gere_ds.model.ds_config import resolve_ds_config as resolve
 
     ds = resolve(cfg, world_size, check_batch=False)
     ds.pop("optimizer", None)

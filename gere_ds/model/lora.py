@@ -24,7 +24,7 @@ from torch import nn
 
 from gere_ds.config.sections import LoraConfig, RunConfig
 from gere_ds.errors import InputError
-from gere_ds.hf_folder import meta_model
+from gere_ds.model.hf_folder import meta_model
 from gere_ds.runtime import dist
 
 ADAPTER = "default"  # PEFT's adapter name

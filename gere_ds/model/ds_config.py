@@ -16,7 +16,7 @@ from gere_ds.batch_split import AUTO, resolve_micro_batch
 from gere_ds.config.sections import RunConfig
 from gere_ds.errors import InputError
 
-DS_CONFIG_DIR = Path(__file__).resolve().parents[1] / "ds_configs"
+DS_CONFIG_DIR = Path(__file__).resolve().parents[2] / "ds_configs"
 # `deepspeed: auto` picks one of these by DeepSpeed's accelerator (any non-CPU accelerator gets
 # the GPU ones) and by what fits (auto_stage); a CPU has nothing to offload to
 AUTO_CONFIGS = {("cpu", 2): "zero2.json", ("cpu", 3): "zero3.json",

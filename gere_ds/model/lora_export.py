@@ -1,7 +1,7 @@
 """Export of a LoRA run: the merged Hugging Face model and, in ``adapter/`` inside it, the PEFT
 adapter folder (``PeftModel.save_pretrained``).
 
-The merged weights are ``W + (alpha / r) * B @ A`` with gere_ds.lora.merged_weight, the same
+The merged weights are ``W + (alpha / r) * B @ A`` with gere_ds.model.lora.merged_weight, the same
 arithmetic as a ``merge`` run uses between tasks. With ``continual: merge`` the adapter applies
 to the base with the earlier tasks' adapters merged (export_info.json says how many).
 """
@@ -15,9 +15,9 @@ import torch
 from torch import nn
 
 from gere_ds.config.sections import RunConfig
-from gere_ds.hf_folder import ExportError, plain_model_building
-from gere_ds.lora import (ADAPTER, add_adapters, load_merges, lora_layers, merge_values,
-                          merged_weight)
+from gere_ds.model.hf_folder import ExportError, plain_model_building
+from gere_ds.model.lora import (ADAPTER, add_adapters, load_merges, lora_layers, merge_values,
+                                merged_weight)
 
 PREFIX = "base_model.model."  # PEFT's name of the wrapped model
 ADAPTER_DIR = "adapter"
