@@ -1,5 +1,5 @@
 """The cross-entropy term alone, one process, one thread (what one CPU rank runs): the current
-gere_ds.losses.token_ce_sum against the proposed variants, interleaved, median of repetitions.
+gere_ds.training.losses.token_ce_sum against the proposed variants, interleaved, median of repetitions.
 
   as-is        token_ce_sum: boolean-mask gather of the supervised positions of [B, T, V] bf16
                logits, fp32 F.cross_entropy in chunks (forward + backward to the logits)
@@ -72,7 +72,7 @@ def main() -> int:
     args = p.parse_args()
     import torch.nn.functional as F
 
-    from gere_ds.losses import row_ce_sums, supervised_positions, token_ce_sum
+    from gere_ds.training.losses import row_ce_sums, supervised_positions, token_ce_sum
 
     torch.set_num_threads(1)
     B, T, V = (4, 128, 50257) if not args.smoke else (2, 32, 50257)

@@ -31,7 +31,7 @@ LORA = {"r": 16, "alpha": 32.0, "dropout": 0.0, "continual": "carry",
 
 def worker(args: argparse.Namespace) -> None:
     from gere_ds.runtime import dist
-    from gere_ds.trainer import ContinualTrainer
+    from gere_ds.training.trainer import ContinualTrainer
 
     cfg, inputs, rank = common.start_worker(args.config)
     tr = ContinualTrainer(cfg)

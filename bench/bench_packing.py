@@ -110,11 +110,11 @@ def main() -> int:
     p.add_argument("--out", default=None)
     p.add_argument("--assets", default=None, help="unused (same interface as the others)")
     args = p.parse_args()
-    from gere_ds.batches import BatchMaker
-    from gere_ds.inputs import validate_inputs
+    from gere_ds.training.batches import BatchMaker
+    from gere_ds.training.inputs import validate_inputs
     from gere_ds.model.capture import FinalNormCapture
     from gere_ds.model.engine import Engine, _load_model, load_tokenizer
-    from gere_ds.step import TrainStep
+    from gere_ds.training.step import TrainStep
     from gere_ds.strategies import make_term
 
     torch.set_num_threads(1)

@@ -36,11 +36,11 @@ WANTED = ["none", "replay", "tm", "kl", "l2"]
 def worker(args: argparse.Namespace) -> None:
     import torch
 
-    from gere_ds.losses import STAT_NAMES
+    from gere_ds.training.losses import STAT_NAMES
     from gere_ds.runtime import dist
-    from gere_ds.step import TrainStep
+    from gere_ds.training.step import TrainStep
     from gere_ds.strategies import make_term
-    from gere_ds.trainer import ContinualTrainer
+    from gere_ds.training.trainer import ContinualTrainer
 
     cfg, inputs, rank = common.start_worker(args.config)
     W = dist.world_size()
@@ -191,8 +191,8 @@ def term_costs(tr, terms: dict, rows, reps: int) -> dict[str, float]:
     the ReplayTerm's local_sums on the real shapes of the mixed batch."""
     import torch
 
-    from gere_ds.losses import token_ce_sum
     from gere_ds.strategies import ReplayRows
+    from gere_ds.training.losses import token_ce_sum
 
     mb, rid = tr.batches.make(0, rows)
     with torch.no_grad():

@@ -221,9 +221,9 @@ def worker(args: argparse.Namespace) -> None:
 
     from gere_ds.model.engine import resolve_ds_config
     from gere_ds.runtime import dist
-    from gere_ds.step import StepStats, TrainStep
+    from gere_ds.training.step import StepStats, TrainStep
     from gere_ds.strategies import NoReplay
-    from gere_ds.trainer import ContinualTrainer
+    from gere_ds.training.trainer import ContinualTrainer
 
     cfg, inputs, rank = common.start_worker(args.config)
     W = dist.world_size()

@@ -189,7 +189,7 @@ def start_worker(config_path: str) -> tuple[Any, Any, int]:
     """A worker's start under the launcher: the run config, its checked inputs (before any
     collective, as the trainer does) and this rank, with the process group up."""
     from gere_ds.config import load_config
-    from gere_ds.inputs import validate_inputs
+    from gere_ds.training.inputs import validate_inputs
     from gere_ds.runtime import dist
 
     cfg = load_config(config_path)

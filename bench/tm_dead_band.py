@@ -40,7 +40,7 @@ from gere_ds.model.capture import FinalNormCapture
 from gere_ds.data.collate import collate
 from gere_ds.data.encode import Encoded, encode_example, encode_replay
 from gere_ds.data.files import read_rows
-from gere_ds.losses import rounding_step, tm_dead_band, tm_violations
+from gere_ds.training.losses import rounding_step, tm_dead_band, tm_violations
 from gere_ds.storage.atomic import write_json_atomic
 
 VARIANTS = ("native", "one-ulp", "split-k")

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from gere_ds.losses import TM_EPS, tm_violations
+from gere_ds.training.losses import TM_EPS, tm_violations
 
 
 def tm_reference(hidden: torch.Tensor, states: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor,

@@ -6,7 +6,7 @@ import torch
 
 from gere_ds.data.collate import collate
 from gere_ds.data.encode import IGNORE, Encoded
-from gere_ds.losses import supervised_positions
+from gere_ds.training.losses import supervised_positions
 
 
 def test_collate_builds_positions_targets_and_replay_rows_on_the_cpu():
@@ -24,10 +24,10 @@ def test_collate_builds_positions_targets_and_replay_rows_on_the_cpu():
 def test_compute_loss_uses_the_collated_indices(tiny_config, monkeypatch):
     """The step's loss on a plain model (no DeepSpeed needed for a forward) never recomputes
     the positions from the labels on the device."""
-    from gere_ds import step as step_module
-    from gere_ds.batches import BatchMaker
+    from gere_ds.training import step as step_module
+    from gere_ds.training.batches import BatchMaker
     from gere_ds.config.loading import load_config
-    from gere_ds.inputs import validate_inputs
+    from gere_ds.training.inputs import validate_inputs
     from gere_ds.model.capture import FinalNormCapture
     from gere_ds.model.engine import Engine, _load_model, load_tokenizer
     from gere_ds.strategies import make_term
@@ -55,7 +55,7 @@ def test_compute_loss_uses_the_collated_indices(tiny_config, monkeypatch):
 def test_row_counts_need_no_value_read_back(monkeypatch):
     """Per-row CE sums and target counts from index_add alone: bincount (which reads the largest
     index back to size its output) is never called."""
-    from gere_ds import losses
+    from gere_ds.training import losses
 
     logits = torch.randn(7, 11)
     targets = torch.randint(0, 11, (7,))

@@ -43,7 +43,7 @@ def test_the_replay_file_is_read_only_as_far_as_num_samples(tmp_path):
 def test_labels_whose_targets_collide_within_max_target_len_are_refused(gpt2_tokenizer_dir):
     from transformers import GPT2TokenizerFast
 
-    from gere_ds.inputs import check_label_tokens
+    from gere_ds.training.inputs import check_label_tokens
 
     tok = GPT2TokenizerFast.from_pretrained(str(gpt2_tokenizer_dir))
     labels = ("sports news", "sports team")

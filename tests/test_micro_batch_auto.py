@@ -8,7 +8,7 @@ import json
 import pytest
 
 from conftest import REPO, run_deepspeed
-from gere_ds.batch_split import model_shape, pick_micro_batch, row_activation_bytes
+from gere_ds.training.batch_split import model_shape, pick_micro_batch, row_activation_bytes
 from gere_ds.config.loading import load_config
 from gere_ds.errors import InputError
 from gere_ds.model import ds_config

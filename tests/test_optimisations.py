@@ -1,7 +1,8 @@
 """Each performance shortcut computes exactly what the plain computation does.
 
-- chunked, supervised-positions-only CE (gere_ds.losses.token_ce_sum) == F.cross_entropy over
-  the full logits: value and gradient, fp32 and bf16 logits, chunk boundaries inside a batch;
+- chunked, supervised-positions-only CE (gere_ds.training.losses.token_ce_sum) ==
+  F.cross_entropy over the full logits: value and gradient, fp32 and bf16 logits, chunk boundaries
+  inside a batch;
 - the hook-captured final-norm output (gere_ds.model.capture.FinalNormCapture) ==
   output_hidden_states[-1] (tiny Llama: model.norm; tiny GPT-2: transformer.ln_f), and it is the
   very tensor the LM head consumes (so gradients through it are the model's);
@@ -15,7 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gere_ds import losses
+from gere_ds.training import losses
 from gere_ds.data.encode import IGNORE
 from gere_ds.model.capture import FinalNormCapture, lm_head_on_positions
 
@@ -168,7 +169,7 @@ def test_lm_head_on_supervised_positions_gives_the_same_loss_and_gradients():
     """The trainer's path (LM head only where a target is) == CE on the full logits."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from gere_ds.losses import IGNORE, row_ce_sums, supervised_positions, token_ce_sum
+    from gere_ds.training.losses import IGNORE, row_ce_sums, supervised_positions, token_ce_sum
     from gere_ds.model.capture import lm_head_on_positions
 
     torch.manual_seed(0)

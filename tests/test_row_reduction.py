@@ -6,8 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gere_ds.losses import (RowTerms, reduce_global_micro_batch, reduce_per_row, rounding_step,
-                            row_ce_sums, step_means, tm_dead_band, tm_row_terms, tm_violations)
+from gere_ds.training.losses import (RowTerms, reduce_global_micro_batch, reduce_per_row,
+                                     rounding_step, row_ce_sums, step_means, tm_dead_band,
+                                     tm_row_terms, tm_violations)
 from reference_losses import tm_reference
 
 V, D, T = 11, 6, 7

@@ -11,7 +11,7 @@ import torch
 from gere_ds.commands.states import main as states_main
 from gere_ds.evaluation.state_drift import (Drift, Thresholds, fit_thresholds, measure,
                                             final_norm_outputs, tri_states)
-from gere_ds.losses import tm_violations
+from gere_ds.training.losses import tm_violations
 
 
 def _thresholds(lo: list[float], hi: list[float]) -> Thresholds:

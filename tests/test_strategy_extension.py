@@ -19,9 +19,9 @@ from gere_ds.config.loading import load_config
 from gere_ds.config.sections import ReplayConfig, RunConfig, TaskConfig
 from gere_ds.data.collate import MicroBatch
 from gere_ds.errors import InputError
-from gere_ds.losses import reduce_rows
-from gere_ds.step import StepStats, TrainStep
 from gere_ds.strategies import STRATEGIES, register, term_strategies
+from gere_ds.training.losses import reduce_rows
+from gere_ds.training.step import StepStats, TrainStep
 
 B, T, V, D = 3, 5, 7, 4
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from gere_ds.errors import InputError
-from gere_ds.losses import (feature_diff_rows, reduce_per_row, teacher_topk,
-                            topk_kl_per_token, topk_kl_rows)
+from gere_ds.training.losses import (feature_diff_rows, reduce_per_row, teacher_topk,
+                                     topk_kl_per_token, topk_kl_rows)
 from reference_losses import full_kl_per_token
 
 # The stated tolerance of the top-k approximation (k=64, T=2, a teacher whose top-64 tokens hold
@@ -172,7 +172,7 @@ def test_feature_loss_gradient(p):
 def test_per_row_reduction_with_a_strategy_term():
     """kl/l1/l2 fit RowTerms.reg_*: REG_r = reg_sum / reg_count per row; dy weighs each replay
     row's REG like that row's CE."""
-    from gere_ds.losses import RowTerms, step_means
+    from gere_ds.training.losses import RowTerms, step_means
 
     h = _features(5).requires_grad_(True)
     teacher, mask = _features(6).to(torch.bfloat16), _mask()
@@ -294,7 +294,7 @@ def test_bad_strategy_settings_stop_with_one_line(tiny_config, override, needle)
 @pytest.mark.parametrize("strategy", ["kl", "l1", "l2"])
 def test_per_batch_not_below_the_global_batch_stops(tiny_config, strategy):
     from gere_ds.config.loading import load_config
-    from gere_ds.inputs import validate_inputs
+    from gere_ds.training.inputs import validate_inputs
 
     # tiny config: micro 2 x accum 2 x 2 ranks = global batch 8
     cfg = load_config(tiny_config(strategy), ["replay.per_batch=8"])

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from gere_ds.losses import teacher_topk
+from gere_ds.training.losses import teacher_topk
 from gere_ds.config.sections import ReplayConfig
 from gere_ds.strategies import STRATEGIES
 from gere_ds.teaching.fingerprint import fingerprint

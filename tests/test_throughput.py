@@ -1,7 +1,7 @@
 """train/tokens_per_s covers every step of its logging window."""
 from __future__ import annotations
 
-from gere_ds.progress import TokenWindow
+from gere_ds.training.progress import TokenWindow
 
 
 def test_tokens_per_s_counts_every_step_of_the_window():
@@ -17,7 +17,7 @@ def test_the_trainer_logs_the_window_rate():
     """The training loop feeds every step into the window (not the last step alone)."""
     import inspect
 
-    from gere_ds.trainer import ContinualTrainer
+    from gere_ds.training.trainer import ContinualTrainer
 
     source = inspect.getsource(ContinualTrainer.train_task)
     assert "window.add(values[\"tokens\"])" in source and "window.rate(" in source

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from gere_ds.losses import tm_row_terms, tm_violations
+from gere_ds.training.losses import tm_row_terms, tm_violations
 from reference_losses import tm_reference
 
 

@@ -89,7 +89,7 @@ def test_a_pack_length_that_cannot_hold_a_row_is_one_line(tiny_config, train, ma
 
 def test_a_pack_length_over_the_models_context_is_one_line(tiny_config, tiny_paths):
     from gere_ds.config.loading import load_config
-    from gere_ds.step import pack_capacity
+    from gere_ds.training.step import pack_capacity
 
     class Engine:  # what pack_capacity asks of the engine: the model's context length
         def context_length(self) -> int:

@@ -33,7 +33,7 @@ def _mark(name: str) -> None:
 
 
 def _install() -> None:
-    import gere_ds.trainer as trainer
+    import gere_ds.training.trainer as trainer
 
     cls = trainer.ContinualTrainer
     setup, teacher, step = cls.setup, cls.prepare_teacher, cls.optimizer_step

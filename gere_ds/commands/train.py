@@ -19,10 +19,10 @@ from gere_ds.checkpointing.run_lock import acquire_run_lock
 from gere_ds.config.loading import load_config
 from gere_ds.config.sections import RunConfig
 from gere_ds.errors import InputError
-from gere_ds.inputs import Inputs, validate_inputs
-from gere_ds.progress import TrainingError
+from gere_ds.training.inputs import Inputs, validate_inputs
+from gere_ds.training.progress import TrainingError
 from gere_ds.runtime.stop import Preempted
-from gere_ds.trainer import ContinualTrainer
+from gere_ds.training.trainer import ContinualTrainer
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from gere_ds.data.encode import IGNORE, Encoded
-from gere_ds.losses import supervised_positions
+from gere_ds.training.losses import supervised_positions
 
 
 @dataclass

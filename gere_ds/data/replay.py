@@ -2,10 +2,10 @@
 against the run's layout (training and the pre-flight check use the same function)."""
 from __future__ import annotations
 
-from gere_ds.batch_split import rows_per_rank
 from gere_ds.config.sections import RunConfig
 from gere_ds.data.files import read_rows
 from gere_ds.errors import InputError
+from gere_ds.training.batch_split import rows_per_rank
 
 
 def load_replay_texts(path: str, num_samples: int) -> list[str]:

@@ -18,7 +18,7 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
-from gere_ds import losses
+from gere_ds.training import losses
 from gere_ds.data.collate import pad_rows
 from gere_ds.model.capture import FinalNormCapture
 from gere_ds.strategies.tm import thresholds_from_sums

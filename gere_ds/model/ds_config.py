@@ -12,9 +12,9 @@ import json
 from pathlib import Path
 from typing import Any, Callable
 
-from gere_ds.batch_split import AUTO, resolve_micro_batch
 from gere_ds.config.sections import RunConfig
 from gere_ds.errors import InputError
+from gere_ds.training.batch_split import AUTO, resolve_micro_batch
 
 DS_CONFIG_DIR = Path(__file__).resolve().parents[2] / "ds_configs"
 # `deepspeed: auto` picks one of these by DeepSpeed's accelerator (any non-CPU accelerator gets
@@ -379,8 +379,8 @@ def resolve_ds_config(cfg: RunConfig, world_size: int, note: Note | None = None,
                       accelerator: str | None = None, check_batch: bool = True) -> dict[str, Any]:
     """Load the run's DeepSpeed JSON (``deepspeed: auto`` by accelerator) and fill it;
     ``check_batch`` False for evaluation, which has no optimizer step. A run config with
-    ``train.micro_batch_size: auto`` gets its split here (gere_ds.batch_split), by the ranks'
-    agreed memory."""
+    ``train.micro_batch_size: auto`` gets its split here (gere_ds.training.batch_split), by the
+    ranks' agreed memory."""
     accelerator = accelerator or accelerator_name()
     path = ds_config_path(cfg.deepspeed, accelerator, cfg, world_size, note)
     ds = read_ds_json(path)

@@ -17,7 +17,8 @@ with ``GERE_DS_KILL_AT`` (same form): at the n-th :func:`crash_point` of that na
 (the launcher and every rank: the process group) gets SIGKILL, as on a node failure. Crash points
 are every ``check``, each micro-step between backward and the optimizer step (``a micro-step``)
 and each checkpoint save between DeepSpeed's files and the marker (``a checkpoint save``).
-``GERE_DS_NAN_AT=a micro-step:<n>[:<rank>]`` makes that micro-step's loss NaN (gere_ds.step).
+``GERE_DS_NAN_AT=a micro-step:<n>[:<rank>]`` makes that micro-step's loss NaN
+(gere_ds.training.step).
 
 Before :func:`install` is called (a plain ``gere-ds evaluate``, the tests of a scorer) ``check``
 does nothing and runs no collective, on every rank alike.

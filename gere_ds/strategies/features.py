@@ -8,11 +8,11 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from gere_ds.losses import feature_diff_rows
 from gere_ds.strategies.base import ReplayRows, ReplaySection, ReplayTerm, RowStats
 from gere_ds.teaching.teacher import StreamSpec
 from gere_ds.teaching.teacher_cache import (FEATURES_FILES, TeacherFeatures, open_features,
                                             to_bf16_bits)
+from gere_ds.training.losses import feature_diff_rows
 
 
 class FeaturesSpec(StreamSpec):

@@ -9,10 +9,10 @@ import numpy as np
 import torch
 
 from gere_ds.errors import InputError
-from gere_ds.losses import teacher_topk, topk_kl_rows
 from gere_ds.strategies.base import ReplayRows, ReplaySection, ReplayTerm, RowStats, field_error
 from gere_ds.teaching.teacher import StreamSpec
 from gere_ds.teaching.teacher_cache import TOPK_FILES, TeacherTopK, open_topk
+from gere_ds.training.losses import teacher_topk, topk_kl_rows
 
 
 class TopKSpec(StreamSpec):

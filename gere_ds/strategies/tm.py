@@ -9,7 +9,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from gere_ds.losses import tm_dead_band, tm_row_terms, tri_states
+from gere_ds.training.losses import tm_dead_band, tm_row_terms, tri_states
 from gere_ds.runtime import dist
 from gere_ds.strategies.base import ReplayRows, ReplaySection, ReplayTerm, RowStats, field_error
 from gere_ds.teaching.teacher import (TeacherJob, TeacherSpec, forward_shard, job_meta,

@@ -9,12 +9,12 @@ from typing import Any, Callable
 
 import torch
 
-from gere_ds.batches import BatchMaker
+from gere_ds.training.batches import BatchMaker
 from gere_ds.model.capture import FinalNormCapture
 from gere_ds.config.loading import save_resolved
 from gere_ds.config.sections import RunConfig
 from gere_ds.model.engine import Engine, build_engine
-from gere_ds.inputs import Inputs
+from gere_ds.training.inputs import Inputs
 from gere_ds.runtime import dist, stop
 from gere_ds.strategies import ReplayTerm
 

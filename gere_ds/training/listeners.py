@@ -15,11 +15,11 @@ from gere_ds.evaluation.outcomes import record_outcomes
 from gere_ds.evaluation.report import (build_results, final_metrics, log_hparams,
                                        log_to_tensorboard, write_report)
 from gere_ds.model.export import export_from_engine, gather_units
-from gere_ds.progress import step_scalars
+from gere_ds.training.progress import step_scalars
 from gere_ds.runtime import dist, stop
 
-# ``trainer`` below is the gere_ds.trainer.ContinualTrainer whose loop calls the hook (its parts
-# set up, its progress current).
+# ``trainer`` below is the gere_ds.training.trainer.ContinualTrainer whose loop calls the hook (its
+# parts set up, its progress current).
 
 
 class RunListener:

@@ -12,7 +12,7 @@ from gere_ds.config.sections import RunConfig
 from gere_ds.model.engine import Engine, resolve_ds_config, zero_stage
 from gere_ds.errors import InputError
 from gere_ds.model.lora import LoraRun, check_lora_state
-from gere_ds.progress import Progress
+from gere_ds.training.progress import Progress
 
 
 class RunState:

@@ -18,11 +18,11 @@ import torch
 
 from gere_ds.runtime import dist
 from gere_ds.config.loading import load_config
-from gere_ds.losses import step_means
-from gere_ds.inputs import validate_inputs
-from gere_ds.step import TrainStep
+from gere_ds.training.losses import step_means
+from gere_ds.training.inputs import validate_inputs
+from gere_ds.training.step import TrainStep
 from gere_ds.strategies import ThresholdMargin
-from gere_ds.trainer import ContinualTrainer
+from gere_ds.training.trainer import ContinualTrainer
 
 REPLAY_ROWS = 8  # replay rows of this rank's shard scored per case
 GUARD_UNITS = 48.0  # rounding units x sigma: above the 22-37 measured in bf16 (bench/tm_dead_band.py)

@@ -19,9 +19,9 @@ import torch
 from deepspeed.utils import safe_get_full_grad
 
 from gere_ds.runtime import dist
-from gere_ds.step import StepStats, TrainStep
 from gere_ds.strategies import make_term
 from gere_ds.teaching.teacher_cache import TeacherFeatures, TeacherStates, TeacherTopK
+from gere_ds.training.step import StepStats, TrainStep
 from global_batch import encode_whole_replay_set, parse_args, trainer_on_global_batch  # noqa: I001
 
 TOPK = 16

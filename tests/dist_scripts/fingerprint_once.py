@@ -7,9 +7,9 @@ import json
 from pathlib import Path
 
 from gere_ds.config.loading import load_config
-from gere_ds.inputs import validate_inputs
+from gere_ds.training.inputs import validate_inputs
 from gere_ds.runtime import dist
-from gere_ds.trainer import ContinualTrainer
+from gere_ds.training.trainer import ContinualTrainer
 
 
 def main() -> None:

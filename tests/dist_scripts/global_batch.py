@@ -13,9 +13,9 @@ import argparse
 from gere_ds.config.loading import load_config
 from gere_ds.config.sections import RunConfig
 from gere_ds.data.encode import encode_replay
-from gere_ds.inputs import Inputs, validate_inputs
+from gere_ds.training.inputs import Inputs, validate_inputs
 from gere_ds.runtime import dist
-from gere_ds.trainer import ContinualTrainer
+from gere_ds.training.trainer import ContinualTrainer
 
 GLOBAL_ROWS = [(False, 0), (True, 0), (True, 3), (False, 5),
                (True, 1), (False, 2), (True, 8), (True, 4)]

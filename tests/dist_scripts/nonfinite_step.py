@@ -13,9 +13,9 @@ import torch
 from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
 from gere_ds.config.loading import load_config
-from gere_ds.inputs import validate_inputs
+from gere_ds.training.inputs import validate_inputs
 from gere_ds.runtime import dist
-from gere_ds.trainer import ContinualTrainer
+from gere_ds.training.trainer import ContinualTrainer
 
 
 def master(tr: ContinualTrainer, moments: bool) -> dict[str, torch.Tensor]:

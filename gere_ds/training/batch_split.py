@@ -1,8 +1,8 @@
 """``train.micro_batch_size: auto``: the split of each rank's rows into micro-batches and
 accumulation steps, chosen by memory.
 
-The per-row loss (gere_ds.losses, reduction "row") makes every split of a global batch give the
-same gradient up to summation order: the rows, their order and their weights do not depend on
+The per-row loss (gere_ds.training.losses, reduction "row") makes every split of a global batch give
+the same gradient up to summation order: the rows, their order and their weights do not depend on
 it (tests/test_train_dist.py proves it for 1 process against 2 ranks). So the trainer may pick
 the split. With ``auto``, ``train.grad_accum`` is the number of rows each rank trains on per
 optimizer step (the split "micro-batch 1 x grad_accum"), and the trainer takes the largest

@@ -13,15 +13,15 @@ from typing import Callable, ContextManager
 
 import torch
 
-from gere_ds.batches import BatchMaker
+from gere_ds.training.batches import BatchMaker
 from gere_ds.model.capture import FinalNormCapture, lm_head_on_positions
 from gere_ds.config.sections import RunConfig
 from gere_ds.data.collate import MicroBatch
 from gere_ds.data.sampler import Row
 from gere_ds.model.engine import Engine
 from gere_ds.errors import InputError
-from gere_ds.losses import RowTerms, StepLoss, reduce_rows, row_ce_sums, step_means, \
-    supervised_positions
+from gere_ds.training.losses import (RowTerms, StepLoss, reduce_rows, row_ce_sums, step_means,
+                                     supervised_positions)
 from gere_ds.runtime import dist, stop
 from gere_ds.strategies import ReplayRows, ReplayTerm
 

@@ -20,12 +20,12 @@ from gere_ds.checkpointing.checkpoint import Checkpointer, run_identity, step_ta
 from gere_ds.checkpointing.resume import ResumePlan, load_resume, plan_resume
 from gere_ds.config.sections import RunConfig
 from gere_ds.data.sampler import ContinualSampler
-from gere_ds.inputs import Inputs
+from gere_ds.training.inputs import Inputs
 from gere_ds.model.lora import lora_run
-from gere_ds.progress import Progress, TokenWindow, count_bad_step
+from gere_ds.training.progress import Progress, TokenWindow, count_bad_step
 from gere_ds.monitoring.run_log import RunLogger
-from gere_ds.schedule import lr_at
-from gere_ds.step import Phases, StepStats, TrainStep
+from gere_ds.training.schedule import lr_at
+from gere_ds.training.step import Phases, StepStats, TrainStep
 from gere_ds.strategies import ReplayTerm, make_term
 from gere_ds.teaching.source import TeacherSource
 from gere_ds.training.assembly import RunParts, build_parts, describe_run
