@@ -51,3 +51,19 @@ def test_the_packing_section_quotes_its_results_file():
     # "padded within a point"
     assert all(abs(round(100 * padded[k]) - round(100 * shares[k])) <= 1
                for k in ("matmul", "attention", "elementwise")), padded
+
+
+def test_the_generate_section_quotes_its_results_file():
+    data = json.loads((REPO / "results/bench_generate.json").read_text())
+    page = " ".join(_section("Evaluation (`bench/bench_eval.py`)").split())
+    cpu, speed = data["cpu_seconds_per_prompt"], data["speedup_whole_over_kv"]
+    assert (f"{data['prompts']} of the benchmark's test prompts ({data['prompts'] // 3} per "
+            f"task), {data['max_new_tokens']} new tokens at most, batches of "
+            f"{data['batch_size']}") in page
+    assert data["dtype"] == "torch.bfloat16" and f"{data['rounds']} rounds" in page
+    assert (f"{cpu['kv_cache']:.3f} CPU s per prompt from the KV cache against "
+            f"{cpu['whole_sequence']:.3f} for the whole-sequence loop, **{speed['median']:.2f}x** "
+            f"(rounds {speed['min']:.2f}-{speed['max']:.2f}), {data['new_tokens']} new tokens"
+            ) in page
+    assert (f"{data['continuations_differing']} of the {data['prompts']} continuations differ"
+            in page)
