@@ -151,6 +151,13 @@ def test_bench_generate_smoke(bench_dirs):
     assert all(v > 0 for v in data["cpu_seconds_per_prompt"].values())
 
 
+def test_bench_linear_ce_smoke(bench_dirs):
+    """One process: the plain LM head + CE and the chunked one agree and are both timed."""
+    data = _run_one_process("bench_linear_ce", bench_dirs[0])
+    assert data["relative_difference"]["value"] < 1e-3
+    assert all(v > 0 for v in data["cpu_seconds"].values())
+
+
 def test_bench_teacher_pass_smoke(bench_dirs):
     """One process: every batching of the teacher pass (file order or grouped by length, with
     or without the LM head) captures the same features, and grouping never pads more."""

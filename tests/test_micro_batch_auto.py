@@ -30,6 +30,10 @@ def test_activations_grow_with_rows_and_shrink_with_checkpointing(tiny_paths):
     assert row_activation_bytes(shape, 128, bf16=True, checkpointing=True) < full
     assert row_activation_bytes(shape, 256, bf16=True, checkpointing=False) == 2 * full
     assert row_activation_bytes(shape, 128, bf16=False, checkpointing=False) == 2 * full
+    # the chunked head (train.chunked_ce) keeps no logits: the vocabulary drops out
+    chunked = row_activation_bytes(shape, 128, bf16=True, checkpointing=False,
+                                   keeps_logits=False)
+    assert full - chunked == 128 * 2 * 2 * shape["vocab"]
 
 
 def _auto(tiny_config, monkeypatch, memory: int, **train):

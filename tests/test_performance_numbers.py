@@ -67,3 +67,16 @@ def test_the_generate_section_quotes_its_results_file():
             ) in page
     assert (f"{data['continuations_differing']} of the {data['prompts']} continuations differ"
             in page)
+
+
+def test_the_chunked_head_section_quotes_its_results_file():
+    data = json.loads((REPO / "results/bench_linear_ce.json").read_text())
+    page = " ".join(_section("The LM head without its logits").split())
+    assert (f"A Llama-3 vocabulary ({data['vocab']:,}) on SmolLM2's hidden size "
+            f"({data['hidden']}), bf16, {data['positions']:,} positions") in page
+    assert f"{data['reps']} interleaved repetitions" in page
+    rss, cpu = data["peak_rss_mib"], data["cpu_seconds"]
+    assert (f"takes {rss['chunked']:,} MiB at its peak above the start against "
+            f"{rss['plain']:,} for the plain one (the bf16 logits alone are "
+            f"{data['logits_mib']:,} MiB)") in page
+    assert f"and {cpu['chunked']:.2f} CPU s against {cpu['plain']:.2f}" in page

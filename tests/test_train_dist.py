@@ -27,26 +27,29 @@ def test_two_ranks_equal_one_process_on_the_global_batch(tiny_config, tmp_path):
     """Teacher thresholds, then for tm / kl / l1 / l2 under the per-row reduction (tm also under
     the global-micro-batch one), w = 100 and dy: one optimizer step of 2 micro-steps, its logged
     values and every parameter gradient, 2 ranks x 2 rows == 1 process x 4 rows (fp32), with the
-    rows padded or packed (train.packing)."""
+    rows padded or packed (train.packing), the LM head whole or in chunks (train.chunked_ce)."""
     results = {}
-    # (ranks, packed): packed rows (train.packing) must give the padded rows' numbers too
-    for n, packed in ((2, False), (1, False), (2, True)):
-        name = f"eq{n}{'_packed' if packed else ''}"
-        cfg = tiny_config("tm", name=name, train={"packing": packed})
+    # (ranks, variant): packed rows (train.packing) and the chunked head (train.chunked_ce)
+    # must give the plain path's numbers too
+    layouts = ((2, ""), (1, ""), (2, "packing"), (2, "chunked_ce"))
+    for n, variant in layouts:
+        name = f"eq{n}{'_' + variant if variant else ''}"
+        cfg = tiny_config("tm", name=name, train={variant: True} if variant else {})
         out = tmp_path / f"{name}.pt"
         proc = run_deepspeed(REPO / "tests/dist_scripts/equivalence.py",
                              ["--config", str(cfg), "--out", str(out)], nproc=n)
         assert proc.returncode == 0, proc.stderr[-3000:]
-        results[n, packed] = torch.load(out, weights_only=True)
-    one = results[1, False]
-    modes = [k for k in one if k not in ("thresholds", "packed")]
+        results[n, variant] = torch.load(out, weights_only=True)
+    one = results[1, ""]
+    flags = ("thresholds", "packed", "chunked")
+    modes = [k for k in one if k not in flags]
     assert len(modes) == 10
-    assert [bool(results[k]["packed"]) for k in ((2, False), (1, False), (2, True))] == \
-        [False, False, True]
-    for two in (results[2, False], results[2, True]):
+    assert [(bool(results[k]["packed"]), bool(results[k]["chunked"])) for k in layouts] == \
+        [(False, False), (False, False), (True, False), (False, True)]
+    for two in (results[2, ""], results[2, "packing"], results[2, "chunked_ce"]):
         # replay count 9 is not divisible by 2: shards of 5 and 4, padded with a dummy forward
         assert torch.allclose(two["thresholds"], one["thresholds"], rtol=1e-5, atol=1e-6)
-        assert set(modes) == {k for k in two if k not in ("thresholds", "packed")}
+        assert set(modes) == {k for k in two if k not in flags}
         for mode in modes:
             a, b = two[mode], one[mode]
             assert float(b["reg"]) > 0.05, mode  # far from the trivial zero

@@ -126,6 +126,10 @@ class TrainConfig:
     packing: bool = doc("lay each micro-batch's rows end to end (positions restart per row, "
                         "attention stays within a row) instead of padding them to the longest: "
                         "the same per-row losses, no compute spent on padding", default=False)
+    chunked_ce: bool = doc("run the LM head and its cross-entropy in chunks of positions, "
+                           "keeping no [positions, vocabulary] logits (gere_ds/training/"
+                           "linear_ce.py): the same CE, peak memory of one chunk",
+                           default=False)
     pack_length: int = doc("tokens per packed sequence (0 = the model's context length); "
                            "a micro-batch that does not fit runs as several", default=0)
     reset_optimizer_per_task: bool = doc("fresh AdamW moments at each task (reference: one "

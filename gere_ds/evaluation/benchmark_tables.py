@@ -126,20 +126,6 @@ def render_training(b: Benchmark) -> str:
     return "\n".join(lines) + "\n"
 
 
-def fit_points(b: Benchmark, task: int) -> dict[str, list[tuple[int, float, float]]]:
-    """Per row, one point per run with a step log: (seed, its task CE over the last steps of
-    task ``task``, its accuracy on that task right after them)."""
-    points: dict[str, list[tuple[int, float, float]]] = {}
-    for row, runs in b.runs.items():
-        for r in runs:
-            ce = [s["train/task_ce"] for s in task_steps(r, task)[-TRAINING_TAIL:]
-                  if s.get("train/task_ce") is not None]
-            if ce:
-                points.setdefault(row, []).append(
-                    (r.seed, statistics.fmean(ce), r.metrics["matrix"][task + 1][task]))
-    return points
-
-
 def render_fit(b: Benchmark) -> str:
     """Per task, whether fitting the training examples is what decides the test accuracy: over
     every run, Spearman's rank correlation between its task CE over the task's last steps and

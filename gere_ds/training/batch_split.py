@@ -55,8 +55,9 @@ def model_shape(model: str) -> dict[str, int] | None:
 
 
 def row_activation_bytes(shape: dict[str, int], tokens: int, bf16: bool, checkpointing: bool,
-                         eager_attention: bool = False) -> int:
-    """Activation memory of one row of ``tokens`` tokens in a training forward and backward."""
+                         eager_attention: bool = False, keeps_logits: bool = True) -> int:
+    """Activation memory of one row of ``tokens`` tokens in a training forward and backward
+    (``keeps_logits`` False: the chunked head, train.chunked_ce, keeps none)."""
     width = 2 if bf16 else 4
     per_token_layer = width * (10 * shape["hidden"] + 4 * shape["intermediate"])
     if eager_attention:  # softmax input and output per head and key
@@ -65,7 +66,8 @@ def row_activation_bytes(shape: dict[str, int], tokens: int, bf16: bool, checkpo
         layers = width * shape["hidden"] * shape["layers"] + per_token_layer
     else:
         layers = per_token_layer * shape["layers"]
-    logits = 2 * width * shape["vocab"]  # the logits of a supervised position and their gradient
+    # the logits of a supervised position and their gradient
+    logits = 2 * width * shape["vocab"] if keeps_logits else 0
     return tokens * (layers + logits)
 
 
@@ -103,7 +105,8 @@ def resolve_micro_batch(cfg: RunConfig, ds: dict[str, Any], file: str, memory: i
     tokens = max(t.max_source_len + t.max_target_len, cfg.replay.max_len)
     left = memory - states
     budget = int(ACTIVATION_SHARE * max(left, 0))
-    row = row_activation_bytes(shape, tokens, t.bf16, t.gradient_checkpointing)
+    row = row_activation_bytes(shape, tokens, t.bf16, t.gradient_checkpointing,
+                               keeps_logits=not t.chunked_ce)
     micro = pick_micro_batch(rows, row, budget)
     gb = 1e9
     if micro is None:

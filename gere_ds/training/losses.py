@@ -76,6 +76,12 @@ def row_ce_sums(logits: torch.Tensor, targets: torch.Tensor, row_of: torch.Tenso
     parts = [F.cross_entropy(logits[i:i + CE_CHUNK].float(), targets[i:i + CE_CHUNK],
                              reduction="none") for i in range(0, logits.shape[0], CE_CHUNK)]
     ce = torch.cat(parts) if parts else logits.new_zeros((0,), dtype=torch.float32)
+    return row_sums(ce, row_of, n_rows)
+
+
+def row_sums(ce: torch.Tensor, row_of: torch.Tensor, n_rows: int
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row [B]: (CE sum, number of targets) of the per-position CE [N] (fp32)."""
     sums = ce.new_zeros(n_rows).index_add(0, row_of, ce)
     # index_add, not bincount: bincount reads the largest index back to size its output, a
     # host-device sync per micro-step on a GPU

@@ -20,8 +20,9 @@ from gere_ds.data.collate import MicroBatch
 from gere_ds.data.sampler import Row
 from gere_ds.model.engine import Engine
 from gere_ds.errors import InputError
-from gere_ds.training.losses import (RowTerms, StepLoss, reduce_rows, row_ce_sums, step_means,
-                                     supervised_positions)
+from gere_ds.training.linear_ce import check_head, head_ce_on_positions
+from gere_ds.training.losses import (RowTerms, StepLoss, reduce_rows, row_ce_sums, row_sums,
+                                     step_means, supervised_positions)
 from gere_ds.runtime import dist, stop
 from gere_ds.strategies import ReplayRows, ReplayTerm
 
@@ -50,6 +51,18 @@ def pack_capacity(cfg: RunConfig, engine: Engine) -> int | None:
 DEFAULT_PACK_LENGTH = 4096  # a model that names no context length
 
 
+def chunked_ce(cfg: RunConfig, engine: Engine) -> bool:
+    """Whether the LM head and its CE run in chunks (``train.chunked_ce``); one line when the
+    model's head cannot (gere_ds.training.linear_ce)."""
+    if not cfg.train.chunked_ce:
+        return False
+    why = check_head(engine.module)
+    if why:
+        raise InputError(f"the model cannot run its head in chunks: {why}",
+                         field="train.chunked_ce")
+    return True
+
+
 class TrainStep:
     """The loss of one micro-batch and its application, for one ReplayTerm."""
 
@@ -61,6 +74,7 @@ class TrainStep:
         self.phases = phases or _no_phase
         self._losses_bad: torch.Tensor | None = None  # this optimizer step's, on the device
         self.pack_capacity = pack_capacity(cfg, engine)
+        self.chunked_ce = chunked_ce(cfg, engine)
         self.skipped = False  # whether the last optimizer step was skipped as non-finite
 
     def row_terms(self, logits: torch.Tensor, hidden: torch.Tensor, mb: MicroBatch,
@@ -74,8 +88,11 @@ class TrainStep:
             picked = self._picked(mb)
             logits_at = logits.reshape(-1, logits.shape[-1]).index_select(0, picked[0])
         pos, targets = picked
-        ce_sum, ce_count = row_ce_sums(logits_at.reshape(-1, logits_at.shape[-1]), targets,
-                                       pos // width, n_rows)
+        if logits_at.dim() == 1:  # the chunked head's CE per position (train.chunked_ce)
+            ce_sum, ce_count = row_sums(logits_at, pos // width, n_rows)
+        else:
+            ce_sum, ce_count = row_ce_sums(logits_at.reshape(-1, logits_at.shape[-1]), targets,
+                                           pos // width, n_rows)
         zeros = ce_sum.new_zeros(n_rows)
         reg = [zeros, zeros, zeros, zeros]  # sum, count, elements, held
         # every rank and micro-step carries the same names, so the log values add up
@@ -97,9 +114,10 @@ class TrainStep:
 
     def _forward(self, mb: MicroBatch, picked: tuple[torch.Tensor, torch.Tensor] | None
                  ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Logits ([N, V] at the picked positions, else [B, T, V]) and the final-norm output
-        [B, T, D], from the padded rows or from their packed form: the same values, in the
-        padded layout either way, so the loss terms never see which ran."""
+        """Logits ([N, V] at the picked positions, else [B, T, V]; with ``train.chunked_ce``
+        the picked positions' CE [N] instead) and the final-norm output [B, T, D], from the
+        padded rows or from their packed form: the same values, in the padded layout either
+        way, so the loss terms never see which ran."""
         packed = mb.packed
         if packed is None:
             ids, mask, position_ids, head_at = mb.input_ids, mb.attention_mask, None, None
@@ -110,7 +128,9 @@ class TrainStep:
             logits = self.engine.forward(ids, mask, position_ids)
         else:
             at = picked[0] if packed is None else head_at
-            with lm_head_on_positions(self.engine.module, at):
+            head = (head_ce_on_positions(self.engine.module, at, picked[1]) if self.chunked_ce
+                    else lm_head_on_positions(self.engine.module, at))
+            with head:
                 logits = self.engine.forward(ids, mask, position_ids)
         hidden = self.capture.pop()
         if packed is not None:

@@ -109,6 +109,7 @@ def main() -> None:
             step.apply(sl, before_step=read_grads if m + 1 == len(micro) else None)
         values = stats.reduce()
         results["packed"] = torch.tensor(step.pack_capacity is not None)
+        results["chunked"] = torch.tensor(step.chunked_ce)
         results[f"{strategy}/{reduction}/{weight}"] = {
             **{k: torch.tensor(values[k]) for k in LOGGED if k in values}, "grads": grads}
     if dist.is_main():
