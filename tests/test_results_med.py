@@ -24,7 +24,7 @@ def _rows(name: str) -> list[dict[str, str]]:
 
 def test_the_page_shows_the_committed_table_and_learning_table():
     section = _section()
-    for name in ("table.md", "learning.md"):
+    for name in ("table.md", "paired.md", "learning.md"):
         assert (MED / name).read_text(encoding="utf-8").split("\n\n")[0].strip() in section, name
 
 
@@ -35,11 +35,30 @@ def test_prose_numbers_are_the_committed_ones():
         assert f"`{task}` {r['base']} -> {r['after own training']}" in section, task
     assert f"`med_basic` falls to {learning['med_basic']['after last task']}" in section
     assert f"`about` only to {learning['about']['after last task']}" in section
+    assert "means of the two seeds" in section and none_seeds() == "1,2"
     none = next(r for r in _rows("table.md") if r["row"].startswith("none"))
     gap = none["general - own base"].split()[0].lstrip("-")
     assert f"general acc_norm ends {gap} points under its own base model's" in section
     news, base = none["news_ppl ppl"].replace("(base ", "").rstrip(")").split()
     assert f"news perplexity rises from {base} to {news}" in section
+
+
+def none_seeds() -> str:
+    return next(r for r in _rows("table.md") if r["row"].startswith("none"))["seeds"]
+
+
+def test_the_replay_paragraph_quotes_the_paired_differences():
+    section = " ".join(_section().split())
+    pair = next(r for r in _rows("paired.md") if r["difference"] == "replay - none")
+    assert pair["seeds"] == "1,2"
+    assert f"(BWT +{pair['BWT']} against `none`)" in section
+    assert f"(AP +{pair['AP']})" in section
+    assert f"general acc_norm ({pair['general acc_norm']})" in section
+    table = {r["row"].split()[0]: r for r in _rows("table.md")}
+    assert (f"news perplexity at the base model's ({table['replay']['news_ppl ppl'].split()[0]} "
+            f"against `none`'s {table['none']['news_ppl ppl'].split()[0]})") in section
+    readme = " ".join((REPO / "README.md").read_text(encoding="utf-8").split())
+    assert f"(BWT +{pair['BWT']} against `none`)" in readme and f"(AP +{pair['AP']})" in readme
 
 
 def test_calibration_numbers_are_the_screens():
@@ -75,7 +94,6 @@ def test_the_gere_paragraph_quotes_the_committed_rows():
             f"{learning['tm_dy', 'about']['after last task']}") in section
     assert (f"AP {num(tm['AP'])} against {num(none['AP'])} for `none` and {num(replay['AP'])} "
             f"for `replay`") in section
-    assert f"(AP {num(replay['AP'])}, BWT {num(replay['BWT'])})" in section
     readme = " ".join((REPO / "README.md").read_text(encoding="utf-8").split())
     assert (f"(AP {num(tm['AP'])} against {num(none['AP'])} and {num(replay['AP'])})"
             in readme)
