@@ -8,13 +8,14 @@ and the rest is either refused with one line naming the key or mapped with one n
 from __future__ import annotations
 
 import copy
+import functools
 import json
 from pathlib import Path
 from typing import Any, Callable
 
 from gere_ds.config.sections import RunConfig
 from gere_ds.errors import InputError
-from gere_ds.training.batch_split import AUTO, resolve_micro_batch
+from gere_ds.training.batch_split import AUTO, resolve_micro_batch, rows_per_rank
 
 DS_CONFIG_DIR = Path(__file__).resolve().parents[2] / "ds_configs"
 # `deepspeed: auto` picks one of these by DeepSpeed's accelerator (any non-CPU accelerator gets
@@ -45,9 +46,12 @@ def accelerator_name() -> str:
     return str(get_accelerator().device_name())
 
 
+@functools.lru_cache(maxsize=16)
 def model_parameters(model: str) -> int | None:
     """The parameters of a model folder, counted on the meta device (nothing is loaded); None
-    when its config cannot be read."""
+    when its config cannot be read. Kept per folder: a launch resolves its DeepSpeed JSON
+    several times (input checks, the planned stage, the engine), and building an 8B model's
+    modules, even on the meta device, takes seconds."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -328,7 +332,7 @@ def check_global_batch(cfg: RunConfig, world_size: int) -> None:
     """``train.global_batch`` (when set) = micro x accumulation x ranks, or one line saying how
     to get it on this many ranks."""
     t = cfg.train
-    got = t.micro_batch_size * t.grad_accum * world_size
+    got = rows_per_rank(cfg) * world_size
     if t.global_batch and got != t.global_batch:
         per_rank = t.global_batch / (t.micro_batch_size * world_size)
         fix = (f"set train.grad_accum={int(per_rank)}" if per_rank == int(per_rank) else
@@ -347,7 +351,7 @@ def fill_ds_config(ds: dict[str, Any], cfg: RunConfig, world_size: int, file: st
     t = cfg.train
     for keys, value in ((("train_micro_batch_size_per_gpu",), t.micro_batch_size),
                         (("gradient_accumulation_steps",), t.grad_accum),
-                        (("train_batch_size",), t.micro_batch_size * t.grad_accum * world_size),
+                        (("train_batch_size",), rows_per_rank(cfg) * world_size),
                         (("gradient_clipping",), t.grad_clip)):
         _match(ds, keys, value, file)
     _precision(ds, cfg, file)

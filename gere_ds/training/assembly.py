@@ -9,6 +9,7 @@ from typing import Any, Callable
 
 import torch
 
+from gere_ds.training.batch_split import rows_per_rank
 from gere_ds.training.batches import BatchMaker
 from gere_ds.model.capture import FinalNormCapture
 from gere_ds.config.loading import save_resolved
@@ -52,7 +53,7 @@ def describe_run(cfg: RunConfig, inputs: Inputs, parts: RunParts, term: ReplayTe
                  steps_for: Callable[[int], int], log: Callable[[str], None]) -> None:
     """The run's shape in the log: batch arithmetic, strategy, each task's size and steps."""
     c, t = cfg, cfg.train
-    gb = t.micro_batch_size * t.grad_accum * world
+    gb = rows_per_rank(cfg) * world
     log(f"world size {world} | micro batch {t.micro_batch_size} x accum "
         f"{t.grad_accum} x ranks {world} = global batch {gb} | "
         f"strategy {term.name} (w={c.replay.weight}) | bf16 {t.bf16}")

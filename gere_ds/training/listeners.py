@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from gere_ds.training.batch_split import rows_per_rank
 from gere_ds.checkpointing.checkpoint import task_tag
 from gere_ds.evaluation.base_cache import evaluate_base, evaluate_task_end
 from gere_ds.evaluation.outcomes import record_outcomes
@@ -139,7 +140,7 @@ class Evaluation(RunListener):
         results = build_results([task.name for task in c.tasks], p.matrix, p.general)
         hparams = {"strategy": c.replay.strategy, "weight": str(c.replay.weight),
                    "lr": t.lr, "epochs": t.epochs, "global_batch":
-                   t.micro_batch_size * t.grad_accum * trainer.world, "seed": t.seed,
+                   rows_per_rank(c) * trainer.world, "seed": t.seed,
                    "model": c.model_id or c.model, "bf16": t.bf16}
         log_hparams(log.tb, hparams, results)
         if log.wandb is not None:

@@ -13,6 +13,7 @@ from typing import Callable, ContextManager
 
 import torch
 
+from gere_ds.training.batch_split import rows_per_rank
 from gere_ds.training.batches import BatchMaker
 from gere_ds.model.capture import FinalNormCapture, lm_head_on_positions
 from gere_ds.config.sections import RunConfig
@@ -165,7 +166,7 @@ class TrainStep:
         t = self.cfg.train
         with self.phases("reduce_rows"):
             return reduce_rows(terms, self.cfg.replay.reduction, self.term.weight,
-                               t.micro_batch_size * t.grad_accum * self.world, t.grad_accum)
+                               rows_per_rank(self.cfg) * self.world, t.grad_accum)
 
     def apply(self, sl: StepLoss, before_step: Callable[[], None] | None = None) -> None:
         """Backward and DeepSpeed's step (which applies the optimizer at the accumulation
