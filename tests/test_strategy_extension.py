@@ -6,6 +6,7 @@ teacher), and they load from a config, are asked by the step, log their own stat
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 from pathlib import Path
@@ -157,8 +158,10 @@ def test_a_terms_own_statistics_reach_its_log_values():
 
 
 def _launch(cfg: Path, kill_at: str = "") -> object:
+    # tests/ on the path: the script imports the strategy module from there
+    path = os.pathsep.join([str(REPO), str(REPO / "tests")])
     return run_deepspeed(REPO / "tests/dist_scripts/extension_train.py", ["--config", str(cfg)],
-                         env={"GERE_DS_KILL_AT": kill_at})  # "": no crash
+                         env={"GERE_DS_KILL_AT": kill_at, "PYTHONPATH": path})  # "": no crash
 
 
 @pytest.mark.slow
