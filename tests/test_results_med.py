@@ -28,6 +28,12 @@ def test_the_page_shows_the_committed_table_and_learning_table():
         assert (MED / name).read_text(encoding="utf-8").split("\n\n")[0].strip() in section, name
 
 
+def seed_words(seeds: str) -> str:
+    """'1,2' -> '1 and 2'; '1,2,3' -> '1, 2 and 3' (as the page writes seeds)."""
+    parts = seeds.split(",")
+    return parts[0] if len(parts) == 1 else f"{', '.join(parts[:-1])} and {parts[-1]}"
+
+
 def test_prose_numbers_are_the_committed_ones():
     section = " ".join(_section().split())
     learning = {r["task"]: r for r in _rows("learning.md") if r["row"].startswith("none")}
@@ -35,7 +41,7 @@ def test_prose_numbers_are_the_committed_ones():
         assert f"`{task}` {r['base']} -> {r['after own training']}" in section, task
     assert f"`med_basic` falls to {learning['med_basic']['after last task']}" in section
     assert f"`about` only to {learning['about']['after last task']}" in section
-    assert "means of the two seeds" in section and none_seeds() == "1,2"
+    assert f"means over seeds {seed_words(none_seeds())})" in section
     none = next(r for r in _rows("table.md") if r["row"].startswith("none"))
     gap = none["general - own base"].split()[0].lstrip("-")
     assert f"general acc_norm ends {gap} points under its own base model's" in section
@@ -47,10 +53,21 @@ def none_seeds() -> str:
     return next(r for r in _rows("table.md") if r["row"].startswith("none"))["seeds"]
 
 
+def test_rows_so_far_names_the_committed_seeds_and_one_machine():
+    section = " ".join(_section().split())
+    table = _rows("table.md")
+    seeds = {r["seeds"] for r in table}
+    assert len(seeds) == 1, "the bullet names one seed set for every row"
+    rows = ", ".join(f"`{r['row']}`" for r in table[:-1]) + f" and `{table[-1]['row']}`"
+    assert (f"{rows} (GeRe with the exact test, w = dy) at seeds {seed_words(seeds.pop())}, "
+            f"every run on one machine (A)") in section
+    assert {r["machine"] for r in table} == {"A"}
+
+
 def test_the_replay_paragraph_quotes_the_paired_differences():
     section = " ".join(_section().split())
     pair = next(r for r in _rows("paired.md") if r["difference"] == "replay - none")
-    assert pair["seeds"] == "1,2"
+    assert pair["seeds"] == none_seeds()
     assert f"(BWT +{pair['BWT']} against `none`)" in section
     assert f"(AP +{pair['AP']})" in section
     assert f"general acc_norm ({pair['general acc_norm']})" in section
@@ -75,25 +92,31 @@ def test_calibration_numbers_are_the_screens():
 def test_the_gere_paragraph_quotes_the_committed_rows():
     section = " ".join(_section().split())
     table = {r["row"].split()[0]: r for r in _rows("table.md")}
+    paired = {r["difference"]: r for r in _rows("paired.md")}
     learning = {(r["row"].split()[0], r["task"]): r for r in _rows("learning.md")}
-    tm, none, replay = table["tm_dy"], table["none"], table["replay"]
+    tm, none = table["tm_dy"], table["none"]
 
     def num(cell: str) -> str:
         return cell.split()[0]
 
-    assert f"general acc_norm {num(tm['general - own base'])} over its own base model's" in section
+    def signed(cell: str) -> str:
+        return cell if cell.startswith("-") else f"+{cell}"
+
+    assert f"(`tm_dy`, seeds {seed_words(tm['seeds'])})" in section
+    assert f"general acc_norm {tm['general - own base']} from its own base model's" in section
     assert f"where `none` ends {num(none['general - own base']).lstrip('-')} under" in section
+    tn, tr = paired["tm_dy - none"], paired["tm_dy - replay"]
+    assert (f"against `none` {signed(tn['general acc_norm'])}, against replay "
+            f"{signed(tr['general acc_norm'])}") in section
     assert f"news perplexity {num(tm['news_ppl ppl'])} against `none`'s " \
            f"{num(none['news_ppl ppl'])}" in section
     for task in ("about", "med_basic"):
         assert f"`{task}` to {learning['tm_dy', task]['after own training']}" in section
     assert (f"where `none` reached {learning['none', 'about']['after own training']} and "
             f"{learning['none', 'med_basic']['after own training']}") in section
-    matrix = json.loads((MED / "tm_dy/seed1/metrics.json").read_text())["matrix"]
-    assert (f"`about` falls to {matrix[2][0]:.1f} while `med_basic` trains and ends at "
-            f"{learning['tm_dy', 'about']['after last task']}") in section
-    assert (f"AP {num(tm['AP'])} against {num(none['AP'])} for `none` and {num(replay['AP'])} "
-            f"for `replay`") in section
+    assert f"lower than `none`'s ({tn['AP']}) and replay's ({tr['AP']})" in section
+    assert f"(BWT {tn['BWT']})" in section
     readme = " ".join((REPO / "README.md").read_text(encoding="utf-8").split())
-    assert (f"(AP {num(tm['AP'])} against {num(none['AP'])} and {num(replay['AP'])})"
+    assert (f"general acc_norm {signed(tn['general acc_norm'])} against `none`, not surely"
             in readme)
+    assert f"(AP {tn['AP']} against `none`, {tr['AP']} against replay)" in readme
