@@ -63,6 +63,8 @@ def test_hf_docs_zero2_config_is_filled(tiny_config):
     ({"zero_optimization": {"stage": 3, "sub_group_size": "auto"}},
      "zero_optimization.sub_group_size", "cannot fill"),
     ({"gradient_clipping": 0.5}, "gradient_clipping", "disagrees with the run config"),
+    ({"zero_optimization": {"stage": 3, "stage3_module_granularity_threshold": 4000000}},
+     "zero_optimization.stage3_module_granularity_threshold", "crashes DeepSpeed's CPU"),
     ({"optimizer": {"type": "AdamW", "params": {"eps": 1e-6}}}, "optimizer.params.eps",
      "disagrees"),
 ])
@@ -78,6 +80,15 @@ def test_unfillable_or_contradicting_keys_are_refused_in_one_line(tiny_config, t
         resolve_ds_config(cfg, world_size=2, accelerator="cpu")
     line = str(err.value)
     assert "\n" not in line and line.startswith(f"{path}: {field}: ") and words in line, line
+
+
+def test_module_granularity_is_kept_on_gpus(tiny_config):
+    zero = {"stage": 3, "stage3_module_granularity_threshold": 4000000}
+    ds = fill_ds_config({"zero_optimization": dict(zero)}, _cfg(tiny_config), 1, "x.json",
+                        accelerator="cuda")
+    assert ds["zero_optimization"]["stage3_module_granularity_threshold"] == 4000000
+    zero2 = {"stage": 2, "stage3_module_granularity_threshold": 4000000}  # ignored by ZeRO-2
+    fill_ds_config({"zero_optimization": zero2}, _cfg(tiny_config), 1, "x.json")
 
 
 def test_hidden_size_auto_needs_a_model_config(tiny_config, tmp_path):

@@ -328,6 +328,22 @@ def _zero_buckets(ds: dict[str, Any], cfg: RunConfig, file: str) -> None:
     _fill_only(ds, ("zero_optimization", "stage3_gather_16bit_weights_on_model_save"), False)
 
 
+def _zero_on_cpu(ds: dict[str, Any], file: str, accelerator: str) -> None:
+    """ZeRO-3 settings that DeepSpeed's CPU accelerator cannot run, refused before any work."""
+    zero = ds.get("zero_optimization")
+    if accelerator != "cpu" or not isinstance(zero, dict) or zero.get("stage") != 3:
+        return
+    threshold = zero.get("stage3_module_granularity_threshold", 0)
+    if isinstance(threshold, (int, float)) and threshold > 0:
+        # a grouped module keeps its parameters' .grad, and ZeRO-3's zero_grad then records a
+        # device stream on it, which a CPU tensor has not: the first optimizer step crashes
+        # (DeepSpeed 0.19.8, "unknown parameter type"); GPUs are unaffected
+        raise InputError(f"{threshold!r} crashes DeepSpeed's CPU accelerator at the first "
+                         f"optimizer step once a module is grouped; set 0 on CPU (it is a GPU "
+                         f"setting)", file=file,
+                         field="zero_optimization.stage3_module_granularity_threshold")
+
+
 def check_global_batch(cfg: RunConfig, world_size: int) -> None:
     """``train.global_batch`` (when set) = micro x accumulation x ranks, or one line saying how
     to get it on this many ranks."""
@@ -358,6 +374,7 @@ def fill_ds_config(ds: dict[str, Any], cfg: RunConfig, world_size: int, file: st
     _optimizer(ds, cfg, file, accelerator)
     _scheduler(ds, file, note)
     _zero_buckets(ds, cfg, file)
+    _zero_on_cpu(ds, file, accelerator)
     left = _autos(ds)
     if left:
         raise InputError("\"auto\" that gere-ds cannot fill (no run-config value maps to it); "
