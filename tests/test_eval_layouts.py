@@ -168,6 +168,27 @@ def test_a_forward_without_at_positions_is_scored_the_same(tok):
     assert a.extra["text_nll"] == pytest.approx(b.extra["text_nll"], rel=1e-5, abs=1e-5)
 
 
+def test_perplexity_batches_run_without_an_attention_mask(tok):
+    """Right-padded rows under causal attention: no read position sees a pad, so the batch runs
+    with no mask (sdpa's fused causal kernel) and each text scores as it does alone."""
+    fwd = model_forward(_llama(tok))
+    masks = []
+
+    def spy(ids, mask):
+        masks.append(mask)
+        return fwd(ids, mask)
+
+    batched = G.score_perplexity(spy, tok, TEXTS, batch_size=4)
+    assert masks and all(m is None for m in masks)
+    assert max(len(tok(t)["input_ids"]) for t in TEXTS) > min(len(tok(t)["input_ids"]) for t in TEXTS)
+    scored = [i for i, n in enumerate(batched.extra["text_tokens"]) if n]  # 2+ tokens
+    alone = [G.score_perplexity(fwd, tok, [TEXTS[i]], batch_size=1).extra["text_nll"][0]
+             for i in scored]
+    assert len(scored) >= 3
+    assert [batched.extra["text_nll"][i] for i in scored] == pytest.approx(alone, rel=1e-5,
+                                                                          abs=1e-5)
+
+
 # ----------------------------------------------------------------------------- bf16: tolerance
 
 

@@ -37,8 +37,8 @@ FOLDER = "base_eval"
 # new ones. 2: all choices of a question in one packed row; 3: every general set's per-example
 # outcomes (rows kept before have none for MMLU and perplexity); 4: the LM head on scored
 # positions only, perplexity batches planned by tokens; 5: generate mode decodes from the KV
-# cache.
-SCORER_VERSION = 5
+# cache; 6: perplexity batches run without an attention mask (another attention kernel).
+SCORER_VERSION = 6
 
 
 TASK_END_FOLDER = "eval_rows"

@@ -26,7 +26,7 @@ import torch
 
 from gere_ds.runtime import dist, stop
 
-ForwardFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (ids, mask) -> logits [B, T, V]
+ForwardFn = Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]  # (ids, mask) -> logits [B, T, V]
 _T = TypeVar("_T")
 
 # packed: all choices of a context in one row, batches planned by tokens, the LM head on scored
@@ -112,7 +112,7 @@ def plan_batches(sizes: Sequence[int], world: int, batch_size: int,
     return plan
 
 
-def logits_at(forward: ForwardFn, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+def logits_at(forward: ForwardFn, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
               flat_positions: torch.Tensor) -> torch.Tensor:
     """Logits [N, V] at ``flat_positions`` (indices into the [B*T] positions). A forward with
     ``at_positions`` (gere_ds.model.engine.ModelForward) runs the LM head on those rows only: no

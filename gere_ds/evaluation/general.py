@@ -210,13 +210,15 @@ def _text_nlls_packed(forward: ForwardFn, encoded: Sequence[Sequence[int]], batc
     """(summed NLL, predicted tokens) of each text of one batch: the LM head runs on the predicting
     positions only (no logits for padding), log-softmax in fp32 a chunk of positions at a time."""
     seqs = [list(encoded[j]) if encoded[j] else [pad] for j in batch]
-    ids, mask = (t.to(device) for t in pad_rows(seqs, pad))
+    ids, _ = (t.to(device) for t in pad_rows(seqs, pad))
     width = ids.shape[1]
     counts = [max(len(encoded[j]) - 1, 0) for j in batch]
     flat = [r * width + t for r, n in enumerate(counts) for t in range(n)]
     targets = torch.tensor([encoded[j][t + 1] for j, n in zip(batch, counts) for t in range(n)],
                            dtype=torch.long)
-    logits = logits_at(forward, ids, mask, torch.tensor(flat, dtype=torch.long, device=ids.device))
+    # no attention mask: the rows are right-padded and attention is causal, so no read position
+    # sees a pad; without a mask sdpa takes its fused causal kernel, not the masked math path
+    logits = logits_at(forward, ids, None, torch.tensor(flat, dtype=torch.long, device=ids.device))
     targets = targets.to(logits.device)
     token_lp = torch.empty(len(flat), dtype=torch.float32, device=logits.device)
     for s in range(0, len(flat), NLL_CHUNK):
