@@ -29,13 +29,13 @@ from gere_ds.evaluation.outcomes import OUTCOMES_JSON, unbits
 STATES_JSON = "states.json"
 MACHINE_JSON = "machine.json"
 NOT_RECORDED = "not recorded"  # a run made before the runner wrote machine.json
-ROW_ORDER = ("none", "replay", "tm_w1", "tm_w100", "tm_dy", "tm_dy_k2", "tm_dy_exact", "kl", "l2",
-             "lora_tm_dy")
+ROW_ORDER = ("none", "replay", "tm_w1", "tm_w100", "tm_dy", "tm_dy_guard", "tm_dy_k2",
+             "tm_dy_exact", "kl", "l2", "lora_tm_dy")
 PAIRS = (("replay", "none"), ("tm_dy", "none"), ("tm_dy", "replay"), ("tm_w100", "replay"),
          ("tm_dy", "kl"), ("tm_dy", "l2"), ("kl", "replay"), ("l2", "replay"), ("l2", "none"),
          ("tm_dy", "tm_w100"), ("tm_w1", "tm_dy"), ("tm_w1", "replay"),
          ("tm_dy_k2", "tm_dy"), ("tm_dy_exact", "tm_dy"), ("tm_dy_exact", "replay"),
-         ("tm_dy_exact", "none"), ("lora_tm_dy", "tm_dy"))
+         ("tm_dy_exact", "none"), ("lora_tm_dy", "tm_dy"), ("tm_dy_guard", "tm_dy"))
 # keys that may differ between rows and seeds; everything else in config.yaml is the regime
 ROW_KEYS = {"output_dir", "resume", "replay", "checkpoint"}
 SEED_KEYS = {"seed", "lora"}  # train keys a row may set: the seed, and LoRA adapters (a LoRA row)
