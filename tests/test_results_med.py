@@ -64,18 +64,31 @@ def test_rows_so_far_names_the_committed_seeds_and_one_machine():
     assert {r["machine"] for r in table} == {"A"}
 
 
+def signed(cell: str) -> str:
+    return cell if cell.startswith("-") else f"+{cell}"
+
+
+def surely(cell: str) -> bool:
+    """Whether a 'v [lo, hi]' cell's interval leaves out 0."""
+    lo, hi = (float(x) for x in cell.split("[")[1].rstrip("]").split(","))
+    return lo > 0 or hi < 0
+
+
 def test_the_replay_paragraph_quotes_the_paired_differences():
     section = " ".join(_section().split())
     pair = next(r for r in _rows("paired.md") if r["difference"] == "replay - none")
     assert pair["seeds"] == none_seeds()
-    assert f"(BWT +{pair['BWT']} against `none`)" in section
-    assert f"(AP +{pair['AP']})" in section
-    assert f"general acc_norm ({pair['general acc_norm']})" in section
+    # the paragraph says "not surely different" of all three: the intervals must hold 0
+    assert not any(surely(pair[k]) for k in ("AP", "BWT", "general acc_norm"))
+    assert (f"is not surely different from `none` on the tasks (AP {signed(pair['AP'])}, "
+            f"BWT {signed(pair['BWT'])}) or in general acc_norm "
+            f"({signed(pair['general acc_norm'])})") in section
     table = {r["row"].split()[0]: r for r in _rows("table.md")}
     assert (f"news perplexity at the base model's ({table['replay']['news_ppl ppl'].split()[0]} "
             f"against `none`'s {table['none']['news_ppl ppl'].split()[0]})") in section
     readme = " ".join((REPO / "README.md").read_text(encoding="utf-8").split())
-    assert f"(BWT +{pair['BWT']} against `none`)" in readme and f"(AP +{pair['AP']})" in readme
+    assert (f"replay is not surely different from `none` (AP {signed(pair['AP'])}, BWT "
+            f"{signed(pair['BWT'])})") in readme
 
 
 def test_calibration_numbers_are_the_screens():
@@ -89,33 +102,47 @@ def test_calibration_numbers_are_the_screens():
     assert f"2 adjectives: {adj2['matrix'][0][column]:.1f} -> {adj2['matrix'][1][column]:.1f}" in section
 
 
-def test_the_gere_paragraph_quotes_the_committed_rows():
+def test_the_gere_paragraph_and_verdict_quote_the_committed_rows():
     section = " ".join(_section().split())
     table = {r["row"].split()[0]: r for r in _rows("table.md")}
     paired = {r["difference"]: r for r in _rows("paired.md")}
     learning = {(r["row"].split()[0], r["task"]): r for r in _rows("learning.md")}
+    states = {(r["row"], r["after task"]): r for r in _rows("states.md")}
     tm, none = table["tm_dy"], table["none"]
 
     def num(cell: str) -> str:
         return cell.split()[0]
 
-    def signed(cell: str) -> str:
-        return cell if cell.startswith("-") else f"+{cell}"
-
     assert f"(`tm_dy`, seeds {seed_words(tm['seeds'])})" in section
-    assert f"general acc_norm {tm['general - own base']} from its own base model's" in section
+    first = "1 about"
+    flipped = {row: states[row, first]["flipped %, replay texts"] for row in
+               ("tm_dy", "none", "replay")}
+    assert (f"{flipped['tm_dy']} % of the replay texts' states have flipped after the first "
+            f"task, against {flipped['none']} % under `none` and {flipped['replay']} % under "
+            f"replay") in section
+    # "a third as many flipped"
+    assert 0.25 < float(flipped["tm_dy"]) / float(flipped["none"]) < 0.4
+    assert f"general acc_norm {tm['general - own base']} from it" in section
     assert f"where `none` ends {num(none['general - own base']).lstrip('-')} under" in section
     tn, tr = paired["tm_dy - none"], paired["tm_dy - replay"]
-    assert (f"against `none` {signed(tn['general acc_norm'])}, against replay "
-            f"{signed(tr['general acc_norm'])}") in section
+    assert not surely(tn["general acc_norm"]) and not surely(tr["general acc_norm"])
+    assert (f"above `none` and replay by {signed(tn['general acc_norm'])} and "
+            f"{signed(tr['general acc_norm'])}, not surely") in section
     assert f"news perplexity {num(tm['news_ppl ppl'])} against `none`'s " \
            f"{num(none['news_ppl ppl'])}" in section
     for task in ("about", "med_basic"):
         assert f"`{task}` to {learning['tm_dy', task]['after own training']}" in section
     assert (f"where `none` reached {learning['none', 'about']['after own training']} and "
             f"{learning['none', 'med_basic']['after own training']}") in section
+    assert surely(tn["AP"]) and surely(tr["AP"])
     assert f"lower than `none`'s ({tn['AP']}) and replay's ({tr['AP']})" in section
-    assert f"(BWT {tn['BWT']})" in section
+    assert not surely(tn["BWT"])
+    assert f"not surely different from `none`'s (BWT {tn['BWT']})" in section
+    # the verdict: what is sure and what is not
+    assert f"({len(tm['seeds'].split(','))} seeds a row, one machine)" in section
+    assert (f"AP {num(tn['AP']).lstrip('-')} points under `none`, {num(tr['AP']).lstrip('-')} "
+            f"under replay") in section
+    assert not surely(paired["replay - none"]["BWT"])
     readme = " ".join((REPO / "README.md").read_text(encoding="utf-8").split())
     assert (f"general acc_norm {signed(tn['general acc_norm'])} against `none`, not surely"
             in readme)
