@@ -56,12 +56,53 @@ def none_seeds() -> str:
 def test_rows_so_far_names_the_committed_seeds_and_one_machine():
     section = " ".join(_section().split())
     table = _rows("table.md")
-    seeds = {r["seeds"] for r in table}
-    assert len(seeds) == 1, "the bullet names one seed set for every row"
-    rows = ", ".join(f"`{r['row']}`" for r in table[:-1]) + f" and `{table[-1]['row']}`"
+    main = [r for r in table if not r["row"].startswith("tm_dy_guard")]
+    seeds = {r["seeds"] for r in main}
+    assert len(seeds) == 1, "the bullet names one seed set for the main rows"
+    rows = ", ".join(f"`{r['row']}`" for r in main[:-1]) + f" and `{main[-1]['row']}`"
     assert (f"{rows} (GeRe with the exact test, w = dy) at seeds {seed_words(seeds.pop())}, "
-            f"every run on one machine (A)") in section
+            f"and GeRe with the opt-in rounding guard (`tm_dy_guard`) at seeds "
+            f"{seed_words(guard_seeds())}, every run on one machine (A)") in section
     assert {r["machine"] for r in table} == {"A"}
+
+
+def guard_seeds() -> str:
+    return next(r for r in _rows("table.md") if r["row"].startswith("tm_dy_guard"))["seeds"]
+
+
+def test_the_guard_paragraph_quotes_the_committed_runs():
+    section = " ".join(_section().split())
+    seeds = guard_seeds()
+    paired = {r["difference"]: r for r in _rows("paired.md")}
+    learning = {(r["row"].split()[0], r["task"]): r for r in _rows("learning.md")}
+    training = {(r["row"].split()[0], r["task"]): r for r in _rows("training.md")}
+    states = {(r["row"].split()[0], r["after task"]): r for r in _rows("states.md")}
+    table = {r["row"].split()[0]: r for r in _rows("table.md")}
+    assert f"seeds {seed_words(seeds)} so far" in section
+    # no rounding violation at the first step on this machine
+    for run in sorted((MED / "tm_dy").glob("seed*")):
+        first = json.loads((run / "train_steps.jsonl").read_text().splitlines()[0])
+        assert first["global_step"] == 1 and first["train/tm"] == 0.0, run
+    assert "TM is 0 at step 1 of every `tm_dy` run" in section
+    norm = {row: training[row, "about"]["grad norm (median)"]
+            for row in ("tm_dy_guard", "tm_dy", "replay")}
+    assert (f"median {norm['tm_dy_guard']} during `about`, where the exact test has "
+            f"{norm['tm_dy']} and replay {norm['replay']}") in section
+    assert (f"`about` to {learning['tm_dy_guard', 'about']['after own training']}, `med_basic` "
+            f"to {learning['tm_dy_guard', 'med_basic']['after own training']}") in section
+
+    def num(cell: str) -> str:
+        return signed(cell.split()[0])
+
+    for other, words in (("tm_dy", "against `tm_dy`"), ("none", "against `none`"),
+                         ("replay", "against replay")):
+        pair = paired[f"tm_dy_guard - {other}"]
+        assert pair["seeds"] == seeds
+        assert f"{words} AP {num(pair['AP'])} and BWT {num(pair['BWT'])}" in section, other
+    assert (f"({states['tm_dy_guard', '1 about']['flipped %, replay texts']} % flipped after the "
+            f"first task)") in section
+    assert (f"general acc_norm ends {table['tm_dy_guard']['general - own base'].split()[0]} "
+            f"from its own base model's") in section
 
 
 def signed(cell: str) -> str:

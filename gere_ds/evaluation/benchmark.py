@@ -35,7 +35,8 @@ PAIRS = (("replay", "none"), ("tm_dy", "none"), ("tm_dy", "replay"), ("tm_w100",
          ("tm_dy", "kl"), ("tm_dy", "l2"), ("kl", "replay"), ("l2", "replay"), ("l2", "none"),
          ("tm_dy", "tm_w100"), ("tm_w1", "tm_dy"), ("tm_w1", "replay"),
          ("tm_dy_k2", "tm_dy"), ("tm_dy_exact", "tm_dy"), ("tm_dy_exact", "replay"),
-         ("tm_dy_exact", "none"), ("lora_tm_dy", "tm_dy"), ("tm_dy_guard", "tm_dy"))
+         ("tm_dy_exact", "none"), ("lora_tm_dy", "tm_dy"), ("tm_dy_guard", "tm_dy"),
+         ("tm_dy_guard", "none"), ("tm_dy_guard", "replay"))
 # keys that may differ between rows and seeds; everything else in config.yaml is the regime
 ROW_KEYS = {"output_dir", "resume", "replay", "checkpoint"}
 SEED_KEYS = {"seed", "lora"}  # train keys a row may set: the seed, and LoRA adapters (a LoRA row)
