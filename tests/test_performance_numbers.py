@@ -1,5 +1,6 @@
 """The numbers docs/performance.md quotes from the committed bench results, checked against
-those files (results/bench_packing.json, results/bench_generate.json)."""
+those files (results/bench_packing.json, results/bench_generate.json,
+results/peer_levers/bench_peer.json)."""
 from __future__ import annotations
 
 import json
@@ -80,3 +81,45 @@ def test_the_chunked_head_section_quotes_its_results_file():
             f"{rss['plain']:,} for the plain one (the bf16 logits alone are "
             f"{data['logits_mib']:,} MiB)") in page
     assert f"and {cpu['chunked']:.2f} CPU s against {cpu['plain']:.2f}" in page
+
+
+def test_the_peer_levers_table_quotes_its_results_file():
+    data = json.loads((REPO / "results/peer_levers/bench_peer.json").read_text())
+    page = _section("Against the GeRe authors' own trainer")
+    assert data["work"]["rounds"] == 1 and "| implementation (round 1) |" in page
+    runs = {r["impl"]: r for r in data["runs"]}
+    ref = runs["reference"]
+    assert (f"| the authors' trainer, ZeRO-2 | {ref['tok_s']:.1f} | {ref['step_s_median']:.2f} | "
+            f"{ref['teacher_s']:.0f} | {ref['peak_rss_gib']:.2f} | 1, 1, 1 |") in page
+    names = {"zero2": "gere-ds ZeRO-2 as shipped (`zero2`)",
+             "zero2_levers": "gere-ds ZeRO-2, split by memory and packed (`zero2_levers`)",
+             "zero3": "gere-ds ZeRO-3 as shipped (`zero3`)",
+             "zero3_levers": "gere-ds ZeRO-3, split by memory and packed (`zero3_levers`)"}
+    for variant, label in names.items():
+        r = runs[f"gere-ds {variant}"]
+        q = r["ratio_to_reference"]
+        bold = variant.endswith("levers")
+        tok = f"**{q['tok_s']:.2f}**" if bold else f"{q['tok_s']:.2f}"
+        rss = f"**{q['peak_rss']:.2f}**" if bold else f"{q['peak_rss']:.2f}"
+        row = (f"| {label} | {r['tok_s']:.1f} | {r['step_s_median']:.2f} | {r['teacher_s']:.0f} | "
+               f"{r['peak_rss_gib']:.2f} | {tok}, {q['teacher_s']:.2f}, {rss} |")
+        assert row in page, row
+    gain = {s: runs[f"gere-ds {s}_levers"]["tok_s"] / runs[f"gere-ds {s}"]["tok_s"]
+            for s in ("zero2", "zero3")}
+    assert (f"ZeRO-2 {gain['zero2']:.2f}x and ZeRO-3 {gain['zero3']:.2f}x its shipped tok/s"
+            in " ".join(page.split()))
+    ratio = {s: runs[f"gere-ds {s}"]["ratio_to_reference"] for s in names}
+    flat = " ".join(page.split())
+    assert f"**{ratio['zero3_levers']['tok_s']:.2f}x** with the split by memory" in flat
+    assert f"**{ratio['zero2_levers']['tok_s']:.2f}x** with the split by memory" in flat
+    short = 1.5 - round(ratio["zero2_levers"]["tok_s"], 2)
+    assert f"{short:.2f}x short" in flat and ratio["zero3_levers"]["tok_s"] >= 1.0
+    assert (f"**{ratio['zero2_levers']['peak_rss']:.2f}x** and "
+            f"**{ratio['zero3_levers']['peak_rss']:.2f}x**") in flat
+    assert ratio["zero3_levers"]["peak_rss"] <= 1.0 and ratio["zero2_levers"]["peak_rss"] <= 1.0
+    assert f"{ratio['zero3']['tok_s']:.2f}x as shipped in that round" in flat
+    readme = " ".join((REPO / "README.md").read_text(encoding="utf-8").split())
+    assert (f"ZeRO-2 reaches {ratio['zero2_levers']['tok_s']:.2f}x at "
+            f"{ratio['zero2_levers']['peak_rss']:.2f}x its peak memory and ZeRO-3 "
+            f"{ratio['zero3_levers']['tok_s']:.2f}x at {ratio['zero3_levers']['peak_rss']:.2f}x "
+            f"(one round") in readme
