@@ -90,19 +90,25 @@ def test_the_guard_paragraph_quotes_the_committed_runs():
             f"{norm['tm_dy']} and replay {norm['replay']}") in section
     assert (f"`about` to {learning['tm_dy_guard', 'about']['after own training']}, `med_basic` "
             f"to {learning['tm_dy_guard', 'med_basic']['after own training']}") in section
-
-    def num(cell: str) -> str:
-        return signed(cell.split()[0])
-
-    for other, words in (("tm_dy", "against `tm_dy`"), ("none", "against `none`"),
-                         ("replay", "against replay")):
+    sure, names = [], {"tm_dy": "`tm_dy`", "none": "`none`", "replay": "replay"}
+    for other, name in names.items():
         pair = paired[f"tm_dy_guard - {other}"]
         assert pair["seeds"] == seeds
-        assert f"{words} AP {num(pair['AP'])} and BWT {num(pair['BWT'])}" in section, other
+        assert (f"Against {name}: AP {signed(pair['AP'])}, BWT {signed(pair['BWT'])}, general "
+                f"acc_norm {signed(pair['general acc_norm'])}.") in section, other
+        sure += [(k, name) for k in ("AP", "BWT", "general acc_norm") if surely(pair[k])]
+    # the sentence on what is sure names exactly the differences whose interval leaves out 0
+    # (all of them above 0 here)
+    assert sure == [("AP", "`tm_dy`"), ("AP", "`none`"), ("BWT", "`none`")], sure
+    assert all(not paired[f"tm_dy_guard - {o}"][k].startswith("-") for k, o in
+               (("AP", "tm_dy"), ("AP", "none"), ("BWT", "none")))
+    assert ("Sure at these seeds: a higher AP than `tm_dy` and `none`, a higher BWT than "
+            "`none`. Not sure: the rest.") in section
     assert (f"({states['tm_dy_guard', '1 about']['flipped %, replay texts']} % flipped after the "
             f"first task)") in section
-    assert (f"general acc_norm ends {table['tm_dy_guard']['general - own base'].split()[0]} "
-            f"from its own base model's") in section
+    assert (f"ends at {table['tm_dy_guard']['general - own base']} from its own base model's "
+            f"general acc_norm") in section
+    assert f"{'Two' if seeds.count(',') == 1 else 'Three'} seeds:" in section
 
 
 def signed(cell: str) -> str:
@@ -188,3 +194,15 @@ def test_the_gere_paragraph_and_verdict_quote_the_committed_rows():
     assert (f"general acc_norm {signed(tn['general acc_norm'])} against `none`, not surely"
             in readme)
     assert f"(AP {tn['AP']} against `none`, {tr['AP']} against replay)" in readme
+
+
+def test_the_verdict_and_readme_quote_the_guard_against_none():
+    section = " ".join(_section().split())
+    readme = " ".join((REPO / "README.md").read_text(encoding="utf-8").split())
+    pair = next(r for r in _rows("paired.md") if r["difference"] == "tm_dy_guard - none")
+    assert surely(pair["AP"]) and surely(pair["BWT"])  # "ends above it", "keeps them better"
+    quote = f"AP {signed(pair['AP'])}, BWT {signed(pair['BWT'])}"
+    count = {"1,2": "two", "1,2,3": "three"}[pair["seeds"]]
+    assert f"({quote}; {count} seeds so far)" in section
+    assert f"{count} seeds so far) GeRe learns the tasks as `none` does" in readme
+    assert f"({quote} against `none`)" in readme
