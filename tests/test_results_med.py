@@ -99,10 +99,11 @@ def test_the_guard_paragraph_quotes_the_committed_runs():
         sure += [(k, name) for k in ("AP", "BWT", "general acc_norm") if surely(pair[k])]
     # the sentence on what is sure names exactly the differences whose interval leaves out 0
     # (all of them above 0 here)
-    assert sure == [("AP", "`tm_dy`"), ("AP", "`none`"), ("BWT", "`none`")], sure
+    assert sure == [("AP", "`tm_dy`"), ("AP", "`none`"), ("BWT", "`none`"),
+                    ("AP", "replay")], sure
     assert all(not paired[f"tm_dy_guard - {o}"][k].startswith("-") for k, o in
-               (("AP", "tm_dy"), ("AP", "none"), ("BWT", "none")))
-    assert ("Sure at these seeds: a higher AP than `tm_dy` and `none`, a higher BWT than "
+               (("AP", "tm_dy"), ("AP", "none"), ("BWT", "none"), ("AP", "replay")))
+    assert ("Sure at these seeds: a higher AP than `tm_dy`, `none` and replay, a higher BWT than "
             "`none`. Not sure: the rest.") in section
     assert (f"({states['tm_dy_guard', '1 about']['flipped %, replay texts']} % flipped after the "
             f"first task)") in section
@@ -112,7 +113,8 @@ def test_the_guard_paragraph_quotes_the_committed_runs():
 
 
 def signed(cell: str) -> str:
-    return cell if cell.startswith("-") else f"+{cell}"
+    """'2.1 [0.0, 4.1]' -> '+2.1 [0.0, 4.1]'; a negative or zero value is written as it is."""
+    return cell if cell.startswith("-") or float(cell.split()[0]) == 0 else f"+{cell}"
 
 
 def surely(cell: str) -> bool:
@@ -206,3 +208,7 @@ def test_the_verdict_and_readme_quote_the_guard_against_none():
     assert f"({quote}; {count} seeds so far)" in section
     assert f"{count} seeds so far) GeRe learns the tasks as `none` does" in readme
     assert f"({quote} against `none`)" in readme
+    replay = next(r for r in _rows("paired.md") if r["difference"] == "tm_dy_guard - replay")
+    assert surely(replay["AP"]) and not surely(replay["general acc_norm"])
+    assert f"above replay on AP ({signed(replay['AP'])})" in section
+    assert not any(surely(pair[k]) for pair in (pair, replay) for k in ("general acc_norm",))
