@@ -75,8 +75,9 @@ def point(cell: str, digits: int | None = None) -> str:
 
 
 def signed(cell: str) -> str:
-    """An interval as the prose writes a difference: '+0.9 [-5.1, 6.6]'."""
-    return cell if cell.startswith("-") else "+" + cell
+    """An interval as the prose writes a difference: '+0.9 [-5.1, 6.6]'; a negative or zero
+    value as it is."""
+    return cell if cell.startswith("-") or float(cell.split()[0]) == 0 else "+" + cell
 
 
 # (page, a phrase of the page, the values that phrase must hold, from the committed tables)

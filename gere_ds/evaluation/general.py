@@ -210,7 +210,7 @@ def _text_nlls_packed(forward: ForwardFn, encoded: Sequence[Sequence[int]], batc
     """(summed NLL, predicted tokens) of each text of one batch: the LM head runs on the predicting
     positions only (no logits for padding), log-softmax in fp32 a chunk of positions at a time."""
     seqs = [list(encoded[j]) if encoded[j] else [pad] for j in batch]
-    ids, _ = (t.to(device) for t in pad_rows(seqs, pad))
+    ids = pad_rows(seqs, pad)[0].to(device)  # no mask: see the forward below
     width = ids.shape[1]
     counts = [max(len(encoded[j]) - 1, 0) for j in batch]
     flat = [r * width + t for r, n in enumerate(counts) for t in range(n)]
